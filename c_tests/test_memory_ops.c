@@ -1,0 +1,96 @@
+/* The llama.h memory functions through the C ABI on a unified KV cache. Expected values follow
+ * llama.cpp's documented semantics (shared cells move together, seq_div's shift sign, ...). */
+#include <math.h>
+
+#include "common.h"
+
+static int shift_of(llama_memory_t mem, uint32_t cell) {
+    llama_pos pos = 0, shift = 0;
+    llama_memory_kv_get_cell(mem, 0, cell, &pos, &shift, NULL);
+    return shift;
+}
+
+int main(void) {
+    struct llama_memory_kv_params p = llama_memory_kv_default_params();
+    llama_memory_t mem;
+    llama_memory_ctx_t ctx;
+    struct test_ubatch t;
+    llama_pos pos = 0;
+    uint64_t seqs[4];
+    int32_t k_shift[256];
+    float mask[256];
+    int i, n_zero = 0;
+
+    p.n_seq_max = 4;
+    mem = llama_memory_kv_init(p);
+    CHECK(mem != NULL);
+    CHECK(llama_memory_kv_size(mem) == 256 && llama_memory_kv_n_stream(mem) == 1);
+    CHECK(llama_memory_can_shift(mem));
+
+    /* 8 tokens of seq 0 go to cells 0..7 */
+    CHECK(test_place(mem, 0, 0, 8) == 0);
+    CHECK(llama_memory_seq_pos_min(mem, 0) == 0 && llama_memory_seq_pos_max(mem, 0) == 7);
+    CHECK(llama_memory_kv_n_used(mem, 0) == 8);
+
+    /* share positions 0..3 with seq 1, drop 4.. from seq 0: cells 4..7 are freed */
+    llama_memory_seq_cp(mem, 0, 1, 0, 4);
+    CHECK(llama_memory_seq_pos_max(mem, 1) == 3);
+    CHECK(llama_memory_seq_rm(mem, 0, 4, -1));
+    CHECK(llama_memory_seq_pos_max(mem, 0) == 3 && llama_memory_kv_n_used(mem, 0) == 4);
+
+    /* the search restarts at the first freed cell */
+    CHECK(test_place(mem, 2, 0, 2) == 0);
+    CHECK(llama_memory_kv_get_cell(mem, 0, 4, &pos, NULL, seqs) == LLAMA_MEMORY_OK);
+    CHECK(pos == 0 && seqs[0] == (1u << 2));
+
+    /* shifting seq 1 moves the cells it shares with seq 0 */
+    llama_memory_seq_add(mem, 1, 0, -1, 10);
+    CHECK(llama_memory_seq_pos_min(mem, 0) == 10 && llama_memory_seq_pos_max(mem, 0) == 13);
+    CHECK(llama_memory_kv_set_input_k_shift(mem, k_shift, 256) == LLAMA_MEMORY_OK);
+    CHECK(k_shift[0] == 10 && k_shift[3] == 10 && k_shift[4] == 0);
+
+    ctx = llama_memory_init_update(mem, false);
+    CHECK(ctx != NULL && llama_memory_ctx_get_status(ctx) == LLAMA_MEMORY_CTX_SUCCESS);
+    CHECK(llama_memory_ctx_apply(ctx) == LLAMA_MEMORY_OK);
+    llama_memory_ctx_free(ctx);
+    CHECK(llama_memory_kv_set_input_k_shift(mem, k_shift, 256) == LLAMA_MEMORY_OK);
+    CHECK(k_shift[0] == 0);
+    ctx = llama_memory_init_update(mem, false);
+    CHECK(ctx != NULL && llama_memory_ctx_get_status(ctx) == LLAMA_MEMORY_CTX_NO_UPDATE);
+    llama_memory_ctx_free(ctx);
+
+    /* 10..13 / 2 = 5,5,6,6; the pending shift grows by old - new */
+    llama_memory_seq_div(mem, 0, 0, -1, 2);
+    CHECK(llama_memory_seq_pos_min(mem, 0) == 5 && llama_memory_seq_pos_max(mem, 0) == 6);
+    CHECK(shift_of(mem, 0) == 5 && shift_of(mem, 3) == 7);
+
+    /* in a unified cache seq_keep drops every other sequence */
+    llama_memory_seq_keep(mem, 2);
+    CHECK(llama_memory_seq_pos_max(mem, 0) == -1 && llama_memory_seq_pos_max(mem, 1) == -1);
+    CHECK(llama_memory_kv_n_used(mem, 0) == 2);
+
+    /* one more token of seq 2 at pos 2 lands in cell 0; it sees its own three cells */
+    test_ubatch_init(&t, 2, 2, 1);
+    ctx = llama_memory_init_batch(mem, &t.ub, 1);
+    CHECK(ctx != NULL && llama_memory_ctx_get_status(ctx) == LLAMA_MEMORY_CTX_SUCCESS);
+    CHECK(llama_memory_ctx_apply(ctx) == LLAMA_MEMORY_OK);
+    CHECK(llama_memory_ctx_get_n_kv(ctx) == 256);
+    CHECK(llama_memory_ctx_set_input_kq_mask(ctx, true, 256, 1, false, mask, 256) == LLAMA_MEMORY_OK);
+    for (i = 0; i < 256; ++i) {
+        if (mask[i] == 0.0f) {
+            n_zero++;
+        } else {
+            CHECK(isinf(mask[i]) && mask[i] < 0);
+        }
+    }
+    CHECK(n_zero == 3 && mask[0] == 0.0f && mask[4] == 0.0f && mask[5] == 0.0f);
+    CHECK(!llama_memory_ctx_next(ctx));
+    llama_memory_ctx_free(ctx);
+
+    llama_memory_clear(mem, true);
+    CHECK(llama_memory_seq_pos_max(mem, 2) == -1 && llama_memory_kv_n_used(mem, 0) == 0);
+
+    llama_memory_free(mem);
+    printf("test_memory_ops: ok\n");
+    return 0;
+}

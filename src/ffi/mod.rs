@@ -1,0 +1,17 @@
+//! The C ABI (also callable from Rust): the only module with `extern "C"`, raw pointers and handle casts.
+//!
+//! Every entry point runs inside [`ffi_boundary!`], so a panic becomes the function's failure
+//! value and a last-error message instead of unwinding into C. Pointer arguments are checked
+//! for NULL before use; a NULL or invalid argument sets the last error and changes nothing.
+
+// Entry points take raw pointers from C, which cannot see an `unsafe` qualifier; the header
+// states each pointer's contract and every dereference is checked for NULL first.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+// The checking macros take the function's failure value, which is `()` for void functions.
+#![allow(clippy::unused_unit)]
+
+#[macro_use]
+mod boundary;
+pub mod error;
+pub mod kv;
+pub mod memory;

@@ -1,0 +1,450 @@
+//! Graph inputs of the KV cache, written into caller buffers: the KQ mask, K/V row indices,
+//! the K-shift vector and T5 relative position buckets.
+
+use super::{is_masked_swa, KvCache, NonCausalType, SlotInfo, SwaType};
+use crate::cells::{Cells, MAX_SEQ};
+use crate::error::{err, Result};
+use crate::ubatch::Ubatch;
+
+/// Destination of a KQ mask: `n_kv * n_tokens` elements, row `i` for ubatch token `i`.
+#[derive(Debug)]
+pub enum MaskOut<'a> {
+    /// F32 mask.
+    F32(&'a mut [f32]),
+    /// F16 mask, as IEEE half bit patterns.
+    F16(&'a mut [u16]),
+}
+
+trait MaskElem: Copy {
+    const KEEP: Self;
+    const DROP: Self;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl MaskElem for f32 {
+    const KEEP: f32 = 0.0;
+    const DROP: f32 = f32::NEG_INFINITY;
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl MaskElem for u16 {
+    const KEEP: u16 = 0x0000;
+    const DROP: u16 = 0xFC00;
+    fn from_f32(v: f32) -> u16 {
+        half::f16::from_f32(v).to_bits()
+    }
+}
+
+/// What decides one mask entry, fixed for a call.
+struct MaskRule {
+    causal: bool,
+    is_2d: bool,
+    alibi: bool,
+    n_swa: u32,
+    swa_type: SwaType,
+    swa_full_span: bool,
+}
+
+impl MaskRule {
+    /// Value of the entry for a key cell of the query's sequence at position `p0`.
+    #[inline]
+    fn value<T: MaskElem>(&self, cells: &Cells, j: u32, p0: i32, q: &Query) -> T {
+        if self.causal {
+            if p0 > q.p1 {
+                return T::DROP;
+            }
+            if self.is_2d && p0 == q.p1 && cells.ext_get(j).is_2d_gt(q.x, q.y) {
+                return T::DROP;
+            }
+        }
+        if self.swa_type != SwaType::None {
+            let in_span = self.swa_full_span && p0 >= q.seq_min;
+            if !in_span && is_masked_swa(self.n_swa, self.swa_type, p0, q.p1) {
+                return T::DROP;
+            }
+        }
+        if self.alibi {
+            // Negate the integer before converting, as upstream: equal positions give +0.0.
+            T::from_f32((-(p0 as i64 - q.p1 as i64).abs()) as f32)
+        } else {
+            T::KEEP
+        }
+    }
+}
+
+struct Query {
+    p1: i32,
+    x: i32,
+    y: i32,
+    seq_min: i32,
+}
+
+impl KvCache {
+    fn check_slot_layout(&self, slot: &SlotInfo, n_tokens: usize) -> Result<()> {
+        if slot.n_stream() == 0 || slot.n_tokens() != n_tokens {
+            return Err(err!(
+                InvalidArgument,
+                "slot holds {} tokens, expected {n_tokens}",
+                slot.n_tokens()
+            ));
+        }
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            if idxs.len() != slot.size() {
+                return Err(err!(
+                    InvalidArgument,
+                    "slot streams hold different token counts"
+                ));
+            }
+            if slot.strm[k] >= self.n_stream || idxs.iter().any(|&i| i >= self.size()) {
+                return Err(err!(
+                    InvalidArgument,
+                    "slot refers to a stream or cell outside the cache"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `slot` fits this cache and that its cells can take `ub`'s tokens now.
+    pub fn check_slot(&self, slot: &SlotInfo, ub: &Ubatch<'_>) -> Result<()> {
+        self.check_slot_layout(slot, ub.n_tokens as usize)?;
+        if self.n_stream > 1 {
+            let per = slot.size();
+            for (k, &strm) in slot.strm.iter().enumerate() {
+                if self.stream_of(ub.seq0((k * per) as u32)) != strm {
+                    return Err(err!(
+                        InvalidArgument,
+                        "slot stream {strm} does not hold token group {k}'s sequence"
+                    ));
+                }
+            }
+        }
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let cells = &self.cells[slot.strm[k] as usize];
+            for &i in idxs {
+                if !self.can_use(cells, i) {
+                    return Err(err!(
+                        InvalidArgument,
+                        "slot cell {i} of stream {} is in use",
+                        slot.strm[k]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Row of the K cache for each token of `slot` (`set_input_k_idxs`): `strm * size + cell`.
+    pub fn set_input_k_idxs(&self, slot: &SlotInfo, out: &mut [i64]) -> Result<()> {
+        self.check_slot_layout(slot, slot.n_tokens())?;
+        let n = slot.n_tokens();
+        if out.len() < n {
+            return Err(err!(
+                BufferTooSmall,
+                "k_idxs needs {n} elements, got {}",
+                out.len()
+            ));
+        }
+        let size = self.size() as i64;
+        let per = slot.size();
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let offs = slot.strm[k] as i64 * size;
+            for (o, &i) in out[k * per..(k + 1) * per].iter_mut().zip(idxs) {
+                *o = offs + i as i64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of elements [`KvCache::set_input_v_idxs`] writes for `n_tokens` tokens.
+    pub fn v_idxs_len(&self, n_tokens: usize) -> usize {
+        if self.p.v_trans {
+            n_tokens * self.p.n_embd_v_gqa_max as usize
+        } else {
+            n_tokens
+        }
+    }
+
+    /// V destinations for each token of `slot` (`set_input_v_idxs`): rows as for K, or with a
+    /// transposed V one element index per channel, `strm*size*E + j*size + cell`.
+    pub fn set_input_v_idxs(&self, slot: &SlotInfo, out: &mut [i64]) -> Result<()> {
+        if !self.p.v_trans {
+            return self.set_input_k_idxs(slot, out);
+        }
+        self.check_slot_layout(slot, slot.n_tokens())?;
+        let e = self.p.n_embd_v_gqa_max as usize;
+        if e == 0 {
+            return Err(err!(
+                InvalidArgument,
+                "n_embd_v_gqa_max is 0: transposed V indices need the V width"
+            ));
+        }
+        let need = self.v_idxs_len(slot.n_tokens());
+        if out.len() < need {
+            return Err(err!(
+                BufferTooSmall,
+                "v_idxs needs {need} elements, got {}",
+                out.len()
+            ));
+        }
+        let size = self.size() as i64;
+        let per = slot.size();
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let offs = slot.strm[k] as i64 * size * e as i64;
+            for (ii, &cell) in idxs.iter().enumerate() {
+                let row = &mut out[(k * per + ii) * e..(k * per + ii + 1) * e];
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = offs + j as i64 * size + cell as i64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending shift of every cell of every stream, 0 for empty cells (`set_input_k_shift`).
+    pub fn set_input_k_shift(&self, out: &mut [i32]) -> Result<()> {
+        let size = self.size() as usize;
+        let need = size * self.n_stream as usize;
+        if out.len() < need {
+            return Err(err!(
+                BufferTooSmall,
+                "k_shift needs {need} elements, got {}",
+                out.len()
+            ));
+        }
+        for (cells, dst) in self.cells.iter().zip(out.chunks_mut(size)) {
+            for (i, o) in dst.iter_mut().enumerate() {
+                *o = if cells.is_empty(i as u32) {
+                    0
+                } else {
+                    cells.get_shift(i as u32)
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The KQ mask of `ub` over the first `n_kv` cells (`set_input_kq_mask`): `n_stream_m`
+    /// groups of `n_tokens / n_stream_m` rows (1 group for unified caches, one per sequence
+    /// otherwise). Entry `(i, j)` is `-inf` unless cell `j` holds token `i`'s first sequence
+    /// and is visible to it (causality, 2-D causality, sliding window); visible entries are 0,
+    /// or `-|p0 - p1|` with ALiBi.
+    pub fn set_input_kq_mask(
+        &self,
+        ub: &Ubatch<'_>,
+        causal: bool,
+        n_kv: u32,
+        n_stream_m: u32,
+        out: MaskOut<'_>,
+    ) -> Result<()> {
+        self.validate_ubatch(ub)?;
+        if n_kv == 0 || n_kv > self.size() {
+            return Err(err!(
+                InvalidArgument,
+                "n_kv = {n_kv} outside [1, {}]",
+                self.size()
+            ));
+        }
+        if n_stream_m == 0 || ub.n_tokens % n_stream_m != 0 {
+            return Err(err!(
+                InvalidArgument,
+                "{} tokens cannot form {n_stream_m} mask streams",
+                ub.n_tokens
+            ));
+        }
+        let need = n_kv as usize * ub.n_tokens as usize;
+        match out {
+            MaskOut::F32(o) => self.kq_mask_impl(ub, causal, n_kv, n_stream_m, need, o),
+            MaskOut::F16(o) => self.kq_mask_impl(ub, causal, n_kv, n_stream_m, need, o),
+        }
+    }
+
+    fn kq_mask_impl<T: MaskElem>(
+        &self,
+        ub: &Ubatch<'_>,
+        causal: bool,
+        n_kv: u32,
+        n_stream_m: u32,
+        need: usize,
+        out: &mut [T],
+    ) -> Result<()> {
+        if out.len() < need {
+            return Err(err!(
+                BufferTooSmall,
+                "kq mask needs {need} elements, got {}",
+                out.len()
+            ));
+        }
+        let causal = if !causal && self.p.non_causal_type == NonCausalType::SwaOnly {
+            self.p.swa_type == SwaType::None
+        } else {
+            causal
+        };
+        let rule = MaskRule {
+            causal,
+            is_2d: ub.is_pos_2d(),
+            alibi: self.p.use_alibi,
+            n_swa: self.p.n_swa,
+            swa_type: self.p.swa_type,
+            swa_full_span: !causal && self.p.non_causal_type == NonCausalType::SwaFull,
+        };
+        let nt = ub.n_tokens as usize;
+        let mut seq_min = [i32::MAX; MAX_SEQ];
+        for i in 0..ub.n_tokens {
+            let s = ub.seq0(i) as usize;
+            seq_min[s] = seq_min[s].min(ub.pos[i as usize]);
+        }
+        let n_kv_u = n_kv as usize;
+        let n_tps = ub.n_tokens / n_stream_m;
+        // Rows of one sequence differ only in cells whose position is close to the ubatch's
+        // positions: later rows copy the sequence's first row and recompute those cells.
+        let mut first_row = [u32::MAX; MAX_SEQ];
+        let mut near: Vec<Vec<u32>> = Vec::new();
+        let mut near_of = [u32::MAX; MAX_SEQ];
+        for k in 0..n_stream_m {
+            for &s in ub.seq_id_unq {
+                first_row[s as usize] = u32::MAX;
+            }
+            for ii in 0..n_tps {
+                let i = k * n_tps + ii;
+                let s = ub.seq0(i);
+                let cells = &self.cells[self.stream_of(s) as usize];
+                let q = Query {
+                    p1: ub.pos[i as usize],
+                    x: if rule.is_2d {
+                        ub.pos[i as usize + nt * 2]
+                    } else {
+                        0
+                    },
+                    y: if rule.is_2d {
+                        ub.pos[i as usize + nt]
+                    } else {
+                        0
+                    },
+                    seq_min: seq_min[s as usize],
+                };
+                let row_start = i as usize * n_kv_u;
+                let src = first_row[s as usize];
+                if !rule.alibi && src != u32::MAX {
+                    let from = src as usize * n_kv_u;
+                    out.copy_within(from..from + n_kv_u, row_start);
+                    let row = &mut out[row_start..row_start + n_kv_u];
+                    for &j in &near[near_of[s as usize] as usize] {
+                        row[j as usize] = rule.value(cells, j, cells.pos_get(j), &q);
+                    }
+                    continue;
+                }
+                let row = &mut out[row_start..row_start + n_kv_u];
+                row.fill(T::DROP);
+                let track = !rule.alibi;
+                if track {
+                    if near_of[s as usize] == u32::MAX {
+                        near_of[s as usize] = near.len() as u32;
+                        near.push(Vec::new());
+                    }
+                    near[near_of[s as usize] as usize].clear();
+                    first_row[s as usize] = i;
+                }
+                let near_from = q.seq_min as i64 - self.p.n_swa as i64 - 32;
+                let mut visit = |j: u32, p0: i32, row: &mut [T]| {
+                    row[j as usize] = rule.value(cells, j, p0, &q);
+                    if track && p0 as i64 >= near_from {
+                        near[near_of[s as usize] as usize].push(j);
+                    }
+                };
+                if cells.seq_len(s) * 4 >= n_kv_u {
+                    // Dense sequence: a straight pass over the cells beats walking the index.
+                    let pos = &cells.pos_all()[..n_kv_u];
+                    for (j, &p0) in pos.iter().enumerate() {
+                        if p0 != -1 && cells.seq_has(j as u32, s) {
+                            visit(j as u32, p0, row);
+                        }
+                    }
+                } else {
+                    for (p0, j) in cells.seq_pos_iter(s) {
+                        if j < n_kv {
+                            visit(j, p0, row);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// T5 relative position buckets between every token of `ub` and the first `n_kv` cells
+    /// (`set_input_pos_bucket`); empty cells count as position -1.
+    pub fn set_input_pos_bucket(&self, ub: &Ubatch<'_>, n_kv: u32, out: &mut [i32]) -> Result<()> {
+        self.validate_ubatch(ub)?;
+        if self.n_stream != 1 {
+            return Err(err!(Unsupported, "position buckets need a unified cache"));
+        }
+        if ub.equal_seqs {
+            return Err(err!(
+                Unsupported,
+                "position buckets need a ubatch from a simple split"
+            ));
+        }
+        if n_kv == 0 || n_kv > self.size() {
+            return Err(err!(
+                InvalidArgument,
+                "n_kv = {n_kv} outside [1, {}]",
+                self.size()
+            ));
+        }
+        let nb = self.p.n_rel_attn_bkts;
+        if nb < 2 {
+            return Err(err!(
+                InvalidArgument,
+                "n_rel_attn_bkts = {nb}: position buckets need at least 2"
+            ));
+        }
+        let need = n_kv as usize * ub.n_tokens as usize;
+        if out.len() < need {
+            return Err(err!(
+                BufferTooSmall,
+                "pos bucket needs {need} elements, got {}",
+                out.len()
+            ));
+        }
+        let cells = &self.cells[0];
+        let pos = &cells.pos_all()[..n_kv as usize];
+        for (row, &p1) in out
+            .chunks_mut(n_kv as usize)
+            .zip(&ub.pos[..ub.n_tokens as usize])
+        {
+            for (o, &p0) in row.iter_mut().zip(pos) {
+                *o = relative_position_bucket(p0, p1, nb as u64, false);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `llama_relative_position_bucket` of the pinned llama.cpp, with its float/double mix kept
+/// operation for operation so the buckets agree at their boundaries.
+pub fn relative_position_bucket(x: i32, y: i32, n_buckets: u64, bidirectional: bool) -> i32 {
+    const MAX_DISTANCE: i64 = 128;
+    let mut n_buckets = n_buckets;
+    if bidirectional {
+        n_buckets >>= 1;
+    }
+    let max_exact = (n_buckets >> 1) as i64;
+    let mut rel = x.wrapping_sub(y);
+    let mut bucket: i32 = 0;
+    if bidirectional {
+        bucket += (rel > 0) as i32 * n_buckets as i32;
+        rel = rel.wrapping_abs();
+    } else {
+        rel = rel.min(0).wrapping_neg();
+    }
+    // logf takes a float, log a double; the sum is a double that floorf narrows to float.
+    let ratio = (rel as f64 / max_exact as f64) as f32;
+    let scaled = ratio.ln() * n_buckets.wrapping_sub(max_exact as u64) as f32;
+    let large =
+        (max_exact as f64 + scaled as f64 / (MAX_DISTANCE as f64 / max_exact as f64).ln()) as f32;
+    let large = (large.floor() as i32).min(n_buckets as i32 - 1);
+    bucket + if (rel as i64) < max_exact { rel } else { large }
+}

@@ -1,0 +1,761 @@
+//! The KV cache: llama.cpp's `llama_kv_cache` without its tensors (slot search, ubatch
+//! placement, sequence operations, pending shifts and stream copies, graph inputs).
+//!
+//! Every rule here mirrors the pinned llama.cpp so that the same calls choose the same cells and
+//! produce the same masks; the differential suite (`tests/differential.rs`) holds us to it.
+//! Where llama.cpp would assert or abort on bad input, these methods return an [`Error`](crate::error::Error) and
+//! change nothing.
+
+mod context;
+mod inputs;
+mod slot;
+
+pub use context::KvContext;
+pub use inputs::{relative_position_bucket, MaskOut};
+pub use slot::SlotInfo;
+
+use crate::cells::{CellExt, Cells, Snapshot, MAX_SEQ};
+use crate::error::{err, Result};
+use crate::ubatch::Ubatch;
+
+/// Sliding-window attention type (`llama_swa_type`); the values are llama.h's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum SwaType {
+    /// No sliding window.
+    None = 0,
+    /// A key is masked when `query_pos - key_pos >= n_swa`.
+    Standard = 1,
+    /// A key is masked when it lies before the chunk of `n_swa` positions holding the query.
+    Chunked = 2,
+    /// A key is masked when `|query_pos - key_pos| > n_swa / 2`.
+    Symmetric = 3,
+}
+
+impl SwaType {
+    /// The enum value for a raw `llama_swa_type`, `None` if unknown.
+    pub fn from_raw(v: i32) -> Option<SwaType> {
+        match v {
+            0 => Some(SwaType::None),
+            1 => Some(SwaType::Standard),
+            2 => Some(SwaType::Chunked),
+            3 => Some(SwaType::Symmetric),
+            _ => None,
+        }
+    }
+}
+
+/// Non-causal attention variant (`llama_non_causal_type` in the pinned hparams).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum NonCausalType {
+    /// Non-causal attention applies to every layer.
+    All = 0,
+    /// Only the SWA cache becomes non-causal; the full-attention cache stays causal.
+    SwaOnly = 1,
+    /// Non-causal, and keys from the current ubatch's span escape the sliding window.
+    SwaFull = 2,
+}
+
+/// `llama_hparams::is_masked_swa`: is key position `p0` outside the window of query position `p1`?
+#[inline]
+pub fn is_masked_swa(n_swa: u32, swa_type: SwaType, p0: i32, p1: i32) -> bool {
+    match swa_type {
+        SwaType::None => false,
+        SwaType::Standard => (p1 as i64 - p0 as i64) >= n_swa as i32 as i64,
+        SwaType::Chunked => {
+            // Upstream divides with p1 converted to unsigned; positions are >= 0 here.
+            let start = (p1 as u32 / n_swa).wrapping_mul(n_swa) as i32;
+            p0 < start
+        }
+        SwaType::Symmetric => {
+            let half = n_swa as i32 / 2;
+            let diff = p1 as i64 - p0 as i64;
+            diff < -(half as i64) || diff > half as i64
+        }
+    }
+}
+
+/// Construction parameters of a [`KvCache`]; see [`KvParams::default`] for the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvParams {
+    /// Cells per stream.
+    pub size: u32,
+    /// Number of sequences, `1..=256`.
+    pub n_seq_max: u32,
+    /// One stream shared by all sequences (`kv_unified`), else one stream per sequence.
+    pub unified: bool,
+    /// `size` must be a multiple of this; `n_kv` is padded to `max(n_pad, 256)`.
+    pub n_pad: u32,
+    /// Sliding window size (ignored when `swa_type` is `None`).
+    pub n_swa: u32,
+    /// Sliding window type.
+    pub swa_type: SwaType,
+    /// Position sections per token: 1, or 4 for M-RoPE models (cell ext kept, no shifts).
+    pub n_pos_per_embd: u32,
+    /// The model supports K-shift (llama.cpp: all but STEP35).
+    pub model_can_shift: bool,
+    /// ALiBi masks (`-|p0 - p1|` instead of 0 for visible keys).
+    pub use_alibi: bool,
+    /// Which layers become non-causal when the caller asks for non-causal attention.
+    pub non_causal_type: NonCausalType,
+    /// V is stored transposed (no flash attention).
+    pub v_trans: bool,
+    /// Largest V row width over the layers (`n_embd_v_gqa_max`), for transposed V indices.
+    pub n_embd_v_gqa_max: u32,
+    /// Relative attention buckets (`n_rel_attn_bkts`, T5), for position buckets.
+    pub n_rel_attn_bkts: u32,
+}
+
+impl Default for KvParams {
+    fn default() -> Self {
+        KvParams {
+            size: 256,
+            n_seq_max: 1,
+            unified: true,
+            n_pad: 1,
+            n_swa: 0,
+            swa_type: SwaType::None,
+            n_pos_per_embd: 1,
+            model_can_shift: true,
+            use_alibi: false,
+            non_causal_type: NonCausalType::All,
+            v_trans: true,
+            n_embd_v_gqa_max: 0,
+            n_rel_attn_bkts: 0,
+        }
+    }
+}
+
+/// Status of a memory context (`llama_memory_status`); the values are llama.cpp's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// There is work to apply.
+    Success = 0,
+    /// Nothing to do.
+    NoUpdate = 1,
+    /// The ubatches do not fit.
+    FailedPrepare = 2,
+    /// Computing failed.
+    FailedCompute = 3,
+}
+
+/// The KV cache's cell tables, heads and pending work.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    p: KvParams,
+    n_stream: u32,
+    cells: Vec<Cells>,
+    /// Per stream, where the next slot search starts (not part of the state: a search hint).
+    heads: Vec<u32>,
+    /// Stream copies `(src, dst)` queued by cross-stream `seq_cp`, applied by the next update.
+    pending_copies: Vec<(u32, u32)>,
+    scratch: Vec<u32>,
+}
+
+impl KvCache {
+    /// Creates an empty cache.
+    pub fn new(p: KvParams) -> Result<Self> {
+        if p.n_seq_max == 0 || p.n_seq_max as usize > MAX_SEQ {
+            return Err(err!(
+                InvalidArgument,
+                "n_seq_max = {} (expected 1..={MAX_SEQ})",
+                p.n_seq_max
+            ));
+        }
+        if p.size == 0 {
+            return Err(err!(InvalidArgument, "size must be > 0"));
+        }
+        if p.n_pad == 0 || p.size % p.n_pad != 0 {
+            return Err(err!(
+                InvalidArgument,
+                "size {} is not a multiple of n_pad {}",
+                p.size,
+                p.n_pad
+            ));
+        }
+        if p.swa_type != SwaType::None && p.n_swa == 0 {
+            return Err(err!(
+                InvalidArgument,
+                "n_swa must be > 0 with a sliding window"
+            ));
+        }
+        if p.n_pos_per_embd != 1 && p.n_pos_per_embd != 4 {
+            return Err(err!(
+                InvalidArgument,
+                "n_pos_per_embd = {} (expected 1 or 4)",
+                p.n_pos_per_embd
+            ));
+        }
+        let n_stream = if p.unified { 1 } else { p.n_seq_max };
+        let cells = vec![Cells::new(p.size); n_stream as usize];
+        Ok(KvCache {
+            p,
+            n_stream,
+            cells,
+            heads: vec![0; n_stream as usize],
+            pending_copies: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The parameters the cache was built with.
+    pub fn params(&self) -> &KvParams {
+        &self.p
+    }
+
+    /// Cells per stream.
+    pub fn size(&self) -> u32 {
+        self.p.size
+    }
+
+    /// Number of streams (1 when unified, else `n_seq_max`).
+    pub fn n_stream(&self) -> u32 {
+        self.n_stream
+    }
+
+    /// Number of sequences.
+    pub fn n_seq_max(&self) -> u32 {
+        self.p.n_seq_max
+    }
+
+    /// The stream holding `seq_id`'s cells (no bounds check).
+    #[inline]
+    pub fn stream_of(&self, seq_id: i32) -> u32 {
+        if self.n_stream == 1 {
+            0
+        } else {
+            seq_id as u32
+        }
+    }
+
+    /// The cells of stream `s`.
+    pub fn cells(&self, s: u32) -> &Cells {
+        &self.cells[s as usize]
+    }
+
+    /// The slot-search head of stream `s`.
+    pub fn head(&self, s: u32) -> u32 {
+        self.heads[s as usize]
+    }
+
+    /// Stream copies waiting for the next update.
+    pub fn pending_copies(&self) -> &[(u32, u32)] {
+        &self.pending_copies
+    }
+
+    /// True when cell ext data must survive a save/restore (M-RoPE).
+    pub fn has_cell_ext(&self) -> bool {
+        self.p.n_pos_per_embd > 1
+    }
+
+    /// Whether positions can be shifted (`get_can_shift`).
+    pub fn can_shift(&self) -> bool {
+        self.p.model_can_shift && self.p.n_pos_per_embd == 1
+    }
+
+    /// True when any stream has a pending shift.
+    pub fn has_shift(&self) -> bool {
+        self.cells.iter().any(Cells::get_has_shift)
+    }
+
+    fn check_seq(&self, seq_id: i32) -> Result<()> {
+        if seq_id < 0 || seq_id as u32 >= self.p.n_seq_max {
+            return Err(err!(
+                InvalidSeqId,
+                "seq_id {seq_id} outside [0, {})",
+                self.p.n_seq_max
+            ));
+        }
+        Ok(())
+    }
+
+    /// Empties every stream and resets the heads. Pending stream copies are kept, as upstream.
+    pub fn clear(&mut self) {
+        for (c, h) in self.cells.iter_mut().zip(&mut self.heads) {
+            c.reset();
+            *h = 0;
+        }
+    }
+
+    /// Removes the cells of `seq_id` (or of every sequence when `seq_id == -1`) with position in
+    /// `[p0, p1)`; negative bounds mean "from 0" and "to infinity". Never fails for valid ids.
+    pub fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
+        if seq_id != -1 {
+            self.check_seq(seq_id)?;
+        }
+        let (p0, p1) = normalize(p0, p1);
+        if seq_id >= 0 {
+            let s = self.stream_of(seq_id) as usize;
+            let mut list = std::mem::take(&mut self.scratch);
+            self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
+            let mut new_head = u32::MAX;
+            for &i in &list {
+                if self.cells[s].seq_rm(i, seq_id) {
+                    new_head = new_head.min(i);
+                }
+            }
+            self.scratch = list;
+            if new_head < self.heads[s] {
+                self.heads[s] = new_head;
+            }
+        } else {
+            for s in 0..self.n_stream as usize {
+                let cells = &mut self.cells[s];
+                let mut new_head = u32::MAX;
+                let mut next = cells.next_used(0);
+                while let Some(i) = next {
+                    if cells.pos_in(i, p0, p1) {
+                        cells.rm(i);
+                        new_head = new_head.min(i);
+                    }
+                    next = cells.next_used(i + 1);
+                }
+                if new_head < self.heads[s] {
+                    self.heads[s] = new_head;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes the cells of `src` in `[p0, p1)` visible to `dst` as well. Between streams
+    /// (non-unified caches) only whole sequences can be copied: the destination stream is reset
+    /// and the data copy is queued for the next update.
+    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
+        self.check_seq(src)?;
+        self.check_seq(dst)?;
+        let s0 = self.stream_of(src);
+        let s1 = self.stream_of(dst);
+        if s0 == s1 {
+            if src == dst {
+                return Ok(());
+            }
+            let (p0, p1) = normalize(p0, p1);
+            let s = s0 as usize;
+            let mut list = std::mem::take(&mut self.scratch);
+            self.cells[s].seq_cells_in(src, p0, p1, &mut list);
+            for &i in &list {
+                if !self.cells[s].seq_has(i, dst) {
+                    self.cells[s].seq_add(i, dst);
+                }
+            }
+            self.scratch = list;
+            return Ok(());
+        }
+        let size = self.p.size as i64;
+        let partial = |p: i32| p > 0 && (p as i64) + 1 < size;
+        if partial(p0) || partial(p1) {
+            return Err(err!(
+                InvalidRange,
+                "seq_cp between streams copies whole sequences only; got [{p0}, {p1})"
+            ));
+        }
+        self.pending_copies.push((s0, s1));
+        let (a, b) = pair_mut(&mut self.cells, s0 as usize, s1 as usize);
+        b.reset();
+        for (_, i) in a.seq_pos_iter(src) {
+            // Upstream re-derives the pre-shift position and re-applies the shift; the end state
+            // is the source's position and pending shift.
+            b.copy_from_stream(i, a.pos_get(i), a.get_shift(i), a.ext_get(i), dst);
+        }
+        self.heads[s1 as usize] = self.heads[s0 as usize];
+        Ok(())
+    }
+
+    /// Removes every sequence but `seq_id` from its stream (other streams are untouched).
+    pub fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
+        self.check_seq(seq_id)?;
+        let s = self.stream_of(seq_id) as usize;
+        let cells = &mut self.cells[s];
+        let mut new_head = u32::MAX;
+        let mut next = cells.next_used(0);
+        while let Some(i) = next {
+            if cells.seq_keep(i, seq_id) {
+                new_head = new_head.min(i);
+            }
+            next = cells.next_used(i + 1);
+        }
+        if new_head < self.heads[s] {
+            self.heads[s] = new_head;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the positions of `seq_id` in `[p0, p1)`; cells pushed below 0 are freed.
+    pub fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        self.check_seq(seq_id)?;
+        if self.p.n_pos_per_embd != 1 {
+            return Err(err!(
+                Unsupported,
+                "seq_add is not supported with M-RoPE positions"
+            ));
+        }
+        if delta == 0 {
+            return Ok(());
+        }
+        let (p0, p1) = normalize(p0, p1);
+        if p0 == p1 {
+            return Ok(());
+        }
+        let s = self.stream_of(seq_id) as usize;
+        let mut list = std::mem::take(&mut self.scratch);
+        self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
+        let mut new_head = u32::MAX;
+        for &i in &list {
+            if self.cells[s].pos_add(i, delta) {
+                new_head = new_head.min(i);
+            }
+        }
+        self.scratch = list;
+        // Upstream restarts the search from the start when nothing was freed.
+        self.heads[s] = if new_head != u32::MAX { new_head } else { 0 };
+        Ok(())
+    }
+
+    /// Divides the positions of `seq_id` in `[p0, p1)` by `d` (truncating). `d` must be > 0.
+    pub fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
+        self.check_seq(seq_id)?;
+        if self.p.n_pos_per_embd != 1 {
+            return Err(err!(
+                Unsupported,
+                "seq_div is not supported with M-RoPE positions"
+            ));
+        }
+        if d <= 0 {
+            return Err(err!(
+                InvalidArgument,
+                "seq_div divisor must be > 0, got {d}"
+            ));
+        }
+        if d == 1 {
+            return Ok(());
+        }
+        let (p0, p1) = normalize(p0, p1);
+        if p0 == p1 {
+            return Ok(());
+        }
+        let s = self.stream_of(seq_id) as usize;
+        let mut list = std::mem::take(&mut self.scratch);
+        self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
+        for &i in &list {
+            self.cells[s].pos_div(i, d);
+        }
+        self.scratch = list;
+        Ok(())
+    }
+
+    /// Smallest position of `seq_id`, -1 if absent.
+    pub fn seq_pos_min(&self, seq_id: i32) -> Result<i32> {
+        self.check_seq(seq_id)?;
+        Ok(self.cells[self.stream_of(seq_id) as usize].seq_pos_min(seq_id))
+    }
+
+    /// Largest position of `seq_id`, -1 if absent.
+    pub fn seq_pos_max(&self, seq_id: i32) -> Result<i32> {
+        self.check_seq(seq_id)?;
+        Ok(self.cells[self.stream_of(seq_id) as usize].seq_pos_max(seq_id))
+    }
+
+    /// Checks that a ubatch can be placed in this cache (ids, stream layout, size).
+    pub fn validate_ubatch(&self, ub: &Ubatch<'_>) -> Result<()> {
+        ub.validate(self.p.n_seq_max)?;
+        if ub.n_pos != 1 && ub.n_pos != self.p.n_pos_per_embd {
+            return Err(err!(
+                InvalidUbatch,
+                "ubatch has {} position sections, the cache expects {}",
+                ub.n_pos,
+                self.p.n_pos_per_embd
+            ));
+        }
+        if self.n_stream > 1 {
+            let n_seqs = ub.seq_id_unq.len() as u32;
+            if ub.n_tokens % n_seqs != 0 {
+                return Err(err!(
+                    InvalidUbatch,
+                    "{} tokens cannot be split evenly over {n_seqs} streams",
+                    ub.n_tokens
+                ));
+            }
+            let per = ub.n_tokens / n_seqs;
+            for (k, &seq) in ub.seq_id_unq.iter().enumerate() {
+                for i in k as u32 * per..(k as u32 + 1) * per {
+                    if ub.seqs(i) != [seq] {
+                        return Err(err!(
+                            InvalidUbatch,
+                            "token {i} must belong to sequence {seq} only: one stream per sequence \
+                             takes tokens grouped by sequence, each in exactly one sequence"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds cells for a validated ubatch without changing anything (`find_slot`); `cont`
+    /// requires each stream's cells to be contiguous. `None` when it does not fit.
+    pub fn find_slot(&self, ub: &Ubatch<'_>, cont: bool) -> Option<SlotInfo> {
+        let (n_seqs, n_tokens) = if self.n_stream > 1 {
+            let n = ub.seq_id_unq.len() as u32;
+            (n, ub.n_tokens / n)
+        } else {
+            (1, ub.n_tokens)
+        };
+        let mut res = SlotInfo::with_streams(n_seqs as usize, n_tokens as usize);
+        for s in 0..n_seqs as usize {
+            let strm = self.stream_of(ub.seq_id_unq[s]);
+            res.s0 = res.s0.min(strm);
+            res.s1 = res.s1.max(strm);
+            res.strm[s] = strm;
+            let cells = &self.cells[strm as usize];
+            if n_tokens > cells.size() {
+                return None;
+            }
+            let mut head = self.heads[strm as usize];
+            // Plenty of free cells before the head: start over to fill the cache from the front.
+            if head > cells.get_used() + 2 * n_tokens {
+                head = 0;
+            }
+            let out = &mut res.idxs[s];
+            let found = if cont {
+                self.search_contiguous(cells, head, n_tokens, out)
+            } else {
+                self.search_scattered(cells, head, n_tokens, out)
+            };
+            if !found {
+                return None;
+            }
+        }
+        Some(res)
+    }
+
+    /// Can the slot search take cell `i`? Empty cells, and cells of a single sequence that the
+    /// sliding window already hides from that sequence's next token.
+    #[inline]
+    fn can_use(&self, cells: &Cells, i: u32) -> bool {
+        if cells.is_empty(i) {
+            return true;
+        }
+        if self.p.swa_type == SwaType::None || cells.seq_count(i) != 1 {
+            return false;
+        }
+        let sc = cells.seq_get(i);
+        is_masked_swa(
+            self.p.n_swa,
+            self.p.swa_type,
+            cells.pos_get(i),
+            cells.seq_pos_max(sc) + 1,
+        )
+    }
+
+    /// First `n` usable cells in circular order from `head`, testing each cell once.
+    fn search_scattered(&self, cells: &Cells, head: u32, n: u32, out: &mut Vec<u32>) -> bool {
+        let size = cells.size() as usize;
+        let n = n as usize;
+        if self.p.swa_type == SwaType::None {
+            // Only empty cells qualify: walk the zero bits of the used bitmap a word at a time.
+            let used = cells.used_bits();
+            let head = head as usize;
+            for (base, part) in [(head, &used[head..]), (0, &used[..head])] {
+                for i in part.iter_zeros() {
+                    out.push((base + i) as u32);
+                    if out.len() == n {
+                        return true;
+                    }
+                }
+            }
+            return false;
+        }
+        let mut idx = head as usize;
+        for _ in 0..size {
+            if idx == size {
+                idx = 0;
+            }
+            if self.can_use(cells, idx as u32) {
+                out.push(idx as u32);
+                if out.len() == n {
+                    return true;
+                }
+            }
+            idx += 1;
+        }
+        false
+    }
+
+    /// The contiguous search, step for step as upstream (its wrap and give-up rules included).
+    fn search_contiguous(&self, cells: &Cells, mut head: u32, n: u32, out: &mut Vec<u32>) -> bool {
+        let size = cells.size();
+        let mut n_tested: u64 = 0;
+        loop {
+            if head + n > size {
+                n_tested += (size - head) as u64;
+                head = 0;
+                continue;
+            }
+            for _ in 0..n {
+                let idx = head;
+                head += 1;
+                n_tested += 1;
+                if self.can_use(cells, idx) {
+                    out.push(idx);
+                } else {
+                    break;
+                }
+            }
+            if out.len() == n as usize {
+                return true;
+            }
+            out.clear();
+            if n_tested >= size as u64 {
+                return false;
+            }
+        }
+    }
+
+    /// Writes a validated ubatch into the cells of `slot` (`apply_ubatch`). Cells reused under
+    /// the sliding window are purged together with every older position of their sequence, so
+    /// that each sequence's positions stay contiguous.
+    pub fn apply_ubatch(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>) {
+        let mut max_rm = [-1i32; MAX_SEQ];
+        let per = slot.size();
+        let write_ext = ub.is_pos_2d() || ub.token.is_some();
+        let nt = ub.n_tokens as usize;
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let cells = &mut self.cells[slot.strm[k] as usize];
+            for (ii, &idx) in idxs.iter().enumerate() {
+                let i = k * per + ii;
+                if !cells.is_empty(idx) {
+                    let sc = cells.seq_get(idx);
+                    if sc >= 0 {
+                        max_rm[sc as usize] = max_rm[sc as usize].max(cells.pos_get(idx));
+                    }
+                    cells.rm(idx);
+                }
+                cells.pos_set(idx, ub.pos[i]);
+                if write_ext {
+                    let mut ext = CellExt::default();
+                    if ub.is_pos_2d() {
+                        ext.x = ub.pos[i + nt * 2];
+                        ext.y = ub.pos[i + nt];
+                    }
+                    if let Some(t) = ub.token {
+                        ext.tok = t[i];
+                    }
+                    cells.ext_set(idx, ext);
+                }
+                for &s in ub.seqs(i as u32) {
+                    if !cells.seq_has(idx, s) {
+                        cells.seq_add(idx, s);
+                    }
+                }
+            }
+        }
+        for (s, &rm) in max_rm.iter().enumerate() {
+            if rm == -1 {
+                continue;
+            }
+            let cells = &self.cells[self.stream_of(s as i32) as usize];
+            let pmin = cells.seq_pos_min(s as i32);
+            if pmin <= rm {
+                self.seq_rm(s as i32, pmin, rm + 1)
+                    .expect("sequence ids of placed cells are valid");
+            }
+        }
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            self.heads[slot.strm[k] as usize] = idxs[idxs.len() - 1] + 1;
+        }
+    }
+
+    /// Finds slots for a sequence of validated ubatches, each placed as if the previous ones
+    /// were, then rolls the cells back (`prepare`). `None` if one does not fit.
+    ///
+    /// As upstream, only the slot cells and heads are rolled back: cells purged by the sliding
+    /// window while simulating stay purged.
+    pub fn prepare(&mut self, ubatches: &[Ubatch<'_>]) -> Option<Vec<SlotInfo>> {
+        struct Saved {
+            slot: SlotInfo,
+            heads: Vec<u32>,
+            cells: Vec<Snapshot>,
+        }
+        let mut saved: Vec<Saved> = Vec::with_capacity(ubatches.len());
+        let mut ok = true;
+        for ub in ubatches {
+            let Some(slot) = self.find_slot(ub, false) else {
+                ok = false;
+                break;
+            };
+            let cells = slot
+                .idxs
+                .iter()
+                .zip(&slot.strm)
+                .map(|(idxs, &s)| self.cells[s as usize].cp(idxs))
+                .collect();
+            saved.push(Saved {
+                slot: slot.clone(),
+                heads: self.heads.clone(),
+                cells,
+            });
+            self.apply_ubatch(&slot, ub);
+        }
+        let mut slots = Vec::with_capacity(saved.len());
+        while let Some(st) = saved.pop() {
+            for (k, idxs) in st.slot.idxs.iter().enumerate() {
+                let s = st.slot.strm[k] as usize;
+                self.cells[s].set(idxs, &st.cells[k]);
+                // Upstream indexes the saved heads by the slot's k-th stream, not by stream id
+                // (`head = v_heads_old[s]` in `prepare`); the search hint must match it to pick
+                // the same cells afterwards.
+                self.heads[s] = st.heads[k];
+            }
+            slots.push(st.slot);
+        }
+        slots.reverse();
+        ok.then_some(slots)
+    }
+
+    /// Number of cells the attention looks at for `slot` (`get_n_kv`): the used range of the
+    /// slot's streams, padded to `max(n_pad, 256)` and capped at the size.
+    pub fn get_n_kv(&self, slot: &SlotInfo) -> u32 {
+        let pad = self.p.n_pad.max(256);
+        slot.strm
+            .iter()
+            .map(|&s| {
+                let c = &self.cells[s as usize];
+                let padded = (c.used_max_p1() as u64).div_ceil(pad as u64) * pad as u64;
+                (c.size() as u64).min((pad as u64).max(padded)) as u32
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Checks every stream's indexes (tests).
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        for (s, c) in self.cells.iter().enumerate() {
+            c.check_invariants()
+                .map_err(|e| format!("stream {s}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Negative bounds mean "from 0" and "to infinity".
+#[inline]
+fn normalize(p0: i32, p1: i32) -> (i32, i32) {
+    (p0.max(0), if p1 < 0 { i32::MAX } else { p1 })
+}
+
+fn pair_mut<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
+    debug_assert_ne!(a, b);
+    if a < b {
+        let (l, r) = v.split_at_mut(b);
+        (&l[a], &mut r[0])
+    } else {
+        let (l, r) = v.split_at_mut(a);
+        (&r[0], &mut l[b])
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,54 @@
+//! The committed C header must be exactly what cbindgen generates from the sources.
+//! `UPDATE_HEADER=1 cargo test --test header` rewrites it.
+
+use std::path::Path;
+
+#[test]
+fn committed_header_matches_the_sources() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    let bindings = cbindgen::Builder::new()
+        .with_crate(dir)
+        .with_config(config)
+        .generate()
+        .expect("cbindgen failed to parse the crate");
+    let mut generated = Vec::new();
+    bindings.write(&mut generated);
+    let path = dir.join("include/llama-memory.h");
+    if std::env::var_os("UPDATE_HEADER").is_some() {
+        std::fs::write(&path, &generated).expect("write header");
+        return;
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "include/llama-memory.h is stale or edited by hand; regenerate it with \
+         `UPDATE_HEADER=1 cargo test --test header` and commit the result"
+    );
+}
+
+#[test]
+fn header_version_matches_cargo_toml() {
+    let header = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("include/llama-memory.h"),
+    )
+    .unwrap();
+    let want = format!(
+        "#define LLAMA_MEMORY_VERSION \"{}\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(header.contains(&want), "header lacks `{want}`");
+    use llama_memory::ffi::memory::*;
+    let parts = [
+        LLAMA_MEMORY_VERSION_MAJOR,
+        LLAMA_MEMORY_VERSION_MINOR,
+        LLAMA_MEMORY_VERSION_PATCH,
+    ];
+    assert_eq!(
+        parts.map(|p| p.to_string()).join("."),
+        env!("CARGO_PKG_VERSION")
+    );
+    // SAFETY: llama_memory_version returns a static NUL-terminated string.
+    let v = unsafe { std::ffi::CStr::from_ptr(llama_memory_version()) };
+    assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
