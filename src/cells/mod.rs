@@ -261,6 +261,12 @@ impl Cells {
         self.seq[i as usize][seq_id as usize]
     }
 
+    /// The raw sequence-set words of every cell: bit `s % 64` of word `s / 64` is sequence `s`.
+    /// Hot loops test membership on these directly.
+    pub fn seq_words(&self) -> &[SeqSet] {
+        &self.seq
+    }
+
     /// The lowest sequence of cell `i`, -1 if it has none.
     #[inline]
     pub fn seq_get(&self, i: u32) -> i32 {

@@ -39,33 +39,44 @@ impl MaskElem for u16 {
 
 /// What decides one mask entry, fixed for a call.
 struct MaskRule {
-    causal: bool,
-    is_2d: bool,
-    alibi: bool,
     n_swa: u32,
     swa_type: SwaType,
     swa_full_span: bool,
 }
 
 impl MaskRule {
-    /// Value of the entry for a key cell of the query's sequence at position `p0`.
-    #[inline]
-    fn value<T: MaskElem>(&self, cells: &Cells, j: u32, p0: i32, q: &Query) -> T {
-        if self.causal {
+    /// Value of the entry for a key cell of the query's sequence at position `p0`. The flags
+    /// are compile-time copies of `causal`, "has a sliding window", `is_2d` and `alibi`, so each
+    /// combination gets its own branch-free loop, as upstream's templates do.
+    #[inline(always)]
+    fn value<
+        T: MaskElem,
+        const CAUSAL: bool,
+        const SWA: bool,
+        const D2: bool,
+        const ALIBI: bool,
+    >(
+        &self,
+        cells: &Cells,
+        j: u32,
+        p0: i32,
+        q: &Query,
+    ) -> T {
+        if CAUSAL {
             if p0 > q.p1 {
                 return T::DROP;
             }
-            if self.is_2d && p0 == q.p1 && cells.ext_get(j).is_2d_gt(q.x, q.y) {
+            if D2 && p0 == q.p1 && cells.ext_get(j).is_2d_gt(q.x, q.y) {
                 return T::DROP;
             }
         }
-        if self.swa_type != SwaType::None {
-            let in_span = self.swa_full_span && p0 >= q.seq_min;
+        if SWA {
+            let in_span = !CAUSAL && self.swa_full_span && p0 >= q.seq_min;
             if !in_span && is_masked_swa(self.n_swa, self.swa_type, p0, q.p1) {
                 return T::DROP;
             }
         }
-        if self.alibi {
+        if ALIBI {
             // Negate the integer before converting, as upstream: equal positions give +0.0.
             T::from_f32((-(p0 as i64 - q.p1 as i64).abs()) as f32)
         } else {
@@ -256,12 +267,54 @@ impl KvCache {
         }
         let need = n_kv as usize * ub.n_tokens as usize;
         match out {
-            MaskOut::F32(o) => self.kq_mask_impl(ub, causal, n_kv, n_stream_m, need, o),
-            MaskOut::F16(o) => self.kq_mask_impl(ub, causal, n_kv, n_stream_m, need, o),
+            MaskOut::F32(o) => self.kq_mask_dispatch(ub, causal, n_kv, n_stream_m, need, o),
+            MaskOut::F16(o) => self.kq_mask_dispatch(ub, causal, n_kv, n_stream_m, need, o),
         }
     }
 
-    fn kq_mask_impl<T: MaskElem>(
+    /// Picks the specialised builder for this call's (causal, SWA, 2-D, ALiBi) combination.
+    fn kq_mask_dispatch<T: MaskElem>(
+        &self,
+        ub: &Ubatch<'_>,
+        causal: bool,
+        n_kv: u32,
+        n_stream_m: u32,
+        need: usize,
+        out: &mut [T],
+    ) -> Result<()> {
+        // Same rule as upstream: without causal attention only the SWA cache of a SWA_ONLY
+        // model becomes non-causal.
+        let causal = if !causal && self.p.non_causal_type == NonCausalType::SwaOnly {
+            self.p.swa_type == SwaType::None
+        } else {
+            causal
+        };
+        let swa = self.p.swa_type != SwaType::None;
+        macro_rules! go {
+            ($($c:literal $s:literal $d:literal $a:literal),*) => {
+                match (causal, swa, ub.is_pos_2d(), self.p.use_alibi) {
+                    $(($c, $s, $d, $a) => {
+                        self.kq_mask_impl::<T, $c, $s, $d, $a>(ub, causal, n_kv, n_stream_m, need, out)
+                    })*
+                }
+            };
+        }
+        go!(
+            false false false false, false false false true, false false true false, false false true true,
+            false true false false, false true false true, false true true false, false true true true,
+            true false false false, true false false true, true false true false, true false true true,
+            true true false false, true true false true, true true true false, true true true true
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn kq_mask_impl<
+        T: MaskElem,
+        const CAUSAL: bool,
+        const SWA: bool,
+        const D2: bool,
+        const ALIBI: bool,
+    >(
         &self,
         ub: &Ubatch<'_>,
         causal: bool,
@@ -277,15 +330,7 @@ impl KvCache {
                 out.len()
             ));
         }
-        let causal = if !causal && self.p.non_causal_type == NonCausalType::SwaOnly {
-            self.p.swa_type == SwaType::None
-        } else {
-            causal
-        };
         let rule = MaskRule {
-            causal,
-            is_2d: ub.is_pos_2d(),
-            alibi: self.p.use_alibi,
             n_swa: self.p.n_swa,
             swa_type: self.p.swa_type,
             swa_full_span: !causal && self.p.non_causal_type == NonCausalType::SwaFull,
@@ -301,73 +346,91 @@ impl KvCache {
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
         // positions: later rows copy the sequence's first row and recompute those cells.
         let mut first_row = [u32::MAX; MAX_SEQ];
+        let mut rows_left = [0u32; MAX_SEQ];
         let mut near: Vec<Vec<u32>> = Vec::new();
         let mut near_of = [u32::MAX; MAX_SEQ];
         for k in 0..n_stream_m {
             for &s in ub.seq_id_unq {
                 first_row[s as usize] = u32::MAX;
             }
+            for i in k * n_tps..(k + 1) * n_tps {
+                rows_left[ub.seq0(i) as usize] += 1;
+            }
             for ii in 0..n_tps {
                 let i = k * n_tps + ii;
                 let s = ub.seq0(i);
+                let su = s as usize;
+                rows_left[su] -= 1;
                 let cells = &self.cells[self.stream_of(s) as usize];
                 let q = Query {
                     p1: ub.pos[i as usize],
-                    x: if rule.is_2d {
-                        ub.pos[i as usize + nt * 2]
-                    } else {
-                        0
-                    },
-                    y: if rule.is_2d {
-                        ub.pos[i as usize + nt]
-                    } else {
-                        0
-                    },
-                    seq_min: seq_min[s as usize],
+                    x: if D2 { ub.pos[i as usize + nt * 2] } else { 0 },
+                    y: if D2 { ub.pos[i as usize + nt] } else { 0 },
+                    seq_min: seq_min[su],
                 };
                 let row_start = i as usize * n_kv_u;
-                let src = first_row[s as usize];
-                if !rule.alibi && src != u32::MAX {
+                let src = first_row[su];
+                if !ALIBI && src != u32::MAX {
                     let from = src as usize * n_kv_u;
                     out.copy_within(from..from + n_kv_u, row_start);
                     let row = &mut out[row_start..row_start + n_kv_u];
-                    for &j in &near[near_of[s as usize] as usize] {
-                        row[j as usize] = rule.value(cells, j, cells.pos_get(j), &q);
+                    for &j in &near[near_of[su] as usize] {
+                        row[j as usize] =
+                            rule.value::<T, CAUSAL, SWA, D2, ALIBI>(cells, j, cells.pos_get(j), &q);
                     }
                     continue;
                 }
                 let row = &mut out[row_start..row_start + n_kv_u];
-                row.fill(T::DROP);
-                let track = !rule.alibi;
-                if track {
-                    if near_of[s as usize] == u32::MAX {
-                        near_of[s as usize] = near.len() as u32;
+                // Only a sequence with more rows to come needs its near cells remembered.
+                let track = !ALIBI && rows_left[su] > 0;
+                let mut near_list = if track {
+                    if near_of[su] == u32::MAX {
+                        near_of[su] = near.len() as u32;
                         near.push(Vec::new());
                     }
-                    near[near_of[s as usize] as usize].clear();
-                    first_row[s as usize] = i;
-                }
-                let near_from = q.seq_min as i64 - self.p.n_swa as i64 - 32;
-                let mut visit = |j: u32, p0: i32, row: &mut [T]| {
-                    row[j as usize] = rule.value(cells, j, p0, &q);
-                    if track && p0 as i64 >= near_from {
-                        near[near_of[s as usize] as usize].push(j);
-                    }
+                    first_row[su] = i;
+                    let mut l = std::mem::take(&mut near[near_of[su] as usize]);
+                    l.clear();
+                    Some(l)
+                } else {
+                    None
                 };
+                let near_from = q.seq_min as i64 - self.p.n_swa as i64 - 32;
+                // `& 3`: a sequence set has 4 words; lets the compiler drop the bounds check.
+                let (w, bit) = ((su / 64) & 3, su % 64);
                 if cells.seq_len(s) * 4 >= n_kv_u {
-                    // Dense sequence: a straight pass over the cells beats walking the index.
+                    // Dense sequence: one pass writing every entry once, testing the sequence
+                    // on the raw set words.
                     let pos = &cells.pos_all()[..n_kv_u];
-                    for (j, &p0) in pos.iter().enumerate() {
-                        if p0 != -1 && cells.seq_has(j as u32, s) {
-                            visit(j as u32, p0, row);
-                        }
+                    let seqs = &cells.seq_words()[..n_kv_u];
+                    for (j, ((o, &p0), set)) in row.iter_mut().zip(pos).zip(seqs).enumerate() {
+                        *o = if p0 != -1 && (set.data[w] >> bit) & 1 != 0 {
+                            if let Some(l) = near_list.as_mut() {
+                                if p0 as i64 >= near_from {
+                                    l.push(j as u32);
+                                }
+                            }
+                            rule.value::<T, CAUSAL, SWA, D2, ALIBI>(cells, j as u32, p0, &q)
+                        } else {
+                            T::DROP
+                        };
                     }
                 } else {
+                    row.fill(T::DROP);
                     for (p0, j) in cells.seq_pos_iter(s) {
                         if j < n_kv {
-                            visit(j, p0, row);
+                            row[j as usize] =
+                                rule.value::<T, CAUSAL, SWA, D2, ALIBI>(cells, j, p0, &q);
+                            if let Some(l) = near_list.as_mut() {
+                                if p0 as i64 >= near_from {
+                                    l.push(j);
+                                }
+                            }
                         }
                     }
+                }
+                if let Some(l) = near_list {
+                    near[near_of[su] as usize] = l;
                 }
             }
         }
