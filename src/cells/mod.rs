@@ -197,6 +197,11 @@ impl Cells {
     /// Empties a used cell.
     pub fn rm(&mut self, i: u32) {
         self.seq_pos_rm(i);
+        self.clear_cell(i);
+    }
+
+    /// Resets cell `i` to empty; its entries in `seq_pos` must already be gone.
+    fn clear_cell(&mut self, i: u32) {
         let iu = i as usize;
         self.seq[iu] = SeqSet::ZERO;
         self.pos[iu] = -1;
@@ -211,10 +216,7 @@ impl Cells {
         self.seq[iu].set(seq_id as usize, false);
         self.seq_pos[seq_id as usize].remove(&(self.pos[iu], i));
         if self.seq[iu].not_any() {
-            self.pos[iu] = -1;
-            self.ext[iu] = CellExt::default();
-            self.shift[iu] = 0;
-            self.mark_unused(i);
+            self.clear_cell(i);
             return true;
         }
         false
@@ -233,12 +235,7 @@ impl Cells {
             return false;
         }
         if self.seq[iu].any() {
-            self.seq_pos_rm(i);
-            self.seq[iu] = SeqSet::ZERO;
-            self.pos[iu] = -1;
-            self.ext[iu] = CellExt::default();
-            self.shift[iu] = 0;
-            self.mark_unused(i);
+            self.rm(i);
             return true;
         }
         false

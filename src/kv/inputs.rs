@@ -92,6 +92,17 @@ struct Query {
     seq_min: i32,
 }
 
+/// Fails unless a caller buffer of `len` elements holds `need`.
+fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
+    if len < need {
+        return Err(err!(
+            BufferTooSmall,
+            "{what} needs {need} elements, got {len}"
+        ));
+    }
+    Ok(())
+}
+
 impl KvCache {
     fn check_slot_layout(&self, slot: &SlotInfo, n_tokens: usize) -> Result<()> {
         if slot.n_stream() == 0 || slot.n_tokens() != n_tokens {
@@ -151,13 +162,7 @@ impl KvCache {
     pub fn set_input_k_idxs(&self, slot: &SlotInfo, out: &mut [i64]) -> Result<()> {
         self.check_slot_layout(slot, slot.n_tokens())?;
         let n = slot.n_tokens();
-        if out.len() < n {
-            return Err(err!(
-                BufferTooSmall,
-                "k_idxs needs {n} elements, got {}",
-                out.len()
-            ));
-        }
+        check_len("k_idxs", out.len(), n)?;
         let size = self.size() as i64;
         let per = slot.size();
         for (k, idxs) in slot.idxs.iter().enumerate() {
@@ -193,13 +198,7 @@ impl KvCache {
             ));
         }
         let need = self.v_idxs_len(slot.n_tokens());
-        if out.len() < need {
-            return Err(err!(
-                BufferTooSmall,
-                "v_idxs needs {need} elements, got {}",
-                out.len()
-            ));
-        }
+        check_len("v_idxs", out.len(), need)?;
         let size = self.size() as i64;
         let per = slot.size();
         for (k, idxs) in slot.idxs.iter().enumerate() {
@@ -218,13 +217,7 @@ impl KvCache {
     pub fn set_input_k_shift(&self, out: &mut [i32]) -> Result<()> {
         let size = self.size() as usize;
         let need = size * self.n_stream as usize;
-        if out.len() < need {
-            return Err(err!(
-                BufferTooSmall,
-                "k_shift needs {need} elements, got {}",
-                out.len()
-            ));
-        }
+        check_len("k_shift", out.len(), need)?;
         for (cells, dst) in self.cells.iter().zip(out.chunks_mut(size)) {
             for (i, o) in dst.iter_mut().enumerate() {
                 *o = if cells.is_empty(i as u32) {
@@ -323,13 +316,7 @@ impl KvCache {
         need: usize,
         out: &mut [T],
     ) -> Result<()> {
-        if out.len() < need {
-            return Err(err!(
-                BufferTooSmall,
-                "kq mask needs {need} elements, got {}",
-                out.len()
-            ));
-        }
+        check_len("kq mask", out.len(), need)?;
         let rule = MaskRule {
             n_swa: self.p.n_swa,
             swa_type: self.p.swa_type,
@@ -465,13 +452,7 @@ impl KvCache {
             ));
         }
         let need = n_kv as usize * ub.n_tokens as usize;
-        if out.len() < need {
-            return Err(err!(
-                BufferTooSmall,
-                "pos bucket needs {need} elements, got {}",
-                out.len()
-            ));
-        }
+        check_len("pos bucket", out.len(), need)?;
         let cells = &self.cells[0];
         let pos = &cells.pos_all()[..n_kv as usize];
         for (row, &p1) in out

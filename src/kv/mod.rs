@@ -287,18 +287,9 @@ impl KvCache {
         }
         let (p0, p1) = normalize(p0, p1);
         if seq_id >= 0 {
-            let s = self.stream_of(seq_id) as usize;
-            let mut list = std::mem::take(&mut self.scratch);
-            self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
-            let mut new_head = u32::MAX;
-            for &i in &list {
-                if self.cells[s].seq_rm(i, seq_id) {
-                    new_head = new_head.min(i);
-                }
-            }
-            self.scratch = list;
-            if new_head < self.heads[s] {
-                self.heads[s] = new_head;
+            let (s, freed) = self.for_seq_cells(seq_id, p0, p1, |c, i| c.seq_rm(i, seq_id));
+            if freed < self.heads[s] {
+                self.heads[s] = freed;
             }
         } else {
             for s in 0..self.n_stream as usize {
@@ -332,16 +323,12 @@ impl KvCache {
             if src == dst {
                 return Ok(());
             }
-            let (p0, p1) = normalize(p0, p1);
-            let s = s0 as usize;
-            let mut list = std::mem::take(&mut self.scratch);
-            self.cells[s].seq_cells_in(src, p0, p1, &mut list);
-            for &i in &list {
-                if !self.cells[s].seq_has(i, dst) {
-                    self.cells[s].seq_add(i, dst);
+            self.for_seq_cells(src, p0, p1, |c, i| {
+                if !c.seq_has(i, dst) {
+                    c.seq_add(i, dst);
                 }
-            }
-            self.scratch = list;
+                false
+            });
             return Ok(());
         }
         let size = self.p.size as i64;
@@ -395,22 +382,14 @@ impl KvCache {
         if delta == 0 {
             return Ok(());
         }
-        let (p0, p1) = normalize(p0, p1);
-        if p0 == p1 {
+        // Upstream returns before touching the head on an empty range.
+        let (q0, q1) = normalize(p0, p1);
+        if q0 == q1 {
             return Ok(());
         }
-        let s = self.stream_of(seq_id) as usize;
-        let mut list = std::mem::take(&mut self.scratch);
-        self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
-        let mut new_head = u32::MAX;
-        for &i in &list {
-            if self.cells[s].pos_add(i, delta) {
-                new_head = new_head.min(i);
-            }
-        }
-        self.scratch = list;
+        let (s, freed) = self.for_seq_cells(seq_id, p0, p1, |c, i| c.pos_add(i, delta));
         // Upstream restarts the search from the start when nothing was freed.
-        self.heads[s] = if new_head != u32::MAX { new_head } else { 0 };
+        self.heads[s] = if freed != u32::MAX { freed } else { 0 };
         Ok(())
     }
 
@@ -432,18 +411,36 @@ impl KvCache {
         if d == 1 {
             return Ok(());
         }
+        self.for_seq_cells(seq_id, p0, p1, |c, i| {
+            c.pos_div(i, d);
+            false
+        });
+        Ok(())
+    }
+
+    /// Calls `f` on each cell of `seq_id` with position in `[p0, p1)` (bounds normalized as
+    /// upstream). Visits only the sequence's own cells, through its position index, where
+    /// upstream scans the whole stream. Returns the sequence's stream and the lowest cell for
+    /// which `f` returned true (`u32::MAX` if none).
+    fn for_seq_cells(
+        &mut self,
+        seq_id: i32,
+        p0: i32,
+        p1: i32,
+        mut f: impl FnMut(&mut Cells, u32) -> bool,
+    ) -> (usize, u32) {
         let (p0, p1) = normalize(p0, p1);
-        if p0 == p1 {
-            return Ok(());
-        }
         let s = self.stream_of(seq_id) as usize;
         let mut list = std::mem::take(&mut self.scratch);
         self.cells[s].seq_cells_in(seq_id, p0, p1, &mut list);
+        let mut lowest = u32::MAX;
         for &i in &list {
-            self.cells[s].pos_div(i, d);
+            if f(&mut self.cells[s], i) {
+                lowest = lowest.min(i);
+            }
         }
         self.scratch = list;
-        Ok(())
+        (s, lowest)
     }
 
     /// Smallest position of `seq_id`, -1 if absent.
