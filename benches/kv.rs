@@ -307,6 +307,7 @@ fn human(ns: f64) -> String {
 }
 
 fn main() {
+    std::env::set_var("KVREF_QUIET", "1");
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))

@@ -603,6 +603,8 @@ impl Pair {
 
 #[test]
 fn kv_cache_matches_stock_llama_cpp() {
+    // The traces hit expected stock failures (oversized ubatches); keep their logs out of CI.
+    std::env::set_var("KVREF_QUIET", "1");
     let seed: u64 = std::env::var("SEED")
         .ok()
         .and_then(|s| s.parse().ok())

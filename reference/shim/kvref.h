@@ -1,0 +1,151 @@
+/*
+ * kvref: a thin C interface over the *stock* llama_kv_cache of the pinned llama.cpp.
+ *
+ * It exists only for tests and benchmarks: the differential suite drives the stock cache and
+ * llama-memory with the same operations and compares the results. Every function forwards to
+ * the pinned llama.cpp's own code; nothing here reimplements cache behaviour.
+ *
+ * Environment: KVREF_VERBOSE=1 keeps all of llama.cpp's logging; KVREF_QUIET=1 drops even its
+ * error messages (the differential traces hit expected failures).
+ *
+ * The shim is a shared library that links llama.cpp and ggml statically and is loaded with
+ * dlopen(RTLD_LOCAL), so its ggml never meets the ggml that llama-memory links.
+ */
+#ifndef KVREF_H
+#define KVREF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVREF_MAX_SEQ 256
+
+/* Same layout and meaning as the pointer fields of llama.cpp's llama_ubatch (llama-batch.h). */
+typedef struct kvref_ubatch {
+    uint32_t n_tokens;      /* total tokens (n_seq_tokens * n_seqs) */
+    uint32_t n_seq_tokens;  /* tokens per sequence set */
+    uint32_t n_seqs;        /* sequence sets in the ubatch */
+    uint32_t n_seqs_unq;    /* unique sequence ids in the ubatch */
+    uint32_t n_pos;         /* position sections per token (1, or 4 for M-RoPE) */
+    uint32_t equal_seqs;    /* 0/1 */
+    const int32_t *token;          /* [n_tokens] or NULL (embeddings) */
+    const int32_t *pos;            /* [n_tokens * n_pos], section-major */
+    const int32_t *n_seq_id;       /* [n_tokens] */
+    const int32_t *const *seq_id;  /* [n_tokens] -> [n_seq_id[i]] */
+    const int32_t *seq_id_unq;     /* [n_seqs_unq], ascending */
+} kvref_ubatch;
+
+/* Where a ubatch goes: token k*n_per_stream + i -> cell idxs[k*n_per_stream + i] of stream strm[k]. */
+typedef struct kvref_slot {
+    uint32_t s0;
+    uint32_t s1;
+    uint32_t n_stream;       /* 0 means "no slot" (find_slot failed) */
+    uint32_t n_per_stream;
+    int32_t strm[KVREF_MAX_SEQ];
+    uint32_t *idxs;          /* caller-owned, capacity given by idxs_cap (elements); a slot that
+                                does not fit (n_tokens > idxs_cap) is reported as "no slot" */
+    uint32_t idxs_cap;
+} kvref_slot;
+
+typedef struct kvref_params {
+    uint32_t kv_size;        /* cells per stream */
+    uint32_t n_seq_max;
+    bool unified;
+    uint32_t n_swa;
+    int32_t swa_type;        /* llama_swa_type: 0 none, 1 standard, 2 chunked, 3 symmetric */
+    bool v_trans;
+    int32_t type_k;          /* ggml_type */
+    int32_t type_v;          /* ggml_type */
+    bool use_alibi;          /* overrides hparams.use_alibi */
+    bool mrope;              /* rope_type = M-RoPE: n_pos_per_embd 4, cell ext kept */
+    uint32_t n_rel_attn_bkts;/* for pos buckets; 0 = leave the model's */
+    int32_t non_causal_type; /* llama_non_causal_type override, -1 = leave the model's */
+} kvref_params;
+
+typedef struct kvref kvref;
+
+/* sizeof(kvref_ubatch), sizeof(kvref_slot), sizeof(kvref_params) for which = 0, 1, 2 (0 otherwise):
+ * lets a binding that mirrors the structs check it was built against this header. */
+size_t kvref_sizeof(int32_t which);
+
+/* Fills p with the defaults: 256 cells, 1 seq, unified, no SWA, v_trans, f16/f16, no alibi. */
+void kvref_default_params(kvref_params *p);
+
+/* Writes a tiny random-weight `llama` GGUF (2 layers, n_embd 64, 4 heads, 2 KV heads) to path.
+ * Returns true on success. */
+bool kvref_write_model(const char *path);
+
+/* Sanity check of a model file: loads it (cached like kvref_new), decodes n_tokens tokens of
+ * seq 0 with llama_decode on a fresh 256-cell context and checks the last logits are finite.
+ * Returns llama_decode's result (0 = success), or -100 load failed, -101 context creation failed,
+ * -102 non-finite logits, -103 no logits, -104 unexpected seq_pos_max afterwards. */
+int32_t kvref_sanity_decode(const char *model_path, uint32_t n_tokens);
+
+/* Creates a stock llama_kv_cache over the model at model_path (loaded once per path) with
+ * the given parameters. NULL on failure. */
+kvref *kvref_new(const char *model_path, const kvref_params *p);
+void kvref_free(kvref *r);
+
+uint32_t kvref_size(const kvref *r);
+uint32_t kvref_n_stream(const kvref *r);
+uint32_t kvref_n_embd_v_gqa_max(const kvref *r);
+
+/* llama_memory_i operations, forwarded as they are (stock asserts abort: callers pass valid input). */
+void kvref_clear(kvref *r, bool data);
+bool kvref_seq_rm(kvref *r, int32_t seq, int32_t p0, int32_t p1);
+void kvref_seq_cp(kvref *r, int32_t src, int32_t dst, int32_t p0, int32_t p1);
+void kvref_seq_keep(kvref *r, int32_t seq);
+void kvref_seq_add(kvref *r, int32_t seq, int32_t p0, int32_t p1, int32_t delta);
+void kvref_seq_div(kvref *r, int32_t seq, int32_t p0, int32_t p1, int32_t d);
+int32_t kvref_seq_pos_min(const kvref *r, int32_t seq);
+int32_t kvref_seq_pos_max(const kvref *r, int32_t seq);
+bool kvref_can_shift(const kvref *r);
+bool kvref_has_shift(const kvref *r);
+
+/* find_slot(ubatch, cont). Returns true and fills out on success; false (out->n_stream = 0) otherwise. */
+bool kvref_find_slot(const kvref *r, const kvref_ubatch *ub, bool cont, kvref_slot *out);
+void kvref_apply_ubatch(kvref *r, const kvref_slot *slot, const kvref_ubatch *ub);
+/* prepare(ubatches): on success fills slots[0..n) and returns true; the cells are rolled back as stock does. */
+bool kvref_prepare(kvref *r, const kvref_ubatch *ubs, uint32_t n, kvref_slot *slots);
+uint32_t kvref_get_n_kv(const kvref *r, const kvref_slot *slot);
+
+/* init_update(lctx, false) then apply(): applies pending stream copies and the K-shift.
+ * Returns the status of the update context (0 success, 1 no update, 2/3 failures). */
+int32_t kvref_update(kvref *r);
+
+/* Cell table of one stream: arrays of kv_size elements (seq: 4 words per cell, bit s of word s/64;
+ * ext: x, y, tok per cell). Any pointer may be NULL. */
+void kvref_cells(const kvref *r, uint32_t stream, int32_t *pos, int32_t *shift, uint64_t *seq, int32_t *ext);
+/* head of the slot search, used cells, used_min, used_max_p1, has_shift of one stream. */
+void kvref_stream_info(const kvref *r, uint32_t stream, uint32_t *head, uint32_t *used,
+                       uint32_t *used_min, uint32_t *used_max_p1, bool *has_shift);
+/* Number of pending stream copies (sc_info). */
+uint32_t kvref_pending_copies(const kvref *r);
+
+/* Graph inputs, written by the stock set_input_* functions into a host tensor and copied out.
+ * kq mask: ne = [n_kv, n_tokens / n_stream_m, 1, n_stream_m], f16 as raw uint16 when f16. */
+void kvref_kq_mask(const kvref *r, const kvref_ubatch *ub, bool causal, bool f16, uint32_t n_kv,
+                   uint32_t n_stream_m, void *out);
+void kvref_k_idxs(const kvref *r, const kvref_ubatch *ub, const kvref_slot *slot, int64_t *out);
+/* out: n_tokens elements, or n_tokens * n_embd_v_gqa_max when V is transposed. */
+void kvref_v_idxs(const kvref *r, const kvref_ubatch *ub, const kvref_slot *slot, int64_t *out);
+/* out: kv_size * n_stream elements. */
+void kvref_k_shift(const kvref *r, int32_t *out);
+/* out: n_kv * n_tokens elements. */
+void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int32_t *out);
+
+/* state_write(io, seq, flags) into buf (cap bytes). With buf == NULL returns the size only.
+ * Returns bytes written, 0 on failure. */
+size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
+/* state_read(io, seq, flags) from buf. Returns bytes consumed, 0 on failure (exception caught). */
+size_t kvref_state_read(kvref *r, int32_t seq, uint32_t flags, const uint8_t *buf, size_t size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVREF_H */
