@@ -11,7 +11,10 @@ fn main() {
         println!("cargo:rustc-env=LLAMA_MEMORY_PINNED_LLAMA_CPP_DIR={dir}");
     }
     // The C tests compile with the same target triple as the library.
-    println!("cargo:rustc-env=LLAMA_MEMORY_TARGET={}", std::env::var("TARGET").unwrap());
+    println!(
+        "cargo:rustc-env=LLAMA_MEMORY_TARGET={}",
+        std::env::var("TARGET").unwrap()
+    );
     println!("cargo:rerun-if-env-changed=DEP_GGML_LLAMA_CPP_DIR");
 
     cdylib_link_args();
@@ -23,7 +26,14 @@ fn cdylib_link_args() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let elf = matches!(
         os.as_str(),
-        "linux" | "android" | "freebsd" | "netbsd" | "openbsd" | "dragonfly" | "illumos" | "solaris"
+        "linux"
+            | "android"
+            | "freebsd"
+            | "netbsd"
+            | "openbsd"
+            | "dragonfly"
+            | "illumos"
+            | "solaris"
     );
     let apple = matches!(os.as_str(), "macos" | "ios");
     if !elf && !apple {

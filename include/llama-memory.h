@@ -16,6 +16,9 @@
 #include <stdint.h>
 #define LLAMA_MEMORY_VERSION "0.1.0"
 
+/* ggml's tensor (ggml.h); graph inputs can be written into host tensors. */
+struct ggml_tensor;
+
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -258,6 +261,28 @@ llama_memory_result llama_memory_ctx_set_input_pos_bucket(llama_memory_ctx_t ctx
 // Writes the pending shift of every cell (`set_input_k_shift`) into `dst`
 // (`size * n_stream` elements).
 llama_memory_result llama_memory_kv_set_input_k_shift(llama_memory_t mem, int32_t *dst, size_t n);
+
+// `llama_memory_ctx_set_input_kq_mask` into a host tensor, as llama.cpp's graph builds it:
+// F32 or F16, `ne = [n_kv, n_tokens / n_stream, 1, n_stream]`.
+llama_memory_result llama_memory_ctx_set_input_kq_mask_tensor(llama_memory_ctx_t ctx,
+                                                              struct ggml_tensor *dst,
+                                                              bool causal_attn);
+
+// `llama_memory_ctx_set_input_k_idxs` into a host I64 tensor of `n_tokens` elements.
+llama_memory_result llama_memory_ctx_set_input_k_idxs_tensor(llama_memory_ctx_t ctx,
+                                                             struct ggml_tensor *dst);
+
+// `llama_memory_ctx_set_input_v_idxs` into a host I64 tensor.
+llama_memory_result llama_memory_ctx_set_input_v_idxs_tensor(llama_memory_ctx_t ctx,
+                                                             struct ggml_tensor *dst);
+
+// `llama_memory_ctx_set_input_pos_bucket` into a host I32 tensor, `ne = [n_kv, n_tokens]`.
+llama_memory_result llama_memory_ctx_set_input_pos_bucket_tensor(llama_memory_ctx_t ctx,
+                                                                 struct ggml_tensor *dst);
+
+// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.
+llama_memory_result llama_memory_kv_set_input_k_shift_tensor(llama_memory_t mem,
+                                                             struct ggml_tensor *dst);
 
 // This library's version, "MAJOR.MINOR.PATCH" (static string).
 const char *llama_memory_version(void);

@@ -389,3 +389,147 @@ fn with_kv_ubatch(
     });
     r.map_or_else(|e| fail(&e), |()| LLAMA_MEMORY_OK)
 }
+
+/// Checks that `t` is a contiguous tensor of one of `types` in host memory and returns it with
+/// its elements viewed as `E`.
+fn host_tensor<'a, E>(
+    t: *mut ggml_sys::ggml_tensor,
+    types: &[ggml_sys::ggml_type],
+) -> Result<(&'a ggml_sys::ggml_tensor, &'a mut [E])> {
+    if t.is_null() {
+        return Err(err!(NullArgument, "dst tensor is NULL"));
+    }
+    // SAFETY: the header requires `dst` to be a valid ggml tensor for the duration of the call.
+    let tr = unsafe { &*t };
+    if !types.contains(&tr.type_) {
+        return Err(err!(
+            InvalidArgument,
+            "dst tensor has type {}, expected one of {types:?}",
+            tr.type_
+        ));
+    }
+    // SAFETY: `tr.buffer` is checked for NULL first; ggml only reads the buffer's interface.
+    if tr.buffer.is_null() || !unsafe { ggml_sys::ggml_backend_buffer_is_host(tr.buffer) } {
+        return Err(err!(InvalidArgument, "dst tensor is not in a host buffer"));
+    }
+    // SAFETY: `t` is a valid tensor (see above); these functions only read its header.
+    let (contiguous, n) = unsafe { (ggml_sys::ggml_is_contiguous(t), ggml_sys::ggml_nelements(t)) };
+    if !contiguous || tr.data.is_null() || n < 0 {
+        return Err(err!(
+            InvalidArgument,
+            "dst tensor is not contiguous host data"
+        ));
+    }
+    // SAFETY: a contiguous host tensor of this element type holds `n` elements at `data`,
+    // and the caller does not access it during the call.
+    let data = unsafe { std::slice::from_raw_parts_mut(tr.data.cast::<E>(), n as usize) };
+    Ok((tr, data))
+}
+
+fn shape_err(what: &str, ne: [i64; 4], want: &str) -> crate::error::Error {
+    err!(
+        InvalidArgument,
+        "{what} tensor has ne = {ne:?}, expected {want}"
+    )
+}
+
+/// `llama_memory_ctx_set_input_kq_mask` into a host tensor, as llama.cpp's graph builds it:
+/// F32 or F16, `ne = [n_kv, n_tokens / n_stream, 1, n_stream]`.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_kq_mask_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    causal_attn: bool,
+) -> llama_memory_result {
+    ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
+        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+        with_kv_ubatch(c, |kv, ub| {
+            let f16 = ggml_sys::GGML_TYPE_F16;
+            let (t, _) = host_tensor::<u8>(dst, &[ggml_sys::GGML_TYPE_F32, f16])?;
+            let ne = t.ne;
+            if ne[2] != 1
+                || ne[3] <= 0
+                || ne[1] * ne[3] != ub.n_tokens as i64
+                || ne[0] > u32::MAX as i64
+            {
+                return Err(shape_err(
+                    "kq mask",
+                    ne,
+                    "[n_kv, n_tokens / n_stream, 1, n_stream]",
+                ));
+            }
+            let (n_kv, n_stream) = (ne[0] as u32, ne[3] as u32);
+            let out = if t.type_ == f16 {
+                MaskOut::F16(host_tensor::<u16>(dst, &[f16])?.1)
+            } else {
+                MaskOut::F32(host_tensor::<f32>(dst, &[ggml_sys::GGML_TYPE_F32])?.1)
+            };
+            kv.set_input_kq_mask(&ub, causal_attn, n_kv, n_stream, out)
+        })
+    })
+}
+
+/// `llama_memory_ctx_set_input_k_idxs` into a host I64 tensor of `n_tokens` elements.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_k_idxs_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut ggml_sys::ggml_tensor,
+) -> llama_memory_result {
+    ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
+        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+        with_kv_slot(c, |kv, slot| {
+            let (_, out) = host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64])?;
+            kv.set_input_k_idxs(slot, out)
+        })
+    })
+}
+
+/// `llama_memory_ctx_set_input_v_idxs` into a host I64 tensor.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_v_idxs_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut ggml_sys::ggml_tensor,
+) -> llama_memory_result {
+    ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
+        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+        with_kv_slot(c, |kv, slot| {
+            let (_, out) = host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64])?;
+            kv.set_input_v_idxs(slot, out)
+        })
+    })
+}
+
+/// `llama_memory_ctx_set_input_pos_bucket` into a host I32 tensor, `ne = [n_kv, n_tokens]`.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_pos_bucket_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut ggml_sys::ggml_tensor,
+) -> llama_memory_result {
+    ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
+        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+        with_kv_ubatch(c, |kv, ub| {
+            let (t, out) = host_tensor::<i32>(dst, &[ggml_sys::GGML_TYPE_I32])?;
+            let ne = t.ne;
+            if ne[1] != ub.n_tokens as i64 || ne[2] != 1 || ne[3] != 1 || ne[0] > u32::MAX as i64 {
+                return Err(shape_err("pos bucket", ne, "[n_kv, n_tokens, 1, 1]"));
+            }
+            kv.set_input_pos_bucket(&ub, ne[0] as u32, out)
+        })
+    })
+}
+
+/// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_k_shift_tensor(
+    mem: llama_memory_t,
+    dst: *mut ggml_sys::ggml_tensor,
+) -> llama_memory_result {
+    ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
+        let m = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, mem, "mem");
+        let r = kv_of(m).and_then(|kv| {
+            let (_, out) = host_tensor::<i32>(dst, &[ggml_sys::GGML_TYPE_I32])?;
+            kv.set_input_k_shift(out)
+        });
+        r.map_or_else(|e| fail(&e), |()| LLAMA_MEMORY_OK)
+    })
+}
