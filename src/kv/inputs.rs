@@ -331,14 +331,14 @@ impl KvCache {
         let n_kv_u = n_kv as usize;
         let n_tps = ub.n_tokens / n_stream_m;
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
-        // positions: later rows copy the sequence's first row and recompute those cells.
-        let mut first_row = [u32::MAX; MAX_SEQ];
+        // positions: later rows copy an earlier row of the sequence and recompute those cells.
+        let mut last_row = [u32::MAX; MAX_SEQ];
         let mut rows_left = [0u32; MAX_SEQ];
         let mut near: Vec<Vec<u32>> = Vec::new();
         let mut near_of = [u32::MAX; MAX_SEQ];
         for k in 0..n_stream_m {
             for &s in ub.seq_id_unq {
-                first_row[s as usize] = u32::MAX;
+                last_row[s as usize] = u32::MAX;
             }
             for i in k * n_tps..(k + 1) * n_tps {
                 rows_left[ub.seq0(i) as usize] += 1;
@@ -356,8 +356,12 @@ impl KvCache {
                     seq_min: seq_min[su],
                 };
                 let row_start = i as usize * n_kv_u;
-                let src = first_row[su];
+                let src = last_row[su];
                 if !ALIBI && src != u32::MAX {
+                    // Copy the sequence's previous row, not its first (as upstream does): the
+                    // entries outside the near cells are the same in every row of the
+                    // sequence, and the previous row is still in cache.
+                    last_row[su] = i;
                     let from = src as usize * n_kv_u;
                     out.copy_within(from..from + n_kv_u, row_start);
                     let row = &mut out[row_start..row_start + n_kv_u];
@@ -375,7 +379,7 @@ impl KvCache {
                         near_of[su] = near.len() as u32;
                         near.push(Vec::new());
                     }
-                    first_row[su] = i;
+                    last_row[su] = i;
                     let mut l = std::mem::take(&mut near[near_of[su] as usize]);
                     l.clear();
                     Some(l)
