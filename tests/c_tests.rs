@@ -5,15 +5,37 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The profile directory holding `libllama_memory.so` (the test binary lives in its `deps/`).
+/// A directory holding a `libllama_memory.so` built from the current sources.
+///
+/// `cargo test` builds the library only as an rlib for integration tests, and a `.so` left by
+/// an earlier `cargo build` may be stale, so this builds the shared library once per run, into
+/// its own target directory (the outer cargo holds the lock on the main one).
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-tests-lib");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--lib", "-p", "llama-memory", "--manifest-path"])
+            .arg(root().join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .expect("cannot run cargo");
+        assert!(
+            out.status.success(),
+            "building libllama_memory.so failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("debug")
+    })
+    .clone()
 }
 
 fn compiler(cpp: bool) -> Command {
@@ -52,7 +74,7 @@ fn run(mut cmd: Command, what: &str) {
 }
 
 fn scratch() -> PathBuf {
-    let d = lib_dir().join("c_tests");
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_tests");
     std::fs::create_dir_all(&d).unwrap();
     d
 }

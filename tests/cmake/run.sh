@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# End-to-end check of the CMake integration, as CI runs it:
+#
+#   tests/cmake/run.sh [build-root] [shared|static|all]
+#
+# For each variant (BUILD_SHARED_LIBS=ON / OFF; default: shared), in <build-root>/<variant>/:
+#   1. configure, build and ctest the project (c_tests/*.c and `cargo test`)
+#   2. check the library: the llama.h memory functions are exported, nothing Rust-mangled is,
+#      no ggml is inside it, its RUNPATH
+#   3. cmake --install into a fresh prefix and check what was installed
+#   4. with the build tree moved away (the install must not need it): build and run the
+#      find_package consumer (tests/cmake/find_package) and the pkg-config one (pkg_config.sh)
+#   5. build and run the add_subdirectory consumer (tests/cmake/add_subdirectory)
+#
+# Default build root: <repo>/build-cmake-tests (git-ignored). Reruns are incremental.
+# Environment:
+#   SKIP_CARGO_TEST=1   leave out the `cargo_test` ctest test (the crate's cargo suite; its
+#                       first run builds the reference llama.cpp and takes several minutes).
+#                       Its target dir is shared by the variants: <build-root>/cargo-test.
+#   CARGO_TEST_TARGET_DIR=<dir>  that target dir instead (CI points it at the repo's target/,
+#                       which its own `cargo test` already built, so nothing is built twice).
+#   CMAKE_BUILD_PARALLEL_LEVEL (default: nproc), CMAKE_GENERATOR, CC/CXX: as usual.
+# Needs: cmake >= 3.21, a C/C++ toolchain, cargo/rustc, pkg-config, binutils (nm, readelf).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+root=${1:-$repo/build-cmake-tests}
+which=${2:-shared}
+mkdir -p "$root"
+root=$(cd "$root" && pwd)
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+
+case $which in
+    shared) variants=(shared) ;;
+    static) variants=(static) ;;
+    all | both) variants=(shared static) ;;
+    *) echo "usage: $0 [build-root] [shared|static|all]" >&2; exit 2 ;;
+esac
+
+ctest_args=(--output-on-failure)
+if [ "${SKIP_CARGO_TEST:-0}" = 1 ]; then
+    ctest_args+=(-E '^cargo_test$')
+fi
+
+summary=()
+step() {
+    local name=$1
+    shift
+    local t0=$SECONDS
+    echo
+    echo "==> $name"
+    "$@"
+    local dt=$((SECONDS - t0))
+    echo "<== $name: ${dt}s"
+    summary+=("$(printf '%-40s %5ss' "$name" "$dt")")
+}
+fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
+# The nine memory functions of llama.h.
+llama_h_functions=(llama_memory_clear llama_memory_seq_rm llama_memory_seq_cp llama_memory_seq_keep
+                   llama_memory_seq_add llama_memory_seq_div llama_memory_seq_pos_min
+                   llama_memory_seq_pos_max llama_memory_can_shift)
+
+# check_shared <libllama_memory.so> <expected RUNPATH regex>
+check_shared() {
+    local so=$1 runpath_re=$2 exports f bad runpath
+    exports=$(nm -D --defined-only "$so" | awk '{print $NF}')
+    for f in "${llama_h_functions[@]}"; do
+        grep -qx "$f" <<<"$exports" || fail "$so does not export $f"
+    done
+    bad=$(grep -E '^(_ZN|_R)' <<<"$exports" || true)
+    [ -z "$bad" ] || fail "$so exports Rust-mangled symbols: $(head -n 5 <<<"$bad")"
+    bad=$(grep -v '^llama_memory_' <<<"$exports" || true)
+    [ -z "$bad" ] || echo "note: $so also exports: $(tr '\n' ' ' <<<"$bad")"
+    echo "exports: $(wc -l <<<"$exports") symbols, all llama_memory_*; the ${#llama_h_functions[@]} llama.h ones present"
+    # One ggml per process: the library uses the libggml*.so, it has no copy of its own.
+    local symbols
+    symbols=$(nm --defined-only "$so" 2>/dev/null || true)
+    if grep -qE ' [TtWw] ggml_' <<<"$symbols"; then
+        fail "$so contains ggml"
+    fi
+    runpath=$(readelf -d "$so" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
+    echo "RUNPATH: $runpath"
+    [[ $runpath =~ $runpath_re ]] || fail "$so: RUNPATH '$runpath' does not match '$runpath_re'"
+    if readelf -d "$so" | grep -q '(RPATH)'; then
+        fail "$so has a DT_RPATH (expected DT_RUNPATH only)"
+    fi
+}
+
+# check_static <libllama_memory.a>
+check_static() {
+    local a=$1 defined f
+    defined=$(nm -g --defined-only "$a" 2>/dev/null | awk 'NF >= 3 {print $NF}')
+    for f in "${llama_h_functions[@]}"; do
+        grep -qx "$f" <<<"$defined" || fail "$a does not define $f"
+    done
+    if grep -qE '^ggml_' <<<"$defined"; then
+        fail "$a contains ggml (ggml-sys should link it with -bundle)"
+    fi
+    echo "$a: defines the llama.h functions, no ggml inside"
+}
+
+# check_ggml_resolution <executable> <dir the libggml*.so must come from>
+check_ggml_resolution() {
+    local exe=$1 dir=$2 lines
+    lines=$(ldd "$exe" | grep -E 'lib(ggml|llama_memory)' || true)
+    echo "$lines"
+    if grep -q 'not found' <<<"$lines"; then fail "$exe: unresolved libraries"; fi
+    local ggml_lines
+    ggml_lines=$(grep -E 'libggml' <<<"$lines" || true)
+    if [ -n "$ggml_lines" ] && grep -vqF "$dir/" <<<"$ggml_lines"; then
+        fail "$exe loads a ggml from outside $dir"
+    fi
+}
+
+configure_build_test() {
+    local b=$1 shared=$2
+    cmake -S "$repo" -B "$b" -DBUILD_SHARED_LIBS="$shared" \
+        -DLLAMA_MEMORY_CARGO_TEST_TARGET_DIR="${CARGO_TEST_TARGET_DIR:-$root/cargo-test}"
+}
+
+for variant in "${variants[@]}"; do
+    v=$root/$variant
+    build=$v/build
+    prefix=$v/prefix
+    if [ "$variant" = shared ]; then shared=ON; else shared=OFF; fi
+    mkdir -p "$v"
+
+    step "[$variant] configure" configure_build_test "$build" "$shared"
+    step "[$variant] build" cmake --build "$build"
+
+    if [ "$variant" = shared ]; then
+        step "[$variant] check library" check_shared "$build/cargo/release/libllama_memory.so" \
+            "^\\\$ORIGIN:$build/ggml-lib\$"
+        step "[$variant] ggml resolution (build tree)" \
+            check_ggml_resolution "$build/c_tests/test_memory_ops" "$build/ggml-lib"
+    else
+        step "[$variant] check library" check_static "$build/cargo/release/libllama_memory.a"
+    fi
+
+    step "[$variant] ctest" ctest --test-dir "$build" "${ctest_args[@]}"
+
+    rm -rf "$prefix"
+    step "[$variant] install" cmake --install "$build" --prefix "$prefix"
+    pc=$(find "$prefix" -name llama-memory.pc)
+    [ -n "$pc" ] || fail "no llama-memory.pc installed"
+    libdir=$(dirname "$(dirname "$pc")")
+    for f in "$prefix/include/llama-memory.h" "$prefix/include/ggml.h" \
+             "$libdir/cmake/llama_memory/llama_memoryConfig.cmake" \
+             "$libdir/cmake/llama_memory/llama_memoryConfigVersion.cmake" \
+             "$libdir/cmake/ggml/ggml-config.cmake"; do
+        [ -f "$f" ] || fail "not installed: $f"
+    done
+    if [ "$variant" = shared ]; then
+        for f in libllama_memory.so libggml.so libggml-base.so libggml-cpu.so; do
+            [ -e "$libdir/$f" ] || fail "not installed: $libdir/$f"
+        done
+        check_shared "$libdir/libllama_memory.so" '^\$ORIGIN$'
+    else
+        for f in libllama_memory.a libggml.a libggml-base.a libggml-cpu.a; do
+            [ -e "$libdir/$f" ] || fail "not installed: $libdir/$f"
+        done
+        check_static "$libdir/libllama_memory.a"
+    fi
+    if grep -rlF "$build" "$prefix"; then
+        fail "installed files mention the build tree $build"
+    fi
+    echo "installed:"
+    (cd "$prefix" && find . -type f -o -type l | sort | sed 's/^/  /')
+
+    # The installed package on its own: move the build tree out of the way meanwhile.
+    mv "$build" "$build.away"
+    trap 'mv "$build.away" "$build"' EXIT
+    rm -rf "$v/find_package" "$v/pkg_config"
+    step "[$variant] find_package consumer" bash -c '
+        set -e
+        cmake -S "$1/tests/cmake/find_package" -B "$2" -DCMAKE_PREFIX_PATH="$3"
+        cmake --build "$2"
+        ctest --test-dir "$2" --output-on-failure -V | grep -E "^[0-9]+: ok:|tests passed"
+    ' _ "$repo" "$v/find_package" "$prefix"
+    if [ "$variant" = shared ]; then
+        check_ggml_resolution "$v/find_package/consumer" "$libdir"
+    fi
+    if [ "$variant" = shared ]; then
+        step "[$variant] pkg-config consumer" "$repo/tests/cmake/pkg_config.sh" "$prefix" "$v/pkg_config"
+        check_ggml_resolution "$v/pkg_config/consumer_pkg_config" "$libdir"
+    else
+        step "[$variant] pkg-config consumer" "$repo/tests/cmake/pkg_config.sh" "$prefix" "$v/pkg_config" --static
+    fi
+    mv "$build.away" "$build"
+    trap - EXIT
+
+    step "[$variant] add_subdirectory consumer" bash -c '
+        set -e
+        cmake -S "$1/tests/cmake/add_subdirectory" -B "$2" -DBUILD_SHARED_LIBS="$3"
+        cmake --build "$2"
+        ctest --test-dir "$2" --output-on-failure -V | grep -E "^[0-9]+: ok:|tests passed"
+    ' _ "$repo" "$v/add_subdirectory" "$shared"
+    if [ "$variant" = shared ]; then
+        check_ggml_resolution "$v/add_subdirectory/consumer" "$v/add_subdirectory/llama_memory/ggml-lib"
+    fi
+done
+
+echo
+echo "All CMake integration checks passed (${variants[*]}). Times:"
+printf '  %s\n' "${summary[@]}"
