@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use super::error::{fail, llama_memory_result};
 use super::memory::{kv_of, kv_of_mut, llama_memory_t, llama_pos, llama_seq_id, llama_token};
 use crate::error::{err, Result};
-use crate::kv::{KvContext, MaskOut};
+use crate::kv::{KvCache, KvContext, MaskOut};
 use crate::memory::MemoryContext;
 use crate::ubatch::UbatchBuf;
 
@@ -264,9 +264,7 @@ pub extern "C" fn llama_memory_ctx_set_input_k_idxs(
     n: usize,
 ) -> llama_memory_result {
     ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
-        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
-        let out = try_slice_mut!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, dst, n, "dst");
-        with_kv_slot(c, |kv, slot| kv.set_input_k_idxs(slot, out))
+        slot_idxs_into_buf(ctx, dst, n, KvCache::set_input_k_idxs)
     })
 }
 
@@ -279,11 +277,37 @@ pub extern "C" fn llama_memory_ctx_set_input_v_idxs(
     n: usize,
 ) -> llama_memory_result {
     ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
-        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
-        let out = try_slice_mut!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, dst, n, "dst");
-        with_kv_slot(c, |kv, slot| kv.set_input_v_idxs(slot, out))
+        slot_idxs_into_buf(ctx, dst, n, KvCache::set_input_v_idxs)
     })
 }
+
+/// Writes one of the slot's row-index inputs into a caller buffer of `n` elements.
+fn slot_idxs_into_buf(
+    ctx: llama_memory_ctx_t,
+    dst: *mut i64,
+    n: usize,
+    write: SlotIdxs,
+) -> llama_memory_result {
+    let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+    let out = try_slice_mut!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, dst, n, "dst");
+    with_kv_slot(c, |kv, slot| write(kv, slot, out))
+}
+
+/// Writes one of the slot's row-index inputs into a host I64 tensor.
+fn slot_idxs_into_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    write: SlotIdxs,
+) -> llama_memory_result {
+    let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
+    with_kv_slot(c, |kv, slot| {
+        let (_, out) = host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64])?;
+        write(kv, slot, out)
+    })
+}
+
+/// `KvCache::set_input_k_idxs` or `KvCache::set_input_v_idxs`.
+type SlotIdxs = fn(&KvCache, &crate::kv::SlotInfo, &mut [i64]) -> Result<()>;
 
 /// Writes the KQ mask of the current ubatch over `n_kv` cells (`set_input_kq_mask`) into `dst`:
 /// `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when `f16`; `n_stream` mask
@@ -353,7 +377,7 @@ pub extern "C" fn llama_memory_kv_set_input_k_shift(
     })
 }
 
-fn ctx_kv(c: &llama_memory_ctx) -> Result<&crate::kv::KvCache> {
+fn ctx_kv(c: &llama_memory_ctx) -> Result<&KvCache> {
     if c.mem.is_null() {
         return Err(err!(NullArgument, "context has no memory"));
     }
@@ -364,7 +388,7 @@ fn ctx_kv(c: &llama_memory_ctx) -> Result<&crate::kv::KvCache> {
 
 fn with_kv_slot(
     c: &llama_memory_ctx,
-    f: impl FnOnce(&crate::kv::KvCache, &crate::kv::SlotInfo) -> Result<()>,
+    f: impl FnOnce(&KvCache, &crate::kv::SlotInfo) -> Result<()>,
 ) -> llama_memory_result {
     let r = ctx_kv(c).and_then(|kv| {
         let slot = c
@@ -378,7 +402,7 @@ fn with_kv_slot(
 
 fn with_kv_ubatch(
     c: &llama_memory_ctx,
-    f: impl FnOnce(&crate::kv::KvCache, crate::ubatch::Ubatch<'_>) -> Result<()>,
+    f: impl FnOnce(&KvCache, crate::ubatch::Ubatch<'_>) -> Result<()>,
 ) -> llama_memory_result {
     let r = ctx_kv(c).and_then(|kv| {
         let ub = c
@@ -476,11 +500,7 @@ pub extern "C" fn llama_memory_ctx_set_input_k_idxs_tensor(
     dst: *mut ggml_sys::ggml_tensor,
 ) -> llama_memory_result {
     ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
-        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
-        with_kv_slot(c, |kv, slot| {
-            let (_, out) = host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64])?;
-            kv.set_input_k_idxs(slot, out)
-        })
+        slot_idxs_into_tensor(ctx, dst, KvCache::set_input_k_idxs)
     })
 }
 
@@ -491,11 +511,7 @@ pub extern "C" fn llama_memory_ctx_set_input_v_idxs_tensor(
     dst: *mut ggml_sys::ggml_tensor,
 ) -> llama_memory_result {
     ffi_boundary!(LLAMA_MEMORY_ERR_INTERNAL, {
-        let c = try_ref!(LLAMA_MEMORY_ERR_NULL_ARGUMENT, ctx, "ctx");
-        with_kv_slot(c, |kv, slot| {
-            let (_, out) = host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64])?;
-            kv.set_input_v_idxs(slot, out)
-        })
+        slot_idxs_into_tensor(ctx, dst, KvCache::set_input_v_idxs)
     })
 }
 
