@@ -18,6 +18,23 @@
 
 /* ggml's tensor (ggml.h); graph inputs can be written into host tensors. */
 struct ggml_tensor;
+/* ggml's buffer type (ggml-backend.h, ggml_backend_buffer_type_t). */
+struct ggml_backend_buffer_type;
+
+// `LLAMA_STATE_SEQ_MAGIC` ('ggsq').
+#define STATE_SEQ_MAGIC 1734833009
+
+// `LLAMA_STATE_SEQ_VERSION`.
+#define STATE_SEQ_VERSION 4
+
+// The first word of an in-memory sequence blob (llama-context.cpp's io magic).
+#define SEQ_BLOB_MAGIC 2937339096
+
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY` (a plain KV cache has no partial part and ignores it).
+#define FLAG_PARTIAL_ONLY 1
+
+// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: tensor bytes stay with the memory, not in the blob.
+#define FLAG_ON_DEVICE 2
 
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
@@ -61,6 +78,15 @@ struct ggml_tensor;
 // Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 #define LLAMA_MEMORY_NON_CAUSAL_SWA_FULL 2
 
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
+// a plain KV cache has none and writes its whole state, as llama.cpp.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
+
+// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
+// per source sequence, replaced by the next such save of that sequence); the blob holds only
+// the metadata. Restore it with the same flag on the same handle.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
+
 // Result of the functions this library adds to llama.h's API. Values are stable and never
 // reused.
 enum llama_memory_result
@@ -88,6 +114,11 @@ enum llama_memory_result
   LLAMA_MEMORY_ERR_BUFFER_TOO_SMALL = 8,
   // An internal error (a caught panic); the memory is unchanged or was already unusable.
   LLAMA_MEMORY_ERR_INTERNAL = 9,
+  // A state blob or file that is truncated, malformed or incompatible with this memory; the
+  // memory is unchanged.
+  LLAMA_MEMORY_ERR_INVALID_STATE = 10,
+  // A file could not be opened, read or written.
+  LLAMA_MEMORY_ERR_IO = 11,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -176,6 +207,48 @@ typedef struct llama_memory_kv_params {
   // Relative attention buckets (T5), for position buckets; 0 if unused.
   uint32_t n_rel_attn_bkts;
 } llama_memory_kv_params;
+
+// One model layer of a KV cache with tensors.
+typedef struct llama_memory_kv_layer {
+  // Model layer index (ascending over the layers that have their own tensors).
+  uint32_t il;
+  // K row width, `n_embd_k_gqa(il)`.
+  uint32_t n_embd_k_gqa;
+  // V row width, `n_embd_v_gqa(il)` (ignored for MLA caches).
+  uint32_t n_embd_v_gqa;
+  // -1: the layer has its own tensors; else the `il` of a layer whose tensors it uses
+  // (llama.cpp's `reuse` callback).
+  int32_t reuse;
+  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
+  struct ggml_backend_buffer_type *buft;
+} llama_memory_kv_layer;
+
+// K/V tensors of a KV cache; get the defaults from `llama_memory_kv_storage_default_params()`.
+// Layers llama.cpp's `filter` callback rejects are simply not listed.
+typedef struct llama_memory_kv_storage_params {
+  // K type, a `ggml_type`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, IQ4_NL, Q5_0 or Q5_1.
+  int32_t type_k;
+  // V type, as `type_k`; quantized types need `v_trans == false` in the cache parameters.
+  int32_t type_v;
+  // MLA cache: no V tensors.
+  bool is_mla;
+  // Attention-rotation size of K written into states (llama.cpp's `n_rot_k`; 0 when off).
+  uint32_t n_rot_k;
+  // Same for V.
+  uint32_t n_rot_v;
+  // The layers, `n_layers` of them.
+  const struct llama_memory_kv_layer *layers;
+  // Number of entries in `layers`.
+  size_t n_layers;
+} llama_memory_kv_storage_params;
+
+// `llama_state_seq_flags` of llama.h.
+typedef uint32_t llama_state_seq_flags;
+
+// A `ggml_type` value (`enum ggml_type` in C).
+typedef ggml_type GgmlType;
+
+
 
 #ifdef __cplusplus
 extern "C" {
@@ -363,6 +436,100 @@ llama_memory_result llama_memory_kv_get_cell(llama_memory_t mem,
                                              llama_pos *pos,
                                              llama_pos *shift,
                                              uint64_t *seq_bits);
+
+// Default storage parameters: F16 K and V, no layers.
+struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);
+
+// Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
+// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
+// (and sets the last error) for invalid parameters or a failed allocation.
+llama_memory_t llama_memory_kv_init_with_storage(struct llama_memory_kv_params params,
+                                                 const struct llama_memory_kv_storage_params *storage);
+
+// The K tensor of model layer `il` (`[n_embd_k_gqa, size, n_stream]`, named `cache_k_l<il>`),
+// owned by the memory; NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_kv_get_k_tensor(llama_memory_t mem, uint32_t il);
+
+// The V tensor of model layer `il` (`[E_v, size, n_stream]`, transposed per stream when the
+// cache has `v_trans`); NULL (last error set) if there is none (MLA, or no such layer).
+struct ggml_tensor *llama_memory_kv_get_v_tensor(llama_memory_t mem, uint32_t il);
+
+// Memory breakdown (`memory_breakdown`): writes up to `cap` (buffer type, bytes) pairs and
+// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
+// tensors or on error.
+size_t llama_memory_kv_memory_breakdown(llama_memory_t mem,
+                                        struct ggml_backend_buffer_type **bufts,
+                                        size_t *sizes,
+                                        size_t cap);
+
+// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
+// 0 on error.
+size_t llama_memory_state_get_size(llama_memory_t mem);
+
+// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
+// (too small a buffer included).
+size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
+
+// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
+// unchanged (llama.cpp leaves it cleared or half-restored).
+size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
+
+// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
+size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
+
+// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
+// bytes written, 0 on error.
+size_t llama_memory_state_seq_get_data(llama_memory_t mem,
+                                       uint8_t *dst,
+                                       size_t size,
+                                       llama_seq_id seq_id);
+
+// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
+// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
+// erases the destination sequence).
+size_t llama_memory_state_seq_set_data(llama_memory_t mem,
+                                       const uint8_t *src,
+                                       size_t size,
+                                       llama_seq_id dest_seq_id);
+
+// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
+size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_get_data_ext`.
+size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
+                                           uint8_t *dst,
+                                           size_t size,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_set_data_ext`.
+size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
+                                           const uint8_t *src,
+                                           size_t size,
+                                           llama_seq_id dest_seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
+// tokens, then the sequence's state). Returns the file size, 0 on error.
+size_t llama_memory_state_seq_save_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id seq_id,
+                                        const llama_token *tokens,
+                                        size_t n_token_count);
+
+// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
+// `tokens_out == NULL` only the header is checked: the token count goes to
+// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
+// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
+// file offset after the state, 0 on error with the memory unchanged.
+size_t llama_memory_state_seq_load_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id dest_seq_id,
+                                        llama_token *tokens_out,
+                                        size_t n_token_capacity,
+                                        size_t *n_token_count_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -23,6 +23,10 @@ pub enum ErrorKind {
     BufferTooSmall,
     /// A panic was caught at the C boundary.
     Panic,
+    /// A state blob or file that is truncated, malformed or does not fit this memory.
+    InvalidState,
+    /// A file could not be opened, read or written.
+    Io,
 }
 
 /// An error with its kind and a human-readable message.

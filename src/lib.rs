@@ -7,7 +7,8 @@
 //! would abort on returns a failure value, sets a last-error message and changes nothing.
 //!
 //! Layers, bottom up: [`cells`] (per-stream cell bookkeeping), [`kv`] (the KV cache),
-//! [`memory`] (the trait behind the C handle), `ffi` (the C ABI, the only place with `unsafe`).
+//! [`memory`] (the trait behind the C handle), [`storage`] (K/V tensors in ggml
+//! buffers), [`state`] (llama.cpp's state formats), `ffi` (the C ABI, the only place with `unsafe`).
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
@@ -15,6 +16,8 @@ pub mod cells;
 pub mod error;
 pub mod kv;
 pub mod memory;
+pub mod state;
+pub mod storage;
 pub mod ubatch;
 
 pub mod ffi;
@@ -22,6 +25,7 @@ pub mod ffi;
 pub use error::{Error, ErrorKind, Result};
 pub use kv::{KvCache, KvContext, KvParams, MaskOut, NonCausalType, SlotInfo, Status, SwaType};
 pub use memory::{Memory, MemoryContext};
+pub use state::kv::KvMemory;
 pub use ubatch::{Ubatch, UbatchBuf};
 
 /// Version of this library, as in Cargo.toml.

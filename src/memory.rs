@@ -2,8 +2,10 @@
 //! memory kind (KV cache today; SWA pairs, recurrent and hybrid memories later) sits behind the
 //! same C handle.
 
-use crate::error::Result;
+use crate::error::{err, Result};
 use crate::kv::{KvCache, Status};
+use crate::state::io::{StateIn, StateOut};
+use crate::storage::KvStorage;
 use crate::ubatch::Ubatch;
 
 /// Operations every memory offers (`llama_memory_i`). Sequence ids are checked against
@@ -36,6 +38,22 @@ pub trait Memory: Send {
     /// The KV cache behind this memory, if it is one.
     fn as_kv_mut(&mut self) -> Option<&mut KvCache> {
         None
+    }
+    /// Copies the tensor data of whole streams (cross-stream `seq_cp`, applied by an update).
+    fn copy_streams(&mut self, _copies: &[(u32, u32)]) -> Result<()> {
+        Ok(())
+    }
+    /// The K/V tensors, if the memory has them.
+    fn storage(&self) -> Option<&KvStorage> {
+        None
+    }
+    /// Writes the state of `seq_id` (-1: all) in llama.cpp's layout.
+    fn state_write(&self, _seq_id: i32, _out: &mut StateOut<'_, '_>) -> Result<()> {
+        Err(err!(Unsupported, "this memory has no state format"))
+    }
+    /// Restores a state into `seq_id` (-1: replace everything). On error nothing changed.
+    fn state_read(&mut self, _seq_id: i32, _inp: &mut StateIn<'_>) -> Result<()> {
+        Err(err!(Unsupported, "this memory has no state format"))
     }
 }
 

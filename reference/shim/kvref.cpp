@@ -73,6 +73,13 @@ void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
     }
 }
 
+// The shim's own error messages (caught exceptions) follow the same rule as llama.cpp's.
+void log_error(const char * fn, const char * what) {
+    if (!g_silent) {
+        fprintf(stderr, "%s: %s\n", fn, what);
+    }
+}
+
 void init_once() {
     static std::once_flag once;
     std::call_once(once, [] {
@@ -309,6 +316,7 @@ size_t kvref_sizeof(int32_t which) {
         case 0:  return sizeof(kvref_ubatch);
         case 1:  return sizeof(kvref_slot);
         case 2:  return sizeof(kvref_params);
+        case 3:  return sizeof(kvref_ctx_params);
         default: return 0;
     }
 }
@@ -329,10 +337,21 @@ void kvref_default_params(kvref_params * p) {
 }
 
 bool kvref_write_model(const char * path) {
+    return kvref_write_model_ex(path, 2, 64, 4, 2);
+}
+
+bool kvref_write_model_ex(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, uint32_t n_head_u,
+                          uint32_t n_head_kv_u) {
     init_once();
 
-    const int64_t n_embd = 64, n_vocab = 32, n_ff = 128, n_layer = 2;
-    const int64_t n_head = 4, n_head_kv = 2, head_dim = n_embd/n_head;
+    if (n_layer_u == 0 || n_head_u == 0 || n_head_kv_u == 0 || n_embd_u % n_head_u != 0 ||
+        (n_embd_u/n_head_u) % 2 != 0 || n_head_u % n_head_kv_u != 0) {
+        log_error("kvref_write_model_ex", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_vocab = 32, n_ff = 2*n_embd, n_layer = n_layer_u;
+    const int64_t n_head = n_head_u, n_head_kv = n_head_kv_u, head_dim = n_embd/n_head;
     const int64_t n_embd_kv = n_head_kv*head_dim;
 
     struct spec {
@@ -728,6 +747,228 @@ size_t kvref_state_read(kvref * r, int32_t seq, uint32_t flags, const uint8_t * 
         io.discard();
         return 0;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kvref_ctx: a stock llama_context, public llama.h API only
+
+void kvref_ctx_default_params(kvref_ctx_params * p) {
+    p->n_ctx = 256;
+    p->n_batch = 0;
+    p->n_seq_max = 1;
+    p->kv_unified = true;
+    p->flash_attn = false;
+    p->type_k = GGML_TYPE_F16;
+    p->type_v = GGML_TYPE_F16;
+}
+
+} // extern "C"
+
+struct kvref_ctx {
+    llama_model * model = nullptr;  // owned by the model cache
+    llama_context * ctx = nullptr;
+    int32_t n_vocab = 0;
+    bool has_logits = false;        // the last decode succeeded (and so produced one output)
+
+    // the batch arrays, reused across decodes
+    std::vector<llama_token> token;
+    std::vector<llama_pos> pos;
+    std::vector<int32_t> n_seq_id;
+    std::vector<llama_seq_id> seq_val;
+    std::vector<llama_seq_id *> seq_id;
+    std::vector<int8_t> logits;
+
+    ~kvref_ctx() {
+        if (ctx) {
+            llama_free(ctx);
+        }
+    }
+};
+
+extern "C" {
+
+kvref_ctx * kvref_ctx_new(const char * model_path, const kvref_ctx_params * p) {
+    init_once();
+
+    try {
+        llama_model * model = load_model(model_path);
+        if (!model) {
+            return nullptr;
+        }
+
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx           = p->n_ctx;
+        cp.n_batch         = p->n_batch ? p->n_batch : p->n_ctx;
+        cp.n_ubatch        = cp.n_batch;
+        cp.n_seq_max       = p->n_seq_max;
+        cp.n_threads       = 1;
+        cp.n_threads_batch = 1;
+        cp.kv_unified      = p->kv_unified;
+        cp.flash_attn_type = p->flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.type_k          = (ggml_type) p->type_k;
+        cp.type_v          = (ggml_type) p->type_v;
+
+        auto c = std::make_unique<kvref_ctx>();
+        c->model = model;
+        c->ctx = llama_init_from_model(model, cp);
+        if (!c->ctx) {
+            return nullptr;
+        }
+        c->n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+        return c.release();
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_new", e.what());
+        return nullptr;
+    } catch (...) {
+        return nullptr;
+    }
+}
+
+void kvref_ctx_free(kvref_ctx * c) {
+    delete c;
+}
+
+int32_t kvref_ctx_decode(kvref_ctx * c, const int32_t * tokens, uint32_t n, int32_t pos0, int32_t seq) {
+    c->has_logits = false;
+    try {
+        c->token.assign(tokens, tokens + n);
+        c->pos.resize(n);
+        c->n_seq_id.assign(n, 1);
+        c->seq_val.assign(n, seq);
+        c->seq_id.resize(n);
+        c->logits.assign(n, 0);
+        for (uint32_t i = 0; i < n; ++i) {
+            c->pos[i] = pos0 + (llama_pos) i;
+            c->seq_id[i] = &c->seq_val[i];
+        }
+        if (n > 0) {
+            c->logits[n - 1] = 1;
+        }
+
+        llama_batch batch = {
+            /*.n_tokens =*/ (int32_t) n,
+            /*.token    =*/ c->token.data(),
+            /*.embd     =*/ nullptr,
+            /*.pos      =*/ c->pos.data(),
+            /*.n_seq_id =*/ c->n_seq_id.data(),
+            /*.seq_id   =*/ c->seq_id.data(),
+            /*.logits   =*/ c->logits.data(),
+        };
+        const int32_t ret = llama_decode(c->ctx, batch);
+        c->has_logits = ret == 0 && n > 0;
+        return ret;
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_decode", e.what());
+        return -1;
+    } catch (...) {
+        return -1;
+    }
+}
+
+uint32_t kvref_ctx_n_vocab(const kvref_ctx * c) {
+    return (uint32_t) c->n_vocab;
+}
+
+bool kvref_ctx_logits(kvref_ctx * c, float * out) {
+    if (!c->has_logits) {
+        return false;
+    }
+    const float * logits = llama_get_logits_ith(c->ctx, -1);
+    if (!logits) {
+        return false;
+    }
+    memcpy(out, logits, (size_t) c->n_vocab*sizeof(float));
+    return true;
+}
+
+size_t kvref_ctx_seq_get(kvref_ctx * c, int32_t seq, uint32_t flags, uint8_t * buf, size_t cap) {
+    try {
+        return buf ? llama_state_seq_get_data_ext(c->ctx, buf, cap, seq, flags)
+                   : llama_state_seq_get_size_ext(c->ctx, seq, flags);
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_seq_get", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+size_t kvref_ctx_seq_set(kvref_ctx * c, int32_t dest, uint32_t flags, const uint8_t * buf, size_t size) {
+    try {
+        return llama_state_seq_set_data_ext(c->ctx, buf, size, dest, flags);
+    } catch (const std::exception & e) {
+        // only LLAMA_STATE_SEQ_FLAGS_ON_DEVICE reads the header outside llama.cpp's own try
+        log_error("kvref_ctx_seq_set", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+size_t kvref_ctx_seq_save_file(kvref_ctx * c, const char * path, int32_t seq, const int32_t * tokens, size_t n) {
+    try {
+        return llama_state_seq_save_file(c->ctx, path, seq, tokens, n);
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_seq_save_file", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+size_t kvref_ctx_seq_load_file(kvref_ctx * c, const char * path, int32_t dest, int32_t * tokens_out,
+                               size_t cap, size_t * n_out) {
+    try {
+        size_t n = 0;
+        const size_t ret = llama_state_seq_load_file(c->ctx, path, dest, tokens_out, cap, &n);
+        if (n_out) {
+            *n_out = n;
+        }
+        return ret;
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_seq_load_file", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+size_t kvref_ctx_state_get(kvref_ctx * c, uint8_t * buf, size_t cap) {
+    try {
+        return buf ? llama_state_get_data(c->ctx, buf, cap) : llama_state_get_size(c->ctx);
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_state_get", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+size_t kvref_ctx_state_set(kvref_ctx * c, const uint8_t * buf, size_t size) {
+    try {
+        return llama_state_set_data(c->ctx, buf, size);
+    } catch (const std::exception & e) {
+        log_error("kvref_ctx_state_set", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+bool kvref_ctx_seq_rm(kvref_ctx * c, int32_t seq, int32_t p0, int32_t p1) {
+    return llama_memory_seq_rm(llama_get_memory(c->ctx), seq, p0, p1);
+}
+
+int32_t kvref_ctx_seq_pos_min(const kvref_ctx * c, int32_t seq) {
+    return llama_memory_seq_pos_min(llama_get_memory(c->ctx), seq);
+}
+
+int32_t kvref_ctx_seq_pos_max(const kvref_ctx * c, int32_t seq) {
+    return llama_memory_seq_pos_max(llama_get_memory(c->ctx), seq);
+}
+
+void kvref_ctx_memory_clear(kvref_ctx * c, bool data) {
+    llama_memory_clear(llama_get_memory(c->ctx), data);
 }
 
 } // extern "C"

@@ -5,6 +5,11 @@
  * llama-memory with the same operations and compares the results. Every function forwards to
  * the pinned llama.cpp's own code; nothing here reimplements cache behaviour.
  *
+ * Two objects are offered: kvref, a standalone stock llama_kv_cache driven operation by
+ * operation, and kvref_ctx, a stock llama_context used only through the public llama.h API
+ * (decode, logits, sequence/whole state save and restore), for compatibility tests of state
+ * blobs and files.
+ *
  * Environment: KVREF_VERBOSE=1 keeps all of llama.cpp's logging; KVREF_QUIET=1 drops even its
  * error messages (the differential traces hit expected failures).
  *
@@ -68,16 +73,23 @@ typedef struct kvref_params {
 
 typedef struct kvref kvref;
 
-/* sizeof(kvref_ubatch), sizeof(kvref_slot), sizeof(kvref_params) for which = 0, 1, 2 (0 otherwise):
- * lets a binding that mirrors the structs check it was built against this header. */
+/* sizeof(kvref_ubatch), sizeof(kvref_slot), sizeof(kvref_params), sizeof(kvref_ctx_params) for
+ * which = 0, 1, 2, 3 (0 otherwise): lets a binding that mirrors the structs check it was built
+ * against this header. */
 size_t kvref_sizeof(int32_t which);
 
 /* Fills p with the defaults: 256 cells, 1 seq, unified, no SWA, v_trans, f16/f16, no alibi. */
 void kvref_default_params(kvref_params *p);
 
 /* Writes a tiny random-weight `llama` GGUF (2 layers, n_embd 64, 4 heads, 2 KV heads) to path.
- * Returns true on success. */
+ * Returns true on success. Same bytes as kvref_write_model_ex(path, 2, 64, 4, 2). */
 bool kvref_write_model(const char *path);
+
+/* Like kvref_write_model, with a chosen shape: head_dim = n_embd / n_head must divide exactly
+ * and be even (RoPE), n_head must be a multiple of n_head_kv; n_ff = 2 * n_embd, vocabulary 32,
+ * F32 weights from the same fixed seed. Returns true on success (false for an invalid shape). */
+bool kvref_write_model_ex(const char *path, uint32_t n_layer, uint32_t n_embd, uint32_t n_head,
+                          uint32_t n_head_kv);
 
 /* Sanity check of a model file: loads it (cached like kvref_new), decodes n_tokens tokens of
  * seq 0 with llama_decode on a fresh 256-cell context and checks the last logits are finite.
@@ -143,6 +155,67 @@ void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int
 size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
 /* state_read(io, seq, flags) from buf. Returns bytes consumed, 0 on failure (exception caught). */
 size_t kvref_state_read(kvref *r, int32_t seq, uint32_t flags, const uint8_t *buf, size_t size);
+
+/* ---------------------------------------------------------------------------------------------
+ * kvref_ctx: a stock llama_context over a model file, driven through the public llama.h API only.
+ * Stock assertions abort here too: callers pass valid sequence ids (< n_seq_max) and positions.
+ */
+
+typedef struct kvref_ctx_params {
+    uint32_t n_ctx;       /* llama_context_params.n_ctx (llama.cpp pads to 256; non-unified: each
+                             sequence gets n_ctx / n_seq_max, padded to 256) */
+    uint32_t n_batch;     /* n_batch = n_ubatch; 0 = n_ctx */
+    uint32_t n_seq_max;
+    bool kv_unified;
+    bool flash_attn;      /* false -> LLAMA_FLASH_ATTN_TYPE_DISABLED (V transposed), true -> ENABLED */
+    int32_t type_k;       /* ggml_type */
+    int32_t type_v;       /* ggml_type */
+} kvref_ctx_params;
+
+typedef struct kvref_ctx kvref_ctx;
+
+/* Fills p with the defaults: n_ctx 256, n_batch 0 (= n_ctx), 1 seq, unified, no flash
+ * attention, f16/f16. */
+void kvref_ctx_default_params(kvref_ctx_params *p);
+
+/* Creates a llama_context (1 thread, CPU) over the model at model_path, loaded once per path and
+ * shared with kvref_new. NULL on failure (model not loadable, context creation failed). */
+kvref_ctx *kvref_ctx_new(const char *model_path, const kvref_ctx_params *p);
+void kvref_ctx_free(kvref_ctx *c);
+
+/* llama_decode of n tokens of sequence seq at positions pos0, pos0 + 1, ...; logits are requested
+ * for the last token only. Returns llama_decode's result (0 success, 1 no KV slot, < 0 error;
+ * -1 also when the shim caught an exception). */
+int32_t kvref_ctx_decode(kvref_ctx *c, const int32_t *tokens, uint32_t n, int32_t pos0, int32_t seq);
+/* Vocabulary size of the context's model (the length of a logits row). */
+uint32_t kvref_ctx_n_vocab(const kvref_ctx *c);
+/* Copies the last decode's logits (llama_get_logits_ith(ctx, -1)) into out[n_vocab]. False if
+ * there are none (no successful decode since creation, or the last decode failed). */
+bool kvref_ctx_logits(kvref_ctx *c, float *out);
+
+/* llama_state_seq_get_size_ext(seq, flags) when buf == NULL, else
+ * llama_state_seq_get_data_ext(buf, cap, seq, flags). Bytes (to be) written, 0 on failure. */
+size_t kvref_ctx_seq_get(kvref_ctx *c, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
+/* llama_state_seq_set_data_ext(buf, size, dest, flags): bytes read, 0 on failure. */
+size_t kvref_ctx_seq_set(kvref_ctx *c, int32_t dest, uint32_t flags, const uint8_t *buf, size_t size);
+/* llama_state_seq_save_file: file size written, 0 on failure. */
+size_t kvref_ctx_seq_save_file(kvref_ctx *c, const char *path, int32_t seq, const int32_t *tokens, size_t n);
+/* llama_state_seq_load_file: bytes of the file consumed, 0 on failure; *n_out receives the
+ * token count. tokens_out == NULL only reports the token count (and returns the header size)
+ * without loading any state, as in llama.h. */
+size_t kvref_ctx_seq_load_file(kvref_ctx *c, const char *path, int32_t dest, int32_t *tokens_out,
+                               size_t cap, size_t *n_out);
+
+/* Whole state: llama_state_get_size when buf == NULL, else llama_state_get_data(buf, cap). */
+size_t kvref_ctx_state_get(kvref_ctx *c, uint8_t *buf, size_t cap);
+/* llama_state_set_data(buf, size): bytes read, 0 on failure. */
+size_t kvref_ctx_state_set(kvref_ctx *c, const uint8_t *buf, size_t size);
+
+/* llama_memory_* on llama_get_memory(ctx). */
+bool kvref_ctx_seq_rm(kvref_ctx *c, int32_t seq, int32_t p0, int32_t p1);
+int32_t kvref_ctx_seq_pos_min(const kvref_ctx *c, int32_t seq);
+int32_t kvref_ctx_seq_pos_max(const kvref_ctx *c, int32_t seq);
+void kvref_ctx_memory_clear(kvref_ctx *c, bool data);
 
 #ifdef __cplusplus
 }

@@ -12,6 +12,11 @@
 //! Every method forwards to the stock code as it is. Stock assertions abort the process, so
 //! callers must pass input the stock cache accepts (valid sequence ids, `n_kv <= size`, …).
 //!
+//! Two objects are wrapped: [`RefKv`], a standalone stock `llama_kv_cache` driven operation by
+//! operation, and [`RefCtx`], a stock `llama_context` used only through the public `llama.h`
+//! API (decode, logits, sequence and whole-state save/restore), for compatibility tests and
+//! benchmarks of state blobs and files.
+//!
 //! ```no_run
 //! use llama_memory_reference::{model_path, Params, RefKv, Ubatch};
 //!
@@ -22,13 +27,14 @@
 //! assert_eq!(kv.seq_pos_max(0), 4);
 //! ```
 
+use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::marker::PhantomData;
 use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Highest number of sequences (and so of streams) of the stock cache (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQ: usize = 256;
@@ -134,6 +140,46 @@ impl Default for Params {
         };
         // SAFETY: `p` is a valid, writable kvref_params (same layout, checked at load).
         unsafe { (api().default_params)(&mut p) };
+        p
+    }
+}
+
+/// Mirror of `kvref_ctx_params`: how to configure a stock `llama_context` ([`RefCtx`]).
+/// [`CtxParams::default`] gives the shim's defaults: `n_ctx` 256, `n_batch` 0 (= `n_ctx`),
+/// 1 sequence, unified, no flash attention, f16/f16.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtxParams {
+    /// `llama_context_params.n_ctx`; llama.cpp pads it to 256 (when not unified, each sequence
+    /// gets `n_ctx / n_seq_max` cells, padded to 256).
+    pub n_ctx: u32,
+    /// `n_batch` and `n_ubatch`; 0 means `n_ctx`.
+    pub n_batch: u32,
+    /// Sequences (and streams when not unified).
+    pub n_seq_max: u32,
+    /// One KV stream for all sequences.
+    pub kv_unified: bool,
+    /// `LLAMA_FLASH_ATTN_TYPE_ENABLED` when set, else `DISABLED` (V stored transposed).
+    pub flash_attn: bool,
+    /// `ggml_type` of K.
+    pub type_k: i32,
+    /// `ggml_type` of V.
+    pub type_v: i32,
+}
+
+impl Default for CtxParams {
+    fn default() -> Self {
+        let mut p = CtxParams {
+            n_ctx: 0,
+            n_batch: 0,
+            n_seq_max: 0,
+            kv_unified: false,
+            flash_attn: false,
+            type_k: 0,
+            type_v: 0,
+        };
+        // SAFETY: `p` is a valid, writable kvref_ctx_params (same layout, checked at load).
+        unsafe { (api().ctx_default_params)(&mut p) };
         p
     }
 }
@@ -449,6 +495,7 @@ impl UbatchRef<'_> {
 }
 
 type KvPtr = *mut c_void;
+type CtxPtr = *mut c_void;
 
 /// The resolved `kvref_*` functions; the library stays loaded for the life of the process.
 struct Api {
@@ -488,6 +535,24 @@ struct Api {
     pos_bucket: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
     state_write: unsafe extern "C" fn(KvPtr, i32, u32, *mut u8, usize) -> usize,
     state_read: unsafe extern "C" fn(KvPtr, i32, u32, *const u8, usize) -> usize,
+    write_model_ex: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
+    ctx_default_params: unsafe extern "C" fn(*mut CtxParams),
+    ctx_new: unsafe extern "C" fn(*const c_char, *const CtxParams) -> CtxPtr,
+    ctx_free: unsafe extern "C" fn(CtxPtr),
+    ctx_decode: unsafe extern "C" fn(CtxPtr, *const i32, u32, i32, i32) -> i32,
+    ctx_n_vocab: unsafe extern "C" fn(CtxPtr) -> u32,
+    ctx_logits: unsafe extern "C" fn(CtxPtr, *mut f32) -> bool,
+    ctx_seq_get: unsafe extern "C" fn(CtxPtr, i32, u32, *mut u8, usize) -> usize,
+    ctx_seq_set: unsafe extern "C" fn(CtxPtr, i32, u32, *const u8, usize) -> usize,
+    ctx_seq_save_file: unsafe extern "C" fn(CtxPtr, *const c_char, i32, *const i32, usize) -> usize,
+    ctx_seq_load_file:
+        unsafe extern "C" fn(CtxPtr, *const c_char, i32, *mut i32, usize, *mut usize) -> usize,
+    ctx_state_get: unsafe extern "C" fn(CtxPtr, *mut u8, usize) -> usize,
+    ctx_state_set: unsafe extern "C" fn(CtxPtr, *const u8, usize) -> usize,
+    ctx_seq_rm: unsafe extern "C" fn(CtxPtr, i32, i32, i32) -> bool,
+    ctx_seq_pos_min: unsafe extern "C" fn(CtxPtr, i32) -> i32,
+    ctx_seq_pos_max: unsafe extern "C" fn(CtxPtr, i32) -> i32,
+    ctx_memory_clear: unsafe extern "C" fn(CtxPtr, bool),
 }
 
 fn api() -> &'static Api {
@@ -547,6 +612,23 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         pos_bucket: sym!("pos_bucket"),
         state_write: sym!("state_write"),
         state_read: sym!("state_read"),
+        write_model_ex: sym!("write_model_ex"),
+        ctx_default_params: sym!("ctx_default_params"),
+        ctx_new: sym!("ctx_new"),
+        ctx_free: sym!("ctx_free"),
+        ctx_decode: sym!("ctx_decode"),
+        ctx_n_vocab: sym!("ctx_n_vocab"),
+        ctx_logits: sym!("ctx_logits"),
+        ctx_seq_get: sym!("ctx_seq_get"),
+        ctx_seq_set: sym!("ctx_seq_set"),
+        ctx_seq_save_file: sym!("ctx_seq_save_file"),
+        ctx_seq_load_file: sym!("ctx_seq_load_file"),
+        ctx_state_get: sym!("ctx_state_get"),
+        ctx_state_set: sym!("ctx_state_set"),
+        ctx_seq_rm: sym!("ctx_seq_rm"),
+        ctx_seq_pos_min: sym!("ctx_seq_pos_min"),
+        ctx_seq_pos_max: sym!("ctx_seq_pos_max"),
+        ctx_memory_clear: sym!("ctx_memory_clear"),
         _lib: lib,
     };
 
@@ -555,6 +637,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         std::mem::size_of::<RawUbatch>(),
         std::mem::size_of::<RawSlot>(),
         std::mem::size_of::<Params>(),
+        std::mem::size_of::<CtxParams>(),
     ];
     for (which, &rust) in sizes.iter().enumerate() {
         // SAFETY: kvref_sizeof only reads its integer argument.
@@ -599,6 +682,50 @@ pub fn model_path() -> PathBuf {
         path
     })
     .clone()
+}
+
+/// Writes a tiny random-weight `llama` GGUF of the given shape to `path`: `n_layer` layers,
+/// width `n_embd`, `n_head` query heads of size `n_embd / n_head` (must divide exactly and be
+/// even), `n_head_kv` KV heads (must divide `n_head`), feed-forward width `2 * n_embd`,
+/// vocabulary 32, F32 weights from the fixed seed of [`write_model`], whose file is
+/// `write_model_ex(path, 2, 64, 4, 2)` byte for byte. `false` for an invalid shape or a failed
+/// write.
+pub fn write_model_ex(path: &Path, n_layer: u32, n_embd: u32, n_head: u32, n_head_kv: u32) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (api().write_model_ex)(p.as_ptr(), n_layer, n_embd, n_head, n_head_kv) }
+}
+
+/// Path of a tiny model of the given shape (see [`write_model_ex`]), written once per process
+/// and shape into the temp directory the way [`model_path`] writes its file; the default shape
+/// `(2, 64, 4, 2)` returns [`model_path`] itself. Panics on an invalid shape.
+pub fn model_path_ex(n_layer: u32, n_embd: u32, n_head: u32, n_head_kv: u32) -> PathBuf {
+    if (n_layer, n_embd, n_head, n_head_kv) == (2, 64, 4, 2) {
+        return model_path();
+    }
+    static PATHS: OnceLock<Mutex<HashMap<[u32; 4], PathBuf>>> = OnceLock::new();
+    let mut paths = PATHS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    paths
+        .entry([n_layer, n_embd, n_head, n_head_kv])
+        .or_insert_with(|| {
+            let dir = std::env::temp_dir();
+            let name = format!("kvref-llama-l{n_layer}-e{n_embd}-h{n_head}-kv{n_head_kv}-v1.gguf");
+            let path = dir.join(&name);
+            let tmp = dir.join(format!("{name}.{}", std::process::id()));
+            assert!(
+                write_model_ex(&tmp, n_layer, n_embd, n_head, n_head_kv),
+                "cannot write the model ({n_layer}, {n_embd}, {n_head}, {n_head_kv}) to {}",
+                tmp.display()
+            );
+            std::fs::rename(&tmp, &path).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), path.display())
+            });
+            path
+        })
+        .clone()
 }
 
 /// Loads `model` (cached per path) and runs `llama_decode` of `n_tokens` tokens on a fresh
@@ -1014,6 +1141,199 @@ impl RefKv {
         // SAFETY: `buf` is readable for its length, which the shim respects.
         let n = unsafe { (api().state_read)(self.ptr, seq, flags, buf.as_ptr(), buf.len()) };
         (n != 0).then_some(n)
+    }
+}
+
+/// A stock `llama_context` (CPU, one thread) over a model file, used only through the public
+/// `llama.h` API: decode, logits, and sequence / whole-state save and restore. Freed on drop.
+///
+/// As with [`RefKv`], stock assertions abort the process: sequence ids must be below
+/// `n_seq_max` and positions must continue each sequence.
+#[derive(Debug)]
+pub struct RefCtx {
+    ptr: CtxPtr,
+    params: CtxParams,
+    n_vocab: u32,
+}
+
+// SAFETY: a llama_context has no thread affinity (its CPU threads are per call); &mut self
+// methods are the only mutators and &self methods only read its memory.
+unsafe impl Send for RefCtx {}
+
+impl Drop for RefCtx {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from kvref_ctx_new and is freed exactly once.
+        unsafe { (api().ctx_free)(self.ptr) }
+    }
+}
+
+impl RefCtx {
+    /// Creates a context over the model at `model` (loaded once per path per process, shared
+    /// with [`RefKv::new`]). `None` if the model cannot be loaded or llama.cpp refuses the
+    /// parameters (e.g. a quantized V type without flash attention).
+    pub fn new(model: &Path, params: &CtxParams) -> Option<RefCtx> {
+        let p = c_path(model);
+        // SAFETY: both pointers are valid for the call; the shim copies what it keeps.
+        let ptr = unsafe { (api().ctx_new)(p.as_ptr(), params) };
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: `ptr` is a live kvref_ctx.
+        let n_vocab = unsafe { (api().ctx_n_vocab)(ptr) };
+        Some(RefCtx {
+            ptr,
+            params: *params,
+            n_vocab,
+        })
+    }
+
+    /// [`RefCtx::new`] over the tiny model of [`model_path`].
+    pub fn tiny(params: &CtxParams) -> RefCtx {
+        RefCtx::new(&model_path(), params).expect("the stock context could not be created")
+    }
+
+    /// The parameters the context was created with.
+    pub fn params(&self) -> &CtxParams {
+        &self.params
+    }
+
+    /// Vocabulary size of the model: the length of [`RefCtx::logits`].
+    pub fn n_vocab(&self) -> u32 {
+        self.n_vocab
+    }
+
+    /// `llama_decode` of `tokens` for sequence `seq` at positions `pos0, pos0 + 1, …`, with
+    /// logits for the last token only. Returns `llama_decode`'s result (0 success, 1 no KV
+    /// slot, negative on error).
+    pub fn decode(&mut self, tokens: &[i32], pos0: i32, seq: i32) -> i32 {
+        let n = u32::try_from(tokens.len()).expect("too many tokens");
+        // SAFETY: live kvref_ctx (here and in every method below); `tokens` is readable for
+        // `n` elements.
+        unsafe { (api().ctx_decode)(self.ptr, tokens.as_ptr(), n, pos0, seq) }
+    }
+
+    /// The logits of the last decoded token (`llama_get_logits_ith(ctx, -1)`); `None` before
+    /// the first successful decode or after a failed one.
+    pub fn logits(&mut self) -> Option<Vec<f32>> {
+        let mut out = vec![0f32; self.n_vocab as usize];
+        // SAFETY: `out` holds n_vocab floats, what the shim copies.
+        let ok = unsafe { (api().ctx_logits)(self.ptr, out.as_mut_ptr()) };
+        ok.then_some(out)
+    }
+
+    /// `llama_state_seq_get_size_ext(seq, flags)`: bytes of the sequence's state (8-byte
+    /// header + memory part), 0 on failure.
+    pub fn seq_state_size(&mut self, seq: i32, flags: u32) -> usize {
+        // SAFETY: a null buffer asks for the size only.
+        unsafe { (api().ctx_seq_get)(self.ptr, seq, flags, ptr::null_mut(), 0) }
+    }
+
+    /// `llama_state_seq_get_data_ext(buf, seq, flags)` into a caller buffer, without
+    /// allocating (for benchmark loops): bytes written, 0 on failure (e.g. `buf` too small).
+    pub fn seq_state_into(&mut self, seq: i32, flags: u32, buf: &mut [u8]) -> usize {
+        // SAFETY: `buf` is writable for its length, which llama.cpp respects. A non-null
+        // pointer even for an empty slice, so the shim does not take it for a size query.
+        unsafe { (api().ctx_seq_get)(self.ptr, seq, flags, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// The state blob of sequence `seq` (size query, then `llama_state_seq_get_data_ext`);
+    /// `None` if either call returns 0.
+    pub fn seq_state(&mut self, seq: i32, flags: u32) -> Option<Vec<u8>> {
+        let size = self.seq_state_size(seq, flags);
+        if size == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; size];
+        let n = self.seq_state_into(seq, flags, &mut buf);
+        if n == 0 {
+            return None;
+        }
+        assert_eq!(n, size, "state size changed between the two calls");
+        Some(buf)
+    }
+
+    /// `llama_state_seq_set_data_ext(buf, dest, flags)`: bytes read, 0 on failure.
+    pub fn seq_set(&mut self, dest: i32, flags: u32, buf: &[u8]) -> usize {
+        // SAFETY: `buf` is readable for its length, which llama.cpp respects.
+        unsafe { (api().ctx_seq_set)(self.ptr, dest, flags, buf.as_ptr(), buf.len()) }
+    }
+
+    /// `llama_state_seq_save_file(path, seq, tokens)`: bytes written, 0 on failure.
+    pub fn seq_save_file(&mut self, path: &Path, seq: i32, tokens: &[i32]) -> usize {
+        let p = c_path(path);
+        // SAFETY: `p` is a NUL-terminated path and `tokens` is readable for its length.
+        unsafe {
+            (api().ctx_seq_save_file)(self.ptr, p.as_ptr(), seq, tokens.as_ptr(), tokens.len())
+        }
+    }
+
+    /// `llama_state_seq_load_file(path, dest)` with room for `cap` tokens: the bytes of the
+    /// file consumed (0 on failure, e.g. more than `cap` tokens) and the saved tokens.
+    pub fn seq_load_file(&mut self, path: &Path, dest: i32, cap: usize) -> (usize, Vec<i32>) {
+        let p = c_path(path);
+        // at least one element: a null tokens_out would only count the tokens, loading nothing
+        let mut tokens = vec![0i32; cap.max(1)];
+        let mut n = 0usize;
+        // SAFETY: `p` is a NUL-terminated path, `tokens` is writable for `cap` elements and `n`
+        // is a valid, writable usize.
+        let read = unsafe {
+            (api().ctx_seq_load_file)(self.ptr, p.as_ptr(), dest, tokens.as_mut_ptr(), cap, &mut n)
+        };
+        tokens.truncate(if read == 0 { 0 } else { n.min(cap) });
+        (read, tokens)
+    }
+
+    /// `llama_state_get_size`: bytes of the whole state (model arch string + memory).
+    pub fn state_size(&mut self) -> usize {
+        // SAFETY: a null buffer asks for the size only.
+        unsafe { (api().ctx_state_get)(self.ptr, ptr::null_mut(), 0) }
+    }
+
+    /// The whole context state (`llama_state_get_size`, then `llama_state_get_data`); `None`
+    /// if either call returns 0.
+    pub fn state(&mut self) -> Option<Vec<u8>> {
+        let size = self.state_size();
+        if size == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` is writable for its length, which llama.cpp respects.
+        let n = unsafe { (api().ctx_state_get)(self.ptr, buf.as_mut_ptr(), buf.len()) };
+        if n == 0 {
+            return None;
+        }
+        assert_eq!(n, size, "state size changed between the two calls");
+        Some(buf)
+    }
+
+    /// `llama_state_set_data(buf)`: bytes read, 0 on failure.
+    pub fn state_set(&mut self, buf: &[u8]) -> usize {
+        // SAFETY: `buf` is readable for its length, which llama.cpp respects.
+        unsafe { (api().ctx_state_set)(self.ptr, buf.as_ptr(), buf.len()) }
+    }
+
+    /// `llama_memory_seq_rm(seq, p0, p1)`.
+    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        // SAFETY: live kvref_ctx.
+        unsafe { (api().ctx_seq_rm)(self.ptr, seq, p0, p1) }
+    }
+
+    /// `llama_memory_seq_pos_min(seq)`, -1 if the sequence is empty.
+    pub fn seq_pos_min(&self, seq: i32) -> i32 {
+        // SAFETY: live kvref_ctx.
+        unsafe { (api().ctx_seq_pos_min)(self.ptr, seq) }
+    }
+
+    /// `llama_memory_seq_pos_max(seq)`, -1 if the sequence is empty.
+    pub fn seq_pos_max(&self, seq: i32) -> i32 {
+        // SAFETY: live kvref_ctx.
+        unsafe { (api().ctx_seq_pos_max)(self.ptr, seq) }
+    }
+
+    /// `llama_memory_clear(data)`.
+    pub fn memory_clear(&mut self, data: bool) {
+        // SAFETY: live kvref_ctx.
+        unsafe { (api().ctx_memory_clear)(self.ptr, data) }
     }
 }
 

@@ -2,8 +2,8 @@
 //! These tests check the shim and its wrapper, not llama-memory.
 
 use llama_memory_reference::{
-    ggml_type, model_path, non_causal_type, sanity_decode, swa_type, MemoryStatus, Params, RefKv,
-    Slot, Ubatch,
+    ggml_type, model_path, model_path_ex, non_causal_type, sanity_decode, swa_type, CtxParams,
+    MemoryStatus, Params, RefCtx, RefKv, Slot, Ubatch,
 };
 
 const NEG_INF_F16: u16 = 0xfc00;
@@ -477,4 +477,208 @@ fn coexists_with_the_process_ggml() {
     kv.seq_add(0, 0, -1, 1);
     assert_eq!(kv.update(), MemoryStatus::Success);
     assert_eq!(sanity_decode(&model_path(), 3), 0);
+}
+
+/// `n_seq_max` sequences, one stream each, transposed V unless `flash_attn`.
+fn ctx_non_unified(n_seq_max: u32, flash_attn: bool) -> RefCtx {
+    RefCtx::tiny(&CtxParams {
+        n_seq_max,
+        kv_unified: false,
+        flash_attn,
+        ..CtxParams::default()
+    })
+}
+
+const PROMPT: [i32; 5] = [3, 1, 4, 1, 5];
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A path in the temp directory private to this process and test.
+fn temp_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kvref-{name}.{}", std::process::id()))
+}
+
+#[test]
+fn ctx_defaults_match_the_header() {
+    let p = CtxParams::default();
+    assert_eq!((p.n_ctx, p.n_batch, p.n_seq_max), (256, 0, 1));
+    assert!(p.kv_unified && !p.flash_attn);
+    assert_eq!((p.type_k, p.type_v), (ggml_type::F16, ggml_type::F16));
+
+    let mut ctx = RefCtx::tiny(&p);
+    assert_eq!(ctx.n_vocab(), 32);
+    assert_eq!(ctx.logits(), None, "no logits before the first decode");
+    assert_eq!(ctx.seq_pos_max(0), -1);
+    assert_eq!(ctx.decode(&PROMPT, 0, 0), 0);
+    assert_eq!((ctx.seq_pos_min(0), ctx.seq_pos_max(0)), (0, 4));
+    let logits = ctx.logits().expect("logits of the last token");
+    assert_eq!(logits.len(), 32);
+    assert!(logits.iter().all(|x| x.is_finite()));
+
+    // a position gap is refused by llama_decode's batch validation: no logits afterwards
+    assert!(ctx.decode(&[0], 9, 0) < 0);
+    assert_eq!(ctx.logits(), None);
+
+    assert!(ctx.seq_rm(0, 3, -1));
+    assert_eq!((ctx.seq_pos_min(0), ctx.seq_pos_max(0)), (0, 2));
+    ctx.memory_clear(true);
+    assert_eq!(ctx.seq_pos_max(0), -1);
+}
+
+#[test]
+fn ctx_seq_state_size_matches_the_spec() {
+    let mut ctx = ctx_non_unified(2, false);
+    assert_eq!(ctx.decode(&PROMPT, 0, 0), 0);
+    // §15: an 8-byte header (magic, source seq id) + the memory part (1416 bytes, see
+    // state_layout_matches_the_spec)
+    assert_eq!(ctx.seq_state_size(0, 0), 1424);
+    let blob = ctx.seq_state(0, 0).expect("a blob");
+    assert_eq!(blob.len(), 1424);
+    let u32_at = |o: usize| u32::from_le_bytes(blob[o..o + 4].try_into().unwrap());
+    assert_eq!(u32_at(0), 0xaf14_3cd8, "io magic");
+    assert_eq!(u32_at(4), 0, "source seq id");
+
+    // the memory part's metadata is what the standalone stock cache writes for the same cells
+    let mut kv = non_unified(2);
+    place(&mut kv, &Ubatch::equal(&[(0, 0)], 5));
+    let mem = kv.state_write(0, 0);
+    assert_eq!(
+        &blob[8..8 + 88],
+        &mem[..88],
+        "streams, cells, layout, K type"
+    );
+    assert_eq!(u32_at(8 + 1412), 0, "stream 1 has no cells");
+
+    // an empty sequence: header, n_stream and two empty streams
+    assert_eq!(ctx.seq_state_size(1, 0), 8 + 4 + 2 * 4);
+    // too small a buffer: 0
+    let mut small = vec![0u8; 100];
+    assert_eq!(ctx.seq_state_into(0, 0, &mut small), 0);
+}
+
+#[test]
+fn ctx_seq_restore_gives_bit_identical_logits() {
+    for flash_attn in [false, true] {
+        let mut a = ctx_non_unified(2, flash_attn);
+        assert_eq!(a.decode(&PROMPT, 0, 0), 0);
+        let blob = a.seq_state(0, 0).expect("a blob");
+
+        let mut b = ctx_non_unified(2, flash_attn);
+        assert_eq!(
+            b.seq_set(0, 0, &blob),
+            blob.len(),
+            "flash_attn {flash_attn}"
+        );
+        assert_eq!((b.seq_pos_min(0), b.seq_pos_max(0)), (0, 4));
+        assert_eq!(b.seq_state(0, 0).as_deref(), Some(&blob[..]));
+
+        assert_eq!(a.decode(&[7], 5, 0), 0);
+        assert_eq!(b.decode(&[7], 5, 0), 0);
+        let (la, lb) = (a.logits().unwrap(), b.logits().unwrap());
+        assert_eq!(bits(&la), bits(&lb), "flash_attn {flash_attn}");
+    }
+}
+
+#[test]
+fn ctx_seq_restore_rejects_a_corrupted_blob() {
+    let mut a = ctx_non_unified(2, false);
+    assert_eq!(a.decode(&PROMPT, 0, 0), 0);
+    let blob = a.seq_state(0, 0).expect("a blob");
+
+    let mut b = ctx_non_unified(2, false);
+    // K type of layer 0: byte 84 of the memory part
+    let mut bad = blob.clone();
+    bad[8 + 84] = 0x7f;
+    assert_eq!(b.seq_set(0, 0, &bad), 0);
+    assert_eq!(
+        b.seq_pos_max(0),
+        -1,
+        "a failed restore leaves the sequence empty"
+    );
+    // a wrong magic, and a truncated blob
+    let mut bad = blob.clone();
+    bad[0] ^= 1;
+    assert_eq!(b.seq_set(0, 0, &bad), 0);
+    assert_eq!(b.seq_set(0, 0, &blob[..100]), 0);
+    // the intact blob still restores afterwards
+    assert_eq!(b.seq_set(0, 0, &blob), blob.len());
+    assert_eq!(b.seq_pos_max(0), 4);
+}
+
+#[test]
+fn ctx_seq_file_round_trip() {
+    let mut a = ctx_non_unified(2, false);
+    assert_eq!(a.decode(&PROMPT, 0, 0), 0);
+    let blob = a.seq_state(0, 0).expect("a blob");
+
+    let path = temp_file("seq-file-round-trip");
+    // magic, version, token count, the tokens, then the memory part (no 8-byte header)
+    let size = 12 + 4 * PROMPT.len() + (blob.len() - 8);
+    assert_eq!(a.seq_save_file(&path, 0, &PROMPT), size);
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, size);
+
+    let mut b = ctx_non_unified(2, false);
+    // too little room for the tokens: nothing loaded
+    assert_eq!(b.seq_load_file(&path, 1, 2), (0, vec![]));
+    assert_eq!(b.seq_pos_max(1), -1);
+    // into another sequence (stream 1)
+    assert_eq!(b.seq_load_file(&path, 1, 16), (size, PROMPT.to_vec()));
+    assert_eq!((b.seq_pos_min(1), b.seq_pos_max(1)), (0, 4));
+    assert_eq!(b.seq_pos_max(0), -1);
+
+    // continuing both sequences gives the same logits
+    assert_eq!(a.decode(&[9], 5, 0), 0);
+    assert_eq!(b.decode(&[9], 5, 1), 0);
+    assert_eq!(bits(&a.logits().unwrap()), bits(&b.logits().unwrap()));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn ctx_whole_state_round_trip() {
+    let mut a = RefCtx::tiny(&CtxParams {
+        n_seq_max: 2,
+        ..CtxParams::default()
+    });
+    assert_eq!(a.decode(&PROMPT, 0, 0), 0);
+    assert_eq!(a.decode(&[2, 7], 0, 1), 0);
+    let state = a.state().expect("a state");
+    assert_eq!(a.state_size(), state.len());
+
+    let mut b = RefCtx::tiny(&CtxParams {
+        n_seq_max: 2,
+        ..CtxParams::default()
+    });
+    assert_eq!(b.state_set(&state), state.len());
+    assert_eq!((b.seq_pos_max(0), b.seq_pos_max(1)), (4, 1));
+    assert_eq!(b.state().as_deref(), Some(&state[..]));
+    assert_eq!(b.state_set(&state[..state.len() / 2]), 0);
+}
+
+#[test]
+fn ctx_over_a_model_of_another_shape() {
+    let path = model_path_ex(2, 128, 4, 4);
+    assert_eq!(model_path_ex(2, 128, 4, 4), path, "cached per shape");
+    assert_eq!(model_path_ex(2, 64, 4, 2), model_path());
+    assert_eq!(sanity_decode(&path, 7), 0);
+
+    let mut ctx = RefCtx::new(&path, &CtxParams::default()).expect("a context");
+    assert_eq!(ctx.decode(&PROMPT, 0, 0), 0);
+    assert!(ctx.logits().unwrap().iter().all(|x| x.is_finite()));
+    // 4 KV heads of size 32: K and V rows of 128 halves per cell and layer
+    let per_layer = 4 + 8 + 5 * 256;
+    let per_layer_v = 4 + 4 + 4 + 5 * 256;
+    assert_eq!(
+        ctx.seq_state_size(0, 0),
+        8 + 4 + 4 + 5 * 12 + 16 + 2 * per_layer + 2 * per_layer_v
+    );
+
+    assert!(!llama_memory_reference::write_model_ex(
+        &std::env::temp_dir().join("kvref-invalid-shape.gguf"),
+        2,
+        100,
+        3,
+        1
+    ));
 }

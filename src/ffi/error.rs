@@ -31,6 +31,11 @@ pub enum llama_memory_result {
     LLAMA_MEMORY_ERR_BUFFER_TOO_SMALL = 8,
     /// An internal error (a caught panic); the memory is unchanged or was already unusable.
     LLAMA_MEMORY_ERR_INTERNAL = 9,
+    /// A state blob or file that is truncated, malformed or incompatible with this memory; the
+    /// memory is unchanged.
+    LLAMA_MEMORY_ERR_INVALID_STATE = 10,
+    /// A file could not be opened, read or written.
+    LLAMA_MEMORY_ERR_IO = 11,
 }
 
 impl From<ErrorKind> for llama_memory_result {
@@ -46,6 +51,8 @@ impl From<ErrorKind> for llama_memory_result {
             ErrorKind::Unsupported => LLAMA_MEMORY_ERR_UNSUPPORTED,
             ErrorKind::BufferTooSmall => LLAMA_MEMORY_ERR_BUFFER_TOO_SMALL,
             ErrorKind::Panic => LLAMA_MEMORY_ERR_INTERNAL,
+            ErrorKind::InvalidState => LLAMA_MEMORY_ERR_INVALID_STATE,
+            ErrorKind::Io => LLAMA_MEMORY_ERR_IO,
         }
     }
 }

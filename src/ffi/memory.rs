@@ -6,6 +6,7 @@ use super::error::{fail, llama_memory_result};
 use crate::error::{err, ErrorKind};
 use crate::kv::{KvCache, KvParams, NonCausalType, SwaType};
 use crate::memory::Memory;
+use crate::state::kv::KvMemory;
 
 /// `llama_pos` of llama.h.
 #[allow(non_camel_case_types)]
@@ -22,6 +23,17 @@ pub type llama_token = i32;
 #[allow(non_camel_case_types)]
 pub struct llama_memory_i {
     pub(crate) inner: Box<dyn Memory>,
+    /// Tensor bytes of `ON_DEVICE` sequence states, per source sequence.
+    pub(crate) stash: crate::state::Stash,
+}
+
+impl llama_memory_i {
+    pub(crate) fn boxed(inner: Box<dyn Memory>) -> llama_memory_t {
+        Box::into_raw(Box::new(llama_memory_i {
+            inner,
+            stash: Default::default(),
+        }))
+    }
 }
 
 /// Handle to a memory, the same typedef as llama.h's.
@@ -153,9 +165,8 @@ pub extern "C" fn llama_memory_kv_init(params: llama_memory_kv_params) -> llama_
     ffi_boundary!(std::ptr::null_mut(), {
         let p = try_or!(std::ptr::null_mut(), KvParams::try_from(params));
         let kv = try_or!(std::ptr::null_mut(), KvCache::new(p));
-        Box::into_raw(Box::new(llama_memory_i {
-            inner: Box::new(kv),
-        }))
+        let mem = try_or!(std::ptr::null_mut(), KvMemory::new(kv, None));
+        llama_memory_i::boxed(Box::new(mem))
     })
 }
 

@@ -15,3 +15,4 @@ mod boundary;
 pub mod error;
 pub mod kv;
 pub mod memory;
+pub mod state;

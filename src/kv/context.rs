@@ -83,6 +83,9 @@ impl MemoryContext for KvContext {
     }
 
     fn apply(&mut self, mem: &mut dyn Memory) -> Result<()> {
+        if let Mode::Update { copies, .. } = &self.mode {
+            mem.copy_streams(copies)?;
+        }
         let kv = mem
             .as_kv_mut()
             .ok_or_else(|| err!(InvalidArgument, "this context belongs to a KV cache"))?;

@@ -235,6 +235,16 @@ impl KvCache {
         &self.cells[s as usize]
     }
 
+    /// The cells of stream `s`, for restoring a state (the caller keeps the cache consistent).
+    pub(crate) fn cells_mut(&mut self, s: u32) -> &mut Cells {
+        &mut self.cells[s as usize]
+    }
+
+    /// Sets the slot-search head of stream `s` (undoing a failed restore).
+    pub(crate) fn set_head(&mut self, s: u32, h: u32) {
+        self.heads[s as usize] = h;
+    }
+
     /// The slot-search head of stream `s`.
     pub fn head(&self, s: u32) -> u32 {
         self.heads[s as usize]

@@ -1,0 +1,497 @@
+//! K/V tensor storage in ggml backend buffers: llama.cpp's per-layer `cache_k_l<il>` and
+//! `cache_v_l<il>` tensors of shape `[row, cell, stream]`, allocated in caller-chosen buffer
+//! types (the CPU buffer type by default) and cleared to zero, as `llama_kv_cache`'s
+//! constructor does.
+//!
+//! Byte access is by (tensor, offset, length) with the bounds checked here, so the state
+//! reader above can never write outside a tensor whatever a blob claims. Host buffers are
+//! copied directly; other buffers go through `ggml_backend_tensor_get/set`.
+
+// Tensor pointers given to the accessors are dereferenced only after `check` found them among
+// this storage's own tensors, so the accessors are safe to call with any pointer.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+
+use ggml_sys as g;
+
+use crate::error::{err, Result};
+
+/// A `ggml_type` value (`enum ggml_type` in C).
+pub type GgmlType = g::ggml_type;
+
+/// The K/V types llama.cpp accepts for its cache (`kv_cache_types` of common/arg.cpp).
+pub const KV_TYPES: [GgmlType; 9] = [
+    g::GGML_TYPE_F32,
+    g::GGML_TYPE_F16,
+    g::GGML_TYPE_BF16,
+    g::GGML_TYPE_Q8_0,
+    g::GGML_TYPE_Q4_0,
+    g::GGML_TYPE_Q4_1,
+    g::GGML_TYPE_IQ4_NL,
+    g::GGML_TYPE_Q5_0,
+    g::GGML_TYPE_Q5_1,
+];
+
+/// One model layer as the cache sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSpec {
+    /// Model layer index.
+    pub il: u32,
+    /// K row width (`n_embd_k_gqa(il)`).
+    pub n_embd_k_gqa: u32,
+    /// V row width (`n_embd_v_gqa(il)`); ignored for MLA caches.
+    pub n_embd_v_gqa: u32,
+    /// `Some(src)`: this layer uses the tensors of layer `src` (llama.cpp's `reuse` callback).
+    pub reuse: Option<u32>,
+    /// Buffer type of this layer's tensors; NULL means the CPU buffer type.
+    pub buft: g::ggml_backend_buffer_type_t,
+}
+
+/// What the storage holds: types, layout and layers (already filtered by the caller, ascending
+/// `il`, as llama.cpp's constructor visits them).
+#[derive(Clone, Debug)]
+pub struct StorageSpec {
+    /// K type, one of [`KV_TYPES`].
+    pub type_k: GgmlType,
+    /// V type, one of [`KV_TYPES`]; a quantized V needs `v_trans == false`.
+    pub type_v: GgmlType,
+    /// V stored transposed.
+    pub v_trans: bool,
+    /// MLA cache: K only, no V tensors.
+    pub is_mla: bool,
+    /// Cells per stream.
+    pub size: u32,
+    /// Number of streams.
+    pub n_stream: u32,
+    /// Attention-rotation sizes written into and checked against states (llama.cpp derives them
+    /// from the model; 0 when off).
+    pub n_rot_k: u32,
+    /// See `n_rot_k`.
+    pub n_rot_v: u32,
+    /// The layers.
+    pub layers: Vec<LayerSpec>,
+}
+
+/// One cache layer with its own tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct StorageLayer {
+    /// Model layer index.
+    pub il: u32,
+    /// `[n_embd_k_gqa, size, n_stream]`.
+    pub k: *mut g::ggml_tensor,
+    /// `[E_v, size, n_stream]`, NULL for MLA.
+    pub v: *mut g::ggml_tensor,
+    /// K row width.
+    pub n_embd_k_gqa: u32,
+    /// V row width of this layer (the transposed tensor may be wider).
+    pub n_embd_v_gqa: u32,
+}
+
+/// Per-layer K and V tensors of a KV cache, in ggml backend buffers it owns.
+#[derive(Debug)]
+pub struct KvStorage {
+    spec: StorageSpec,
+    layers: Vec<StorageLayer>,
+    /// Model layer -> index into `layers` (own or reused tensors).
+    map_layer_ids: BTreeMap<u32, usize>,
+    n_embd_v_gqa_max: u32,
+    ctxs: Vec<*mut g::ggml_context>,
+    bufs: Vec<g::ggml_backend_buffer_t>,
+    host: bool,
+}
+
+// SAFETY: the ggml contexts and buffers are owned by this value alone and ggml keeps no
+// thread-local state about them; moving them to another thread is fine. Access is still
+// exclusive (&mut) or shared-read (&), as for any Rust value.
+unsafe impl Send for KvStorage {}
+
+fn is_kv_type(t: GgmlType) -> bool {
+    KV_TYPES.contains(&t)
+}
+
+fn type_name(t: GgmlType) -> String {
+    if (t as usize) < g::GGML_TYPE_COUNT as usize {
+        // SAFETY: ggml_type_name returns a static NUL-terminated string for every valid type.
+        unsafe { CStr::from_ptr(g::ggml_type_name(t)) }
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        format!("type {t}")
+    }
+}
+
+/// `ggml_row_size(t, n)`, or an error when `n` is not a whole number of blocks or overflows.
+pub fn row_size(t: GgmlType, n: u32) -> Result<usize> {
+    if !is_kv_type(t) {
+        return Err(err!(
+            InvalidArgument,
+            "{} is not a KV cache type",
+            type_name(t)
+        ));
+    }
+    // SAFETY: `t` is one of the valid ggml types checked above.
+    let (blck, ts) = unsafe { (g::ggml_blck_size(t) as u64, g::ggml_type_size(t) as u64) };
+    if n as u64 % blck != 0 {
+        return Err(err!(
+            InvalidArgument,
+            "row width {n} is not a multiple of the {} block size {blck}",
+            type_name(t)
+        ));
+    }
+    usize::try_from(n as u64 / blck * ts).map_err(|_| err!(InvalidArgument, "row size overflows"))
+}
+
+/// `ggml_type_size(t)` of a KV type.
+pub fn type_size(t: GgmlType) -> usize {
+    // SAFETY: callers pass types already checked by `row_size`/`KvStorage::new`.
+    unsafe { g::ggml_type_size(t) }
+}
+
+/// The CPU buffer type.
+pub fn cpu_buffer_type() -> g::ggml_backend_buffer_type_t {
+    // SAFETY: returns a static buffer type object.
+    unsafe { g::ggml_backend_cpu_buffer_type() }
+}
+
+impl KvStorage {
+    /// Allocates and zeroes the tensors described by `spec`.
+    pub fn new(spec: StorageSpec) -> Result<Self> {
+        if !is_kv_type(spec.type_k) || !is_kv_type(spec.type_v) {
+            return Err(err!(
+                InvalidArgument,
+                "K/V types {}/{} are not KV cache types",
+                type_name(spec.type_k),
+                type_name(spec.type_v)
+            ));
+        }
+        // SAFETY: valid ggml type.
+        if spec.v_trans && !spec.is_mla && unsafe { g::ggml_is_quantized(spec.type_v) } {
+            return Err(err!(
+                InvalidArgument,
+                "a quantized V ({}) cannot be stored transposed (llama.cpp requires flash attention)",
+                type_name(spec.type_v)
+            ));
+        }
+        if spec.size == 0 || spec.n_stream == 0 {
+            return Err(err!(InvalidArgument, "size and n_stream must be > 0"));
+        }
+        let mut own: Vec<&LayerSpec> = Vec::new();
+        let mut map_layer_ids = BTreeMap::new();
+        for l in &spec.layers {
+            if let Some(prev) = own.last() {
+                if l.reuse.is_none() && l.il <= prev.il {
+                    return Err(err!(InvalidArgument, "layers must have ascending il"));
+                }
+            }
+            if map_layer_ids.contains_key(&l.il) {
+                return Err(err!(InvalidArgument, "layer {} listed twice", l.il));
+            }
+            if l.reuse.is_none() {
+                if l.n_embd_k_gqa == 0 || (!spec.is_mla && l.n_embd_v_gqa == 0) {
+                    return Err(err!(
+                        InvalidArgument,
+                        "layer {} has an empty K or V row",
+                        l.il
+                    ));
+                }
+                row_size(spec.type_k, l.n_embd_k_gqa)?;
+                if !spec.is_mla {
+                    row_size(spec.type_v, l.n_embd_v_gqa)?;
+                }
+                map_layer_ids.insert(l.il, own.len());
+                own.push(l);
+            }
+        }
+        for l in spec.layers.iter().filter(|l| l.reuse.is_some()) {
+            let src = l.reuse.unwrap_or_default();
+            let idx = *map_layer_ids.get(&src).ok_or_else(|| {
+                err!(
+                    InvalidArgument,
+                    "layer {} reuses layer {src}, which has no tensors",
+                    l.il
+                )
+            })?;
+            map_layer_ids.insert(l.il, idx);
+        }
+        let n_embd_v_gqa_max = own.iter().map(|l| l.n_embd_v_gqa).max().unwrap_or(0);
+        let e_v = |l: &LayerSpec| {
+            if spec.v_trans {
+                n_embd_v_gqa_max
+            } else {
+                l.n_embd_v_gqa
+            }
+        };
+        // Reject sizes ggml could not represent before asking it for anything.
+        for l in &own {
+            for (t, w) in [(spec.type_k, l.n_embd_k_gqa), (spec.type_v, e_v(l))] {
+                row_size(t, w)?
+                    .checked_mul(spec.size as usize)
+                    .and_then(|v| v.checked_mul(spec.n_stream as usize))
+                    .filter(|&v| v <= isize::MAX as usize / 2)
+                    .ok_or_else(|| err!(InvalidArgument, "layer {} tensors are too large", l.il))?;
+            }
+        }
+
+        let mut st = KvStorage {
+            layers: Vec::with_capacity(own.len()),
+            map_layer_ids,
+            n_embd_v_gqa_max,
+            ctxs: Vec::new(),
+            bufs: Vec::new(),
+            host: true,
+            spec: spec.clone(),
+        };
+        // One context and one buffer per buffer type, as llama.cpp.
+        let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<&LayerSpec>)> = Vec::new();
+        for l in &own {
+            let buft = if l.buft.is_null() {
+                cpu_buffer_type()
+            } else {
+                l.buft
+            };
+            match groups.iter_mut().find(|(b, _)| *b == buft) {
+                Some((_, v)) => v.push(l),
+                None => groups.push((buft, vec![l])),
+            }
+        }
+        let mut by_il: BTreeMap<u32, StorageLayer> = BTreeMap::new();
+        for (buft, ls) in groups {
+            // SAFETY: plain size query.
+            let overhead = unsafe { g::ggml_tensor_overhead() };
+            let params = g::ggml_init_params {
+                mem_size: overhead * 2 * ls.len(),
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            };
+            // SAFETY: a metadata-only context of the size computed above.
+            let ctx = unsafe { g::ggml_init(params) };
+            if ctx.is_null() {
+                return Err(err!(Unsupported, "ggml_init failed"));
+            }
+            st.ctxs.push(ctx);
+            for l in ls {
+                // SAFETY: ctx has room for two tensor headers per layer; the shapes were checked.
+                let k = unsafe {
+                    g::ggml_new_tensor_3d(
+                        ctx,
+                        spec.type_k,
+                        l.n_embd_k_gqa as i64,
+                        spec.size as i64,
+                        spec.n_stream as i64,
+                    )
+                };
+                set_name(k, &format!("cache_k_l{}", l.il));
+                let v = if spec.is_mla {
+                    std::ptr::null_mut()
+                } else {
+                    // SAFETY: as above.
+                    let v = unsafe {
+                        g::ggml_new_tensor_3d(
+                            ctx,
+                            spec.type_v,
+                            e_v(l) as i64,
+                            spec.size as i64,
+                            spec.n_stream as i64,
+                        )
+                    };
+                    set_name(v, &format!("cache_v_l{}", l.il));
+                    v
+                };
+                by_il.insert(
+                    l.il,
+                    StorageLayer {
+                        il: l.il,
+                        k,
+                        v,
+                        n_embd_k_gqa: l.n_embd_k_gqa,
+                        n_embd_v_gqa: if spec.is_mla { 0 } else { l.n_embd_v_gqa },
+                    },
+                );
+            }
+            // SAFETY: ctx holds only tensors without data; buft is a valid buffer type.
+            let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
+            if buf.is_null() {
+                return Err(err!(Unsupported, "failed to allocate the KV buffer"));
+            }
+            st.bufs.push(buf);
+            // SAFETY: buf was just allocated; llama.cpp zeroes it to avoid NaNs in padding.
+            unsafe {
+                g::ggml_backend_buffer_clear(buf, 0);
+                st.host &= g::ggml_backend_buffer_is_host(buf);
+            }
+        }
+        st.layers = by_il.into_values().collect();
+        Ok(st)
+    }
+
+    /// The description the storage was built from.
+    pub fn spec(&self) -> &StorageSpec {
+        &self.spec
+    }
+
+    /// The layers with their own tensors, ascending `il`.
+    pub fn layers(&self) -> &[StorageLayer] {
+        &self.layers
+    }
+
+    /// The layer (own or reused) holding model layer `il`'s tensors.
+    pub fn layer(&self, il: u32) -> Option<&StorageLayer> {
+        self.map_layer_ids.get(&il).map(|&i| &self.layers[i])
+    }
+
+    /// Largest V row width (`n_embd_v_gqa_max`).
+    pub fn n_embd_v_gqa_max(&self) -> u32 {
+        self.n_embd_v_gqa_max
+    }
+
+    /// True when every buffer is in host memory.
+    pub fn is_host(&self) -> bool {
+        self.host
+    }
+
+    /// Zeroes every buffer (`clear(data = true)`).
+    pub fn clear(&mut self) {
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            unsafe { g::ggml_backend_buffer_clear(b, 0) };
+        }
+    }
+
+    /// Bytes allocated per buffer type name (`memory_breakdown`).
+    pub fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
+        let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            let (t, n) = unsafe {
+                (
+                    g::ggml_backend_buffer_get_type(b),
+                    g::ggml_backend_buffer_get_size(b),
+                )
+            };
+            match out.iter_mut().find(|(bt, _)| *bt == t) {
+                Some((_, v)) => *v += n,
+                None => out.push((t, n)),
+            }
+        }
+        out
+    }
+
+    /// Byte stride between the streams of `t`, one of this storage's tensors.
+    pub fn stream_stride(&self, t: *mut g::ggml_tensor) -> Result<usize> {
+        self.check(t, 0, 0)?;
+        // SAFETY: `check` proved t is one of this storage's live tensors.
+        Ok(unsafe { (*t).nb[2] })
+    }
+
+    /// Copies `dst.len()` bytes at `offset` of tensor `t` into `dst`.
+    pub fn get(&self, t: *mut g::ggml_tensor, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.check(t, offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        if self.host {
+            // SAFETY: `check` proved [offset, offset+len) lies inside t's data, which is host
+            // memory; dst is a distinct Rust slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (*t).data.cast::<u8>().add(offset),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
+        } else {
+            // SAFETY: bounds checked above; ggml copies from the backend buffer.
+            unsafe { g::ggml_backend_tensor_get(t, dst.as_mut_ptr().cast(), offset, dst.len()) };
+        }
+        Ok(())
+    }
+
+    /// Copies `src` to `offset` of tensor `t`.
+    pub fn set(&mut self, t: *mut g::ggml_tensor, offset: usize, src: &[u8]) -> Result<()> {
+        self.check(t, offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        if self.host {
+            // SAFETY: as in `get`, with &mut self giving exclusive access to the buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    (*t).data.cast::<u8>().add(offset),
+                    src.len(),
+                )
+            };
+        } else {
+            // SAFETY: bounds checked above.
+            unsafe { g::ggml_backend_tensor_set(t, src.as_ptr().cast(), offset, src.len()) };
+        }
+        Ok(())
+    }
+
+    /// Copies stream `src` of every layer onto stream `dst` (cross-stream `seq_cp` at update).
+    pub fn copy_stream(&mut self, src: u32, dst: u32) -> Result<()> {
+        if src >= self.spec.n_stream || dst >= self.spec.n_stream {
+            return Err(err!(
+                InvalidArgument,
+                "stream copy {src} -> {dst} out of range"
+            ));
+        }
+        if src == dst {
+            return Ok(());
+        }
+        let tensors: Vec<_> = self
+            .layers
+            .iter()
+            .flat_map(|l| [l.k, l.v])
+            .filter(|t| !t.is_null())
+            .collect();
+        let mut tmp = Vec::new();
+        for t in tensors {
+            let stride = self.stream_stride(t)?;
+            tmp.resize(stride, 0);
+            self.get(t, src as usize * stride, &mut tmp)?;
+            self.set(t, dst as usize * stride, &tmp)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, t: *mut g::ggml_tensor, offset: usize, len: usize) -> Result<()> {
+        if !self
+            .layers
+            .iter()
+            .any(|l| l.k == t || (l.v == t && !t.is_null()))
+        {
+            return Err(err!(InvalidArgument, "not a tensor of this storage"));
+        }
+        // SAFETY: t is one of our live tensors.
+        let n = unsafe { g::ggml_nbytes(t) };
+        match offset.checked_add(len) {
+            Some(end) if end <= n => Ok(()),
+            _ => Err(err!(
+                InvalidArgument,
+                "byte range {offset}+{len} is outside a {n}-byte tensor"
+            )),
+        }
+    }
+}
+
+fn set_name(t: *mut g::ggml_tensor, name: &str) {
+    let c = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: t is a tensor just created in a live context; ggml copies the name (truncating).
+    unsafe { g::ggml_set_name(t, c.as_ptr()) };
+}
+
+impl Drop for KvStorage {
+    fn drop(&mut self) {
+        for &b in &self.bufs {
+            // SAFETY: each buffer is owned by self and freed once.
+            unsafe { g::ggml_backend_buffer_free(b) };
+        }
+        for &c in &self.ctxs {
+            // SAFETY: each context is owned by self and freed once, after its buffer.
+            unsafe { g::ggml_free(c) };
+        }
+    }
+}
