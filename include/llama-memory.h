@@ -21,21 +21,6 @@ struct ggml_tensor;
 /* ggml's buffer type (ggml-backend.h, ggml_backend_buffer_type_t). */
 struct ggml_backend_buffer_type;
 
-// `LLAMA_STATE_SEQ_MAGIC` ('ggsq').
-#define STATE_SEQ_MAGIC 1734833009
-
-// `LLAMA_STATE_SEQ_VERSION`.
-#define STATE_SEQ_VERSION 4
-
-// The first word of an in-memory sequence blob (llama-context.cpp's io magic).
-#define SEQ_BLOB_MAGIC 2937339096
-
-// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY` (a plain KV cache has no partial part and ignores it).
-#define FLAG_PARTIAL_ONLY 1
-
-// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: tensor bytes stay with the memory, not in the blob.
-#define FLAG_ON_DEVICE 2
-
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -244,11 +229,6 @@ typedef struct llama_memory_kv_storage_params {
 
 // `llama_state_seq_flags` of llama.h.
 typedef uint32_t llama_state_seq_flags;
-
-// A `ggml_type` value (`enum ggml_type` in C).
-typedef ggml_type GgmlType;
-
-
 
 #ifdef __cplusplus
 extern "C" {

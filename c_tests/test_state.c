@@ -1,0 +1,124 @@
+/* Sequence state through the C ABI on a KV cache with tensors: save, restore into another
+ * sequence, whole-memory get/set, files, and malformed input (failure value, last error, memory
+ * unchanged). Byte-level compatibility with llama.cpp is shown by tests/state_compat.rs. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+#define F16 1 /* GGML_TYPE_F16 */
+
+static llama_memory_t make(void) {
+    struct llama_memory_kv_params p = llama_memory_kv_default_params();
+    struct llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
+    struct llama_memory_kv_layer layers[2];
+    int i;
+    p.size = 64;
+    p.n_seq_max = 2;
+    for (i = 0; i < 2; ++i) {
+        layers[i].il = (uint32_t) i;
+        layers[i].n_embd_k_gqa = 16;
+        layers[i].n_embd_v_gqa = 16;
+        layers[i].reuse = -1;
+        layers[i].buft = NULL;
+    }
+    sp.type_k = F16;
+    sp.type_v = F16;
+    sp.layers = layers;
+    sp.n_layers = 2;
+    return llama_memory_kv_init_with_storage(p, &sp);
+}
+
+int main(void) {
+    llama_memory_t mem = make(), other = make();
+    struct test_snapshot before, after;
+    struct ggml_tensor *k0;
+    uint8_t *blob, *blob2, *whole;
+    size_t n, n2, nw, count = 0;
+    llama_token toks[4] = {1, 2, 3, 4}, toks_out[8];
+    char path[256];
+
+    CHECK(mem != NULL && other != NULL);
+    k0 = llama_memory_kv_get_k_tensor(mem, 0);
+    CHECK(k0 != NULL);
+    CHECK(llama_memory_kv_get_k_tensor(mem, 7) == NULL);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+    {
+        struct ggml_backend_buffer_type *bt[2];
+        size_t sz[2];
+        CHECK(llama_memory_kv_memory_breakdown(mem, bt, sz, 2) == 1);
+        /* 2 layers x (K + V) x 64 cells x 16 f16 */
+        CHECK(sz[0] >= 2 * 2 * 64 * 16 * 2);
+    }
+
+    CHECK(test_place(mem, 0, 0, 5) == 0);
+    n = llama_memory_state_seq_get_size(mem, 0);
+    /* 8 header + 4 n_stream + 4 cell_count + 5 x 12 meta + 16 data header
+     * + 2 x (4 + 8 + 5 x 32) K + 2 x (4 + 4 + 4 + 16 x 5 x 2) transposed V */
+    CHECK(n == 8 + 4 + 4 + 60 + 16 + 2 * (12 + 160) + 2 * (12 + 160));
+    blob = malloc(n);
+    CHECK(llama_memory_state_seq_get_data(mem, blob, n, 0) == n);
+
+    /* into seq 1 of the same memory and into seq 0 of another one */
+    CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == n);
+    CHECK(llama_memory_seq_pos_min(mem, 1) == 0 && llama_memory_seq_pos_max(mem, 1) == 4);
+    CHECK(llama_memory_kv_n_used(mem, 0) == 10);
+    CHECK(llama_memory_state_seq_set_data(other, blob, n, 0) == n);
+    blob2 = malloc(n);
+    CHECK(llama_memory_state_seq_get_data(other, blob2, n, 0) == n);
+    CHECK(memcmp(blob, blob2, n) == 0);
+
+    /* truncated and corrupted blobs: 0, a last error, nothing changed */
+    test_snapshot_take(mem, &before);
+    for (n2 = 0; n2 < n; n2 += 7) {
+        CHECK(llama_memory_state_seq_set_data(mem, blob, n2, 1) == 0);
+        CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_STATE);
+    }
+    blob[8 + 4 + 4 + 60 + 16] ^= 0x40; /* layer 0's K type */
+    CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == 0);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_STATE);
+    CHECK(strstr(llama_memory_last_error(), "K type") != NULL);
+    blob[8 + 4 + 4 + 60 + 16] ^= 0x40;
+    CHECK(llama_memory_state_seq_set_data(mem, blob, n, 2) == 0);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_SEQ_ID);
+    test_snapshot_take(mem, &after);
+    CHECK(test_snapshot_equal(&before, &after));
+    CHECK(llama_memory_seq_pos_max(mem, 1) == 4);
+
+    /* whole memory */
+    nw = llama_memory_state_get_size(mem);
+    whole = malloc(nw);
+    CHECK(llama_memory_state_get_data(mem, whole, nw) == nw);
+    llama_memory_clear(other, true);
+    CHECK(llama_memory_state_set_data(other, whole, nw) == nw);
+    CHECK(llama_memory_seq_pos_max(other, 1) == 4 && llama_memory_kv_n_used(other, 0) == 10);
+    CHECK(llama_memory_state_set_data(other, whole, nw - 1) == 0);
+    CHECK(llama_memory_kv_n_used(other, 0) == 10);
+
+    /* files */
+    snprintf(path, sizeof(path), "%s/llama-memory-c-test-state.ggsq",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    n2 = llama_memory_state_seq_save_file(mem, path, 0, toks, 4);
+    CHECK(n2 == 12 + 16 + (n - 8));
+    CHECK(llama_memory_state_seq_load_file(other, path, 1, NULL, 0, &count) == 12 && count == 4);
+    CHECK(llama_memory_state_seq_load_file(other, path, 1, toks_out, 2, &count) == 0);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_BUFFER_TOO_SMALL);
+    CHECK(llama_memory_state_seq_load_file(other, path, 1, toks_out, 8, &count) == n2);
+    CHECK(count == 4 && toks_out[3] == 4);
+    remove(path);
+    CHECK(llama_memory_state_seq_load_file(other, path, 1, toks_out, 8, &count) == 0);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_IO);
+
+    /* NULL handles */
+    CHECK(llama_memory_state_seq_get_size(NULL, 0) == 0);
+    CHECK(llama_memory_state_seq_set_data(NULL, blob, n, 0) == 0);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+
+    free(blob);
+    free(blob2);
+    free(whole);
+    llama_memory_free(mem);
+    llama_memory_free(other);
+    printf("test_state: ok\n");
+    return 0;
+}
