@@ -20,6 +20,8 @@
 struct ggml_tensor;
 /* ggml's buffer type (ggml-backend.h, ggml_backend_buffer_type_t). */
 struct ggml_backend_buffer_type;
+/* ggml's context (ggml.h): graph nodes are built in the caller's. */
+struct ggml_context;
 
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
@@ -120,11 +122,34 @@ typedef struct llama_memory_ctx llama_memory_ctx;
 // pointer is thin; the trait object (a fat pointer) stays inside.
 typedef struct llama_memory_i llama_memory_i;
 
-// Handle to a memory context.
-typedef struct llama_memory_ctx *llama_memory_ctx_t;
-
 // Handle to a memory, the same typedef as llama.h's.
 typedef struct llama_memory_i *llama_memory_t;
+
+// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
+// from the model and the context parameters.
+typedef struct llama_memory_rope_params {
+  // Rotated dimensions (`n_rot(il)`).
+  int32_t n_rot;
+  // ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
+  int32_t mode;
+  // `n_ctx_orig_yarn`.
+  int32_t n_ctx_orig;
+  // Per-layer frequency base.
+  float freq_base;
+  // Per-layer frequency scale.
+  float freq_scale;
+  // `yarn_ext_factor`.
+  float ext_factor;
+  // `yarn_attn_factor`.
+  float attn_factor;
+  // `yarn_beta_fast`.
+  float beta_fast;
+  // `yarn_beta_slow`.
+  float beta_slow;
+} llama_memory_rope_params;
+
+// Handle to a memory context.
+typedef struct llama_memory_ctx *llama_memory_ctx_t;
 
 // `llama_token` of llama.h.
 typedef int32_t llama_token;
@@ -244,6 +269,51 @@ llama_memory_result llama_memory_last_error_code(void);
 
 // Forgets this thread's last error.
 void llama_memory_clear_last_error(void);
+
+// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
+// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
+struct ggml_tensor *llama_memory_kv_view_k(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_k);
+
+// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
+// `[n_kv, n_head_kv, n_embd_head_v, ns]`.
+struct ggml_tensor *llama_memory_kv_view_v(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_v);
+
+// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
+// `llama_memory_ctx_set_input_k_idxs`).
+struct ggml_tensor *llama_memory_kv_cpy_k(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *k_cur,
+                                          struct ggml_tensor *k_idxs);
+
+// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
+struct ggml_tensor *llama_memory_kv_cpy_v(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *v_cur,
+                                          struct ggml_tensor *v_idxs);
+
+// The K-shift node of layer `il` (RoPE of the cached K by `k_shift`, in place), with the
+// layer's rope parameters and optional `rope_factors`. F32/F16/BF16 K only.
+struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
+                                                  struct ggml_context *ctx,
+                                                  uint32_t il,
+                                                  uint32_t n_embd_head_k,
+                                                  struct ggml_tensor *k_shift,
+                                                  struct ggml_tensor *rope_factors,
+                                                  const struct llama_memory_rope_params *rope);
 
 // Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
 // split): finds cells for each as if the previous ones were placed, then rolls the cells back.

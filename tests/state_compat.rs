@@ -136,7 +136,6 @@ fn configs() -> Vec<Cfg> {
             n_seq_max: 3,
             type_k: Q8_0,
             type_v: Q8_0,
-            ..base
         },
         Cfg {
             type_k: F32,

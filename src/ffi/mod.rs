@@ -13,6 +13,7 @@
 #[macro_use]
 mod boundary;
 pub mod error;
+pub mod graph;
 pub mod kv;
 pub mod memory;
 pub mod state;

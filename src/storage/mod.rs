@@ -11,6 +11,8 @@
 // this storage's own tensors, so the accessors are safe to call with any pointer.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+pub mod graph;
+
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 

@@ -1,0 +1,360 @@
+//! Graph nodes over the cache tensors, built in a caller's `ggml_context` (llama.cpp's
+//! `get_k/get_v/cpy_k/cpy_v` and the K-shift of `build_graph_shift`). The caller computes
+//! the graph on whatever backend holds the buffers.
+
+use ggml_sys as g;
+
+use super::KvStorage;
+use crate::error::{err, Result};
+
+/// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
+/// from the model and the context parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rope_params {
+    /// Rotated dimensions (`n_rot(il)`).
+    pub n_rot: i32,
+    /// ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
+    pub mode: i32,
+    /// `n_ctx_orig_yarn`.
+    pub n_ctx_orig: i32,
+    /// Per-layer frequency base.
+    pub freq_base: f32,
+    /// Per-layer frequency scale.
+    pub freq_scale: f32,
+    /// `yarn_ext_factor`.
+    pub ext_factor: f32,
+    /// `yarn_attn_factor`.
+    pub attn_factor: f32,
+    /// `yarn_beta_fast`.
+    pub beta_fast: f32,
+    /// `yarn_beta_slow`.
+    pub beta_slow: f32,
+}
+
+fn check_ctx(ctx: *mut g::ggml_context) -> Result<()> {
+    if ctx.is_null() {
+        return Err(err!(NullArgument, "ctx is NULL"));
+    }
+    Ok(())
+}
+
+fn non_null(t: *mut g::ggml_tensor, what: &str) -> Result<*mut g::ggml_tensor> {
+    if t.is_null() {
+        return Err(err!(InvalidArgument, "ggml could not build {what}"));
+    }
+    Ok(t)
+}
+
+impl KvStorage {
+    fn layer_or_err(&self, il: u32) -> Result<super::StorageLayer> {
+        self.layer(il)
+            .copied()
+            .ok_or_else(|| err!(InvalidArgument, "layer {il} is not in the cache"))
+    }
+
+    fn check_streams(&self, n_kv: u32, s0: u32, s1: u32) -> Result<()> {
+        if s0 > s1 || s1 >= self.spec.n_stream || n_kv == 0 || n_kv > self.spec.size {
+            return Err(err!(
+                InvalidArgument,
+                "streams {s0}..={s1} or n_kv {n_kv} outside the cache ({} streams, {} cells)",
+                self.spec.n_stream,
+                self.spec.size
+            ));
+        }
+        Ok(())
+    }
+
+    fn heads(width: u32, head: u32) -> Result<i64> {
+        if head == 0 || width % head != 0 {
+            return Err(err!(
+                InvalidArgument,
+                "head size {head} does not divide the row width {width}"
+            ));
+        }
+        Ok((width / head) as i64)
+    }
+
+    /// View of layer `il`'s K for the first `n_kv` cells of streams `s0..=s1`:
+    /// `[head, n_head_kv, n_kv, ns]` (`get_k`).
+    pub fn view_k(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        n_kv: u32,
+        s0: u32,
+        s1: u32,
+        n_embd_head_k: u32,
+    ) -> Result<*mut g::ggml_tensor> {
+        check_ctx(ctx)?;
+        self.check_streams(n_kv, s0, s1)?;
+        let l = self.layer_or_err(il)?;
+        let n_head = Self::heads(l.n_embd_k_gqa, n_embd_head_k)?;
+        let t = self.spec.type_k;
+        // SAFETY: ctx is a caller context (non-NULL); l.k is our live tensor; every view lies
+        // inside it because n_kv <= size and s1 < n_stream were checked.
+        unsafe {
+            let nb1 = g::ggml_row_size(t, n_embd_head_k as i64);
+            let nb2 = g::ggml_row_size(t, l.n_embd_k_gqa as i64);
+            let nb3 = g::ggml_row_size(t, l.n_embd_k_gqa as i64 * self.spec.size as i64);
+            non_null(
+                g::ggml_view_4d(
+                    ctx,
+                    l.k,
+                    n_embd_head_k as i64,
+                    n_head,
+                    n_kv as i64,
+                    (s1 - s0 + 1) as i64,
+                    nb1,
+                    nb2,
+                    nb3,
+                    nb3 * s0 as usize,
+                ),
+                "the K view",
+            )
+        }
+    }
+
+    /// View of layer `il`'s V (`get_v`): `[head, n_head_kv, n_kv, ns]`, or for a transposed
+    /// cache `[n_kv, n_head_kv, head, ns]`.
+    pub fn view_v(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        n_kv: u32,
+        s0: u32,
+        s1: u32,
+        n_embd_head_v: u32,
+    ) -> Result<*mut g::ggml_tensor> {
+        check_ctx(ctx)?;
+        self.check_streams(n_kv, s0, s1)?;
+        let l = self.layer_or_err(il)?;
+        if l.v.is_null() {
+            return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
+        }
+        let n_head = Self::heads(l.n_embd_v_gqa, n_embd_head_v)?;
+        let t = self.spec.type_v;
+        let size = self.spec.size as i64;
+        let ns = (s1 - s0 + 1) as i64;
+        // SAFETY: as in view_k; the transposed strides stay inside [E_v * size] per stream.
+        unsafe {
+            let e_v = (*l.v).ne[0];
+            if !self.spec.v_trans {
+                let nb1 = g::ggml_row_size(t, n_embd_head_v as i64);
+                let nb2 = g::ggml_row_size(t, e_v);
+                let nb3 = g::ggml_row_size(t, e_v * size);
+                return non_null(
+                    g::ggml_view_4d(
+                        ctx,
+                        l.v,
+                        n_embd_head_v as i64,
+                        n_head,
+                        n_kv as i64,
+                        ns,
+                        nb1,
+                        nb2,
+                        nb3,
+                        nb3 * s0 as usize,
+                    ),
+                    "the V view",
+                );
+            }
+            let nb1 = g::ggml_row_size(t, size * n_embd_head_v as i64);
+            let nb2 = g::ggml_row_size(t, size);
+            let nb3 = g::ggml_row_size(t, size * e_v);
+            non_null(
+                g::ggml_view_4d(
+                    ctx,
+                    l.v,
+                    n_kv as i64,
+                    n_head,
+                    n_embd_head_v as i64,
+                    ns,
+                    nb1,
+                    nb2,
+                    nb3,
+                    nb3 * s0 as usize,
+                ),
+                "the transposed V view",
+            )
+        }
+    }
+
+    /// Writes the current K rows (`k_cur`, `[head, n_head_kv, n_tokens]`, contiguous heads)
+    /// into layer `il` at the rows of `k_idxs` (I64, global row = stream * size + cell), as
+    /// `cpy_k`: returns the `ggml_set_rows` node.
+    pub fn cpy_k(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        k_cur: *mut g::ggml_tensor,
+        k_idxs: *mut g::ggml_tensor,
+    ) -> Result<*mut g::ggml_tensor> {
+        check_ctx(ctx)?;
+        let l = self.layer_or_err(il)?;
+        self.set_rows(ctx, l.k, l.n_embd_k_gqa, k_cur, k_idxs, "K")
+    }
+
+    /// Writes the current V rows into layer `il` (`cpy_v`). Non-transposed: as [`Self::cpy_k`].
+    /// Transposed: `v_idxs` holds one index per scalar (`[n_tokens * E_v]`, from
+    /// `set_input_v_idxs`), and `v_cur` must be `[n_embd_v_gqa, n_tokens]` with the layer's
+    /// full width.
+    pub fn cpy_v(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        v_cur: *mut g::ggml_tensor,
+        v_idxs: *mut g::ggml_tensor,
+    ) -> Result<*mut g::ggml_tensor> {
+        check_ctx(ctx)?;
+        let l = self.layer_or_err(il)?;
+        if l.v.is_null() {
+            return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
+        }
+        if !self.spec.v_trans {
+            return self.set_rows(ctx, l.v, l.n_embd_v_gqa, v_cur, v_idxs, "V");
+        }
+        if v_cur.is_null() || v_idxs.is_null() {
+            return Err(err!(NullArgument, "v_cur or v_idxs is NULL"));
+        }
+        // SAFETY: caller tensors (non-NULL) are read for their shape; the reshapes keep the
+        // element counts, which are checked first.
+        unsafe {
+            let n_tokens = g::ggml_nelements(v_cur) / l.n_embd_v_gqa as i64;
+            let e_v = (*l.v).ne[0];
+            if l.n_embd_v_gqa as i64 != e_v {
+                return Err(err!(
+                    Unsupported,
+                    "layer {il} is narrower than the transposed V ({} < {e_v}): pad v_cur first",
+                    l.n_embd_v_gqa
+                ));
+            }
+            if g::ggml_nelements(v_cur) != n_tokens * e_v
+                || g::ggml_nelements(v_idxs) != n_tokens * e_v
+                || !g::ggml_is_contiguous(v_cur)
+            {
+                return Err(err!(
+                    InvalidArgument,
+                    "v_cur must be contiguous [E_v, n_tokens] and v_idxs [n_tokens * E_v]"
+                ));
+            }
+            let total = g::ggml_nelements(l.v);
+            let dst = non_null(g::ggml_reshape_2d(ctx, l.v, 1, total), "the V scalar rows")?;
+            let src = non_null(
+                g::ggml_reshape_2d(ctx, v_cur, 1, n_tokens * e_v),
+                "the V_cur scalar rows",
+            )?;
+            non_null(g::ggml_set_rows(ctx, dst, src, v_idxs), "the V row write")
+        }
+    }
+
+    fn set_rows(
+        &self,
+        ctx: *mut g::ggml_context,
+        cache: *mut g::ggml_tensor,
+        width: u32,
+        cur: *mut g::ggml_tensor,
+        idxs: *mut g::ggml_tensor,
+        what: &str,
+    ) -> Result<*mut g::ggml_tensor> {
+        if cur.is_null() || idxs.is_null() {
+            return Err(err!(NullArgument, "{what}_cur or the row indices are NULL"));
+        }
+        // SAFETY: non-NULL caller tensors; reshapes keep element counts, checked first.
+        unsafe {
+            let n = g::ggml_nelements(cur);
+            if n % width as i64 != 0 || g::ggml_nelements(idxs) != n / width as i64 {
+                return Err(err!(
+                    InvalidArgument,
+                    "{what}_cur has {n} elements, not rows of {width} matching the indices"
+                ));
+            }
+            let n_tokens = n / width as i64;
+            let rows = self.spec.size as i64 * self.spec.n_stream as i64;
+            let dst = non_null(g::ggml_reshape_2d(ctx, cache, width as i64, rows), what)?;
+            let src = if g::ggml_is_contiguous(cur) {
+                non_null(g::ggml_reshape_2d(ctx, cur, width as i64, n_tokens), what)?
+            } else {
+                return Err(err!(InvalidArgument, "{what}_cur must be contiguous"));
+            };
+            non_null(g::ggml_set_rows(ctx, dst, src, idxs), what)
+        }
+    }
+
+    /// The K-shift of layer `il` (`build_graph_shift`): RoPE by `k_shift` (I32,
+    /// `[size * n_stream]`, from `set_input_k_shift`) over the first `rope.n_rot` dimensions of
+    /// every head of every cell, in place. Quantized K needs llama.cpp's Hadamard input and is
+    /// not supported here.
+    pub fn k_shift(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        n_embd_head_k: u32,
+        k_shift: *mut g::ggml_tensor,
+        rope_factors: *mut g::ggml_tensor,
+        rope: &llama_memory_rope_params,
+    ) -> Result<*mut g::ggml_tensor> {
+        check_ctx(ctx)?;
+        let l = self.layer_or_err(il)?;
+        let n_head = Self::heads(l.n_embd_k_gqa, n_embd_head_k)?;
+        let t = self.spec.type_k;
+        // SAFETY: valid type.
+        if unsafe { g::ggml_is_quantized(t) } {
+            return Err(err!(
+                Unsupported,
+                "K-shift of a quantized K cache (needs the Hadamard rotation input)"
+            ));
+        }
+        if rope.n_rot <= 0 || rope.n_rot as u32 > n_embd_head_k || k_shift.is_null() {
+            return Err(err!(
+                InvalidArgument,
+                "n_rot {} outside 1..={n_embd_head_k}, or no k_shift input",
+                rope.n_rot
+            ));
+        }
+        let cells = self.spec.size as i64 * self.spec.n_stream as i64;
+        // SAFETY: the view covers n_rot of n_embd_head_k values of each head of each cell,
+        // inside l.k; k_shift is a caller tensor whose length ggml checks against ne[2].
+        unsafe {
+            if g::ggml_nelements(k_shift) != cells {
+                return Err(err!(
+                    InvalidArgument,
+                    "k_shift has {} elements, expected {cells}",
+                    g::ggml_nelements(k_shift)
+                ));
+            }
+            let view = non_null(
+                g::ggml_view_3d(
+                    ctx,
+                    l.k,
+                    rope.n_rot as i64,
+                    n_head,
+                    cells,
+                    g::ggml_row_size(t, n_embd_head_k as i64),
+                    g::ggml_row_size(t, l.n_embd_k_gqa as i64),
+                    0,
+                ),
+                "the K-shift view",
+            )?;
+            non_null(
+                g::ggml_rope_ext_inplace(
+                    ctx,
+                    view,
+                    k_shift,
+                    rope_factors,
+                    rope.n_rot,
+                    rope.mode,
+                    rope.n_ctx_orig,
+                    rope.freq_base,
+                    rope.freq_scale,
+                    rope.ext_factor,
+                    rope.attn_factor,
+                    rope.beta_fast,
+                    rope.beta_slow,
+                ),
+                "the K-shift rope",
+            )
+        }
+    }
+}
