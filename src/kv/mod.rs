@@ -553,7 +553,7 @@ impl KvCache {
             self.p.n_swa,
             self.p.swa_type,
             cells.pos_get(i),
-            cells.seq_pos_max(sc) + 1,
+            cells.seq_pos_max(sc).wrapping_add(1),
         )
     }
 
@@ -666,7 +666,7 @@ impl KvCache {
             let cells = &self.cells[self.stream_of(s as i32) as usize];
             let pmin = cells.seq_pos_min(s as i32);
             if pmin <= rm {
-                self.seq_rm(s as i32, pmin, rm + 1)
+                self.seq_rm(s as i32, pmin, rm.wrapping_add(1))
                     .expect("sequence ids of placed cells are valid");
             }
         }
