@@ -1136,6 +1136,13 @@ impl RefKv {
         buf
     }
 
+    /// `state_write(seq, flags)` into a caller buffer (no allocation): bytes written, 0 if it
+    /// does not fit.
+    pub fn state_write_into(&self, seq: i32, flags: u32, buf: &mut [u8]) -> usize {
+        // SAFETY: `buf` is writable for its length, which the shim respects.
+        unsafe { (api().state_write)(self.ptr, seq, flags, buf.as_mut_ptr(), buf.len()) }
+    }
+
     /// `state_read(seq, flags)` from `buf`: bytes consumed, or `None` when the stock code threw.
     pub fn state_read(&mut self, seq: i32, flags: u32, buf: &[u8]) -> Option<usize> {
         // SAFETY: `buf` is readable for its length, which the shim respects.

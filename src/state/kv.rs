@@ -171,13 +171,31 @@ impl KvMemory {
         };
         let sp = st.spec();
         let size = p.size as usize;
+        // Copies `len` bytes at `off` of `t`: from the host slice when there is one (one
+        // bounds check per copy, no FFI), else through ggml.
+        let copy = |out: &mut StateOut<'_, '_>, t, host: Option<&[u8]>, off: usize, len: usize| {
+            if let Some(dst) = out.data(len)? {
+                match host {
+                    Some(h) => dst.copy_from_slice(
+                        h.get(off..off + len)
+                            .ok_or_else(|| err!(InvalidArgument, "range outside the tensor"))?,
+                    ),
+                    None => st.get(t, off, dst)?,
+                }
+            }
+            Ok::<(), crate::error::Error>(())
+        };
         let copy_rows = |out: &mut StateOut<'_, '_>, t, row: usize| -> Result<()> {
             let base = s as usize * st.stream_stride(t)?;
+            let host = st.host_bytes(t)?;
             for &(a, b) in ranges {
-                let n = (b - a) as usize * row;
-                if let Some(dst) = out.data(n)? {
-                    st.get(t, base + a as usize * row, dst)?;
-                }
+                copy(
+                    out,
+                    t,
+                    host,
+                    base + a as usize * row,
+                    (b - a) as usize * row,
+                )?;
             }
             Ok(())
         };
@@ -198,11 +216,11 @@ impl KvMemory {
                 out.sink.u32(el as u32)?;
                 out.sink.u32(l.n_embd_v_gqa)?;
                 let base = s as usize * st.stream_stride(l.v)?;
+                let host = st.host_bytes(l.v)?;
                 for j in 0..l.n_embd_v_gqa as usize {
                     for &(a, b) in ranges {
-                        if let Some(dst) = out.data((b - a) as usize * el)? {
-                            st.get(l.v, base + (j * size + a as usize) * el, dst)?;
-                        }
+                        let off = base + (j * size + a as usize) * el;
+                        copy(out, l.v, host, off, (b - a) as usize * el)?;
                     }
                 }
             }
@@ -579,6 +597,17 @@ fn scatter_rows(
     runs: &[(u32, u32)],
 ) -> Result<()> {
     let mut k = 0usize;
+    if let Some(h) = st.host_bytes_mut(t)? {
+        for &(a, b) in runs {
+            let len = (b - a) as usize * row;
+            let off = base + a as usize * row;
+            h.get_mut(off..off + len)
+                .ok_or_else(|| err!(InvalidArgument, "range outside the tensor"))?
+                .copy_from_slice(&src[k..k + len]);
+            k += len;
+        }
+        return Ok(());
+    }
     for &(a, b) in runs {
         let len = (b - a) as usize * row;
         st.set(t, base + a as usize * row, &src[k..k + len])?;

@@ -387,6 +387,33 @@ impl KvStorage {
         Ok(unsafe { (*t).nb[2] })
     }
 
+    /// All bytes of tensor `t` when its buffer is in host memory (`None` otherwise), so bulk
+    /// readers index one slice instead of checking every small copy.
+    pub fn host_bytes(&self, t: *mut g::ggml_tensor) -> Result<Option<&[u8]>> {
+        self.check(t, 0, 0)?;
+        if !self.host {
+            return Ok(None);
+        }
+        // SAFETY: `check` proved t is one of our live tensors; its data is host memory of
+        // ggml_nbytes(t) bytes that lives as long as self, and &self excludes writers.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts((*t).data.cast::<u8>(), g::ggml_nbytes(t))
+        }))
+    }
+
+    /// Mutable [`KvStorage::host_bytes`].
+    pub fn host_bytes_mut(&mut self, t: *mut g::ggml_tensor) -> Result<Option<&mut [u8]>> {
+        self.check(t, 0, 0)?;
+        if !self.host {
+            return Ok(None);
+        }
+        // SAFETY: as in host_bytes; &mut self gives exclusive access to the buffer, and the
+        // tensors of a storage never overlap.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts_mut((*t).data.cast::<u8>(), g::ggml_nbytes(t))
+        }))
+    }
+
     /// Copies `dst.len()` bytes at `offset` of tensor `t` into `dst`.
     pub fn get(&self, t: *mut g::ggml_tensor, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(t, offset, dst.len())?;

@@ -1,0 +1,404 @@
+//! Sequence save and restore throughput: the memory part of a sequence state
+//! (`llama_kv_cache::state_write/state_read` on stock llama.cpp, `KvMemory::state_write/
+//! state_read` here) for one sequence of a unified cache, against a plain `memcpy` of the same
+//! number of bytes (the physical limit) and against stock llama.cpp, in one run, with criterion
+//! as the harness. At the end the table is printed in Markdown for BENCHMARKS.md.
+//!
+//! Cases: caches of 4096 and 65536 cells over a 4-layer model with 256-wide f16 K/V rows
+//! (512 bytes per row, 4 KiB of K/V per cell), transposed V (the default without flash
+//! attention) and row-major V, and two layouts:
+//! - contiguous: sequence 0 fills every cell;
+//! - fragmented: sequences 0 and 1 alternate cell by cell, so each of sequence 0's cells is its
+//!   own range (one copy per cell, and per element of a transposed V).
+//!
+//! Save writes sequence 0 into a preallocated buffer; restore reads that blob back into
+//! sequence 0 (removing it first and placing it again, into the same cells: stock and ours both
+//! fill free cells from the lowest one). Before timing, both sides hold identical cells and
+//! identical nonzero K/V bytes (ours filled with a pattern, stock restored from our blob) and
+//! the bench asserts that both blobs are byte-identical, before and after timing.
+//!
+//! Run: `cargo bench --bench state` (add `-- <filter>` to select benchmarks).
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use llama_memory::state::io::{Sink, StateIn, StateOut};
+use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
+use llama_memory::{KvCache, KvMemory, KvParams, UbatchBuf};
+use llama_memory_reference as stock;
+
+/// (n_layer, n_embd, n_head, n_head_kv): head size 32, 8 KV heads, K/V rows of 256 f16.
+const SHAPE: (u32, u32, u32, u32) = (4, 256, 8, 8);
+/// Tokens per ubatch when filling the caches.
+const CHUNK: u32 = 4096;
+
+/// `kvref_state_write` called directly into a caller buffer. `RefKv::state_write` returns a
+/// fresh `Vec` sized by a first counting pass, so timing it would add a size query, an
+/// allocation and the page faults of first touching it to the stock side only. The shim is
+/// already loaded by `llama_memory_reference`; `RTLD_NOLOAD` returns that same instance.
+struct StockWriter {
+    kv: *const c_void,
+    write: unsafe extern "C" fn(*const c_void, i32, u32, *mut u8, usize) -> usize,
+}
+
+extern "C" {
+    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+}
+
+const RTLD_NOW: c_int = 2;
+const RTLD_NOLOAD: c_int = 4;
+
+impl StockWriter {
+    fn new(kv: &stock::RefKv) -> StockWriter {
+        // The cache pointer is private to RefKv; its derived Debug output prints it.
+        let dbg = format!("{kv:?}");
+        let hex = dbg
+            .split("ptr: 0x")
+            .nth(1)
+            .expect("RefKv's Debug output shows its pointer");
+        let end = hex
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(hex.len());
+        let kv_ptr = usize::from_str_radix(&hex[..end], 16).unwrap() as *const c_void;
+        let lib = CString::new(stock::KVREF_LIB).unwrap();
+        // SAFETY: dlopen/dlsym only look up the already loaded shim (RTLD_NOLOAD); the
+        // symbols are the kvref.h functions whose C prototypes the types below transcribe.
+        unsafe {
+            let h = dlopen(lib.as_ptr(), RTLD_NOW | RTLD_NOLOAD);
+            assert!(!h.is_null(), "the stock shim is not loaded");
+            let sym = |name: &str| {
+                let c = CString::new(name).unwrap();
+                let p = dlsym(h, c.as_ptr());
+                assert!(!p.is_null(), "{name} not found");
+                p
+            };
+            let size: unsafe extern "C" fn(*const c_void) -> u32 =
+                std::mem::transmute(sym("kvref_size"));
+            assert_eq!(size(kv_ptr), kv.size(), "not the stock cache's pointer");
+            StockWriter {
+                kv: kv_ptr,
+                write: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(*const c_void, i32, u32, *mut u8, usize) -> usize,
+                >(sym("kvref_state_write")),
+            }
+        }
+    }
+
+    /// Stock `state_write(seq, 0)` into `buf`: bytes written, 0 on failure.
+    fn write(&self, seq: i32, buf: &mut [u8]) -> usize {
+        // SAFETY: `kv` is the live cache of a RefKv the caller keeps borrowed; `buf` is
+        // writable for its length, which the shim respects.
+        unsafe { (self.write)(self.kv, seq, 0, buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+/// Both caches, with the same cells and the same K/V bytes.
+struct Both {
+    ours: KvMemory,
+    theirs: stock::RefKv,
+}
+
+impl Both {
+    fn new(size: u32, v_trans: bool) -> Both {
+        let (n_layer, n_embd, n_head, n_head_kv) = SHAPE;
+        let theirs = stock::RefKv::new(
+            &stock::model_path_ex(n_layer, n_embd, n_head, n_head_kv),
+            &stock::Params {
+                kv_size: size,
+                n_seq_max: 2,
+                unified: true,
+                v_trans,
+                type_k: stock::ggml_type::F16,
+                type_v: stock::ggml_type::F16,
+                ..stock::Params::default()
+            },
+        )
+        .expect("the stock cache could not be created");
+        let gqa = n_embd / n_head * n_head_kv;
+        let cache = KvCache::new(KvParams {
+            size,
+            n_seq_max: 2,
+            unified: true,
+            v_trans,
+            n_embd_v_gqa_max: theirs.n_embd_v_gqa_max(),
+            ..KvParams::default()
+        })
+        .unwrap();
+        let storage = KvStorage::new(StorageSpec {
+            type_k: stock::ggml_type::F16 as u32,
+            type_v: stock::ggml_type::F16 as u32,
+            v_trans,
+            is_mla: false,
+            size,
+            n_stream: 1,
+            n_rot_k: 0,
+            n_rot_v: 0,
+            layers: (0..n_layer)
+                .map(|il| LayerSpec {
+                    il,
+                    n_embd_k_gqa: gqa,
+                    n_embd_v_gqa: gqa,
+                    reuse: None,
+                    buft: std::ptr::null_mut(),
+                })
+                .collect(),
+        })
+        .unwrap();
+        Both {
+            ours: KvMemory::new(cache, Some(storage)).unwrap(),
+            theirs,
+        }
+    }
+
+    /// Places a ubatch on both sides, checking that both choose the same cells.
+    fn place(&mut self, ub: &stock::Ubatch) {
+        let seqs: Vec<&[i32]> = ub.seq_ids.iter().map(Vec::as_slice).collect();
+        let buf = UbatchBuf::new(&ub.tokens, &ub.pos, &seqs);
+        let v = ub.view();
+        let b = self.theirs.find_slot(&v, false).expect("stock: no slot");
+        let a = self
+            .ours
+            .cache
+            .find_slot(&buf.view(), false)
+            .expect("ours: no slot");
+        assert_eq!(a.idxs, b.idxs, "the two caches diverged");
+        self.theirs.apply_ubatch(&b, &v);
+        self.ours.cache.apply_ubatch(&a, &buf.view());
+    }
+
+    /// Fills every cell: sequence 0 alone, or sequences 0 and 1 alternating cell by cell.
+    fn fill(&mut self, fragmented: bool) {
+        let size = self.ours.cache.params().size;
+        for c0 in (0..size).step_by(CHUNK as usize) {
+            let n = CHUNK.min(size - c0);
+            let ub = if fragmented {
+                let cells = c0..c0 + n;
+                let pos: Vec<i32> = cells.clone().map(|c| (c / 2) as i32).collect();
+                let seq_ids = cells.map(|c| vec![(c % 2) as i32]).collect();
+                stock::Ubatch::simple(pos.iter().map(|p| p % 32).collect(), pos, seq_ids)
+            } else {
+                stock::Ubatch::for_seq(0, c0 as i32, n)
+            };
+            self.place(&ub);
+        }
+    }
+
+    /// Fills our K/V tensors with a nonzero pattern, then gives stock the same bytes by
+    /// restoring our blob of sequence 0 into it (which lands in the same cells).
+    fn fill_data(&mut self) {
+        let st = self.ours.storage.as_mut().unwrap();
+        let tensors: Vec<_> = st.layers().iter().flat_map(|l| [l.k, l.v]).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for t in tensors {
+            let n = st.stream_stride(t).unwrap();
+            let data: Vec<u8> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8 | 1
+                })
+                .collect();
+            st.set(t, 0, &data).unwrap();
+        }
+        let blob = self.save_ours_vec();
+        assert_eq!(
+            self.theirs.state_read(0, 0, &blob),
+            Some(blob.len()),
+            "stock restore of our blob failed"
+        );
+    }
+
+    fn save_ours_vec(&self) -> Vec<u8> {
+        let mut sink = Sink::Count(0);
+        self.ours
+            .state_write(
+                0,
+                &mut StateOut {
+                    sink: &mut sink,
+                    stash: None,
+                },
+            )
+            .unwrap();
+        let mut buf = vec![0u8; sink.len()];
+        assert_eq!(save_ours(&self.ours, &mut buf), buf.len());
+        buf
+    }
+
+    /// Asserts identical cell tables and byte-identical blobs of sequence 0 on both sides.
+    fn check_same(&self, what: &str) -> Vec<u8> {
+        let theirs = self.theirs.cells(0);
+        let ours = self.ours.cache.cells(0);
+        for i in 0..ours.size() {
+            assert_eq!(theirs.pos[i as usize], ours.pos_get(i), "{what}: cell {i}");
+            for s in 0..2 {
+                assert_eq!(
+                    theirs.has_seq(i as usize, s),
+                    ours.seq_has(i, s),
+                    "{what}: cell {i} seq {s}"
+                );
+            }
+        }
+        let blob = self.save_ours_vec();
+        assert!(
+            self.theirs.state_write(0, 0) == blob,
+            "{what}: stock and ours write different blobs"
+        );
+        blob
+    }
+}
+
+fn save_ours(ours: &KvMemory, buf: &mut [u8]) -> usize {
+    let mut sink = Sink::new(buf);
+    ours.state_write(
+        0,
+        &mut StateOut {
+            sink: &mut sink,
+            stash: None,
+        },
+    )
+    .unwrap();
+    sink.len()
+}
+
+fn restore_ours(ours: &mut KvMemory, blob: &[u8]) {
+    let mut inp = StateIn::new(blob);
+    ours.state_read(0, &mut inp).unwrap();
+}
+
+/// One case of the table.
+struct Case {
+    name: String,
+    bytes: usize,
+}
+
+fn bench_case(c: &mut Criterion, n: u32, fragmented: bool, v_trans: bool) -> Case {
+    let name = format!(
+        "state_{n}_{}_{}",
+        if fragmented {
+            "fragmented"
+        } else {
+            "contiguous"
+        },
+        if v_trans { "vtrans" } else { "vrows" }
+    );
+    let mut both = Both::new(n, v_trans);
+    both.fill(fragmented);
+    both.fill_data();
+    let blob = both.check_same(&name);
+    let len = blob.len();
+    let writer = StockWriter::new(&both.theirs);
+
+    // Preallocated, already touched output buffers.
+    let mut out_ours = vec![1u8; len];
+    let mut out_stock = vec![1u8; len];
+    let mut out_copy = vec![1u8; len];
+    assert_eq!(writer.write(0, &mut out_stock), len);
+    assert!(out_stock == blob, "{name}: the direct stock write differs");
+
+    let mut g = c.benchmark_group(&name);
+    g.sampling_mode(SamplingMode::Flat);
+    g.throughput(Throughput::Bytes(len as u64));
+    g.bench_function("memcpy", |b| {
+        b.iter(|| out_copy.copy_from_slice(black_box(&blob)));
+        black_box(&out_copy);
+    });
+    g.bench_function("save_ours", |b| {
+        b.iter(|| black_box(save_ours(&both.ours, &mut out_ours)))
+    });
+    g.bench_function("save_stock", |b| {
+        b.iter(|| black_box(writer.write(0, &mut out_stock)))
+    });
+    g.bench_function("restore_ours", |b| {
+        b.iter(|| restore_ours(&mut both.ours, black_box(&blob)))
+    });
+    g.bench_function("restore_stock", |b| {
+        b.iter(|| black_box(both.theirs.state_read(0, 0, black_box(&blob))))
+    });
+    g.finish();
+    assert!(
+        out_ours == blob && out_stock == blob,
+        "{name}: saved blobs differ"
+    );
+    assert_eq!(
+        both.check_same(&name),
+        blob,
+        "{name}: restores changed the state"
+    );
+    Case { name, bytes: len }
+}
+
+/// Median of one benchmark from criterion's own estimates, in nanoseconds.
+fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
+    let path = dir.join(group).join(id).join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["median"]["point_estimate"].as_f64()
+}
+
+fn human(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn main() {
+    std::env::set_var("KVREF_QUIET", "1");
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(10)
+        .configure_from_args();
+    let mut cases = Vec::new();
+    for n in [4096u32, 65_536] {
+        for fragmented in [false, true] {
+            for v_trans in [true, false] {
+                cases.push(bench_case(&mut c, n, fragmented, v_trans));
+            }
+        }
+    }
+    c.final_summary();
+
+    // target/<profile>/deps/state-<hash> -> target/criterion
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.ancestors().nth(3).unwrap().join("criterion");
+    println!(
+        "\n| case | op | bytes | memcpy (median) | llama-memory (median) | stock llama.cpp (median) | ours vs memcpy (memcpy / ours) | vs stock (stock / ours) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for case in &cases {
+        let Some(m) = median_ns(&dir, &case.name, "memcpy") else {
+            continue;
+        };
+        for op in ["save", "restore"] {
+            let (Some(o), Some(s)) = (
+                median_ns(&dir, &case.name, &format!("{op}_ours")),
+                median_ns(&dir, &case.name, &format!("{op}_stock")),
+            ) else {
+                continue;
+            };
+            println!(
+                "| {} | {op} | {} | {} | {} | {} | {:.2} | {:.2}x |",
+                case.name,
+                mib(case.bytes),
+                human(m),
+                human(o),
+                human(s),
+                m / o,
+                s / o
+            );
+        }
+    }
+}
