@@ -138,15 +138,7 @@ impl Both {
             n_stream: 1,
             n_rot_k: 0,
             n_rot_v: 0,
-            layers: (0..n_layer)
-                .map(|il| LayerSpec {
-                    il,
-                    n_embd_k_gqa: gqa,
-                    n_embd_v_gqa: gqa,
-                    reuse: None,
-                    buft: std::ptr::null_mut(),
-                })
-                .collect(),
+            layers: LayerSpec::uniform(n_layer, gqa, gqa),
         })
         .unwrap();
         Both {

@@ -24,15 +24,7 @@ fn ours(v_trans: bool) -> KvMemory {
         n_embd_v_gqa_max: GQA,
         ..KvParams::default()
     };
-    let layers = (0..2)
-        .map(|il| LayerSpec {
-            il,
-            n_embd_k_gqa: GQA,
-            n_embd_v_gqa: GQA,
-            reuse: None,
-            buft: std::ptr::null_mut(),
-        })
-        .collect();
+    let layers = LayerSpec::uniform(2, GQA, GQA);
     let st = KvStorage::new(StorageSpec {
         type_k: g::GGML_TYPE_F16,
         type_v: g::GGML_TYPE_F16,

@@ -84,15 +84,7 @@ impl Cfg {
             n_embd_v_gqa_max: gqa,
             ..KvParams::default()
         };
-        let layers = (0..n_layer)
-            .map(|il| LayerSpec {
-                il,
-                n_embd_k_gqa: gqa,
-                n_embd_v_gqa: gqa,
-                reuse: None,
-                buft: std::ptr::null_mut(),
-            })
-            .collect();
+        let layers = LayerSpec::uniform(n_layer, gqa, gqa);
         let st = KvStorage::new(StorageSpec {
             type_k: self.type_k as u32,
             type_v: self.type_v as u32,

@@ -33,15 +33,7 @@ pub fn memory(cfg: u8) -> KvMemory {
         n_embd_v_gqa_max: gqa,
         ..KvParams::default()
     };
-    let layers = (0..2)
-        .map(|il| LayerSpec {
-            il,
-            n_embd_k_gqa: gqa,
-            n_embd_v_gqa: gqa,
-            reuse: None,
-            buft: std::ptr::null_mut(),
-        })
-        .collect();
+    let layers = LayerSpec::uniform(2, gqa, gqa);
     let st = KvStorage::new(StorageSpec {
         type_k: tk,
         type_v: tv,

@@ -80,13 +80,7 @@ pub fn seq_get_data(
         )?;
         stash.insert(seq, tensors);
     } else {
-        mem.state_write(
-            seq,
-            &mut StateOut {
-                sink: &mut sink,
-                stash: None,
-            },
-        )?;
+        write_host(mem, seq, &mut sink)?;
     }
     Ok(sink.len())
 }
@@ -126,29 +120,22 @@ pub fn seq_set_data(
     Ok(8 + inp.meta.pos())
 }
 
+/// Writes the state of `seq` (-1: all), tensor bytes included, into `sink`.
+fn write_host(mem: &dyn Memory, seq: i32, sink: &mut Sink<'_>) -> Result<()> {
+    mem.state_write(seq, &mut StateOut { sink, stash: None })
+}
+
 /// Size of the whole memory's state.
 pub fn get_size(mem: &dyn Memory) -> Result<usize> {
     let mut sink = Sink::Count(0);
-    mem.state_write(
-        -1,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )?;
+    write_host(mem, -1, &mut sink)?;
     Ok(sink.len())
 }
 
 /// Writes the whole memory's state into `dst`; returns its length.
 pub fn get_data(mem: &dyn Memory, dst: &mut [u8]) -> Result<usize> {
     let mut sink = Sink::new(dst);
-    mem.state_write(
-        -1,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )?;
+    write_host(mem, -1, &mut sink)?;
     Ok(sink.len())
 }
 
@@ -164,13 +151,7 @@ pub fn seq_save_file(mem: &dyn Memory, path: &Path, seq: i32, tokens: &[i32]) ->
     let n_tok = u32::try_from(tokens.len())
         .map_err(|_| err!(InvalidArgument, "{} tokens do not fit a u32", tokens.len()))?;
     let mut sink = Sink::Count(0);
-    mem.state_write(
-        seq,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )?;
+    write_host(mem, seq, &mut sink)?;
     let total = 12usize
         .checked_add(tokens.len() * 4)
         .and_then(|v| v.checked_add(sink.len()))
@@ -183,13 +164,7 @@ pub fn seq_save_file(mem: &dyn Memory, path: &Path, seq: i32, tokens: &[i32]) ->
     for &t in tokens {
         sink.i32(t)?;
     }
-    mem.state_write(
-        seq,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )?;
+    write_host(mem, seq, &mut sink)?;
     let n = sink.len();
     std::fs::write(path, &buf[..n])
         .map_err(|e| err!(Io, "cannot write {}: {e}", path.display()))?;

@@ -51,6 +51,22 @@ pub struct LayerSpec {
     pub buft: g::ggml_backend_buffer_type_t,
 }
 
+impl LayerSpec {
+    /// `n` layers `0..n` with their own CPU tensors, all of the same K and V widths (the
+    /// common case of a model without per-layer head counts).
+    pub fn uniform(n: u32, n_embd_k_gqa: u32, n_embd_v_gqa: u32) -> Vec<LayerSpec> {
+        (0..n)
+            .map(|il| LayerSpec {
+                il,
+                n_embd_k_gqa,
+                n_embd_v_gqa,
+                reuse: None,
+                buft: std::ptr::null_mut(),
+            })
+            .collect()
+    }
+}
+
 /// What the storage holds: types, layout and layers (already filtered by the caller, ascending
 /// `il`, as llama.cpp's constructor visits them).
 #[derive(Clone, Debug)]
