@@ -80,6 +80,8 @@ fn to_ours(u: &stock::Ubatch) -> UbatchBuf {
     let seqs: Vec<&[i32]> = u.seq_ids.iter().map(Vec::as_slice).collect();
     let mut b = UbatchBuf::new(&u.tokens, &u.pos, &seqs);
     b.n_pos = u.n_pos;
+    b.n_seq_tokens = u.n_seq_tokens;
+    b.n_seqs = u.n_seqs;
     b
 }
 

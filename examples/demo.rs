@@ -69,7 +69,7 @@ fn main() -> Result<(), llama_memory::Error> {
     // 6. The next decode first applies the pending K-shift.
     let mut update = kv.init_update()?;
     println!("update status: {:?}", update.status());
-    update.apply(&mut kv)?;
+    update.apply_to(&mut kv, None)?;
     show(&kv, "K-shift applied");
 
     // 7. A new request on the freed cells.
@@ -93,13 +93,14 @@ fn decode(kv: &mut KvCache, reqs: &[(i32, &[i32])]) -> Result<(), llama_memory::
 
 /// Plans the ubatches, then applies them one by one, as llama.cpp's decode loop does.
 fn run_batch(kv: &mut KvCache, ubs: Vec<UbatchBuf>) -> Result<(), llama_memory::Error> {
-    let mut ctx = kv.init_batch(ubs)?;
+    let views: Vec<_> = ubs.iter().map(UbatchBuf::view).collect();
+    let mut ctx = kv.init_batch(&views, None)?;
     if ctx.status() != llama_memory::Status::Success {
         println!("batch does not fit: {:?}", ctx.status());
         return Ok(());
     }
     loop {
-        ctx.apply(kv)?;
+        ctx.apply_to(kv, None)?;
         if !ctx.next() {
             return Ok(());
         }

@@ -115,15 +115,60 @@ typedef uint32_t llama_memory_result;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// A memory context: the plan for one batch, a full reservation, or an update.
+// A memory context handle: the plan for one batch, a full reservation, or an update.
 typedef struct llama_memory_ctx llama_memory_ctx;
 
-// The memory behind a `llama_memory_t`: an opaque struct holding one memory object. The C
-// pointer is thin; the trait object (a fat pointer) stays inside.
+// The memory behind a `llama_memory_t`, an opaque struct (llama.h's `struct llama_memory_i`).
+// The C pointer is thin; the trait object (a fat pointer) stays inside.
 typedef struct llama_memory_i llama_memory_i;
+
+// Handle to a memory context.
+typedef struct llama_memory_ctx *llama_memory_ctx_t;
 
 // Handle to a memory, the same typedef as llama.h's.
 typedef struct llama_memory_i *llama_memory_t;
+
+// `llama_token` of llama.h.
+typedef int32_t llama_token;
+
+// `llama_pos` of llama.h.
+typedef int32_t llama_pos;
+
+// `llama_seq_id` of llama.h.
+typedef int32_t llama_seq_id;
+
+// A ubatch as llama.cpp's `llama_ubatch` describes it; the fields match its fields, so an
+// adapter fills it from a `llama_ubatch` without copying token data. Everything but the
+// embeddings is here.
+typedef struct llama_memory_ubatch {
+  // Total tokens (`n_seq_tokens * n_seqs`).
+  uint32_t n_tokens;
+  // Tokens per sequence set (1 for a simple split).
+  uint32_t n_seq_tokens;
+  // Sequence sets (`n_tokens` for a simple split).
+  uint32_t n_seqs;
+  // Entries of `seq_id_unq`.
+  uint32_t n_seqs_unq;
+  // Position sections per token: 1, or 4 for M-RoPE.
+  uint32_t n_pos;
+  // Non-zero when the ubatch comes from an equal split.
+  uint32_t equal_seqs;
+  // `[n_tokens]` token ids, or NULL for embeddings.
+  const llama_token *token;
+  // `[n_tokens * n_pos]` positions, section-major.
+  const llama_pos *pos;
+  // `[n_tokens]` number of sequence ids of each token (>= 1).
+  const int32_t *n_seq_id;
+  // `[n_tokens]` pointers to each token's sequence ids.
+  const llama_seq_id *const *seq_id;
+  // `[n_seqs_unq]` distinct sequence ids, ascending: exactly the ids the tokens use.
+  const llama_seq_id *seq_id_unq;
+  // `[256]` index of each sequence id in `seq_id_unq`, -1 if absent; may be NULL (it is
+  // derived from `seq_id_unq`, and checked against it when given).
+  const int32_t *seq_idx;
+  // `[n_tokens]` output flags, or NULL.
+  const int8_t *output;
+} llama_memory_ubatch;
 
 // RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
 // from the model and the context parameters.
@@ -147,46 +192,6 @@ typedef struct llama_memory_rope_params {
   // `yarn_beta_slow`.
   float beta_slow;
 } llama_memory_rope_params;
-
-// Handle to a memory context.
-typedef struct llama_memory_ctx *llama_memory_ctx_t;
-
-// `llama_token` of llama.h.
-typedef int32_t llama_token;
-
-// `llama_pos` of llama.h.
-typedef int32_t llama_pos;
-
-// `llama_seq_id` of llama.h.
-typedef int32_t llama_seq_id;
-
-// A ubatch as llama.cpp's `llama_ubatch` describes it; the fields match its pointer fields, so
-// an adapter fills it from a `llama_ubatch` without copying token data. Only what the memory
-// reads is here (no embeddings or output flags).
-typedef struct llama_memory_ubatch {
-  // Total tokens (`n_seq_tokens * n_seqs`).
-  uint32_t n_tokens;
-  // Tokens per sequence set.
-  uint32_t n_seq_tokens;
-  // Sequence sets.
-  uint32_t n_seqs;
-  // Entries of `seq_id_unq`.
-  uint32_t n_seqs_unq;
-  // Position sections per token: 1, or 4 for M-RoPE.
-  uint32_t n_pos;
-  // Non-zero when the ubatch comes from an equal split.
-  uint32_t equal_seqs;
-  // `[n_tokens]` token ids, or NULL for embeddings.
-  const llama_token *token;
-  // `[n_tokens * n_pos]` positions, section-major.
-  const llama_pos *pos;
-  // `[n_tokens]` number of sequence ids of each token (>= 1).
-  const int32_t *n_seq_id;
-  // `[n_tokens]` pointers to each token's sequence ids.
-  const llama_seq_id *const *seq_id;
-  // `[n_seqs_unq]` distinct sequence ids, ascending.
-  const llama_seq_id *seq_id_unq;
-} llama_memory_ubatch;
 
 // Parameters of a KV cache; get the defaults from `llama_memory_kv_default_params()`.
 typedef struct llama_memory_kv_params {
@@ -259,6 +264,41 @@ typedef uint32_t llama_state_seq_flags;
 extern "C" {
 #endif // __cplusplus
 
+// Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
+// split): finds cells for each as if the previous ones were placed, then rolls the cells back.
+// Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
+// memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
+// the last error set for invalid input. The memory must outlive the context. A steady decode
+// loop (init, apply, free, init...) reuses the freed context's allocations.
+llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
+                                           const struct llama_memory_ubatch *ubatches,
+                                           size_t n_ubatches);
+
+// A context covering the whole memory (`init_full`), for worst-case graph reservation.
+llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
+
+// Takes the pending K-shift and stream copies into an update context (`init_update`); its
+// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
+
+// Frees a context. NULL is accepted. Its memory must still be alive (the context hands its
+// buffers back to it for the next `llama_memory_init_batch`).
+void llama_memory_ctx_free(llama_memory_ctx_t ctx);
+
+// Status of a context (`LLAMA_MEMORY_CTX_*`); FAILED_PREPARE for NULL.
+int32_t llama_memory_ctx_get_status(llama_memory_ctx_t ctx);
+
+// Moves a batch context to its next ubatch; false when there is none.
+bool llama_memory_ctx_next(llama_memory_ctx_t ctx);
+
+// Applies the context's current step to its memory: places the current ubatch (batch
+// context), or applies the K-shift and stream copies (update context). Fails, changing
+// nothing, if the memory changed since the plan so that a planned cell is no longer free.
+llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
+
+// Number of tokens of the current ubatch, 0 if none.
+uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
+
 // The message of this thread's last failure, or NULL if there was none since the last
 // `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
 // until the next failing call or clear on this thread.
@@ -315,41 +355,8 @@ struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
                                                   struct ggml_tensor *rope_factors,
                                                   const struct llama_memory_rope_params *rope);
 
-// Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
-// split): finds cells for each as if the previous ones were placed, then rolls the cells back.
-// Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
-// memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
-// the last error set for invalid input. The memory must outlive the context.
-llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
-                                           const struct llama_memory_ubatch *ubatches,
-                                           size_t n_ubatches);
-
-// A context covering the whole memory (`init_full`), for worst-case graph reservation.
-llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
-
-// Takes the pending K-shift and stream copies into an update context (`init_update`); its
-// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
-llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
-
-// Frees a context. NULL is accepted.
-void llama_memory_ctx_free(llama_memory_ctx_t ctx);
-
-// Status of a context (`LLAMA_MEMORY_CTX_*`); FAILED_PREPARE for NULL.
-int32_t llama_memory_ctx_get_status(llama_memory_ctx_t ctx);
-
-// Moves a batch context to its next ubatch; false when there is none.
-bool llama_memory_ctx_next(llama_memory_ctx_t ctx);
-
-// Applies the context's current step to its memory: places the current ubatch (batch
-// context), or applies the K-shift and stream copies (update context). Fails, changing
-// nothing, if the memory changed since the plan so that a planned cell is no longer free.
-llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
-
 // Number of cells the attention sees for the current ubatch (valid after apply), 0 on error.
 uint32_t llama_memory_ctx_get_n_kv(llama_memory_ctx_t ctx);
-
-// Number of tokens of the current ubatch, 0 if none.
-uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
 
 // Writes the K row of each token of the current ubatch (`set_input_k_idxs`) into `dst`
 // (`n` elements, at least n_tokens).

@@ -1,5 +1,7 @@
 //! Errors of the safe Rust API; the C ABI turns them into result codes and a last-error message.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// What went wrong, independent of the message. Each kind maps to one stable C result code.

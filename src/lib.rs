@@ -6,14 +6,21 @@
 //! llama.h's memory functions with their exact names and semantics, except that input llama.cpp
 //! would abort on returns a failure value, sets a last-error message and changes nothing.
 //!
-//! Layers, bottom up: [`cells`] (per-stream cell bookkeeping), [`kv`] (the KV cache),
-//! [`memory`] (the trait behind the C handle), [`storage`] (K/V tensors in ggml
-//! buffers), [`state`] (llama.cpp's state formats), `ffi` (the C ABI, the only place with `unsafe`).
+//! Layers, bottom up (each uses only those before it): [`cells`] (per-stream cell
+//! bookkeeping) and [`ubatch`]; `state::io` (bounds-checked byte readers and sinks);
+//! [`memory`] (the traits every memory kind implements, and how to find a kind among a
+//! composite's parts); [`storage`] (K/V tensors in ggml buffers); [`kv`] (the KV cache, its
+//! contexts and its state layout); [`state`] (llama.cpp's blob and file formats over any
+//! memory); [`ffi`] (the C ABI). `unsafe` lives only in `storage` and `ffi`.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+// Every unsafe block says why it is sound; the safe layers (cells, ubatch, memory, kv, state)
+// forbid unsafe code outright, so it can only live in `ffi` and `storage`.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cells;
 pub mod error;
+mod failpoint;
 pub mod kv;
 pub mod memory;
 pub mod state;
@@ -23,9 +30,8 @@ pub mod ubatch;
 pub mod ffi;
 
 pub use error::{Error, ErrorKind, Result};
-pub use kv::{KvCache, KvContext, KvParams, MaskOut, NonCausalType, SlotInfo, Status, SwaType};
-pub use memory::{Memory, MemoryContext};
-pub use state::kv::KvMemory;
+pub use kv::{KvCache, KvContext, KvMemory, KvParams, MaskOut, NonCausalType, SlotInfo, SwaType};
+pub use memory::{Memory, MemoryContext, Role, Status};
 pub use ubatch::{Ubatch, UbatchBuf};
 
 /// Version of this library, as in Cargo.toml.

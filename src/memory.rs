@@ -1,16 +1,54 @@
-//! The memory interface: llama.cpp's `llama_memory_i` operations as a Rust trait, so every
-//! memory kind (KV cache today; SWA pairs, recurrent and hybrid memories later) sits behind the
-//! same C handle.
+//! The memory interface: llama.cpp's `llama_memory_i` and `llama_memory_context_i` as Rust
+//! traits, so every memory kind (the KV cache today; the sliding-window pair, recurrent and
+//! hybrid memories next) sits behind the same C handle.
+//!
+//! A composite memory is described by its parts ([`Memory::part`]): each part is a memory
+//! itself, with a [`Role`] and the model layers it owns. Code that needs one kind (the KV
+//! functions of the C ABI, the graph builders) finds it with [`find`]/[`find_mut`] or
+//! [`find_for_layer`] instead of asking the memory to cast itself, so adding a kind adds no
+//! hook here.
+//!
+//! This module sits above the cell tables, the ubatch and the state byte I/O, and below every
+//! memory kind: the kinds implement these traits, nothing here names a kind.
+
+#![forbid(unsafe_code)]
+
+use std::any::Any;
 
 use crate::error::{err, Result};
-use crate::kv::{KvCache, Status};
 use crate::state::io::{StateIn, StateOut};
-use crate::storage::KvStorage;
 use crate::ubatch::Ubatch;
+
+/// Status of a memory context (`llama_memory_status`); the values are llama.cpp's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// There is work to apply.
+    Success = 0,
+    /// Nothing to do.
+    NoUpdate = 1,
+    /// The ubatches do not fit.
+    FailedPrepare = 2,
+    /// Computing failed.
+    FailedCompute = 3,
+}
+
+/// What a part plays in its composite memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The full-attention cache of a sliding-window pair.
+    Base,
+    /// The sliding-window cache of a pair.
+    Swa,
+    /// The attention memory of a hybrid.
+    Attention,
+    /// The recurrent memory of a hybrid.
+    Recurrent,
+}
 
 /// Operations every memory offers (`llama_memory_i`). Sequence ids are checked against
 /// `[0, n_seq_max)`; a failed call changes nothing.
-pub trait Memory: Send {
+pub trait Memory: Any + Send {
     /// Removes all cells; `data` also zeroes the tensor buffers.
     fn clear(&mut self, data: bool);
     /// `llama_memory_seq_rm`: `seq_id == -1` matches every sequence.
@@ -19,9 +57,9 @@ pub trait Memory: Send {
     fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()>;
     /// `llama_memory_seq_keep`.
     fn seq_keep(&mut self, seq_id: i32) -> Result<()>;
-    /// `llama_memory_seq_add`.
+    /// `llama_memory_seq_add`. A memory that cannot shift refuses it.
     fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()>;
-    /// `llama_memory_seq_div`.
+    /// `llama_memory_seq_div`. A memory that cannot shift refuses it.
     fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()>;
     /// `llama_memory_seq_pos_min`.
     fn seq_pos_min(&self, seq_id: i32) -> Result<i32>;
@@ -31,82 +69,180 @@ pub trait Memory: Send {
     fn can_shift(&self) -> bool;
     /// Number of sequences the memory holds.
     fn n_seq_max(&self) -> u32;
-    /// The KV cache behind this memory, if it is one.
-    fn as_kv(&self) -> Option<&KvCache> {
-        None
-    }
-    /// The KV cache behind this memory, if it is one.
-    fn as_kv_mut(&mut self) -> Option<&mut KvCache> {
-        None
-    }
-    /// Copies the tensor data of whole streams (cross-stream `seq_cp`, applied by an update).
-    fn copy_streams(&mut self, _copies: &[(u32, u32)]) -> Result<()> {
-        Ok(())
-    }
-    /// The K/V tensors, if the memory has them.
-    fn storage(&self) -> Option<&KvStorage> {
-        None
-    }
-    /// Writes the state of `seq_id` (-1: all) in llama.cpp's layout.
-    fn state_write(&self, _seq_id: i32, _out: &mut StateOut<'_, '_>) -> Result<()> {
-        Err(err!(Unsupported, "this memory has no state format"))
-    }
+
+    /// Plans a batch already split into ubatches (`init_batch`). Invalid ubatches are an
+    /// error; ubatches that do not fit give a context whose status is `FailedPrepare`.
+    /// `spare` is a context of this memory that is no longer used: its buffers may be reused,
+    /// so that a steady decode loop does not allocate.
+    fn init_batch(
+        &mut self,
+        ubatches: &[Ubatch<'_>],
+        spare: Option<Box<dyn MemoryContext>>,
+    ) -> Result<Box<dyn MemoryContext>>;
+    /// A context over the whole memory (`init_full`), for worst-case graph reservation.
+    fn init_full(&mut self) -> Result<Box<dyn MemoryContext>>;
+    /// Takes the pending work (shifts, stream copies) into an update context (`init_update`).
+    fn init_update(&mut self, optimize: bool) -> Result<Box<dyn MemoryContext>>;
+
+    /// Writes the state of `seq_id` (-1: all) in llama.cpp's layout. `flags` are
+    /// `llama_state_seq_flags`; a memory without partial parts ignores `PARTIAL_ONLY`.
+    fn state_write(&self, seq_id: i32, flags: u32, out: &mut StateOut<'_, '_>) -> Result<()>;
     /// Restores a state into `seq_id` (-1: replace everything). On error nothing changed.
-    fn state_read(&mut self, _seq_id: i32, _inp: &mut StateIn<'_>) -> Result<()> {
-        Err(err!(Unsupported, "this memory has no state format"))
+    fn state_read(&mut self, seq_id: i32, flags: u32, inp: &mut StateIn<'_>) -> Result<()>;
+
+    /// Whether model layer `il` keeps its tensors in this memory (or in one of its parts).
+    fn has_layer(&self, il: u32) -> bool;
+    /// Number of parts of a composite memory; 0 for a leaf.
+    fn n_parts(&self) -> usize {
+        0
+    }
+    /// Part `i` of a composite memory, with its role.
+    fn part(&self, _i: usize) -> Option<(Role, &dyn Memory)> {
+        None
+    }
+    /// Part `i` of a composite memory, with its role.
+    fn part_mut(&mut self, _i: usize) -> Option<(Role, &mut dyn Memory)> {
+        None
+    }
+
+    /// The concrete memory, for [`find`].
+    fn as_any(&self) -> &dyn Any;
+    /// The concrete memory, for [`find_mut`].
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// The memory of kind `T` in `mem`: `mem` itself, or its only part (at any depth) of that
+/// kind. An error when there is none, or more than one (ask for a layer's part then).
+pub fn find<T: Memory>(mem: &dyn Memory) -> Result<&T> {
+    fn walk<'a, T: Memory>(mem: &'a dyn Memory, n: &mut usize, first: &mut Option<&'a T>) {
+        if let Some(t) = mem.as_any().downcast_ref::<T>() {
+            *n += 1;
+            first.get_or_insert(t);
+        }
+        for i in 0..mem.n_parts() {
+            if let Some((_, p)) = mem.part(i) {
+                walk(p, n, first);
+            }
+        }
+    }
+    let (mut n, mut first) = (0, None);
+    walk(mem, &mut n, &mut first);
+    match first {
+        Some(t) if n == 1 => Ok(t),
+        _ => Err(kind_error::<T>(n)),
+    }
+}
+
+/// Mutable variant of [`find`].
+pub fn find_mut<T: Memory>(mem: &mut dyn Memory) -> Result<&mut T> {
+    let n = visit(mem, &mut |m| m.as_any().is::<T>());
+    if n != 1 {
+        return Err(kind_error::<T>(n));
+    }
+    first_mut::<T>(mem).ok_or_else(|| kind_error::<T>(0))
+}
+
+/// The memory of kind `T` in `mem` that owns model layer `il`.
+pub fn find_for_layer<T: Memory>(mem: &dyn Memory, il: u32) -> Result<&T> {
+    if let Some(t) = mem.as_any().downcast_ref::<T>() {
+        return if t.has_layer(il) {
+            Ok(t)
+        } else {
+            Err(err!(InvalidArgument, "layer {il} is not in this memory"))
+        };
+    }
+    for i in 0..mem.n_parts() {
+        if let Some((_, p)) = mem.part(i) {
+            if p.has_layer(il) {
+                return find_for_layer(p, il);
+            }
+        }
+    }
+    Err(err!(InvalidArgument, "layer {il} is not in this memory"))
+}
+
+/// Calls `f` on `mem` and every part below it; returns how many calls returned true.
+fn visit(mem: &dyn Memory, f: &mut dyn FnMut(&dyn Memory) -> bool) -> usize {
+    let mut n = usize::from(f(mem));
+    for i in 0..mem.n_parts() {
+        if let Some((_, p)) = mem.part(i) {
+            n += visit(p, f);
+        }
+    }
+    n
+}
+
+fn first_mut<T: Memory>(mem: &mut dyn Memory) -> Option<&mut T> {
+    if mem.as_any().is::<T>() {
+        return mem.as_any_mut().downcast_mut::<T>();
+    }
+    for i in 0..mem.n_parts() {
+        let has = mem
+            .part(i)
+            .is_some_and(|(_, p)| visit(p, &mut |m| m.as_any().is::<T>()) > 0);
+        if has {
+            return mem.part_mut(i).and_then(|(_, p)| first_mut::<T>(p));
+        }
+    }
+    None
+}
+
+/// "No part of kind `T`", or "`n` of them" (the caller must name one).
+fn kind_error<T>(n: usize) -> crate::error::Error {
+    let kind = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("memory");
+    if n == 0 {
+        err!(Unsupported, "this memory has no {kind}")
+    } else {
+        err!(
+            Unsupported,
+            "this memory has {n} parts of kind {kind}; address one of them"
+        )
     }
 }
 
 /// A planned piece of work on a memory (`llama_memory_context_i`): a batch of ubatches, a
-/// full-cache reservation, or an update. It holds no reference to its memory; `apply` is given
-/// the memory it was made from.
-pub trait MemoryContext {
+/// full-memory reservation, or an update. It holds no reference to its memory; `apply` is
+/// given the memory it was made from.
+pub trait MemoryContext: Any {
     /// Status of the plan.
     fn status(&self) -> Status;
     /// Moves to the next ubatch; false when there is none.
     fn next(&mut self) -> bool;
-    /// Applies the current step to `mem` (the only mutation of memory while decoding).
+    /// Applies the current step to `mem`, the memory the context was made from (the only
+    /// mutation of memory while decoding).
     fn apply(&mut self, mem: &mut dyn Memory) -> Result<()>;
     /// The current ubatch of a batch context.
     fn ubatch(&self) -> Option<Ubatch<'_>>;
+    /// Sub-context `i` of a composite's context (one per part of the memory).
+    fn part(&self, _i: usize) -> Option<(Role, &dyn MemoryContext)> {
+        None
+    }
+    /// The concrete context.
+    fn as_any(&self) -> &dyn Any;
+    /// The concrete context, owned (to reuse its buffers).
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
-impl Memory for KvCache {
-    fn clear(&mut self, _data: bool) {
-        // Tensor storage arrives with the storage layer; the cells are all there is today.
-        KvCache::clear(self);
+/// The context of kind `T` in `ctx`: `ctx` itself or its only sub-context of that kind.
+pub fn find_ctx<T: MemoryContext>(ctx: &dyn MemoryContext) -> Result<&T> {
+    if let Some(t) = ctx.as_any().downcast_ref::<T>() {
+        return Ok(t);
     }
-    fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
-        KvCache::seq_rm(self, seq_id, p0, p1)
+    let mut found = None;
+    let mut n = 0;
+    let mut i = 0;
+    while let Some((_, p)) = ctx.part(i) {
+        if let Ok(t) = find_ctx::<T>(p) {
+            n += 1;
+            found.get_or_insert(t);
+        }
+        i += 1;
     }
-    fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
-        KvCache::seq_cp(self, src, dst, p0, p1)
-    }
-    fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
-        KvCache::seq_keep(self, seq_id)
-    }
-    fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
-        KvCache::seq_add(self, seq_id, p0, p1, delta)
-    }
-    fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
-        KvCache::seq_div(self, seq_id, p0, p1, d)
-    }
-    fn seq_pos_min(&self, seq_id: i32) -> Result<i32> {
-        KvCache::seq_pos_min(self, seq_id)
-    }
-    fn seq_pos_max(&self, seq_id: i32) -> Result<i32> {
-        KvCache::seq_pos_max(self, seq_id)
-    }
-    fn can_shift(&self) -> bool {
-        KvCache::can_shift(self)
-    }
-    fn n_seq_max(&self) -> u32 {
-        KvCache::n_seq_max(self)
-    }
-    fn as_kv(&self) -> Option<&KvCache> {
-        Some(self)
-    }
-    fn as_kv_mut(&mut self) -> Option<&mut KvCache> {
-        Some(self)
+    match found {
+        Some(t) if n == 1 => Ok(t),
+        _ => Err(kind_error::<T>(n)),
     }
 }

@@ -346,6 +346,8 @@ impl Pair {
 
     fn to_ours(u: &stock::Ubatch) -> UbatchBuf {
         let mut b = UbatchBuf {
+            n_seq_tokens: u.n_seq_tokens,
+            n_seqs: u.n_seqs,
             n_pos: u.n_pos,
             equal_seqs: u.equal_seqs,
             token: (!u.tokens.is_empty()).then(|| u.tokens.clone()),
@@ -353,6 +355,7 @@ impl Pair {
             seq_off: vec![0],
             seq_ids: Vec::new(),
             seq_id_unq: u.seq_id_unq.clone(),
+            output: None,
         };
         for ids in &u.seq_ids {
             b.seq_ids.extend_from_slice(ids);
@@ -583,7 +586,7 @@ impl Pair {
             self.fail(format!("update status {ours:?} vs stock {theirs:?}"));
         }
         if ours == llama_memory::Status::Success {
-            llama_memory::MemoryContext::apply(&mut ctx, &mut self.ours).unwrap();
+            ctx.apply_to(&mut self.ours, None).unwrap();
         }
     }
 

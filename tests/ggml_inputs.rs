@@ -6,6 +6,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ggml_sys as g;
+use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::llama_memory_clear_last_error;
 use llama_memory::ffi::error::llama_memory_result::{self, *};
 use llama_memory::ffi::kv::*;
@@ -74,6 +75,8 @@ fn c_ubatch(r: &stock::RawUbatch) -> llama_memory_ubatch {
         n_seq_id: r.n_seq_id,
         seq_id: r.seq_id,
         seq_id_unq: r.seq_id_unq,
+        seq_idx: std::ptr::null(),
+        output: std::ptr::null(),
     }
 }
 

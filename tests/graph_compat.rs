@@ -3,6 +3,10 @@
 //! cache's own shift graph, and row writes (`cpy_k`/`cpy_v` through `ggml_set_rows`) read back
 //! through views and through the state, which stock llama.cpp reads identically.
 
+// The graph builders take raw ggml pointers: every call here passes the live context of a
+// `Graph` and tensors made in it or owned by the storage, which is their safety contract.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
 use ggml_sys as g;
 use half::f16;
 use llama_memory::state::io::{Sink, StateIn, StateOut};
@@ -206,7 +210,7 @@ fn k_shift_matches_stock() {
         let st = m.storage.as_ref().unwrap();
         let nodes: Vec<_> = (0..2)
             .map(|il| {
-                st.k_shift(gr.ctx, il, HEAD, k_shift, std::ptr::null_mut(), &rope)
+                unsafe { st.k_shift(gr.ctx, il, HEAD, k_shift, std::ptr::null_mut(), &rope) }
                     .unwrap()
             })
             .collect();
@@ -273,8 +277,8 @@ fn row_writes_land_where_the_indices_say() {
         }
         let st = m.storage.as_ref().unwrap();
         let nodes = [
-            st.cpy_k(gr.ctx, 1, kc, ki).unwrap(),
-            st.cpy_v(gr.ctx, 1, vc, vi).unwrap(),
+            unsafe { st.cpy_k(gr.ctx, 1, kc, ki) }.unwrap(),
+            unsafe { st.cpy_v(gr.ctx, 1, vc, vi) }.unwrap(),
         ];
         gr.compute(&nodes);
 
@@ -325,19 +329,19 @@ fn row_writes_land_where_the_indices_say() {
 
         // The views see the written rows at the slot's cells.
         let st = m.storage.as_ref().unwrap();
-        let vk = st.view_k(gr.ctx, 1, 256, 0, 0, HEAD).unwrap();
+        let vk = unsafe { st.view_k(gr.ctx, 1, 256, 0, 0, HEAD) }.unwrap();
         // SAFETY: a view of our tensor; shape read only.
         let ne = unsafe { (*vk).ne };
         assert_eq!(ne, [HEAD as i64, 2, 256, 1]);
-        let vv = st.view_v(gr.ctx, 1, 256, 0, 0, HEAD).unwrap();
+        let vv = unsafe { st.view_v(gr.ctx, 1, 256, 0, 0, HEAD) }.unwrap();
         let ne = unsafe { (*vv).ne };
         if v_trans {
             assert_eq!(ne, [256, 2, HEAD as i64, 1]);
         } else {
             assert_eq!(ne, [HEAD as i64, 2, 256, 1]);
         }
-        assert!(st.view_k(gr.ctx, 1, 257, 0, 0, HEAD).is_err());
-        assert!(st.view_k(gr.ctx, 1, 256, 0, 1, HEAD).is_err());
-        assert!(st.view_k(gr.ctx, 1, 256, 0, 0, 5).is_err());
+        assert!(unsafe { st.view_k(gr.ctx, 1, 257, 0, 0, HEAD) }.is_err());
+        assert!(unsafe { st.view_k(gr.ctx, 1, 256, 0, 1, HEAD) }.is_err());
+        assert!(unsafe { st.view_k(gr.ctx, 1, 256, 0, 0, 5) }.is_err());
     }
 }

@@ -7,10 +7,10 @@
 
 use std::ffi::{CStr, CString};
 
+use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::{
     llama_memory_last_error, llama_memory_last_error_code, llama_memory_result,
 };
-use llama_memory::ffi::kv::*;
 use llama_memory::ffi::memory::*;
 use llama_memory::ffi::state::*;
 
@@ -78,6 +78,8 @@ fn fill(m: &Mem, seq: i32, p0: i32, n: usize) {
         n_seq_id: n_seq.as_ptr(),
         seq_id: seq_ptrs.as_ptr(),
         seq_id_unq: &seq,
+        seq_idx: std::ptr::null(),
+        output: std::ptr::null(),
     };
     let ctx = llama_memory_init_batch(m.0, &ub, 1);
     assert!(!ctx.is_null(), "{}", last_error());

@@ -6,6 +6,8 @@
 //! all (a whole-cache restore with `n_seq_id = 0` produces one); such a cell is never reused by
 //! the slot search and survives `seq_keep`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
@@ -75,18 +77,47 @@ pub struct Cells {
 
 impl Cells {
     /// A table of `n` empty cells.
+    ///
+    /// # Panics
+    /// If the allocation fails; [`Cells::try_new`] returns an error instead.
     pub fn new(n: u32) -> Self {
+        Self::try_new(n).expect("allocating the cell table")
+    }
+
+    /// A table of `n` empty cells, or an error when its memory cannot be allocated.
+    pub fn try_new(n: u32) -> Result<Self, std::collections::TryReserveError> {
+        fn reserved<T>(n: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)?;
+            Ok(v)
+        }
         let n = n as usize;
-        Cells {
-            pos: vec![-1; n],
-            ext: vec![CellExt::default(); n],
-            shift: vec![0; n],
-            seq: vec![SeqSet::ZERO; n],
-            used: bitvec![u64, Lsb0; 0; n],
+        // Reserve every table before filling any: a request that cannot be met fails before it
+        // touches (and so commits) any memory.
+        let (mut pos, mut ext, mut shift, mut seq, mut words) = (
+            reserved(n)?,
+            reserved(n)?,
+            reserved(n)?,
+            reserved(n)?,
+            reserved(n.div_ceil(64))?,
+        );
+        pos.resize(n, -1);
+        ext.resize(n, CellExt::default());
+        shift.resize(n, 0);
+        seq.resize(n, SeqSet::ZERO);
+        words.resize(n.div_ceil(64), 0u64);
+        let mut used = BitVec::from_vec(words);
+        used.truncate(n);
+        Ok(Cells {
+            pos,
+            ext,
+            shift,
+            seq,
+            used,
             n_used: 0,
             seq_pos: vec![BTreeSet::new(); MAX_SEQ],
             has_shift: false,
-        }
+        })
     }
 
     /// Empties every cell and forgets pending shifts.

@@ -66,14 +66,18 @@ thread_local! {
     static LAST: RefCell<Option<LastError>> = const { RefCell::new(None) };
 }
 
-/// Records `e` as this thread's last error.
+/// Records `e` as this thread's last error. When the thread's storage is already torn down
+/// (a call from an `atexit` handler or a TLS destructor) the message is dropped: the failure
+/// value still tells the caller, and nothing here can panic inside the panic boundary.
 pub(crate) fn set_error(e: &Error) {
     let message = CString::new(e.message().replace('\0', " ")).unwrap_or_default();
-    LAST.with(|l| {
-        *l.borrow_mut() = Some(LastError {
-            code: e.kind().into(),
-            message,
-        })
+    let _ = LAST.try_with(|l| {
+        if let Ok(mut slot) = l.try_borrow_mut() {
+            *slot = Some(LastError {
+                code: e.kind().into(),
+                message,
+            });
+        }
     });
 }
 
@@ -90,42 +94,42 @@ pub(crate) fn set_panic(payload: Box<dyn std::any::Any + Send>) {
     ));
 }
 
-/// Records `e` and returns its result code.
-pub(crate) fn fail(e: &Error) -> llama_memory_result {
-    set_error(e);
-    e.kind().into()
-}
-
 /// The message of this thread's last failure, or NULL if there was none since the last
 /// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
 /// until the next failing call or clear on this thread.
 #[no_mangle]
 pub extern "C" fn llama_memory_last_error() -> *const c_char {
-    ffi_boundary!(std::ptr::null(), {
-        LAST.with(|l| {
-            l.borrow()
-                .as_ref()
-                .map_or(std::ptr::null(), |e| e.message.as_ptr())
+    ffi_boundary!({
+        LAST.try_with(|l| {
+            l.try_borrow()
+                .ok()
+                .and_then(|e| e.as_ref().map(|e| e.message.as_ptr()))
         })
+        .ok()
+        .flatten()
+        .unwrap_or(std::ptr::null())
     })
 }
 
 /// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
 #[no_mangle]
 pub extern "C" fn llama_memory_last_error_code() -> llama_memory_result {
-    ffi_boundary!(llama_memory_result::LLAMA_MEMORY_ERR_INTERNAL, {
-        LAST.with(|l| {
-            l.borrow()
-                .as_ref()
-                .map_or(llama_memory_result::LLAMA_MEMORY_OK, |e| e.code)
-        })
+    ffi_boundary!({
+        LAST.try_with(|l| l.try_borrow().ok().and_then(|e| e.as_ref().map(|e| e.code)))
+            .ok()
+            .flatten()
+            .unwrap_or(llama_memory_result::LLAMA_MEMORY_OK)
     })
 }
 
 /// Forgets this thread's last error.
 #[no_mangle]
 pub extern "C" fn llama_memory_clear_last_error() {
-    ffi_boundary!((), {
-        LAST.with(|l| *l.borrow_mut() = None);
+    ffi_boundary!({
+        let _ = LAST.try_with(|l| {
+            if let Ok(mut slot) = l.try_borrow_mut() {
+                *slot = None;
+            }
+        });
     })
 }

@@ -5,22 +5,24 @@ use ggml_sys as g;
 
 use super::memory::llama_memory_t;
 use crate::error::{err, Result};
+use crate::kv::KvMemory;
+use crate::memory::find_for_layer;
 use crate::storage::graph::llama_memory_rope_params;
 use crate::storage::KvStorage;
 
+/// Runs `f` on the tensors of the KV memory (or KV part) that owns layer `il`.
 fn with_storage(
     mem: llama_memory_t,
+    il: u32,
     f: impl FnOnce(&KvStorage) -> Result<*mut g::ggml_tensor>,
 ) -> *mut g::ggml_tensor {
-    let null = std::ptr::null_mut();
-    let m = try_ref!(null, mem, "mem");
-    let st = try_or!(
-        null,
-        m.inner
-            .storage()
-            .ok_or_else(|| err!(Unsupported, "this memory has no tensors"))
-    );
-    try_or!(null, f(st))
+    let m = try_ref!(mem, "mem");
+    let kv = try_or!(find_for_layer::<KvMemory>(&*m.inner, il));
+    let st = try_or!(kv
+        .storage
+        .as_ref()
+        .ok_or_else(|| err!(Unsupported, "this memory has no tensors")));
+    try_or!(f(st))
 }
 
 /// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
@@ -35,8 +37,11 @@ pub extern "C" fn llama_memory_kv_view_k(
     s1: u32,
     n_embd_head_k: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), {
-        with_storage(mem, |st| st.view_k(ctx, il, n_kv, s0, s1, n_embd_head_k))
+    ffi_boundary!({
+        with_storage(mem, il, |st| {
+            // SAFETY: the header requires ctx to be NULL or a valid ggml context.
+            unsafe { st.view_k(ctx, il, n_kv, s0, s1, n_embd_head_k) }
+        })
     })
 }
 
@@ -52,8 +57,11 @@ pub extern "C" fn llama_memory_kv_view_v(
     s1: u32,
     n_embd_head_v: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), {
-        with_storage(mem, |st| st.view_v(ctx, il, n_kv, s0, s1, n_embd_head_v))
+    ffi_boundary!({
+        with_storage(mem, il, |st| {
+            // SAFETY: the header requires ctx to be NULL or a valid ggml context.
+            unsafe { st.view_v(ctx, il, n_kv, s0, s1, n_embd_head_v) }
+        })
     })
 }
 
@@ -67,8 +75,11 @@ pub extern "C" fn llama_memory_kv_cpy_k(
     k_cur: *mut g::ggml_tensor,
     k_idxs: *mut g::ggml_tensor,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), {
-        with_storage(mem, |st| st.cpy_k(ctx, il, k_cur, k_idxs))
+    ffi_boundary!({
+        with_storage(mem, il, |st| {
+            // SAFETY: the header requires ctx and the tensors to be NULL or valid.
+            unsafe { st.cpy_k(ctx, il, k_cur, k_idxs) }
+        })
     })
 }
 
@@ -81,8 +92,11 @@ pub extern "C" fn llama_memory_kv_cpy_v(
     v_cur: *mut g::ggml_tensor,
     v_idxs: *mut g::ggml_tensor,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), {
-        with_storage(mem, |st| st.cpy_v(ctx, il, v_cur, v_idxs))
+    ffi_boundary!({
+        with_storage(mem, il, |st| {
+            // SAFETY: the header requires ctx and the tensors to be NULL or valid.
+            unsafe { st.cpy_v(ctx, il, v_cur, v_idxs) }
+        })
     })
 }
 
@@ -98,11 +112,11 @@ pub extern "C" fn llama_memory_kv_build_k_shift(
     rope_factors: *mut g::ggml_tensor,
     rope: *const llama_memory_rope_params,
 ) -> *mut g::ggml_tensor {
-    let null = std::ptr::null_mut();
-    ffi_boundary!(null, {
-        let r = *try_ref!(null, rope, "rope");
-        with_storage(mem, |st| {
-            st.k_shift(ctx, il, n_embd_head_k, k_shift, rope_factors, &r)
+    ffi_boundary!({
+        let r = *try_arg!(rope, "rope");
+        with_storage(mem, il, |st| {
+            // SAFETY: the header requires ctx and the tensors to be NULL or valid.
+            unsafe { st.k_shift(ctx, il, n_embd_head_k, k_shift, rope_factors, &r) }
         })
     })
 }

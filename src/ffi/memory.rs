@@ -2,11 +2,11 @@
 
 use std::ffi::{c_char, c_int};
 
-use super::error::{fail, llama_memory_result};
-use crate::error::{err, ErrorKind};
-use crate::kv::{KvCache, KvParams, NonCausalType, SwaType};
-use crate::memory::Memory;
-use crate::state::kv::KvMemory;
+use super::error::llama_memory_result;
+use super::handle::{Castable, OwnershipBox};
+use crate::error::err;
+use crate::kv::{KvCache, KvMemory, KvParams, NonCausalType, SwaType};
+use crate::memory::{find, Memory};
 
 /// `llama_pos` of llama.h.
 #[allow(non_camel_case_types)]
@@ -18,21 +18,38 @@ pub type llama_seq_id = i32;
 #[allow(non_camel_case_types)]
 pub type llama_token = i32;
 
-/// The memory behind a `llama_memory_t`: an opaque struct holding one memory object. The C
-/// pointer is thin; the trait object (a fat pointer) stays inside.
+/// The memory behind a `llama_memory_t`, an opaque struct (llama.h's `struct llama_memory_i`).
+/// The C pointer is thin; the trait object (a fat pointer) stays inside.
 #[allow(non_camel_case_types)]
 pub struct llama_memory_i {
+    _private: [u8; 0],
+}
+
+impl Castable for llama_memory_i {
+    type Ownership = OwnershipBox;
+    type RustType = MemoryHandle;
+}
+
+/// What a memory handle holds.
+pub(crate) struct MemoryHandle {
     pub(crate) inner: Box<dyn Memory>,
     /// Tensor bytes of `ON_DEVICE` sequence states, per source sequence.
     pub(crate) stash: crate::state::Stash,
+    /// The last freed context, kept so the next `init_batch` reuses its allocations.
+    pub(crate) spare_ctx: Option<Box<super::context::ContextHandle>>,
+    /// Sequence ids of the ubatches being read from C.
+    pub(crate) scratch: super::context::UbatchScratch,
 }
 
-impl llama_memory_i {
+impl MemoryHandle {
+    /// A new handle owning `inner`.
     pub(crate) fn boxed(inner: Box<dyn Memory>) -> llama_memory_t {
-        Box::into_raw(Box::new(llama_memory_i {
+        super::handle::to_boxed_mut_ptr(MemoryHandle {
             inner,
             stash: Default::default(),
-        }))
+            spare_ctx: None,
+            scratch: Default::default(),
+        })
     }
 }
 
@@ -162,31 +179,29 @@ pub extern "C" fn llama_memory_kv_default_params() -> llama_memory_kv_params {
 /// Free it with `llama_memory_free`.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_init(params: llama_memory_kv_params) -> llama_memory_t {
-    ffi_boundary!(std::ptr::null_mut(), {
-        let p = try_or!(std::ptr::null_mut(), KvParams::try_from(params));
-        let kv = try_or!(std::ptr::null_mut(), KvCache::new(p));
-        let mem = try_or!(std::ptr::null_mut(), KvMemory::new(kv, None));
-        llama_memory_i::boxed(Box::new(mem))
+    ffi_boundary!({
+        let p = try_or!(KvParams::try_from(params));
+        let kv = try_or!(KvCache::new(p));
+        let mem = try_or!(KvMemory::new(kv, None));
+        MemoryHandle::boxed(Box::new(mem))
     })
 }
 
 /// Frees a memory. NULL is accepted. Contexts made from it must be freed first.
 #[no_mangle]
 pub extern "C" fn llama_memory_free(mem: llama_memory_t) {
-    ffi_boundary!((), {
-        if !mem.is_null() {
-            // SAFETY: a non-NULL handle comes from Box::into_raw in a constructor and the
-            // header forbids using it after this call.
-            drop(unsafe { Box::from_raw(mem) });
-        }
+    ffi_boundary!({
+        // SAFETY: a non-NULL handle comes from a constructor and the header forbids using it
+        // after this call.
+        unsafe { super::handle::free_box(mem) }
     })
 }
 
 /// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
 #[no_mangle]
 pub extern "C" fn llama_memory_clear(mem: llama_memory_t, data: bool) {
-    ffi_boundary!((), {
-        let m = try_mut!((), mem, "mem");
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
         m.inner.clear(data);
     })
 }
@@ -201,9 +216,10 @@ pub extern "C" fn llama_memory_seq_rm(
     p0: llama_pos,
     p1: llama_pos,
 ) -> bool {
-    ffi_boundary!(false, {
+    ffi_boundary!({
+        // llama.h: a NULL memory has nothing to remove, which succeeds.
         let m = try_mut!(true, mem, "mem");
-        try_or!(false, m.inner.seq_rm(seq_id, p0, p1))
+        try_or!(m.inner.seq_rm(seq_id, p0, p1))
     })
 }
 
@@ -218,18 +234,18 @@ pub extern "C" fn llama_memory_seq_cp(
     p0: llama_pos,
     p1: llama_pos,
 ) {
-    ffi_boundary!((), {
-        let m = try_mut!((), mem, "mem");
-        try_or!((), m.inner.seq_cp(seq_id_src, seq_id_dst, p0, p1));
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_cp(seq_id_src, seq_id_dst, p0, p1));
     })
 }
 
 /// Removes every token that does not belong to `seq_id` (in its stream).
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_keep(mem: llama_memory_t, seq_id: llama_seq_id) {
-    ffi_boundary!((), {
-        let m = try_mut!((), mem, "mem");
-        try_or!((), m.inner.seq_keep(seq_id));
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_keep(seq_id));
     })
 }
 
@@ -242,9 +258,9 @@ pub extern "C" fn llama_memory_seq_add(
     p1: llama_pos,
     delta: llama_pos,
 ) {
-    ffi_boundary!((), {
-        let m = try_mut!((), mem, "mem");
-        try_or!((), m.inner.seq_add(seq_id, p0, p1, delta));
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_add(seq_id, p0, p1, delta));
     })
 }
 
@@ -258,35 +274,35 @@ pub extern "C" fn llama_memory_seq_div(
     p1: llama_pos,
     d: c_int,
 ) {
-    ffi_boundary!((), {
-        let m = try_mut!((), mem, "mem");
-        try_or!((), m.inner.seq_div(seq_id, p0, p1, d));
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_div(seq_id, p0, p1, d));
     })
 }
 
 /// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_pos_min(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
-    ffi_boundary!(-1, {
-        let m = try_ref!(-1, mem, "mem");
-        try_or!(-1, m.inner.seq_pos_min(seq_id))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(m.inner.seq_pos_min(seq_id))
     })
 }
 
 /// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_pos_max(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
-    ffi_boundary!(-1, {
-        let m = try_ref!(-1, mem, "mem");
-        try_or!(-1, m.inner.seq_pos_max(seq_id))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(m.inner.seq_pos_max(seq_id))
     })
 }
 
 /// Whether the memory supports position shifts; false for NULL.
 #[no_mangle]
 pub extern "C" fn llama_memory_can_shift(mem: llama_memory_t) -> bool {
-    ffi_boundary!(false, {
-        let m = try_ref!(false, mem, "mem");
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
         m.inner.can_shift()
     })
 }
@@ -294,55 +310,47 @@ pub extern "C" fn llama_memory_can_shift(mem: llama_memory_t) -> bool {
 /// Number of sequences of the memory, 0 for NULL.
 #[no_mangle]
 pub extern "C" fn llama_memory_n_seq_max(mem: llama_memory_t) -> u32 {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
         m.inner.n_seq_max()
     })
 }
 
-pub(crate) fn kv_of(m: &llama_memory_i) -> crate::error::Result<&KvCache> {
-    m.inner
-        .as_kv()
-        .ok_or_else(|| crate::error::Error::new(ErrorKind::Unsupported, "not a KV cache"))
-}
-
-pub(crate) fn kv_of_mut(m: &mut llama_memory_i) -> crate::error::Result<&mut KvCache> {
-    m.inner
-        .as_kv_mut()
-        .ok_or_else(|| crate::error::Error::new(ErrorKind::Unsupported, "not a KV cache"))
+/// The KV cache of a memory: the memory itself or its only KV part.
+pub(crate) fn kv_of(m: &MemoryHandle) -> crate::error::Result<&KvCache> {
+    find::<KvMemory>(&*m.inner).map(|k| &k.cache)
 }
 
 /// Cells per stream of a KV cache, 0 on error.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_size(mem: llama_memory_t) -> u32 {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        try_or!(0, kv_of(m)).size()
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(kv_of(m)).size()
     })
 }
 
 /// Number of streams of a KV cache, 0 on error.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_n_stream(mem: llama_memory_t) -> u32 {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        try_or!(0, kv_of(m)).n_stream()
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(kv_of(m)).n_stream()
     })
 }
 
 /// Used cells of one stream, 0 on error.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_n_used(mem: llama_memory_t, stream: u32) -> u32 {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        let kv = try_or!(0, kv_of(m));
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let kv = try_or!(kv_of(m));
         if stream >= kv.n_stream() {
-            crate::ffi::error::set_error(&err!(
+            bail!(err!(
                 InvalidArgument,
                 "stream {stream} >= {}",
                 kv.n_stream()
             ));
-            return 0;
         }
         kv.cells(stream).get_used()
     })
@@ -360,28 +368,24 @@ pub extern "C" fn llama_memory_kv_get_cell(
     shift: *mut llama_pos,
     seq_bits: *mut u64,
 ) -> llama_memory_result {
-    ffi_boundary!(llama_memory_result::LLAMA_MEMORY_ERR_INTERNAL, {
-        let fail_null = llama_memory_result::LLAMA_MEMORY_ERR_NULL_ARGUMENT;
-        let m = try_ref!(fail_null, mem, "mem");
-        let kv = match kv_of(m) {
-            Ok(kv) => kv,
-            Err(e) => return fail(&e),
-        };
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let kv = try_or!(kv_of(m));
         if stream >= kv.n_stream() || cell >= kv.size() {
-            return fail(&err!(
+            bail!(err!(
                 InvalidArgument,
                 "cell {cell} of stream {stream} is outside the cache"
             ));
         }
-        let out_pos = try_slice_mut!(fail_null, pos, 1, "pos");
+        let out_pos = try_slice_mut!(pos, 1, "pos");
         let c = kv.cells(stream);
         out_pos[0] = c.pos_get(cell);
         if !shift.is_null() {
-            let s = try_slice_mut!(fail_null, shift, 1, "shift");
+            let s = try_slice_mut!(shift, 1, "shift");
             s[0] = c.get_shift(cell);
         }
         if !seq_bits.is_null() {
-            let words = try_slice_mut!(fail_null, seq_bits, 4, "seq_bits");
+            let words = try_slice_mut!(seq_bits, 4, "seq_bits");
             for (w, v) in words.iter_mut().zip(c.seq_get_all(cell).as_raw_slice()) {
                 *w = *v;
             }

@@ -7,13 +7,13 @@
 // Entry points take raw pointers from C, which cannot see an `unsafe` qualifier; the header
 // states each pointer's contract and every dereference is checked for NULL first.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
-// The checking macros take the function's failure value, which is `()` for void functions.
-#![allow(clippy::unused_unit)]
 
 #[macro_use]
 mod boundary;
+pub mod context;
 pub mod error;
 pub mod graph;
+mod handle;
 pub mod kv;
 pub mod memory;
 pub mod state;

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use ggml_sys as g;
 
 use super::memory::{
-    llama_memory_i, llama_memory_kv_params, llama_memory_t, llama_seq_id, llama_token,
+    llama_memory_kv_params, llama_memory_t, llama_seq_id, llama_token, MemoryHandle,
 };
 use crate::error::{err, Result};
+use crate::kv::KvMemory;
 use crate::kv::{KvCache, KvParams};
+use crate::memory::{find, find_for_layer};
 use crate::state;
-use crate::state::kv::KvMemory;
 use crate::storage::{KvStorage, LayerSpec, StorageSpec};
 
 /// `llama_state_seq_flags` of llama.h.
@@ -93,20 +94,16 @@ pub extern "C" fn llama_memory_kv_init_with_storage(
     params: llama_memory_kv_params,
     storage: *const llama_memory_kv_storage_params,
 ) -> llama_memory_t {
-    let null = std::ptr::null_mut();
-    ffi_boundary!(null, {
-        let sp = try_ref!(null, storage, "storage");
-        let layers = try_slice!(null, sp.layers, sp.n_layers, "storage.layers");
-        let mut p = try_or!(null, KvParams::try_from(params));
+    ffi_boundary!({
+        let sp = try_arg!(storage, "storage");
+        let layers = try_slice!(sp.layers, sp.n_layers, "storage.layers");
+        let mut p = try_or!(KvParams::try_from(params));
         let mut specs = Vec::with_capacity(layers.len());
         for l in layers {
             let reuse = match l.reuse {
                 -1 => None,
                 r if r >= 0 => Some(r as u32),
-                r => {
-                    super::error::set_error(&err!(InvalidArgument, "layer {}: reuse {r}", l.il));
-                    return null;
-                }
+                r => bail!(err!(InvalidArgument, "layer {}: reuse {r}", l.il)),
             };
             specs.push(LayerSpec {
                 il: l.il,
@@ -116,8 +113,8 @@ pub extern "C" fn llama_memory_kv_init_with_storage(
                 buft: l.buft,
             });
         }
-        let type_k = try_or!(null, ggml_type_of(sp.type_k));
-        let type_v = try_or!(null, ggml_type_of(sp.type_v));
+        let type_k = try_or!(ggml_type_of(sp.type_k));
+        let type_v = try_or!(ggml_type_of(sp.type_v));
         let n_stream = if p.unified { 1 } else { p.n_seq_max };
         if p.v_trans && p.n_embd_v_gqa_max == 0 && !sp.is_mla {
             p.n_embd_v_gqa_max = specs
@@ -127,40 +124,34 @@ pub extern "C" fn llama_memory_kv_init_with_storage(
                 .max()
                 .unwrap_or(0);
         }
-        let kv = try_or!(null, KvCache::new(p));
-        let st = try_or!(
-            null,
-            KvStorage::new(StorageSpec {
-                type_k,
-                type_v,
-                v_trans: p.v_trans,
-                is_mla: sp.is_mla,
-                size: p.size,
-                n_stream,
-                n_rot_k: sp.n_rot_k,
-                n_rot_v: sp.n_rot_v,
-                layers: specs,
-            })
-        );
-        let mem = try_or!(null, KvMemory::new(kv, Some(st)));
-        llama_memory_i::boxed(Box::new(mem))
+        let kv = try_or!(KvCache::new(p));
+        let st = try_or!(KvStorage::new(StorageSpec {
+            type_k,
+            type_v,
+            v_trans: p.v_trans,
+            is_mla: sp.is_mla,
+            size: p.size,
+            n_stream,
+            n_rot_k: sp.n_rot_k,
+            n_rot_v: sp.n_rot_v,
+            layers: specs,
+        }));
+        let mem = try_or!(KvMemory::new(kv, Some(st)));
+        MemoryHandle::boxed(Box::new(mem))
     })
 }
 
 fn layer_tensor(mem: llama_memory_t, il: u32, v: bool) -> *mut g::ggml_tensor {
-    let null = std::ptr::null_mut();
-    let m = try_ref!(null, mem, "mem");
-    let Some(st) = m.inner.storage() else {
-        super::error::set_error(&err!(Unsupported, "this memory has no tensors"));
-        return null;
-    };
+    let m = try_ref!(mem, "mem");
+    let kv = try_or!(find_for_layer::<KvMemory>(&*m.inner, il));
+    let st = try_or!(kv
+        .storage
+        .as_ref()
+        .ok_or_else(|| err!(Unsupported, "this memory has no tensors")));
     match st.layer(il) {
         Some(l) if !v => l.k,
         Some(l) if !l.v.is_null() => l.v,
-        _ => {
-            super::error::set_error(&err!(InvalidArgument, "layer {il} has no such tensor"));
-            null
-        }
+        _ => bail!(err!(InvalidArgument, "layer {il} has no such tensor")),
     }
 }
 
@@ -171,7 +162,7 @@ pub extern "C" fn llama_memory_kv_get_k_tensor(
     mem: llama_memory_t,
     il: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), { layer_tensor(mem, il, false) })
+    ffi_boundary!({ layer_tensor(mem, il, false) })
 }
 
 /// The V tensor of model layer `il` (`[E_v, size, n_stream]`, transposed per stream when the
@@ -181,7 +172,7 @@ pub extern "C" fn llama_memory_kv_get_v_tensor(
     mem: llama_memory_t,
     il: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!(std::ptr::null_mut(), { layer_tensor(mem, il, true) })
+    ffi_boundary!({ layer_tensor(mem, il, true) })
 }
 
 /// Memory breakdown (`memory_breakdown`): writes up to `cap` (buffer type, bytes) pairs and
@@ -194,15 +185,16 @@ pub extern "C" fn llama_memory_kv_memory_breakdown(
     sizes: *mut usize,
     cap: usize,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        let Some(st) = m.inner.storage() else {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let kv = try_or!(find::<KvMemory>(&*m.inner));
+        let Some(st) = &kv.storage else {
             return 0;
         };
         let bd = st.memory_breakdown();
         let n = bd.len().min(cap);
-        let out_b = try_slice_mut!(0, bufts, n, "bufts");
-        let out_s = try_slice_mut!(0, sizes, n, "sizes");
+        let out_b = try_slice_mut!(bufts, n, "bufts");
+        let out_s = try_slice_mut!(sizes, n, "sizes");
         for (i, (b, s)) in bd.iter().take(n).enumerate() {
             out_b[i] = *b;
             out_s[i] = *s;
@@ -215,9 +207,9 @@ pub extern "C" fn llama_memory_kv_memory_breakdown(
 /// 0 on error.
 #[no_mangle]
 pub extern "C" fn llama_memory_state_get_size(mem: llama_memory_t) -> usize {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        try_or!(0, state::get_size(&*m.inner))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(state::get_size(&*m.inner))
     })
 }
 
@@ -229,10 +221,10 @@ pub extern "C" fn llama_memory_state_get_data(
     dst: *mut u8,
     size: usize,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        let out = try_slice_mut!(0, dst, size, "dst");
-        try_or!(0, state::get_data(&*m.inner, out))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let out = try_slice_mut!(dst, size, "dst");
+        try_or!(state::get_data(&*m.inner, out))
     })
 }
 
@@ -244,10 +236,10 @@ pub extern "C" fn llama_memory_state_set_data(
     src: *const u8,
     size: usize,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_mut!(0, mem, "mem");
-        let inp = try_slice!(0, src, size, "src");
-        try_or!(0, state::set_data(&mut *m.inner, inp))
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let inp = try_slice!(src, size, "src");
+        try_or!(state::set_data(&mut *m.inner, inp))
     })
 }
 
@@ -292,9 +284,9 @@ pub extern "C" fn llama_memory_state_seq_get_size_ext(
     seq_id: llama_seq_id,
     flags: llama_state_seq_flags,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        try_or!(0, state::seq_get_size(&*m.inner, seq_id, flags))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(state::seq_get_size(&*m.inner, seq_id, flags))
     })
 }
 
@@ -307,13 +299,16 @@ pub extern "C" fn llama_memory_state_seq_get_data_ext(
     seq_id: llama_seq_id,
     flags: llama_state_seq_flags,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_mut!(0, mem, "mem");
-        let out = try_slice_mut!(0, dst, size, "dst");
-        try_or!(
-            0,
-            state::seq_get_data(&*m.inner, out, seq_id, flags, &mut m.stash)
-        )
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let out = try_slice_mut!(dst, size, "dst");
+        try_or!(state::seq_get_data(
+            &*m.inner,
+            out,
+            seq_id,
+            flags,
+            &mut m.stash
+        ))
     })
 }
 
@@ -326,13 +321,16 @@ pub extern "C" fn llama_memory_state_seq_set_data_ext(
     dest_seq_id: llama_seq_id,
     flags: llama_state_seq_flags,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_mut!(0, mem, "mem");
-        let inp = try_slice!(0, src, size, "src");
-        try_or!(
-            0,
-            state::seq_set_data(&mut *m.inner, inp, dest_seq_id, flags, &m.stash)
-        )
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let inp = try_slice!(src, size, "src");
+        try_or!(state::seq_set_data(
+            &mut *m.inner,
+            inp,
+            dest_seq_id,
+            flags,
+            &m.stash
+        ))
     })
 }
 
@@ -357,11 +355,11 @@ pub extern "C" fn llama_memory_state_seq_save_file(
     tokens: *const llama_token,
     n_token_count: usize,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_ref!(0, mem, "mem");
-        let path = try_or!(0, path_of(filepath));
-        let toks = try_slice!(0, tokens, n_token_count, "tokens");
-        try_or!(0, state::seq_save_file(&*m.inner, &path, seq_id, toks))
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let path = try_or!(path_of(filepath));
+        let toks = try_slice!(tokens, n_token_count, "tokens");
+        try_or!(state::seq_save_file(&*m.inner, &path, seq_id, toks))
     })
 }
 
@@ -379,24 +377,21 @@ pub extern "C" fn llama_memory_state_seq_load_file(
     n_token_capacity: usize,
     n_token_count_out: *mut usize,
 ) -> usize {
-    ffi_boundary!(0, {
-        let m = try_mut!(0, mem, "mem");
-        let path = try_or!(0, path_of(filepath));
-        let count = try_slice_mut!(0, n_token_count_out, 1, "n_token_count_out");
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let path = try_or!(path_of(filepath));
+        let count = try_slice_mut!(n_token_count_out, 1, "n_token_count_out");
         let toks = if tokens_out.is_null() {
             None
         } else {
-            Some(try_slice_mut!(
-                0,
-                tokens_out,
-                n_token_capacity,
-                "tokens_out"
-            ))
+            Some(try_slice_mut!(tokens_out, n_token_capacity, "tokens_out"))
         };
-        let r = try_or!(
-            0,
-            state::seq_load_file(&mut *m.inner, &path, dest_seq_id, toks)
-        );
+        let r = try_or!(state::seq_load_file(
+            &mut *m.inner,
+            &path,
+            dest_seq_id,
+            toks
+        ));
         count[0] = r.n_tokens;
         r.read
     })

@@ -1,39 +1,63 @@
 //! Memory contexts of the KV cache (`llama_kv_cache_context`): the plan for one batch, a full
 //! reservation, or one update, applied step by step by the caller.
 
-use super::{KvCache, SlotInfo, Status};
+use std::any::Any;
+
+use super::{KvCache, KvMemory, SlotInfo};
 use crate::error::{err, Result};
-use crate::memory::{Memory, MemoryContext};
+use crate::memory::{find_mut, Memory, MemoryContext, Status};
+use crate::storage::KvStorage;
 use crate::ubatch::{Ubatch, UbatchBuf};
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Mode {
     Failed(Status),
-    Full(SlotInfo),
-    Update {
-        do_shift: bool,
-        copies: Vec<(u32, u32)>,
-    },
-    Batch {
-        slots: Vec<SlotInfo>,
-        ubatches: Vec<UbatchBuf>,
-        cur: usize,
-    },
+    Full,
+    Update { do_shift: bool },
+    Batch,
 }
 
-/// One planned piece of work on a [`KvCache`].
+/// One planned piece of work on a [`KvCache`]. Its buffers are reused when it is handed back
+/// to the next `init_batch` as the spare context.
 #[derive(Debug)]
 pub struct KvContext {
     mode: Mode,
+    /// A batch's slot per ubatch, or a full context's dummy whole-cache slot.
+    slots: Vec<SlotInfo>,
+    /// A batch's ubatches; entries past `n_ubatches` are spare buffers.
+    ubatches: Vec<UbatchBuf>,
+    n_ubatches: usize,
+    cur: usize,
+    /// An update's stream copies (source, destination).
+    copies: Vec<(u32, u32)>,
     n_kv: u32,
 }
 
 impl KvContext {
+    fn new(mode: Mode, spare: Option<KvContext>) -> Self {
+        let mut c = spare.unwrap_or(KvContext {
+            mode,
+            slots: Vec::new(),
+            ubatches: Vec::new(),
+            n_ubatches: 0,
+            cur: 0,
+            copies: Vec::new(),
+            n_kv: 0,
+        });
+        c.mode = mode;
+        c.slots.clear();
+        c.n_ubatches = 0;
+        c.cur = 0;
+        c.copies.clear();
+        c.n_kv = 0;
+        c
+    }
+
     /// The slot of the current ubatch (the dummy full-cache slot for a full context).
     pub fn slot(&self) -> Option<&SlotInfo> {
-        match &self.mode {
-            Mode::Full(s) => Some(s),
-            Mode::Batch { slots, cur, .. } => slots.get(*cur),
+        match self.mode {
+            Mode::Full => self.slots.first(),
+            Mode::Batch => self.slots.get(self.cur),
             _ => None,
         }
     }
@@ -46,65 +70,39 @@ impl KvContext {
 
     /// Number of ubatches of a batch context.
     pub fn n_ubatches(&self) -> usize {
-        match &self.mode {
-            Mode::Batch { ubatches, .. } => ubatches.len(),
-            _ => 0,
-        }
+        self.n_ubatches
     }
 
     /// Stream copies an update context applies (source, destination).
     pub fn stream_copies(&self) -> &[(u32, u32)] {
-        match &self.mode {
-            Mode::Update { copies, .. } => copies,
-            _ => &[],
-        }
-    }
-}
-
-impl MemoryContext for KvContext {
-    fn status(&self) -> Status {
-        match &self.mode {
-            Mode::Failed(s) => *s,
-            Mode::Update { do_shift, copies } if !*do_shift && copies.is_empty() => {
-                Status::NoUpdate
-            }
-            _ => Status::Success,
-        }
+        &self.copies
     }
 
-    fn next(&mut self) -> bool {
-        match &mut self.mode {
-            Mode::Batch { ubatches, cur, .. } if *cur < ubatches.len() => {
-                *cur += 1;
-                *cur < ubatches.len()
-            }
-            _ => false,
-        }
-    }
-
-    fn apply(&mut self, mem: &mut dyn Memory) -> Result<()> {
-        if let Mode::Update { copies, .. } = &self.mode {
-            mem.copy_streams(copies)?;
-        }
-        let kv = mem
-            .as_kv_mut()
-            .ok_or_else(|| err!(InvalidArgument, "this context belongs to a KV cache"))?;
-        match &mut self.mode {
+    /// Applies the current step to a cache and, when it has them, its tensors: places the
+    /// current ubatch, or (update) copies the queued streams and clears the pending shifts.
+    pub fn apply_to(&mut self, kv: &mut KvCache, storage: Option<&mut KvStorage>) -> Result<()> {
+        match self.mode {
             Mode::Failed(s) => Err(err!(
                 InvalidArgument,
                 "cannot apply a failed context (status {s:?})"
             )),
-            Mode::Full(_) => Ok(()),
-            Mode::Update { do_shift, copies } => {
-                kv.apply_update(*do_shift, copies)?;
+            Mode::Full => Ok(()),
+            Mode::Update { do_shift } => {
+                if let Some(st) = storage {
+                    for &(a, b) in &self.copies {
+                        st.copy_stream(a, b)?;
+                    }
+                }
+                if do_shift {
+                    kv.reset_shifts();
+                }
                 Ok(())
             }
-            Mode::Batch {
-                slots,
-                ubatches,
-                cur,
-            } => {
-                let (Some(slot), Some(ub)) = (slots.get(*cur), ubatches.get(*cur)) else {
+            Mode::Batch => {
+                let (Some(slot), Some(ub)) = (
+                    self.slots.get(self.cur),
+                    self.ubatches[..self.n_ubatches].get(self.cur),
+                ) else {
                     return Err(err!(
                         InvalidArgument,
                         "the batch context has no ubatch left"
@@ -120,53 +118,93 @@ impl MemoryContext for KvContext {
             }
         }
     }
+}
+
+impl MemoryContext for KvContext {
+    fn status(&self) -> Status {
+        match self.mode {
+            Mode::Failed(s) => s,
+            Mode::Update { do_shift } if !do_shift && self.copies.is_empty() => Status::NoUpdate,
+            _ => Status::Success,
+        }
+    }
+
+    fn next(&mut self) -> bool {
+        match self.mode {
+            Mode::Batch if self.cur < self.n_ubatches => {
+                self.cur += 1;
+                self.cur < self.n_ubatches
+            }
+            _ => false,
+        }
+    }
+
+    fn apply(&mut self, mem: &mut dyn Memory) -> Result<()> {
+        let m = find_mut::<KvMemory>(mem)?;
+        self.apply_to(&mut m.cache, m.storage.as_mut())
+    }
 
     fn ubatch(&self) -> Option<Ubatch<'_>> {
-        match &self.mode {
-            Mode::Batch { ubatches, cur, .. } => ubatches.get(*cur).map(UbatchBuf::view),
+        match self.mode {
+            Mode::Batch => self.ubatches[..self.n_ubatches]
+                .get(self.cur)
+                .map(UbatchBuf::view),
             _ => None,
         }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
     }
 }
 
 impl KvCache {
     /// Plans a batch already split into ubatches (`init_batch`): finds a slot for each, as if
     /// the previous ones were placed, and rolls the cells back. The context's status is
-    /// `FailedPrepare` when they do not fit; invalid ubatches are an error.
-    pub fn init_batch(&mut self, ubatches: Vec<UbatchBuf>) -> Result<KvContext> {
+    /// `FailedPrepare` when they do not fit; invalid ubatches are an error. `spare`, a context
+    /// no longer used, lends its buffers.
+    pub fn init_batch(
+        &mut self,
+        ubatches: &[Ubatch<'_>],
+        spare: Option<KvContext>,
+    ) -> Result<KvContext> {
         if ubatches.is_empty() {
             return Err(err!(InvalidArgument, "a batch needs at least one ubatch"));
         }
-        for ub in &ubatches {
-            self.validate_ubatch(&ub.view())?;
+        for ub in ubatches {
+            self.validate_ubatch(ub)?;
         }
-        let views: Vec<Ubatch<'_>> = ubatches.iter().map(UbatchBuf::view).collect();
-        let slots = self.prepare(&views);
-        drop(views);
-        let mode = match slots {
-            Some(slots) => Mode::Batch {
-                slots,
-                ubatches,
-                cur: 0,
-            },
-            None => Mode::Failed(Status::FailedPrepare),
-        };
-        Ok(KvContext { mode, n_kv: 0 })
+        let mut ctx = KvContext::new(Mode::Batch, spare);
+        if !self.prepare_into(ubatches, &mut ctx.slots) {
+            ctx.mode = Mode::Failed(Status::FailedPrepare);
+            return Ok(ctx);
+        }
+        if ctx.ubatches.len() < ubatches.len() {
+            ctx.ubatches.resize_with(ubatches.len(), UbatchBuf::default);
+        }
+        for (buf, ub) in ctx.ubatches.iter_mut().zip(ubatches) {
+            buf.assign(ub);
+        }
+        ctx.n_ubatches = ubatches.len();
+        Ok(ctx)
     }
 
     /// A context over the whole cache (`init_full`), for worst-case graph reservation.
     pub fn init_full(&self) -> KvContext {
         let n = self.n_stream();
-        let slot = SlotInfo {
+        let mut ctx = KvContext::new(Mode::Full, None);
+        ctx.slots.push(SlotInfo {
             s0: 0,
             s1: n - 1,
             strm: (0..n).collect(),
             idxs: vec![vec![0]; n as usize],
-        };
-        KvContext {
-            mode: Mode::Full(slot),
-            n_kv: self.size(),
-        }
+        });
+        ctx.n_kv = self.size();
+        ctx
     }
 
     /// Takes the pending shift and stream copies into an update context (`init_update`).
@@ -178,20 +216,15 @@ impl KvCache {
                 "this cache configuration does not support K-shift"
             ));
         }
-        let copies = std::mem::take(&mut self.pending_copies);
-        Ok(KvContext {
-            mode: Mode::Update { do_shift, copies },
-            n_kv: 0,
-        })
+        let mut ctx = KvContext::new(Mode::Update { do_shift }, None);
+        ctx.copies = std::mem::take(&mut self.pending_copies);
+        Ok(ctx)
     }
 
-    /// Applies an update: stream copies (the tensor data is the storage's job) and the K-shift.
-    fn apply_update(&mut self, do_shift: bool, _copies: &[(u32, u32)]) -> Result<()> {
-        if do_shift {
-            for c in &mut self.cells {
-                c.reset_shift();
-            }
+    /// Clears every cell's pending shift (after the caller computed the K-shift).
+    fn reset_shifts(&mut self) {
+        for c in &mut self.cells {
+            c.reset_shift();
         }
-        Ok(())
     }
 }

@@ -6,12 +6,16 @@
 //! Where llama.cpp would assert or abort on bad input, these methods return an [`Error`](crate::error::Error) and
 //! change nothing.
 
+#![forbid(unsafe_code)]
+
 mod context;
 mod inputs;
+mod memory;
 mod slot;
 
 pub use context::KvContext;
 pub use inputs::{relative_position_bucket, MaskOut};
+pub use memory::KvMemory;
 pub use slot::SlotInfo;
 
 use crate::cells::{CellExt, Cells, Snapshot, MAX_SEQ};
@@ -127,20 +131,6 @@ impl Default for KvParams {
     }
 }
 
-/// Status of a memory context (`llama_memory_status`); the values are llama.cpp's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Status {
-    /// There is work to apply.
-    Success = 0,
-    /// Nothing to do.
-    NoUpdate = 1,
-    /// The ubatches do not fit.
-    FailedPrepare = 2,
-    /// Computing failed.
-    FailedCompute = 3,
-}
-
 /// The KV cache's cell tables, heads and pending work.
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -189,7 +179,29 @@ impl KvCache {
             ));
         }
         let n_stream = if p.unified { 1 } else { p.n_seq_max };
-        let cells = vec![Cells::new(p.size); n_stream as usize];
+        // llama.cpp splits a u32 n_ctx over the streams (n_ctx_seq = n_ctx / n_seq_max): more
+        // cells than that is no configuration it can have.
+        if p.size as u64 * n_stream as u64 > u32::MAX as u64 {
+            return Err(err!(
+                InvalidArgument,
+                "{} cells x {n_stream} streams exceed llama.cpp's 32-bit context size",
+                p.size
+            ));
+        }
+        let no_memory = |e| {
+            err!(
+                InvalidArgument,
+                "cannot allocate {} cells x {n_stream} streams: {e}",
+                p.size
+            )
+        };
+        let mut cells = Vec::new();
+        cells
+            .try_reserve_exact(n_stream as usize)
+            .map_err(no_memory)?;
+        for _ in 0..n_stream {
+            cells.push(Cells::try_new(p.size).map_err(no_memory)?);
+        }
         Ok(KvCache {
             p,
             n_stream,
@@ -380,15 +392,29 @@ impl KvCache {
         Ok(())
     }
 
-    /// Adds `delta` to the positions of `seq_id` in `[p0, p1)`; cells pushed below 0 are freed.
-    pub fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
-        self.check_seq(seq_id)?;
+    /// Refuses a position shift on a cache that cannot apply one (llama.cpp accepts it, and
+    /// then aborts in the next update: the pending shift could never be cleared).
+    fn check_can_shift(&self, op: &str) -> Result<()> {
         if self.p.n_pos_per_embd != 1 {
             return Err(err!(
                 Unsupported,
-                "seq_add is not supported with M-RoPE positions"
+                "{op} is not supported with M-RoPE positions"
             ));
         }
+        if !self.p.model_can_shift {
+            return Err(err!(
+                Unsupported,
+                "{op} needs a K-shift, which this model cannot do (can_shift is false)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the positions of `seq_id` in `[p0, p1)`; cells pushed below 0 are freed.
+    /// Refused (nothing changes) when [`KvCache::can_shift`] is false.
+    pub fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        self.check_seq(seq_id)?;
+        self.check_can_shift("seq_add")?;
         if delta == 0 {
             return Ok(());
         }
@@ -404,14 +430,10 @@ impl KvCache {
     }
 
     /// Divides the positions of `seq_id` in `[p0, p1)` by `d` (truncating). `d` must be > 0.
+    /// Refused (nothing changes) when [`KvCache::can_shift`] is false.
     pub fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
         self.check_seq(seq_id)?;
-        if self.p.n_pos_per_embd != 1 {
-            return Err(err!(
-                Unsupported,
-                "seq_div is not supported with M-RoPE positions"
-            ));
-        }
+        self.check_can_shift("seq_div")?;
         if d <= 0 {
             return Err(err!(
                 InvalidArgument,
@@ -681,11 +703,18 @@ impl KvCache {
     /// As upstream, only the slot cells and heads are rolled back: cells purged by the sliding
     /// window while simulating stay purged.
     pub fn prepare(&mut self, ubatches: &[Ubatch<'_>]) -> Option<Vec<SlotInfo>> {
+        let mut slots = Vec::with_capacity(ubatches.len());
+        self.prepare_into(ubatches, &mut slots).then_some(slots)
+    }
+
+    /// [`KvCache::prepare`] into `slots` (cleared first), reusing its buffers; false if a
+    /// ubatch does not fit.
+    pub fn prepare_into(&mut self, ubatches: &[Ubatch<'_>], slots: &mut Vec<SlotInfo>) -> bool {
         struct Saved {
-            slot: SlotInfo,
             heads: Vec<u32>,
             cells: Vec<Snapshot>,
         }
+        slots.clear();
         let mut saved: Vec<Saved> = Vec::with_capacity(ubatches.len());
         let mut ok = true;
         for ub in ubatches {
@@ -700,26 +729,26 @@ impl KvCache {
                 .map(|(idxs, &s)| self.cells[s as usize].cp(idxs))
                 .collect();
             saved.push(Saved {
-                slot: slot.clone(),
                 heads: self.heads.clone(),
                 cells,
             });
             self.apply_ubatch(&slot, ub);
+            slots.push(slot);
         }
-        let mut slots = Vec::with_capacity(saved.len());
-        while let Some(st) = saved.pop() {
-            for (k, idxs) in st.slot.idxs.iter().enumerate() {
-                let s = st.slot.strm[k] as usize;
+        for (slot, st) in slots.iter().zip(&saved).rev() {
+            for (k, idxs) in slot.idxs.iter().enumerate() {
+                let s = slot.strm[k] as usize;
                 self.cells[s].set(idxs, &st.cells[k]);
                 // Upstream indexes the saved heads by the slot's k-th stream, not by stream id
                 // (`head = v_heads_old[s]` in `prepare`); the search hint must match it to pick
                 // the same cells afterwards.
                 self.heads[s] = st.heads[k];
             }
-            slots.push(st.slot);
         }
-        slots.reverse();
-        ok.then_some(slots)
+        if !ok {
+            slots.clear();
+        }
+        ok
     }
 
     /// Number of cells the attention looks at for `slot` (`get_n_kv`): the used range of the

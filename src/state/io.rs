@@ -1,6 +1,8 @@
 //! Byte sinks and bounds-checked readers for llama.cpp's state format (native-endian, packed,
 //! as llama.cpp writes it on the little-endian machines it runs on).
 
+#![forbid(unsafe_code)]
+
 use crate::error::{err, Result};
 
 /// Where a state goes: a byte count only, or a caller buffer that must be large enough.

@@ -11,8 +11,9 @@
 //! Every reader here checks lengths before use and parses a whole state before changing
 //! anything, so a failed restore leaves the memory as it was.
 
+#![forbid(unsafe_code)]
+
 pub mod io;
-pub mod kv;
 
 use std::path::Path;
 
@@ -48,6 +49,7 @@ pub fn seq_get_size(mem: &dyn Memory, seq: i32, flags: u32) -> Result<usize> {
     let mut unused = Vec::new();
     mem.state_write(
         seq,
+        flags,
         &mut StateOut {
             sink: &mut sink,
             stash: (flags & FLAG_ON_DEVICE != 0).then_some(&mut unused),
@@ -73,6 +75,7 @@ pub fn seq_get_data(
         let mut tensors = Vec::new();
         mem.state_write(
             seq,
+            flags,
             &mut StateOut {
                 sink: &mut sink,
                 stash: Some(&mut tensors),
@@ -80,7 +83,7 @@ pub fn seq_get_data(
         )?;
         stash.insert(seq, tensors);
     } else {
-        write_host(mem, seq, &mut sink)?;
+        write_host(mem, seq, flags, &mut sink)?;
     }
     Ok(sink.len())
 }
@@ -116,33 +119,33 @@ pub fn seq_set_data(
         })?;
         inp.stash = Some(Reader::new(data));
     }
-    mem.state_read(dest, &mut inp)?;
+    mem.state_read(dest, flags, &mut inp)?;
     Ok(8 + inp.meta.pos())
 }
 
 /// Writes the state of `seq` (-1: all), tensor bytes included, into `sink`.
-fn write_host(mem: &dyn Memory, seq: i32, sink: &mut Sink<'_>) -> Result<()> {
-    mem.state_write(seq, &mut StateOut { sink, stash: None })
+fn write_host(mem: &dyn Memory, seq: i32, flags: u32, sink: &mut Sink<'_>) -> Result<()> {
+    mem.state_write(seq, flags, &mut StateOut { sink, stash: None })
 }
 
 /// Size of the whole memory's state.
 pub fn get_size(mem: &dyn Memory) -> Result<usize> {
     let mut sink = Sink::Count(0);
-    write_host(mem, -1, &mut sink)?;
+    write_host(mem, -1, 0, &mut sink)?;
     Ok(sink.len())
 }
 
 /// Writes the whole memory's state into `dst`; returns its length.
 pub fn get_data(mem: &dyn Memory, dst: &mut [u8]) -> Result<usize> {
     let mut sink = Sink::new(dst);
-    write_host(mem, -1, &mut sink)?;
+    write_host(mem, -1, 0, &mut sink)?;
     Ok(sink.len())
 }
 
 /// Replaces the whole memory with a state; returns the bytes read.
 pub fn set_data(mem: &mut dyn Memory, src: &[u8]) -> Result<usize> {
     let mut inp = StateIn::new(src);
-    mem.state_read(-1, &mut inp)?;
+    mem.state_read(-1, 0, &mut inp)?;
     Ok(inp.meta.pos())
 }
 
@@ -151,7 +154,7 @@ pub fn seq_save_file(mem: &dyn Memory, path: &Path, seq: i32, tokens: &[i32]) ->
     let n_tok = u32::try_from(tokens.len())
         .map_err(|_| err!(InvalidArgument, "{} tokens do not fit a u32", tokens.len()))?;
     let mut sink = Sink::Count(0);
-    write_host(mem, seq, &mut sink)?;
+    write_host(mem, seq, 0, &mut sink)?;
     let total = 12usize
         .checked_add(tokens.len() * 4)
         .and_then(|v| v.checked_add(sink.len()))
@@ -164,7 +167,7 @@ pub fn seq_save_file(mem: &dyn Memory, path: &Path, seq: i32, tokens: &[i32]) ->
     for &t in tokens {
         sink.i32(t)?;
     }
-    write_host(mem, seq, &mut sink)?;
+    write_host(mem, seq, 0, &mut sink)?;
     let n = sink.len();
     std::fs::write(path, &buf[..n])
         .map_err(|e| err!(Io, "cannot write {}: {e}", path.display()))?;
@@ -190,8 +193,93 @@ pub fn seq_load_file(
     dest: i32,
     tokens_out: Option<&mut [i32]>,
 ) -> Result<Loaded> {
-    let data = std::fs::read(path).map_err(|e| err!(Io, "cannot read {}: {e}", path.display()))?;
+    use std::io::Read;
+    let io = |e: std::io::Error| err!(Io, "cannot read {}: {e}", path.display());
+    let not_regular = || err!(Io, "{} is not a regular file", path.display());
+    // A FIFO would block (already in open) until a writer comes, and a device like /dev/zero
+    // never ends: only a regular file has a length to bound the reads by. Checked before the
+    // open, and again on the opened file in case the path changed in between.
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = open_nonblocking(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let mut file = file.take(meta.len());
+    let mut header = [0u8; 12];
+    file.read_exact(&mut header).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => err!(
+            InvalidState,
+            "{} is too short for a sequence-state header",
+            path.display()
+        ),
+        _ => io(e),
+    })?;
+    // The header alone decides whether the rest is worth reading.
+    let mut r = Reader::new(&header);
+    check_file_header(&mut r)?;
+    let n = r.u32("token count")? as usize;
+    let rest = meta.len() - 12;
+    match &tokens_out {
+        None if (n as u64) * 4 > rest => {
+            return Err(err!(
+                InvalidState,
+                "the file claims {n} tokens but has {rest} bytes left"
+            ))
+        }
+        None => {
+            return Ok(Loaded {
+                read: 12,
+                n_tokens: n,
+            })
+        }
+        Some(out) if n > out.len() => {
+            return Err(err!(
+                BufferTooSmall,
+                "the file holds {n} tokens, the buffer {}",
+                out.len()
+            ));
+        }
+        Some(_) => {}
+    }
+    let rest =
+        usize::try_from(rest).map_err(|_| err!(Io, "{} is too large to buffer", path.display()))?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(12 + rest)
+        .map_err(|e| err!(Io, "cannot buffer {}: {e}", path.display()))?;
+    data.extend_from_slice(&header);
+    file.read_to_end(&mut data).map_err(io)?;
     seq_load_bytes(mem, &data, dest, tokens_out)
+}
+
+/// Opens `path` for reading without blocking on a FIFO (a regular file ignores the flag).
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+/// Checks the magic and version of a sequence-state file.
+fn check_file_header(r: &mut Reader<'_>) -> Result<()> {
+    let magic = r.u32("file magic")?;
+    let version = r.u32("file version")?;
+    if magic != STATE_SEQ_MAGIC || version != STATE_SEQ_VERSION {
+        return Err(err!(
+            InvalidState,
+            "not a sequence-state file of version {STATE_SEQ_VERSION}: magic {magic:#010x}, version {version}"
+        ));
+    }
+    Ok(())
 }
 
 /// [`seq_load_file`] on the bytes of a file already in memory.
@@ -202,14 +290,7 @@ pub fn seq_load_bytes(
     tokens_out: Option<&mut [i32]>,
 ) -> Result<Loaded> {
     let mut r = Reader::new(data);
-    let magic = r.u32("file magic")?;
-    let version = r.u32("file version")?;
-    if magic != STATE_SEQ_MAGIC || version != STATE_SEQ_VERSION {
-        return Err(err!(
-            InvalidState,
-            "not a sequence-state file of version {STATE_SEQ_VERSION}: magic {magic:#010x}, version {version}"
-        ));
-    }
+    check_file_header(&mut r)?;
     let n = r.u32("token count")? as usize;
     let Some(out) = tokens_out else {
         if n.checked_mul(4).is_none_or(|b| b > r.remaining()) {
@@ -234,7 +315,7 @@ pub fn seq_load_bytes(
     let toks = r.take_n(n, 4, "tokens")?;
     let body_start = r.pos();
     let mut inp = StateIn::new(&data[body_start..]);
-    mem.state_read(dest, &mut inp)?;
+    mem.state_read(dest, 0, &mut inp)?;
     for (o, c) in out.iter_mut().zip(toks.chunks_exact(4)) {
         *o = i32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
     }

@@ -33,12 +33,66 @@ pub struct llama_memory_rope_params {
     pub beta_slow: f32,
 }
 
-fn check_ctx(ctx: *mut g::ggml_context) -> Result<()> {
+/// Checks that `ctx` can hold `n_nodes` more tensor headers (views: no data), so ggml does not
+/// abort on a full context.
+///
+/// # Safety
+/// `ctx` must be NULL or a valid ggml context.
+unsafe fn check_ctx(ctx: *mut g::ggml_context, n_nodes: usize) -> Result<()> {
     if ctx.is_null() {
         return Err(err!(NullArgument, "ctx is NULL"));
     }
+    // SAFETY: a valid context (the caller's contract); these only read its bookkeeping.
+    let (size, used) = unsafe { (g::ggml_get_mem_size(ctx), g::ggml_used_mem(ctx)) };
+    // ggml pads each object to its memory alignment (16 bytes): allow for it per node.
+    // SAFETY: a pure function of the build's struct sizes.
+    let need = n_nodes * (unsafe { g::ggml_tensor_overhead() } + 16);
+    if size.saturating_sub(used) < need {
+        return Err(err!(
+            InvalidArgument,
+            "the ggml context has {} bytes free, {need} needed for {n_nodes} nodes",
+            size.saturating_sub(used)
+        ));
+    }
     Ok(())
 }
+
+/// Checks a caller tensor's type against `types`.
+///
+/// # Safety
+/// `t` must be NULL or a valid tensor.
+unsafe fn check_type(t: *mut g::ggml_tensor, types: &[g::ggml_type], what: &str) -> Result<()> {
+    if t.is_null() {
+        return Err(err!(NullArgument, "{what} is NULL"));
+    }
+    // SAFETY: a valid tensor (the caller's contract).
+    let ty = unsafe { (*t).type_ };
+    if !types.contains(&ty) {
+        return Err(err!(
+            InvalidArgument,
+            "{what} has ggml type {ty}, expected one of {types:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A vector of `n` elements: `ne = [n, 1, 1, 1]`.
+///
+/// # Safety
+/// `t` must be a valid tensor.
+unsafe fn is_vector_of(t: *mut g::ggml_tensor, n: i64) -> bool {
+    // SAFETY: a valid tensor (the caller's contract).
+    let ne = unsafe { (*t).ne };
+    ne == [n, 1, 1, 1]
+}
+
+/// Types `ggml_set_rows` takes for the rows written.
+const ROW_TYPES: [g::ggml_type; 2] = [g::GGML_TYPE_F32, g::GGML_TYPE_F16];
+/// Types `ggml_set_rows` takes for the row indices.
+const IDX_TYPES: [g::ggml_type; 2] = [g::GGML_TYPE_I64, g::GGML_TYPE_I32];
+
+/// `ggml_rope_ext` modes a K-shift takes: normal and NEOX (llama.cpp turns M-RoPE into NEOX).
+const SHIFT_ROPE_MODES: [i32; 2] = [0, g::GGML_ROPE_TYPE_NEOX as i32];
 
 fn non_null(t: *mut g::ggml_tensor, what: &str) -> Result<*mut g::ggml_tensor> {
     if t.is_null() {
@@ -66,11 +120,21 @@ impl KvStorage {
         Ok(())
     }
 
-    fn heads(width: u32, head: u32) -> Result<i64> {
+    /// Heads of `head` values in a row of `width` values of type `t`; a head must be whole
+    /// quantization blocks, or its byte stride would not exist.
+    fn heads(t: g::ggml_type, width: u32, head: u32) -> Result<i64> {
         if head == 0 || width % head != 0 {
             return Err(err!(
                 InvalidArgument,
                 "head size {head} does not divide the row width {width}"
+            ));
+        }
+        // SAFETY: t is one of the storage's validated types.
+        let blck = unsafe { g::ggml_blck_size(t) }.max(1) as u32;
+        if head % blck != 0 {
+            return Err(err!(
+                InvalidArgument,
+                "head size {head} is not a whole number of {blck}-value blocks of the cache type"
             ));
         }
         Ok((width / head) as i64)
@@ -78,7 +142,10 @@ impl KvStorage {
 
     /// View of layer `il`'s K for the first `n_kv` cells of streams `s0..=s1`:
     /// `[head, n_head_kv, n_kv, ns]` (`get_k`).
-    pub fn view_k(
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context.
+    pub unsafe fn view_k(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
@@ -87,11 +154,12 @@ impl KvStorage {
         s1: u32,
         n_embd_head_k: u32,
     ) -> Result<*mut g::ggml_tensor> {
-        check_ctx(ctx)?;
+        // SAFETY: forwarded contract.
+        unsafe { check_ctx(ctx, 1) }?;
         self.check_streams(n_kv, s0, s1)?;
         let l = self.layer_or_err(il)?;
-        let n_head = Self::heads(l.n_embd_k_gqa, n_embd_head_k)?;
         let t = self.spec.type_k;
+        let n_head = Self::heads(t, l.n_embd_k_gqa, n_embd_head_k)?;
         // SAFETY: ctx is a caller context (non-NULL); l.k is our live tensor; every view lies
         // inside it because n_kv <= size and s1 < n_stream were checked.
         unsafe {
@@ -118,7 +186,10 @@ impl KvStorage {
 
     /// View of layer `il`'s V (`get_v`): `[head, n_head_kv, n_kv, ns]`, or for a transposed
     /// cache `[n_kv, n_head_kv, head, ns]`.
-    pub fn view_v(
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context.
+    pub unsafe fn view_v(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
@@ -127,14 +198,15 @@ impl KvStorage {
         s1: u32,
         n_embd_head_v: u32,
     ) -> Result<*mut g::ggml_tensor> {
-        check_ctx(ctx)?;
+        // SAFETY: forwarded contract.
+        unsafe { check_ctx(ctx, 1) }?;
         self.check_streams(n_kv, s0, s1)?;
         let l = self.layer_or_err(il)?;
         if l.v.is_null() {
             return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
         }
-        let n_head = Self::heads(l.n_embd_v_gqa, n_embd_head_v)?;
         let t = self.spec.type_v;
+        let n_head = Self::heads(t, l.n_embd_v_gqa, n_embd_head_v)?;
         let size = self.spec.size as i64;
         let ns = (s1 - s0 + 1) as i64;
         // SAFETY: as in view_k; the transposed strides stay inside [E_v * size] per stream.
@@ -183,43 +255,52 @@ impl KvStorage {
 
     /// Writes the current K rows (`k_cur`, `[head, n_head_kv, n_tokens]`, contiguous heads)
     /// into layer `il` at the rows of `k_idxs` (I64, global row = stream * size + cell), as
-    /// `cpy_k`: returns the `ggml_set_rows` node.
-    pub fn cpy_k(
+    /// `cpy_k`: returns the `ggml_set_rows` node. `k_cur` is F32 or F16, `k_idxs` I64 or I32.
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context, and each tensor NULL or a valid tensor.
+    pub unsafe fn cpy_k(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
         k_cur: *mut g::ggml_tensor,
         k_idxs: *mut g::ggml_tensor,
     ) -> Result<*mut g::ggml_tensor> {
-        check_ctx(ctx)?;
         let l = self.layer_or_err(il)?;
-        self.set_rows(ctx, l.k, l.n_embd_k_gqa, k_cur, k_idxs, "K")
+        // SAFETY: forwarded contract.
+        unsafe { self.set_rows(ctx, l.k, l.n_embd_k_gqa, k_cur, k_idxs, "K") }
     }
 
     /// Writes the current V rows into layer `il` (`cpy_v`). Non-transposed: as [`Self::cpy_k`].
     /// Transposed: `v_idxs` holds one index per scalar (`[n_tokens * E_v]`, from
     /// `set_input_v_idxs`), and `v_cur` must be `[n_embd_v_gqa, n_tokens]` with the layer's
     /// full width.
-    pub fn cpy_v(
+    ///
+    /// # Safety
+    /// As [`Self::cpy_k`].
+    pub unsafe fn cpy_v(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
         v_cur: *mut g::ggml_tensor,
         v_idxs: *mut g::ggml_tensor,
     ) -> Result<*mut g::ggml_tensor> {
-        check_ctx(ctx)?;
         let l = self.layer_or_err(il)?;
         if l.v.is_null() {
             return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
         }
         if !self.spec.v_trans {
-            return self.set_rows(ctx, l.v, l.n_embd_v_gqa, v_cur, v_idxs, "V");
+            // SAFETY: forwarded contract.
+            return unsafe { self.set_rows(ctx, l.v, l.n_embd_v_gqa, v_cur, v_idxs, "V") };
         }
-        if v_cur.is_null() || v_idxs.is_null() {
-            return Err(err!(NullArgument, "v_cur or v_idxs is NULL"));
+        // SAFETY: forwarded contract.
+        unsafe {
+            check_ctx(ctx, 3)?;
+            check_type(v_cur, &ROW_TYPES, "v_cur")?;
+            check_type(v_idxs, &IDX_TYPES, "v_idxs")?;
         }
-        // SAFETY: caller tensors (non-NULL) are read for their shape; the reshapes keep the
-        // element counts, which are checked first.
+        // SAFETY: caller tensors (valid, checked non-NULL) are read for their shape; the
+        // reshapes keep the element counts, which are checked first.
         unsafe {
             let n_tokens = g::ggml_nelements(v_cur) / l.n_embd_v_gqa as i64;
             let e_v = (*l.v).ne[0];
@@ -231,7 +312,7 @@ impl KvStorage {
                 ));
             }
             if g::ggml_nelements(v_cur) != n_tokens * e_v
-                || g::ggml_nelements(v_idxs) != n_tokens * e_v
+                || !is_vector_of(v_idxs, n_tokens * e_v)
                 || !g::ggml_is_contiguous(v_cur)
             {
                 return Err(err!(
@@ -249,7 +330,9 @@ impl KvStorage {
         }
     }
 
-    fn set_rows(
+    /// # Safety
+    /// As [`Self::cpy_k`].
+    unsafe fn set_rows(
         &self,
         ctx: *mut g::ggml_context,
         cache: *mut g::ggml_tensor,
@@ -258,13 +341,16 @@ impl KvStorage {
         idxs: *mut g::ggml_tensor,
         what: &str,
     ) -> Result<*mut g::ggml_tensor> {
-        if cur.is_null() || idxs.is_null() {
-            return Err(err!(NullArgument, "{what}_cur or the row indices are NULL"));
+        // SAFETY: forwarded contract.
+        unsafe {
+            check_ctx(ctx, 3)?;
+            check_type(cur, &ROW_TYPES, "the current rows")?;
+            check_type(idxs, &IDX_TYPES, "the row indices")?;
         }
-        // SAFETY: non-NULL caller tensors; reshapes keep element counts, checked first.
+        // SAFETY: valid caller tensors; reshapes keep element counts, checked first.
         unsafe {
             let n = g::ggml_nelements(cur);
-            if n % width as i64 != 0 || g::ggml_nelements(idxs) != n / width as i64 {
+            if width == 0 || n % width as i64 != 0 || !is_vector_of(idxs, n / width as i64) {
                 return Err(err!(
                     InvalidArgument,
                     "{what}_cur has {n} elements, not rows of {width} matching the indices"
@@ -285,8 +371,12 @@ impl KvStorage {
     /// The K-shift of layer `il` (`build_graph_shift`): RoPE by `k_shift` (I32,
     /// `[size * n_stream]`, from `set_input_k_shift`) over the first `rope.n_rot` dimensions of
     /// every head of every cell, in place. Quantized K needs llama.cpp's Hadamard input and is
-    /// not supported here.
-    pub fn k_shift(
+    /// not supported here. `k_shift` must be an I32 vector, `rope_factors` NULL or F32 with at
+    /// least `n_rot / 2` values, `rope.mode` normal or NEOX.
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context, and each tensor NULL or a valid tensor.
+    pub unsafe fn k_shift(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
@@ -295,10 +385,33 @@ impl KvStorage {
         rope_factors: *mut g::ggml_tensor,
         rope: &llama_memory_rope_params,
     ) -> Result<*mut g::ggml_tensor> {
-        check_ctx(ctx)?;
+        // SAFETY: forwarded contract.
+        unsafe { check_ctx(ctx, 2) }?;
         let l = self.layer_or_err(il)?;
-        let n_head = Self::heads(l.n_embd_k_gqa, n_embd_head_k)?;
         let t = self.spec.type_k;
+        let n_head = Self::heads(t, l.n_embd_k_gqa, n_embd_head_k)?;
+        if !SHIFT_ROPE_MODES.contains(&rope.mode) {
+            return Err(err!(
+                InvalidArgument,
+                "rope mode {} is not a K-shift mode (normal 0 or NEOX 2)",
+                rope.mode
+            ));
+        }
+        // SAFETY: forwarded contract (NULL tensors are refused by check_type).
+        unsafe {
+            check_type(k_shift, &[g::GGML_TYPE_I32], "k_shift")?;
+            if !rope_factors.is_null() {
+                check_type(rope_factors, &[g::GGML_TYPE_F32], "rope_factors")?;
+                if (*rope_factors).ne[0] < (rope.n_rot / 2) as i64 {
+                    return Err(err!(
+                        InvalidArgument,
+                        "rope_factors has {} values, n_rot / 2 = {} needed",
+                        (*rope_factors).ne[0],
+                        rope.n_rot / 2
+                    ));
+                }
+            }
+        }
         // SAFETY: valid type.
         if unsafe { g::ggml_is_quantized(t) } {
             return Err(err!(
@@ -306,10 +419,10 @@ impl KvStorage {
                 "K-shift of a quantized K cache (needs the Hadamard rotation input)"
             ));
         }
-        if rope.n_rot <= 0 || rope.n_rot as u32 > n_embd_head_k || k_shift.is_null() {
+        if rope.n_rot <= 0 || rope.n_rot as u32 > n_embd_head_k {
             return Err(err!(
                 InvalidArgument,
-                "n_rot {} outside 1..={n_embd_head_k}, or no k_shift input",
+                "n_rot {} outside 1..={n_embd_head_k}",
                 rope.n_rot
             ));
         }
@@ -317,11 +430,11 @@ impl KvStorage {
         // SAFETY: the view covers n_rot of n_embd_head_k values of each head of each cell,
         // inside l.k; k_shift is a caller tensor whose length ggml checks against ne[2].
         unsafe {
-            if g::ggml_nelements(k_shift) != cells {
+            if !is_vector_of(k_shift, cells) {
                 return Err(err!(
                     InvalidArgument,
-                    "k_shift has {} elements, expected {cells}",
-                    g::ggml_nelements(k_shift)
+                    "k_shift has ne = {:?}, expected [{cells}, 1, 1, 1]",
+                    (*k_shift).ne
                 ));
             }
             let view = non_null(

@@ -403,6 +403,13 @@ impl KvStorage {
         Ok(unsafe { (*t).nb[2] })
     }
 
+    /// Size in bytes of `t`, one of this storage's tensors.
+    pub fn n_bytes(&self, t: *mut g::ggml_tensor) -> Result<usize> {
+        self.check(t, 0, 0)?;
+        // SAFETY: `check` proved t is one of this storage's live tensors.
+        Ok(unsafe { g::ggml_nbytes(t) })
+    }
+
     /// All bytes of tensor `t` when its buffer is in host memory (`None` otherwise), so bulk
     /// readers index one slice instead of checking every small copy.
     pub fn host_bytes(&self, t: *mut g::ggml_tensor) -> Result<Option<&[u8]>> {

@@ -8,13 +8,16 @@
 //! sequence, is undone exactly if it fails. So a failed restore leaves the memory as it was,
 //! where llama.cpp erases the destination sequence (or, for a whole restore, the whole cache).
 
+use std::any::Any;
+
+use super::{is_masked_swa, KvCache, KvContext};
 use crate::cells::CellExt;
 use crate::error::{err, Result};
-use crate::kv::{is_masked_swa, KvCache};
-use crate::memory::Memory;
+use crate::failpoint;
+use crate::memory::{Memory, MemoryContext};
 use crate::state::io::{StateIn, StateOut};
 use crate::storage::{row_size, type_size, KvStorage, StorageLayer};
-use crate::ubatch::UbatchBuf;
+use crate::ubatch::{Ubatch, UbatchBuf};
 
 /// A KV cache and, when it was created with one, its K/V tensor storage.
 #[derive(Debug)]
@@ -455,6 +458,11 @@ impl KvMemory {
     }
 
     fn restore_whole(&mut self, plans: &[StreamPlan<'_>]) -> Result<()> {
+        // Every check first: the clear below is the first change to the memory.
+        for plan in plans {
+            self.check_plan_data(plan, &[(0, plan.pos.len() as u32)])?;
+        }
+        failpoint::hit("restore_whole: before the clear")?;
         self.cache.clear();
         if let Some(st) = &mut self.storage {
             st.clear();
@@ -495,6 +503,8 @@ impl KvMemory {
             .collect();
 
         let mut ub = UbatchBuf {
+            n_seq_tokens: n as u32,
+            n_seqs: 1,
             n_pos: n_pos as u32,
             equal_seqs: true,
             token: Some(vec![0; n]),
@@ -502,6 +512,7 @@ impl KvMemory {
             seq_off: (0..=n as u32).collect(),
             seq_ids: vec![dest; n],
             seq_id_unq: vec![dest],
+            output: None,
         };
         ub.pos[..n].copy_from_slice(&plan.pos);
         if has_ext {
@@ -516,9 +527,8 @@ impl KvMemory {
             }
         }
 
-        self.cache.seq_rm(dest, -1, -1)?;
-        let Some(slot) = self.cache.find_slot(&ub.view(), false) else {
-            let cells = self.cache.cells_mut(strm);
+        let undo_rm = |kv: &mut KvCache| {
+            let cells = kv.cells_mut(strm);
             for &(c, pos, shift, ext) in &undo {
                 if cells.is_empty(c) {
                     cells.copy_from_stream(c, pos, shift, ext, dest);
@@ -526,20 +536,20 @@ impl KvMemory {
                     cells.seq_add(c, dest);
                 }
             }
-            self.cache.set_head(strm, head);
-            return Err(err!(
-                NoSlot,
-                "no room for {n} cells of sequence {dest} (the memory is unchanged)"
-            ));
+            kv.set_head(strm, head);
         };
-        self.cache.apply_ubatch(&slot, &ub.view());
-        let idxs = &slot.idxs[0];
-        if has_ext {
-            let cells = self.cache.cells_mut(strm);
-            for (i, &c) in idxs.iter().enumerate() {
-                cells.ext_set(c, plan.ext[i]);
+        self.cache.seq_rm(dest, -1, -1)?;
+        let slot = match self.cache.find_slot(&ub.view(), false) {
+            Some(slot) => slot,
+            None => {
+                undo_rm(&mut self.cache);
+                return Err(err!(
+                    NoSlot,
+                    "no room for {n} cells of sequence {dest} (the memory is unchanged)"
+                ));
             }
-        }
+        };
+        let idxs = &slot.idxs[0];
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for &c in idxs {
             match runs.last_mut() {
@@ -551,7 +561,65 @@ impl KvMemory {
             s: strm,
             ..plan.clone()
         };
+        // The last fallible step before the cells and tensors change: undo the removal.
+        if let Err(e) = self
+            .check_plan_data(&plan, &runs)
+            .and_then(|()| failpoint::hit("restore_seq: after the slot search"))
+        {
+            undo_rm(&mut self.cache);
+            return Err(e);
+        }
+        self.cache.apply_ubatch(&slot, &ub.view());
+        if has_ext {
+            let cells = self.cache.cells_mut(strm);
+            for (i, &c) in idxs.iter().enumerate() {
+                cells.ext_set(c, plan.ext[i]);
+            }
+        }
         self.write_plan_data(&plan, &runs)
+    }
+
+    /// Every check [`Self::write_plan_data`] makes, without writing: the tensors exist, and the
+    /// last byte each one receives lies inside it. Run before the first change to the memory,
+    /// so the write cannot fail half-way.
+    fn check_plan_data(&self, plan: &StreamPlan<'_>, runs: &[(u32, u32)]) -> Result<()> {
+        let Some(st) = &self.storage else {
+            return Ok(());
+        };
+        let p = self.cache.params();
+        let n = plan.pos.len();
+        let end = runs.last().map_or(0, |r| r.1) as usize;
+        let s = plan.s as usize;
+        let fits = |t, base: usize, row: usize, last_end: usize| -> Result<()> {
+            failpoint::hit("check_plan_data: a tensor")?;
+            let n_bytes = st.n_bytes(t)?;
+            let top = last_end
+                .checked_mul(row)
+                .and_then(|v| v.checked_add(base))
+                .ok_or_else(|| err!(InvalidState, "tensor offset overflows"))?;
+            if top > n_bytes {
+                return Err(err!(
+                    InvalidState,
+                    "the state writes {top} bytes into a {n_bytes}-byte tensor"
+                ));
+            }
+            Ok(())
+        };
+        for (l, src) in st.layers().iter().zip(&plan.k) {
+            let base = s * st.stream_stride(l.k)?;
+            fits(l.k, base, src.len() / n.max(1), end)?;
+        }
+        for (l, src) in st.layers().iter().filter(|l| !l.v.is_null()).zip(&plan.v) {
+            let base = s * st.stream_stride(l.v)?;
+            if p.v_trans {
+                let el = type_size(st.spec().type_v);
+                let last_row = (l.n_embd_v_gqa as usize).saturating_sub(1) * p.size as usize;
+                fits(l.v, base + last_row * el, el, end)?;
+            } else {
+                fits(l.v, base, src.len() / n.max(1), end)?;
+            }
+        }
+        Ok(())
     }
 
     /// Copies a plan's tensor bytes into stream `plan.s`, blob cell k going to the k-th cell of
@@ -666,27 +734,160 @@ impl Memory for KvMemory {
     fn n_seq_max(&self) -> u32 {
         self.cache.n_seq_max()
     }
-    fn as_kv(&self) -> Option<&KvCache> {
-        Some(&self.cache)
+    fn init_batch(
+        &mut self,
+        ubatches: &[Ubatch<'_>],
+        spare: Option<Box<dyn MemoryContext>>,
+    ) -> Result<Box<dyn MemoryContext>> {
+        let spare = spare
+            .and_then(|b| b.into_any().downcast::<KvContext>().ok())
+            .map(|b| *b);
+        Ok(Box::new(self.cache.init_batch(ubatches, spare)?))
     }
-    fn as_kv_mut(&mut self) -> Option<&mut KvCache> {
-        Some(&mut self.cache)
+    fn init_full(&mut self) -> Result<Box<dyn MemoryContext>> {
+        Ok(Box::new(self.cache.init_full()))
     }
-    fn copy_streams(&mut self, copies: &[(u32, u32)]) -> Result<()> {
-        if let Some(st) = &mut self.storage {
-            for &(a, b) in copies {
-                st.copy_stream(a, b)?;
-            }
-        }
-        Ok(())
+    fn init_update(&mut self, _optimize: bool) -> Result<Box<dyn MemoryContext>> {
+        Ok(Box::new(self.cache.init_update()?))
     }
-    fn storage(&self) -> Option<&KvStorage> {
-        self.storage.as_ref()
-    }
-    fn state_write(&self, seq: i32, out: &mut StateOut<'_, '_>) -> Result<()> {
+    fn state_write(&self, seq: i32, _flags: u32, out: &mut StateOut<'_, '_>) -> Result<()> {
+        // A plain KV cache has no partial part: PARTIAL_ONLY writes everything, as llama.cpp.
         KvMemory::state_write(self, seq, out)
     }
-    fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
+    fn state_read(&mut self, seq: i32, _flags: u32, inp: &mut StateIn<'_>) -> Result<()> {
         KvMemory::state_read(self, seq, inp)
+    }
+    fn has_layer(&self, il: u32) -> bool {
+        self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Restores with a failure injected at each fallible step, on a memory with tensors: each
+    //! failed restore must leave the cells, heads and every tensor byte as they were.
+
+    use super::*;
+    use crate::kv::KvParams;
+    use crate::state;
+    use crate::storage::{LayerSpec, StorageSpec};
+    use ggml_sys::GGML_TYPE_F16;
+
+    fn memory(v_trans: bool, unified: bool) -> KvMemory {
+        let p = KvParams {
+            size: 64,
+            n_seq_max: 3,
+            unified,
+            v_trans,
+            n_embd_v_gqa_max: 32,
+            ..Default::default()
+        };
+        let cache = KvCache::new(p).unwrap();
+        let storage = KvStorage::new(StorageSpec {
+            type_k: GGML_TYPE_F16,
+            type_v: GGML_TYPE_F16,
+            v_trans,
+            is_mla: false,
+            size: 64,
+            n_stream: cache.n_stream(),
+            n_rot_k: 0,
+            n_rot_v: 0,
+            layers: LayerSpec::uniform(2, 32, 32),
+        })
+        .unwrap();
+        let mut m = KvMemory::new(cache, Some(storage)).unwrap();
+        // Fragmented sequences: 0 and 1 interleaved, 2 alone.
+        for (seq, p0, n) in [(0, 0, 5), (1, 0, 3), (0, 5, 4), (2, 0, 6), (1, 3, 2)] {
+            let pos: Vec<i32> = (p0..p0 + n).collect();
+            let seqs: Vec<&[i32]> = (0..n).map(|_| std::slice::from_ref(&seq)).collect();
+            let ub = UbatchBuf::new(&pos, &pos, &seqs);
+            let slot = m.cache.find_slot(&ub.view(), false).unwrap();
+            m.cache.apply_ubatch(&slot, &ub.view());
+        }
+        let st = m.storage.as_mut().unwrap();
+        for l in st.layers().to_vec() {
+            for t in [l.k, l.v] {
+                let bytes = st.host_bytes_mut(t).unwrap().unwrap();
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    *b = (i * 7 + 3) as u8;
+                }
+            }
+        }
+        m
+    }
+
+    /// Everything a restore could change.
+    fn snapshot(m: &KvMemory) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in 0..m.cache.n_stream() {
+            let c = m.cache.cells(s);
+            out.extend(format!("{s}:{}:{};", m.cache.head(s), c.get_used()).bytes());
+            for i in 0..c.size() {
+                out.extend(
+                    format!(
+                        "{}/{}/{:?},",
+                        c.pos_get(i),
+                        c.get_shift(i),
+                        c.seq_get_all(i)
+                    )
+                    .bytes(),
+                );
+            }
+        }
+        let st = m.storage.as_ref().unwrap();
+        for l in st.layers() {
+            out.extend_from_slice(st.host_bytes(l.k).unwrap().unwrap());
+            out.extend_from_slice(st.host_bytes(l.v).unwrap().unwrap());
+        }
+        out
+    }
+
+    /// Arms each failpoint in turn until a restore runs past all of them; returns how many
+    /// failures were injected.
+    fn each_failure(
+        m: &mut KvMemory,
+        mut restore: impl FnMut(&mut KvMemory) -> Result<usize>,
+    ) -> u32 {
+        let before = snapshot(m);
+        let mut at = 0;
+        loop {
+            failpoint::arm(Some(at));
+            let r = restore(m);
+            let hits = failpoint::arm(None);
+            if hits <= at {
+                r.expect("the restore succeeds once no failpoint fires");
+                return at;
+            }
+            let e = r.expect_err("an armed failpoint was hit, so the restore fails");
+            assert!(e.message().contains("injected"), "{}", e.message());
+            assert!(snapshot(m) == before, "failure {at} changed the memory");
+            at += 1;
+        }
+    }
+
+    #[test]
+    fn an_injected_failure_at_any_step_leaves_the_memory_unchanged() {
+        for (v_trans, unified) in [(true, true), (false, true), (true, false)] {
+            let mut m = memory(v_trans, unified);
+            let stash = state::Stash::new();
+            let mut blob = vec![0u8; state::seq_get_size(&m, 0, 0).unwrap()];
+            state::seq_get_data(&m, &mut blob, 0, 0, &mut state::Stash::new()).unwrap();
+            let mut whole = vec![0u8; state::get_size(&m).unwrap()];
+            state::get_data(&m, &mut whole).unwrap();
+            // Into another sequence (its cells removed first, then the slot search) and into
+            // the same one; then the whole memory.
+            let dest = if unified { 2 } else { 0 };
+            let n_seq = each_failure(&mut m, |m| state::seq_set_data(m, &blob, dest, 0, &stash));
+            let n_whole = each_failure(&mut m, |m| state::set_data(m, &whole));
+            // One failpoint per tensor check plus the one before the first change.
+            assert_eq!(n_seq, 4 + 1, "v_trans {v_trans}");
+            assert_eq!(n_whole, 4 * m.cache.n_stream() + 1, "v_trans {v_trans}");
+        }
     }
 }
