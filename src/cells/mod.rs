@@ -92,15 +92,12 @@ impl Cells {
             Ok(v)
         }
         let n = n as usize;
-        // Reserve every table before filling any: a request that cannot be met fails before it
-        // touches (and so commits) any memory.
-        let (mut pos, mut ext, mut shift, mut seq, mut words) = (
-            reserved(n)?,
-            reserved(n)?,
-            reserved(n)?,
-            reserved(n)?,
-            reserved(n.div_ceil(64))?,
-        );
+        // Reserve every table before filling any, largest first: a request that cannot be met
+        // fails before it touches (and so commits) any memory, usually at the first call.
+        let mut seq = reserved(n)?;
+        let mut ext = reserved(n)?;
+        let (mut pos, mut shift, mut words) =
+            (reserved(n)?, reserved(n)?, reserved(n.div_ceil(64))?);
         pos.resize(n, -1);
         ext.resize(n, CellExt::default());
         shift.resize(n, 0);
