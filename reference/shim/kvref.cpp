@@ -693,6 +693,16 @@ uint32_t kvref_pending_copies(const kvref * r) {
     return (uint32_t) r->kv->sc_info.ssrc.size();
 }
 
+uint32_t kvref_pending_copy_list(const kvref * r, uint32_t * src, uint32_t * dst, uint32_t cap) {
+    const auto & sc = r->kv->sc_info;
+    const uint32_t n = (uint32_t) sc.ssrc.size();
+    for (uint32_t k = 0; k < n && k < cap; ++k) {
+        src[k] = sc.ssrc[k];
+        dst[k] = sc.sdst[k];
+    }
+    return n;
+}
+
 void kvref_kq_mask(const kvref * r, const kvref_ubatch * ub, bool causal, bool f16, uint32_t n_kv,
                    uint32_t n_stream_m, void * out) {
     const llama_ubatch u = to_ubatch(ub);

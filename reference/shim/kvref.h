@@ -137,6 +137,9 @@ void kvref_stream_info(const kvref *r, uint32_t stream, uint32_t *head, uint32_t
                        uint32_t *used_min, uint32_t *used_max_p1, bool *has_shift);
 /* Number of pending stream copies (sc_info). */
 uint32_t kvref_pending_copies(const kvref *r);
+/* The pending stream copies in the order update() applies them: copy k goes from stream src[k]
+ * to stream dst[k], for k < min(n, cap). Returns n, the number of pending copies. */
+uint32_t kvref_pending_copy_list(const kvref *r, uint32_t *src, uint32_t *dst, uint32_t cap);
 
 /* Graph inputs, written by the stock set_input_* functions into a host tensor and copied out.
  * kq mask: ne = [n_kv, n_tokens / n_stream_m, 1, n_stream_m], f16 as raw uint16 when f16. */

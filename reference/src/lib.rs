@@ -528,6 +528,7 @@ struct Api {
     stream_info:
         unsafe extern "C" fn(KvPtr, u32, *mut u32, *mut u32, *mut u32, *mut u32, *mut bool),
     pending_copies: unsafe extern "C" fn(KvPtr) -> u32,
+    pending_copy_list: unsafe extern "C" fn(KvPtr, *mut u32, *mut u32, u32) -> u32,
     kq_mask: unsafe extern "C" fn(KvPtr, *const RawUbatch, bool, bool, u32, u32, *mut c_void),
     k_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
@@ -605,6 +606,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         cells: sym!("cells"),
         stream_info: sym!("stream_info"),
         pending_copies: sym!("pending_copies"),
+        pending_copy_list: sym!("pending_copy_list"),
         kq_mask: sym!("kq_mask"),
         k_idxs: sym!("k_idxs"),
         v_idxs: sym!("v_idxs"),
@@ -977,6 +979,18 @@ impl RefKv {
     pub fn pending_copies(&self) -> u32 {
         // SAFETY: live kvref.
         unsafe { (api().pending_copies)(self.ptr) }
+    }
+
+    /// The pending stream copies as `(source, destination)` streams, in the order
+    /// [`RefKv::update`] applies them.
+    pub fn pending_copy_list(&self) -> Vec<(u32, u32)> {
+        let n = self.pending_copies();
+        let (mut src, mut dst) = (vec![0u32; n as usize], vec![0u32; n as usize]);
+        // SAFETY: both arrays hold `n` writable elements, the capacity passed.
+        let got =
+            unsafe { (api().pending_copy_list)(self.ptr, src.as_mut_ptr(), dst.as_mut_ptr(), n) };
+        assert_eq!(got, n, "pending copies changed between the two calls");
+        src.into_iter().zip(dst).collect()
     }
 
     fn check_mask(&self, ub: &UbatchRef<'_>, n_kv: u32, n_stream_m: u32, len: usize) {
