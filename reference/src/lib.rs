@@ -406,12 +406,13 @@ impl Ubatch {
 
     /// A ubatch as `split_equal` makes it: `n_seq_tokens` tokens for each `(seq, first_pos)`
     /// set, seq-major. Sequences must be ascending (as the non-unified split requires).
+    /// Positions stop at `i32::MAX` (the last ones repeat it).
     pub fn equal(sets: &[(i32, i32)], n_seq_tokens: u32) -> Ubatch {
         let mut pos = Vec::new();
         let mut seq_ids = Vec::new();
         for &(s, p0) in sets {
-            for p in p0..p0 + n_seq_tokens as i32 {
-                pos.push(p);
+            for k in 0..n_seq_tokens {
+                pos.push(p0.saturating_add(k as i32));
                 seq_ids.push(vec![s]);
             }
         }
