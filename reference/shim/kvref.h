@@ -153,6 +153,14 @@ void kvref_k_shift(const kvref *r, int32_t *out);
 /* out: n_kv * n_tokens elements. */
 void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int32_t *out);
 
+/* The stock graph view get_k (v = false) or get_v (v = true) of layer il over n_kv cells of
+ * streams s0..s1, made in a scratch context: its ne, nb and byte offset into the layer tensor
+ * (view_offs), and when data != NULL the bytes it sees, gathered row by row (ne[0] elements per
+ * row, rows in ne order) into data (cap bytes). Returns the gathered byte count (the count
+ * needed when data == NULL or cap is too small), 0 on invalid arguments. */
+size_t kvref_view(const kvref *r, bool v, int32_t il, uint32_t n_kv, uint32_t s0, uint32_t s1,
+                  int64_t ne[4], size_t nb[4], size_t *offs, uint8_t *data, size_t cap);
+
 /* state_write(io, seq, flags) into buf (cap bytes). With buf == NULL returns the size only.
  * Returns bytes written, 0 on failure. */
 size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);

@@ -335,6 +335,19 @@ impl Cells {
     }
 }
 
+/// A stock graph view of a layer's K or V ([`RefKv::view`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct View {
+    /// `ne` of the view.
+    pub ne: [i64; 4],
+    /// `nb` (byte strides) of the view.
+    pub nb: [usize; 4],
+    /// Byte offset of the view into the layer tensor (`view_offs`).
+    pub offs: usize,
+    /// The bytes the view sees, row by row (`ne[0]` elements per row, rows in `ne` order).
+    pub data: Vec<u8>,
+}
+
 /// Search head and usage of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamInfo {
@@ -530,6 +543,19 @@ struct Api {
         unsafe extern "C" fn(KvPtr, u32, *mut u32, *mut u32, *mut u32, *mut u32, *mut bool),
     pending_copies: unsafe extern "C" fn(KvPtr) -> u32,
     pending_copy_list: unsafe extern "C" fn(KvPtr, *mut u32, *mut u32, u32) -> u32,
+    view: unsafe extern "C" fn(
+        KvPtr,
+        bool,
+        i32,
+        u32,
+        u32,
+        u32,
+        *mut i64,
+        *mut usize,
+        *mut usize,
+        *mut u8,
+        usize,
+    ) -> usize,
     kq_mask: unsafe extern "C" fn(KvPtr, *const RawUbatch, bool, bool, u32, u32, *mut c_void),
     k_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
@@ -608,6 +634,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         stream_info: sym!("stream_info"),
         pending_copies: sym!("pending_copies"),
         pending_copy_list: sym!("pending_copy_list"),
+        view: sym!("view"),
         kq_mask: sym!("kq_mask"),
         k_idxs: sym!("k_idxs"),
         v_idxs: sym!("v_idxs"),
@@ -1140,6 +1167,39 @@ impl RefKv {
     pub fn state_size(&self, seq: i32, flags: u32) -> usize {
         // SAFETY: a null buffer asks for the size only.
         unsafe { (api().state_write)(self.ptr, seq, flags, ptr::null_mut(), 0) }
+    }
+
+    /// The stock graph view `get_k` (`v == false`) or `get_v` of layer `il` over `n_kv` cells
+    /// of streams `s0..=s1`: `None` for invalid arguments.
+    pub fn view(&self, v: bool, il: i32, n_kv: u32, s0: u32, s1: u32) -> Option<View> {
+        let mut out = View::default();
+        let call = |out: &mut View, data: &mut [u8]| {
+            // SAFETY: every pointer is valid for the call; `data` is writable for its length,
+            // which the shim respects.
+            unsafe {
+                (api().view)(
+                    self.ptr,
+                    v,
+                    il,
+                    n_kv,
+                    s0,
+                    s1,
+                    out.ne.as_mut_ptr(),
+                    out.nb.as_mut_ptr(),
+                    &mut out.offs,
+                    data.as_mut_ptr(),
+                    data.len(),
+                )
+            }
+        };
+        let n = call(&mut out, &mut []);
+        if n == 0 {
+            return None;
+        }
+        let mut data = vec![0u8; n];
+        assert_eq!(call(&mut out, &mut data), n);
+        out.data = data;
+        Some(out)
     }
 
     /// `state_write(seq, flags)` (`seq = -1`: whole cache).
