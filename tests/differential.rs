@@ -11,7 +11,8 @@
 //!
 //! `SEED=<u64>` varies the traces (CI uses the fixed default); `DIFF_OPS=<n>` scales the
 //! number of operations per configuration, `DIFF_CONFIG=<substring>` runs only the matching
-//! configurations (the coverage check then does not apply).
+//! configurations (the coverage check then does not apply), `DIFF_DUMP=1` prints the state
+//! bytes or the cells involved when states or slots diverge.
 
 use std::collections::BTreeMap;
 
