@@ -16,6 +16,9 @@
 
 use std::collections::BTreeMap;
 
+use ggml_sys as g;
+use half::f16;
+use llama_memory::storage::graph::llama_memory_rope_params;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{
     state, KvCache, KvMemory, KvParams, MaskOut, Memory, NonCausalType, SlotInfo, SwaType,
@@ -62,68 +65,50 @@ fn our_state_read(
     state::seq_set_data(mem, &blob, dest, flags, &state::Stash::new()).map(|n| n - 8)
 }
 
-/// `state` with every f16 `-0.0` of its tensor data turned into `+0.0`; `None` if it does not
-/// parse as a KV state (then the raw bytes are compared).
-///
-/// The tensors of both caches only ever hold zeros (nothing computes into them here), but stock
-/// runs its K-shift graph on them, and RoPE of `+0.0` gives `-0.0` for some rotations, which
-/// ours (cells only: the caller runs the shift graph) never computes. Everything else, the cells,
-/// the tensor headers and the data layout and length, is compared byte for byte.
-fn canon_zero_sign(state: &[u8], has_ext: bool) -> Option<Vec<u8>> {
-    let mut b = state.to_vec();
-    let rd = |b: &[u8], off: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(off..off + 4)?.try_into().ok()?))
+/// The tensor data sections of a KV state: `(offset, length, ggml type)` of each; `None` if
+/// it does not parse as a KV state of this layout.
+fn data_sections(state: &[u8], has_ext: bool) -> Option<Vec<(usize, usize, u32)>> {
+    let rd = |off: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(
+            state.get(off..off + 4)?.try_into().ok()?,
+        ))
     };
-    let n_stream = rd(&b, 0)?;
+    let rd64 = |off: usize| -> Option<usize> {
+        Some(u64::from_ne_bytes(state.get(off..off + 8)?.try_into().ok()?) as usize)
+    };
+    let mut out = Vec::new();
+    let n_stream = rd(0)?;
     let mut off = 4;
     for _ in 0..n_stream {
-        let cc = rd(&b, off)? as usize;
+        let cc = rd(off)? as usize;
         off += 4;
         if cc == 0 {
             continue;
         }
         for _ in 0..cc {
-            let n_seq = rd(&b, off + 4)? as usize;
+            let n_seq = rd(off + 4)? as usize;
             off += 8 + if has_ext { 12 } else { 0 } + 4 * n_seq;
         }
-        let v_trans = rd(&b, off)? != 0;
-        let n_layer = rd(&b, off + 4)?;
-        off += 16;
-        let canon = |b: &mut Vec<u8>, off: usize, ty: u32, len: usize| -> Option<()> {
-            let data = b.get_mut(off..off.checked_add(len)?)?;
-            if ty == 1 {
-                for w in data.chunks_exact_mut(2) {
-                    if w == [0x00, 0x80] {
-                        w[1] = 0;
-                    }
-                }
-            }
-            Some(())
-        };
+        let v_trans = rd(off)? != 0;
+        let n_layer = rd(off + 4)?;
+        off += 16; // v_trans, n_layer, n_rot_k, n_rot_v
         for _ in 0..n_layer {
-            let ty = rd(&b, off)?;
-            let row = u64::from_ne_bytes(b.get(off + 4..off + 12)?.try_into().ok()?) as usize;
-            off += 12;
-            canon(&mut b, off, ty, cc * row)?;
-            off += cc * row;
+            let (ty, len) = (rd(off)?, cc * rd64(off + 4)?);
+            out.push((off + 12, len, ty));
+            off += 12 + len;
         }
         for _ in 0..n_layer {
-            let ty = rd(&b, off)?;
+            let ty = rd(off)?;
             let len = if v_trans {
-                let el = rd(&b, off + 4)? as usize;
-                let n_embd = rd(&b, off + 8)? as usize;
-                off += 12;
-                el * n_embd * cc
+                rd(off + 4)? as usize * rd(off + 8)? as usize * cc
             } else {
-                let row = u64::from_ne_bytes(b.get(off + 4..off + 12)?.try_into().ok()?) as usize;
-                off += 12;
-                row * cc
+                rd64(off + 4)? * cc
             };
-            canon(&mut b, off, ty, len)?;
-            off += len;
+            out.push((off + 12, len, ty));
+            off += 12 + len;
         }
     }
-    (off == b.len()).then_some(b)
+    (off == state.len()).then_some(out)
 }
 
 /// Coverage counters; every one must end above 0.
@@ -139,6 +124,9 @@ const COUNTERS: &[&str] = &[
     "state: restore seq PARTIAL_ONLY",
     "state: restore all",
     "state: restore failed on both sides",
+    "state: restore with random tensor data",
+    "state: save with non-zero tensor data",
+    "update: K-shift graph run on both sides",
     "ubatch: > 3 sequences",
     "ubatch: > 8 sequences",
     "token: shared by >= 2 sequences",
@@ -949,6 +937,12 @@ impl Pair {
             let got = our_state_write(&self.ours, seq, flags);
             self.step += 1;
             self.same_bytes("state_write", &got, &want);
+            if data_sections(&want, self.cfg.mrope).is_some_and(|d| {
+                d.iter()
+                    .any(|&(o, l, _)| want[o..o + l].iter().any(|&b| b & 0x7f != 0))
+            }) {
+                self.count("state: save with non-zero tensor data");
+            }
             if seq == -1 {
                 self.count("state: save all");
             } else {
@@ -978,7 +972,22 @@ impl Pair {
             }
             return;
         }
-        let (src, blob) = self.saved[self.rng.gen_range(0..self.saved.len())].clone();
+        let (src, mut blob) = self.saved[self.rng.gen_range(0..self.saved.len())].clone();
+        if self.rng.gen_bool(0.7) {
+            // Fresh K/V values for both sides (the caches only get tensor data from restores
+            // here): what copies, shifts and later saves do with them is then compared too.
+            let sections = data_sections(&blob, self.cfg.mrope)
+                .unwrap_or_else(|| self.fail("a stock state that does not parse".into()));
+            for (off, len, ty) in sections {
+                assert_eq!(ty, 1, "f16 tensors");
+                for w in blob[off..off + len].chunks_exact_mut(2) {
+                    w.copy_from_slice(
+                        &f16::from_f32(self.rng.gen_range(-2.0f32..2.0)).to_ne_bytes(),
+                    );
+                }
+            }
+            self.count("state: restore with random tensor data");
+        }
         let dest = if src == -1 {
             -1
         } else if self.rng.gen_bool(0.5) {
@@ -1030,13 +1039,6 @@ impl Pair {
     }
 
     fn same_bytes(&self, what: &str, got: &[u8], want: &[u8]) {
-        let (got, want) = match (
-            canon_zero_sign(got, self.cfg.mrope),
-            canon_zero_sign(want, self.cfg.mrope),
-        ) {
-            (Some(a), Some(b)) => (a, b),
-            _ => (got.to_vec(), want.to_vec()),
-        };
         if got != want {
             let i = (0..got.len().min(want.len()))
                 .find(|&i| got[i] != want[i])
@@ -1052,6 +1054,55 @@ impl Pair {
         }
     }
 
+    /// Our K-shift nodes (`build_graph_shift`) over both layers, computed on the CPU backend
+    /// with the tiny llama's RoPE (NORM over the 16-wide head, base 10000, no YaRN, as the
+    /// stock context resolves it).
+    fn run_k_shift(&mut self, ks: &[i32]) {
+        let st = self.ours.storage.as_ref().unwrap();
+        let rope = llama_memory_rope_params {
+            n_rot: 16,
+            mode: 0,
+            n_ctx_orig: 4096,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
+        // SAFETY: a private no-alloc context and CPU backend; the input tensor is allocated
+        // before the nodes are built, the nodes only view our storage's tensors, and
+        // everything is freed here.
+        unsafe {
+            let ctx = g::ggml_init(g::ggml_init_params {
+                mem_size: 1 << 20,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            });
+            let backend = g::ggml_backend_cpu_init();
+            // one thread: the graph is tiny, and starting worker threads would dominate
+            g::ggml_backend_cpu_set_n_threads(backend, 1);
+            let input = g::ggml_new_tensor_1d(ctx, g::GGML_TYPE_I32, ks.len() as i64);
+            let buf = g::ggml_backend_alloc_ctx_tensors(ctx, backend);
+            assert!(!buf.is_null());
+            g::ggml_backend_tensor_set(input, ks.as_ptr().cast(), 0, ks.len() * 4);
+            let gf = g::ggml_new_graph(ctx);
+            for il in 0..2 {
+                let node = st
+                    .k_shift(ctx, il, 16, input, std::ptr::null_mut(), &rope)
+                    .unwrap();
+                g::ggml_build_forward_expand(gf, node);
+            }
+            assert_eq!(
+                g::ggml_backend_graph_compute(backend, gf),
+                g::GGML_STATUS_SUCCESS
+            );
+            g::ggml_backend_buffer_free(buf);
+            g::ggml_free(ctx);
+            g::ggml_backend_free(backend);
+        }
+    }
+
     fn op_update(&mut self) {
         self.last_op = "update".into();
         let mut ks = vec![0i32; (self.cfg.size * self.kv().n_stream()) as usize];
@@ -1059,6 +1110,7 @@ impl Pair {
         if ks != self.theirs.k_shift() {
             self.fail("k_shift differs".into());
         }
+        let do_shift = self.kv().has_shift();
         let mut ctx = self.kv_mut().init_update().unwrap();
         let ours = llama_memory::MemoryContext::status(&ctx);
         let theirs = self.theirs.update();
@@ -1075,6 +1127,12 @@ impl Pair {
         }
         if ours == llama_memory::Status::Success {
             llama_memory::MemoryContext::apply(&mut ctx, &mut self.ours).unwrap();
+            // Stock copies the streams' tensors, then runs its K-shift graph; ours leaves the
+            // graph to the caller: run our K-shift nodes, with the shifts read before.
+            if do_shift {
+                self.run_k_shift(&ks);
+                self.count("update: K-shift graph run on both sides");
+            }
         }
     }
 
