@@ -345,3 +345,104 @@ fn row_writes_land_where_the_indices_say() {
         assert!(unsafe { st.view_k(gr.ctx, 1, 256, 0, 0, 5) }.is_err());
     }
 }
+
+/// Ours and stock's K/V graph views (`get_k`/`get_v`) over the same cells and tensor bytes:
+/// the same shape, strides, offset into the layer tensor and the same bytes seen, for unified
+/// and multi-stream caches, both V layouts, several `n_kv` (below and at the size) and stream
+/// ranges.
+#[test]
+fn views_match_stock() {
+    for (unified, v_trans) in [(true, false), (true, true), (false, false), (false, true)] {
+        let n_stream = if unified { 1 } else { 2 };
+        let p = KvParams {
+            size: SIZE,
+            n_seq_max: 2,
+            unified,
+            v_trans,
+            n_embd_v_gqa_max: GQA,
+            ..KvParams::default()
+        };
+        let st = KvStorage::new(StorageSpec {
+            type_k: g::GGML_TYPE_F16,
+            type_v: g::GGML_TYPE_F16,
+            v_trans,
+            is_mla: false,
+            size: SIZE,
+            n_stream,
+            n_rot_k: 0,
+            n_rot_v: 0,
+            layers: LayerSpec::uniform(2, GQA, GQA),
+        })
+        .unwrap();
+        let mut m = KvMemory::new(KvCache::new(p).unwrap(), Some(st)).unwrap();
+        let mut r = RefKv::tiny(&Params {
+            kv_size: SIZE,
+            n_seq_max: 2,
+            unified,
+            v_trans,
+            ..Params::default()
+        });
+        place(&mut m, &mut r, 0, 0, 70);
+        place(&mut m, &mut r, 1, 0, 130);
+        randomize(&mut m, 7);
+        // The same bytes on both sides: stock reads our state (zeroing every other cell);
+        // ours is zeroed and reads it back too.
+        let state = whole(&m);
+        r.state_read(-1, 0, &state).expect("stock reads our state");
+        assert_eq!(r.state_write(-1, 0), state, "same data on both sides");
+        llama_memory::Memory::clear(&mut m, true);
+        m.state_read(-1, &mut StateIn::new(&state)).unwrap();
+        assert_eq!(whole(&m), state);
+
+        let gr = Graph::new();
+        let st = m.storage.as_ref().unwrap();
+        let ranges: &[(u32, u32)] = if unified {
+            &[(0, 0)]
+        } else {
+            &[(0, 0), (1, 1), (0, 1)]
+        };
+        let mut nonzero = false;
+        for &(s0, s1) in ranges {
+            for n_kv in [1, 100, SIZE] {
+                for il in 0..2u32 {
+                    for v in [false, true] {
+                        let what = format!(
+                            "{} of layer {il}, n_kv {n_kv}, streams {s0}..={s1} (unified {unified}, v_trans {v_trans})",
+                            if v { "V" } else { "K" }
+                        );
+                        let want = r.view(v, il as i32, n_kv, s0, s1).expect("stock view");
+                        let t = if v {
+                            st.view_v(gr.ctx, il, n_kv, s0, s1, HEAD)
+                        } else {
+                            st.view_k(gr.ctx, il, n_kv, s0, s1, HEAD)
+                        }
+                        .unwrap();
+                        // SAFETY: a view of our live host tensor, made in gr.ctx.
+                        let (ne, nb, offs, data) = unsafe {
+                            let t = &*t;
+                            let row = g::ggml_row_size(t.type_, t.ne[0]);
+                            let mut data = Vec::new();
+                            let base = t.data as *const u8;
+                            for i3 in 0..t.ne[3] as usize {
+                                for i2 in 0..t.ne[2] as usize {
+                                    for i1 in 0..t.ne[1] as usize {
+                                        let p =
+                                            base.add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]);
+                                        data.extend_from_slice(std::slice::from_raw_parts(p, row));
+                                    }
+                                }
+                            }
+                            (t.ne, t.nb, t.view_offs, data)
+                        };
+                        assert_eq!(ne, want.ne, "ne of {what}");
+                        assert_eq!(nb, want.nb, "nb of {what}");
+                        assert_eq!(offs, want.offs, "offset of {what}");
+                        assert!(data == want.data, "bytes seen by {what}");
+                        nonzero |= data.iter().any(|&b| b != 0);
+                    }
+                }
+            }
+        }
+        assert!(nonzero, "the views saw only zeros: nothing was compared");
+    }
+}

@@ -693,6 +693,16 @@ uint32_t kvref_pending_copies(const kvref * r) {
     return (uint32_t) r->kv->sc_info.ssrc.size();
 }
 
+uint32_t kvref_pending_copy_list(const kvref * r, uint32_t * src, uint32_t * dst, uint32_t cap) {
+    const auto & sc = r->kv->sc_info;
+    const uint32_t n = (uint32_t) sc.ssrc.size();
+    for (uint32_t k = 0; k < n && k < cap; ++k) {
+        src[k] = sc.ssrc[k];
+        dst[k] = sc.sdst[k];
+    }
+    return n;
+}
+
 void kvref_kq_mask(const kvref * r, const kvref_ubatch * ub, bool causal, bool f16, uint32_t n_kv,
                    uint32_t n_stream_m, void * out) {
     const llama_ubatch u = to_ubatch(ub);
@@ -723,6 +733,53 @@ void kvref_pos_bucket(const kvref * r, const kvref_ubatch * ub, uint32_t n_kv, i
     const llama_ubatch u = to_ubatch(ub);
     ggml_tensor dst = host_tensor(GGML_TYPE_I32, n_kv, ub->n_tokens, 1, 1, out);
     r->kv->set_input_pos_bucket(&dst, &u);
+}
+
+size_t kvref_view(const kvref * r, bool v, int32_t il, uint32_t n_kv, uint32_t s0, uint32_t s1,
+                  int64_t ne[4], size_t nb[4], size_t * offs, uint8_t * data, size_t cap) {
+    if (s1 < s0 || s1 >= r->kv->get_n_stream() || n_kv == 0 || n_kv > r->kv->get_size() ||
+        r->kv->map_layer_ids.count(il) == 0) {
+        return 0;
+    }
+    ggml_init_params ip = {
+        /*.mem_size   =*/ 4*ggml_tensor_overhead(),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) {
+        return 0;
+    }
+    slot_info si;
+    si.s0 = s0;
+    si.s1 = s1;
+    si.resize(s1 - s0 + 1);
+    for (uint32_t s = s0; s <= s1; ++s) {
+        si.strm[s - s0] = s;
+    }
+    ggml_tensor * t = v ? r->kv->get_v(ctx, il, n_kv, si) : r->kv->get_k(ctx, il, n_kv, si);
+    for (int d = 0; d < 4; ++d) {
+        ne[d] = t->ne[d];
+        nb[d] = t->nb[d];
+    }
+    *offs = t->view_offs;
+    const size_t row = ggml_row_size(t->type, t->ne[0]);
+    const size_t n = row*(size_t) (t->ne[1]*t->ne[2]*t->ne[3]);
+    if (data && cap >= n && t->data) {
+        // the layer tensors live in a host (CPU) buffer, so the view's data is addressable
+        const uint8_t * base = (const uint8_t *) t->data;
+        size_t o = 0;
+        for (int64_t i3 = 0; i3 < t->ne[3]; ++i3) {
+            for (int64_t i2 = 0; i2 < t->ne[2]; ++i2) {
+                for (int64_t i1 = 0; i1 < t->ne[1]; ++i1) {
+                    memcpy(data + o, base + i1*t->nb[1] + i2*t->nb[2] + i3*t->nb[3], row);
+                    o += row;
+                }
+            }
+        }
+    }
+    ggml_free(ctx);
+    return n;
 }
 
 size_t kvref_state_write(const kvref * r, int32_t seq, uint32_t flags, uint8_t * buf, size_t cap) {

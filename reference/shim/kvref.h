@@ -137,6 +137,9 @@ void kvref_stream_info(const kvref *r, uint32_t stream, uint32_t *head, uint32_t
                        uint32_t *used_min, uint32_t *used_max_p1, bool *has_shift);
 /* Number of pending stream copies (sc_info). */
 uint32_t kvref_pending_copies(const kvref *r);
+/* The pending stream copies in the order update() applies them: copy k goes from stream src[k]
+ * to stream dst[k], for k < min(n, cap). Returns n, the number of pending copies. */
+uint32_t kvref_pending_copy_list(const kvref *r, uint32_t *src, uint32_t *dst, uint32_t cap);
 
 /* Graph inputs, written by the stock set_input_* functions into a host tensor and copied out.
  * kq mask: ne = [n_kv, n_tokens / n_stream_m, 1, n_stream_m], f16 as raw uint16 when f16. */
@@ -149,6 +152,14 @@ void kvref_v_idxs(const kvref *r, const kvref_ubatch *ub, const kvref_slot *slot
 void kvref_k_shift(const kvref *r, int32_t *out);
 /* out: n_kv * n_tokens elements. */
 void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int32_t *out);
+
+/* The stock graph view get_k (v = false) or get_v (v = true) of layer il over n_kv cells of
+ * streams s0..s1, made in a scratch context: its ne, nb and byte offset into the layer tensor
+ * (view_offs), and when data != NULL the bytes it sees, gathered row by row (ne[0] elements per
+ * row, rows in ne order) into data (cap bytes). Returns the gathered byte count (the count
+ * needed when data == NULL or cap is too small), 0 on invalid arguments. */
+size_t kvref_view(const kvref *r, bool v, int32_t il, uint32_t n_kv, uint32_t s0, uint32_t s1,
+                  int64_t ne[4], size_t nb[4], size_t *offs, uint8_t *data, size_t cap);
 
 /* state_write(io, seq, flags) into buf (cap bytes). With buf == NULL returns the size only.
  * Returns bytes written, 0 on failure. */

@@ -335,6 +335,19 @@ impl Cells {
     }
 }
 
+/// A stock graph view of a layer's K or V ([`RefKv::view`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct View {
+    /// `ne` of the view.
+    pub ne: [i64; 4],
+    /// `nb` (byte strides) of the view.
+    pub nb: [usize; 4],
+    /// Byte offset of the view into the layer tensor (`view_offs`).
+    pub offs: usize,
+    /// The bytes the view sees, row by row (`ne[0]` elements per row, rows in `ne` order).
+    pub data: Vec<u8>,
+}
+
 /// Search head and usage of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamInfo {
@@ -406,12 +419,13 @@ impl Ubatch {
 
     /// A ubatch as `split_equal` makes it: `n_seq_tokens` tokens for each `(seq, first_pos)`
     /// set, seq-major. Sequences must be ascending (as the non-unified split requires).
+    /// Positions stop at `i32::MAX` (the last ones repeat it).
     pub fn equal(sets: &[(i32, i32)], n_seq_tokens: u32) -> Ubatch {
         let mut pos = Vec::new();
         let mut seq_ids = Vec::new();
         for &(s, p0) in sets {
-            for p in p0..p0 + n_seq_tokens as i32 {
-                pos.push(p);
+            for k in 0..n_seq_tokens {
+                pos.push(p0.saturating_add(k as i32));
                 seq_ids.push(vec![s]);
             }
         }
@@ -528,6 +542,20 @@ struct Api {
     stream_info:
         unsafe extern "C" fn(KvPtr, u32, *mut u32, *mut u32, *mut u32, *mut u32, *mut bool),
     pending_copies: unsafe extern "C" fn(KvPtr) -> u32,
+    pending_copy_list: unsafe extern "C" fn(KvPtr, *mut u32, *mut u32, u32) -> u32,
+    view: unsafe extern "C" fn(
+        KvPtr,
+        bool,
+        i32,
+        u32,
+        u32,
+        u32,
+        *mut i64,
+        *mut usize,
+        *mut usize,
+        *mut u8,
+        usize,
+    ) -> usize,
     kq_mask: unsafe extern "C" fn(KvPtr, *const RawUbatch, bool, bool, u32, u32, *mut c_void),
     k_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
@@ -605,6 +633,8 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         cells: sym!("cells"),
         stream_info: sym!("stream_info"),
         pending_copies: sym!("pending_copies"),
+        pending_copy_list: sym!("pending_copy_list"),
+        view: sym!("view"),
         kq_mask: sym!("kq_mask"),
         k_idxs: sym!("k_idxs"),
         v_idxs: sym!("v_idxs"),
@@ -979,6 +1009,18 @@ impl RefKv {
         unsafe { (api().pending_copies)(self.ptr) }
     }
 
+    /// The pending stream copies as `(source, destination)` streams, in the order
+    /// [`RefKv::update`] applies them.
+    pub fn pending_copy_list(&self) -> Vec<(u32, u32)> {
+        let n = self.pending_copies();
+        let (mut src, mut dst) = (vec![0u32; n as usize], vec![0u32; n as usize]);
+        // SAFETY: both arrays hold `n` writable elements, the capacity passed.
+        let got =
+            unsafe { (api().pending_copy_list)(self.ptr, src.as_mut_ptr(), dst.as_mut_ptr(), n) };
+        assert_eq!(got, n, "pending copies changed between the two calls");
+        src.into_iter().zip(dst).collect()
+    }
+
     fn check_mask(&self, ub: &UbatchRef<'_>, n_kv: u32, n_stream_m: u32, len: usize) {
         assert!(n_kv <= self.size(), "n_kv {n_kv} exceeds the cache size");
         assert!(
@@ -1125,6 +1167,39 @@ impl RefKv {
     pub fn state_size(&self, seq: i32, flags: u32) -> usize {
         // SAFETY: a null buffer asks for the size only.
         unsafe { (api().state_write)(self.ptr, seq, flags, ptr::null_mut(), 0) }
+    }
+
+    /// The stock graph view `get_k` (`v == false`) or `get_v` of layer `il` over `n_kv` cells
+    /// of streams `s0..=s1`: `None` for invalid arguments.
+    pub fn view(&self, v: bool, il: i32, n_kv: u32, s0: u32, s1: u32) -> Option<View> {
+        let mut out = View::default();
+        let call = |out: &mut View, data: &mut [u8]| {
+            // SAFETY: every pointer is valid for the call; `data` is writable for its length,
+            // which the shim respects.
+            unsafe {
+                (api().view)(
+                    self.ptr,
+                    v,
+                    il,
+                    n_kv,
+                    s0,
+                    s1,
+                    out.ne.as_mut_ptr(),
+                    out.nb.as_mut_ptr(),
+                    &mut out.offs,
+                    data.as_mut_ptr(),
+                    data.len(),
+                )
+            }
+        };
+        let n = call(&mut out, &mut []);
+        if n == 0 {
+            return None;
+        }
+        let mut data = vec![0u8; n];
+        assert_eq!(call(&mut out, &mut data), n);
+        out.data = data;
+        Some(out)
     }
 
     /// `state_write(seq, flags)` (`seq = -1`: whole cache).

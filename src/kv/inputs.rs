@@ -386,7 +386,10 @@ impl KvCache {
                 } else {
                     None
                 };
-                let near_from = q.seq_min as i64 - self.p.n_swa as i64 - 32;
+                // Upstream records `p0 + (int32_t) (n_swa + 32) >= seq_pos_min` in 32 bits: near
+                // i32::MAX the sum wraps negative and the cell is not recorded (its entry then
+                // keeps the sequence's first row), so the same wrapping test here.
+                let near_add = self.p.n_swa.wrapping_add(32) as i32;
                 // `& 3`: a sequence set has 4 words; lets the compiler drop the bounds check.
                 let (w, bit) = ((su / 64) & 3, su % 64);
                 if cells.seq_len(s) * 4 >= n_kv_u {
@@ -397,7 +400,7 @@ impl KvCache {
                     for (j, ((o, &p0), set)) in row.iter_mut().zip(pos).zip(seqs).enumerate() {
                         *o = if p0 != -1 && (set.data[w] >> bit) & 1 != 0 {
                             if let Some(l) = near_list.as_mut() {
-                                if p0 as i64 >= near_from {
+                                if p0.wrapping_add(near_add) >= q.seq_min {
                                     l.push(j as u32);
                                 }
                             }
@@ -413,7 +416,7 @@ impl KvCache {
                             row[j as usize] =
                                 rule.value::<T, CAUSAL, SWA, D2, ALIBI>(cells, j, p0, &q);
                             if let Some(l) = near_list.as_mut() {
-                                if p0 as i64 >= near_from {
+                                if p0.wrapping_add(near_add) >= q.seq_min {
                                     l.push(j);
                                 }
                             }

@@ -66,7 +66,10 @@ pub enum NonCausalType {
 pub fn is_masked_swa(n_swa: u32, swa_type: SwaType, p0: i32, p1: i32) -> bool {
     match swa_type {
         SwaType::None => false,
-        SwaType::Standard => (p1 as i64 - p0 as i64) >= n_swa as i32 as i64,
+        // `p1 - p0` on int32 as the stock binary computes it: the slot search passes
+        // `seq_pos_max + 1`, which is i32::MIN for a sequence ending at i32::MAX, and the
+        // difference wraps (cells from position 1 on are then hidden, position 0 is not).
+        SwaType::Standard => p1.wrapping_sub(p0) >= n_swa as i32,
         SwaType::Chunked => {
             // Upstream divides with p1 converted to unsigned; positions are >= 0 here.
             let start = (p1 as u32 / n_swa).wrapping_mul(n_swa) as i32;
@@ -74,8 +77,8 @@ pub fn is_masked_swa(n_swa: u32, swa_type: SwaType, p0: i32, p1: i32) -> bool {
         }
         SwaType::Symmetric => {
             let half = n_swa as i32 / 2;
-            let diff = p1 as i64 - p0 as i64;
-            diff < -(half as i64) || diff > half as i64
+            let diff = p1.wrapping_sub(p0);
+            diff < -half || diff > half
         }
     }
 }
