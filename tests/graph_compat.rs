@@ -412,9 +412,9 @@ fn views_match_stock() {
                         );
                         let want = r.view(v, il as i32, n_kv, s0, s1).expect("stock view");
                         let t = if v {
-                            st.view_v(gr.ctx, il, n_kv, s0, s1, HEAD)
+                            unsafe { st.view_v(gr.ctx, il, n_kv, s0, s1, HEAD) }
                         } else {
-                            st.view_k(gr.ctx, il, n_kv, s0, s1, HEAD)
+                            unsafe { st.view_k(gr.ctx, il, n_kv, s0, s1, HEAD) }
                         }
                         .unwrap();
                         // SAFETY: a view of our live host tensor, made in gr.ctx.
