@@ -33,19 +33,26 @@ pub struct KvContext {
     n_kv: u32,
 }
 
-impl KvContext {
-    fn new(mode: Mode, spare: Option<KvContext>) -> Self {
-        let mut c = spare.unwrap_or(KvContext {
-            mode,
+/// An empty context (nothing to apply), holding no buffers yet.
+impl Default for KvContext {
+    fn default() -> Self {
+        KvContext {
+            mode: Mode::Failed(Status::FailedPrepare),
             slots: Vec::new(),
             ubatches: Vec::new(),
             n_ubatches: 0,
             cur: 0,
             copies: Vec::new(),
             n_kv: 0,
-        });
+        }
+    }
+}
+
+impl KvContext {
+    fn new(mode: Mode, spare: Option<KvContext>) -> Self {
+        let mut c = spare.unwrap_or_default();
+        // The slots keep their buffers: prepare_into resizes and refills them.
         c.mode = mode;
-        c.slots.clear();
         c.n_ubatches = 0;
         c.cur = 0;
         c.copies.clear();
@@ -197,6 +204,7 @@ impl KvCache {
     pub fn init_full(&self) -> KvContext {
         let n = self.n_stream();
         let mut ctx = KvContext::new(Mode::Full, None);
+        ctx.slots.clear();
         ctx.slots.push(SlotInfo {
             s0: 0,
             s1: n - 1,

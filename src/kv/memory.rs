@@ -739,10 +739,13 @@ impl Memory for KvMemory {
         ubatches: &[Ubatch<'_>],
         spare: Option<Box<dyn MemoryContext>>,
     ) -> Result<Box<dyn MemoryContext>> {
-        let spare = spare
+        // Keep the spare's box as well as its buffers: the next context lives in it.
+        let mut b = spare
             .and_then(|b| b.into_any().downcast::<KvContext>().ok())
-            .map(|b| *b);
-        Ok(Box::new(self.cache.init_batch(ubatches, spare)?))
+            .unwrap_or_default();
+        let old = std::mem::take(&mut *b);
+        *b = self.cache.init_batch(ubatches, Some(old))?;
+        Ok(b)
     }
     fn init_full(&mut self) -> Result<Box<dyn MemoryContext>> {
         Ok(Box::new(self.cache.init_full()))

@@ -145,6 +145,17 @@ pub struct KvCache {
     /// Stream copies `(src, dst)` queued by cross-stream `seq_cp`, applied by the next update.
     pending_copies: Vec<(u32, u32)>,
     scratch: Vec<u32>,
+    /// Rollback buffers of `prepare`, kept between calls.
+    prep: PrepScratch,
+}
+
+/// What `prepare` saves before placing each ubatch: every stream's head, and the slot cells.
+#[derive(Clone, Debug, Default)]
+struct PrepScratch {
+    /// `n_stream` heads per placed ubatch.
+    heads: Vec<u32>,
+    /// One snapshot per (ubatch, slot stream), in order.
+    snaps: Vec<Snapshot>,
 }
 
 impl KvCache {
@@ -212,6 +223,7 @@ impl KvCache {
             heads: vec![0; n_stream as usize],
             pending_copies: Vec::new(),
             scratch: Vec::new(),
+            prep: PrepScratch::default(),
         })
     }
 
@@ -529,13 +541,19 @@ impl KvCache {
     /// Finds cells for a validated ubatch without changing anything (`find_slot`); `cont`
     /// requires each stream's cells to be contiguous. `None` when it does not fit.
     pub fn find_slot(&self, ub: &Ubatch<'_>, cont: bool) -> Option<SlotInfo> {
+        let mut res = SlotInfo::with_streams(0, 0);
+        self.find_slot_into(ub, cont, &mut res).then_some(res)
+    }
+
+    /// [`KvCache::find_slot`] into `res`, reusing its buffers; false when it does not fit.
+    pub fn find_slot_into(&self, ub: &Ubatch<'_>, cont: bool, res: &mut SlotInfo) -> bool {
         let (n_seqs, n_tokens) = if self.n_stream > 1 {
             let n = ub.seq_id_unq.len() as u32;
             (n, ub.n_tokens / n)
         } else {
             (1, ub.n_tokens)
         };
-        let mut res = SlotInfo::with_streams(n_seqs as usize, n_tokens as usize);
+        res.reset(n_seqs as usize, n_tokens as usize);
         for s in 0..n_seqs as usize {
             let strm = self.stream_of(ub.seq_id_unq[s]);
             res.s0 = res.s0.min(strm);
@@ -543,7 +561,7 @@ impl KvCache {
             res.strm[s] = strm;
             let cells = &self.cells[strm as usize];
             if n_tokens > cells.size() {
-                return None;
+                return false;
             }
             let mut head = self.heads[strm as usize];
             // Plenty of free cells before the head: start over to fill the cache from the front.
@@ -557,10 +575,10 @@ impl KvCache {
                 self.search_scattered(cells, head, n_tokens, out)
             };
             if !found {
-                return None;
+                return false;
             }
         }
-        Some(res)
+        true
     }
 
     /// Can the slot search take cell `i`? Empty cells, and cells of a single sequence that the
@@ -710,44 +728,46 @@ impl KvCache {
         self.prepare_into(ubatches, &mut slots).then_some(slots)
     }
 
-    /// [`KvCache::prepare`] into `slots` (cleared first), reusing its buffers; false if a
-    /// ubatch does not fit.
+    /// [`KvCache::prepare`] into `slots` (one per ubatch; the buffers of the slots already
+    /// there are reused, as are the cache's own rollback buffers); false if a ubatch does not
+    /// fit, with `slots` empty.
     pub fn prepare_into(&mut self, ubatches: &[Ubatch<'_>], slots: &mut Vec<SlotInfo>) -> bool {
-        struct Saved {
-            heads: Vec<u32>,
-            cells: Vec<Snapshot>,
-        }
-        slots.clear();
-        let mut saved: Vec<Saved> = Vec::with_capacity(ubatches.len());
-        let mut ok = true;
-        for ub in ubatches {
-            let Some(slot) = self.find_slot(ub, false) else {
-                ok = false;
+        slots.truncate(ubatches.len());
+        slots.resize_with(ubatches.len(), || SlotInfo::with_streams(0, 0));
+        let ns = self.n_stream as usize;
+        let mut prep = std::mem::take(&mut self.prep);
+        prep.heads.clear();
+        let mut n_snap = 0;
+        let mut n_ok = 0;
+        for (ub, slot) in ubatches.iter().zip(slots.iter_mut()) {
+            if !self.find_slot_into(ub, false, slot) {
                 break;
-            };
-            let cells = slot
-                .idxs
-                .iter()
-                .zip(&slot.strm)
-                .map(|(idxs, &s)| self.cells[s as usize].cp(idxs))
-                .collect();
-            saved.push(Saved {
-                heads: self.heads.clone(),
-                cells,
-            });
-            self.apply_ubatch(&slot, ub);
-            slots.push(slot);
+            }
+            prep.heads.extend_from_slice(&self.heads);
+            for (idxs, &s) in slot.idxs.iter().zip(&slot.strm) {
+                if n_snap == prep.snaps.len() {
+                    prep.snaps.push(Snapshot::default());
+                }
+                self.cells[s as usize].cp_into(idxs, &mut prep.snaps[n_snap]);
+                n_snap += 1;
+            }
+            self.apply_ubatch(slot, ub);
+            n_ok += 1;
         }
-        for (slot, st) in slots.iter().zip(&saved).rev() {
+        for (u, slot) in slots[..n_ok].iter().enumerate().rev() {
+            n_snap -= slot.idxs.len();
+            let heads = &prep.heads[u * ns..(u + 1) * ns];
             for (k, idxs) in slot.idxs.iter().enumerate() {
                 let s = slot.strm[k] as usize;
-                self.cells[s].set(idxs, &st.cells[k]);
+                self.cells[s].set(idxs, &prep.snaps[n_snap + k]);
                 // Upstream indexes the saved heads by the slot's k-th stream, not by stream id
                 // (`head = v_heads_old[s]` in `prepare`); the search hint must match it to pick
                 // the same cells afterwards.
-                self.heads[s] = st.heads[k];
+                self.heads[s] = heads[k];
             }
         }
+        self.prep = prep;
+        let ok = n_ok == ubatches.len();
         if !ok {
             slots.clear();
         }

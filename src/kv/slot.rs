@@ -27,6 +27,19 @@ impl SlotInfo {
         }
     }
 
+    /// Empties the slot for `n` streams of up to `cap` cells each, keeping its buffers.
+    pub fn reset(&mut self, n: usize, cap: usize) {
+        self.s0 = MAX_SEQ as u32;
+        self.s1 = 0;
+        self.strm.clear();
+        self.strm.resize(n, 0);
+        self.idxs.truncate(n);
+        for v in &mut self.idxs {
+            v.clear();
+        }
+        self.idxs.resize_with(n, || Vec::with_capacity(cap));
+    }
+
     /// Tokens per stream.
     pub fn size(&self) -> usize {
         self.idxs.first().map_or(0, Vec::len)

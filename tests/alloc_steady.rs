@@ -1,0 +1,159 @@
+//! Heap allocations of the steady decode step through the C ABI (one token for each of 16
+//! sequences: init_batch, apply, n_kv, KQ mask, K/V row indices, free), counted by a global
+//! allocator wrapper.
+//!
+//! The ubatch read from C, the context and its handle, the slots, the rollback snapshots and
+//! the graph inputs all reuse buffers from the previous step. What still allocates is the
+//! per-sequence position index (std's B-tree): each of the 16 sequences gets one insert when
+//! `prepare` simulates the placement, one removal when it rolls back, and one insert when the
+//! ubatch is applied; a leaf holds 11 entries and splits into halves, so a sequence growing at
+//! its end allocates a leaf at most once per 5 inserts, and the rollback can free it again.
+//! That bounds the index at 2 x 16 / 5 allocations per step; anything else allocating per step
+//! breaks the bound. (A slab or flat index would make it 0.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use llama_memory::ffi::context::*;
+use llama_memory::ffi::kv::*;
+use llama_memory::ffi::memory::*;
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+const N_SEQ: usize = 16;
+
+struct Step {
+    tok: [i32; N_SEQ],
+    pos: [i32; N_SEQ],
+    n_seq_id: [i32; N_SEQ],
+    seq: [i32; N_SEQ],
+    unq: [i32; N_SEQ],
+    mask: Vec<f32>,
+    k_idx: Vec<i64>,
+    v_idx: Vec<i64>,
+}
+
+impl Step {
+    /// One decode step at position `p` of every sequence; panics on any failure.
+    fn run(&mut self, mem: llama_memory_t, p: i32) {
+        self.pos = [p; N_SEQ];
+        let ptrs: [*const i32; N_SEQ] = std::array::from_fn(|i| &self.seq[i] as *const i32);
+        let ub = llama_memory_ubatch {
+            n_tokens: N_SEQ as u32,
+            n_seq_tokens: 1,
+            n_seqs: N_SEQ as u32,
+            n_seqs_unq: N_SEQ as u32,
+            n_pos: 1,
+            equal_seqs: 0,
+            token: self.tok.as_ptr(),
+            pos: self.pos.as_ptr(),
+            n_seq_id: self.n_seq_id.as_ptr(),
+            seq_id: ptrs.as_ptr(),
+            seq_id_unq: self.unq.as_ptr(),
+            seq_idx: std::ptr::null(),
+            output: std::ptr::null(),
+        };
+        let ctx = llama_memory_init_batch(mem, &ub, 1);
+        assert!(!ctx.is_null(), "{:?}", last_error());
+        assert_eq!(llama_memory_ctx_get_status(ctx), LLAMA_MEMORY_CTX_SUCCESS);
+        assert_eq!(llama_memory_ctx_apply(ctx) as u32, 0);
+        let n_kv = llama_memory_ctx_get_n_kv(ctx);
+        let n = n_kv as usize * N_SEQ;
+        assert!(n <= self.mask.len());
+        let r = llama_memory_ctx_set_input_kq_mask(
+            ctx,
+            true,
+            n_kv,
+            1,
+            false,
+            self.mask.as_mut_ptr().cast(),
+            n,
+        );
+        assert_eq!(r as u32, 0);
+        let r = llama_memory_ctx_set_input_k_idxs(ctx, self.k_idx.as_mut_ptr(), N_SEQ);
+        assert_eq!(r as u32, 0);
+        let n_v = self.v_idx.len();
+        let r = llama_memory_ctx_set_input_v_idxs(ctx, self.v_idx.as_mut_ptr(), n_v);
+        assert_eq!(r as u32, 0);
+        llama_memory_ctx_free(ctx);
+    }
+}
+
+fn last_error() -> String {
+    let e = llama_memory::ffi::error::llama_memory_last_error();
+    if e.is_null() {
+        return String::new();
+    }
+    // SAFETY: a NUL-terminated message owned by the library until the next failing call.
+    unsafe { std::ffi::CStr::from_ptr(e) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn steady_decode_step_allocations() {
+    let mut p = llama_memory_kv_default_params();
+    p.size = 16384;
+    p.n_seq_max = N_SEQ as u32;
+    p.v_trans = false;
+    let mem = llama_memory_kv_init(p);
+    assert!(!mem.is_null());
+    let mut step = Step {
+        tok: [7; N_SEQ],
+        pos: [0; N_SEQ],
+        n_seq_id: [1; N_SEQ],
+        seq: std::array::from_fn(|i| i as i32),
+        unq: std::array::from_fn(|i| i as i32),
+        mask: vec![0.0; 16384 * N_SEQ],
+        k_idx: vec![0; N_SEQ],
+        v_idx: vec![0; N_SEQ],
+    };
+    let (warm, measured) = (256, 256);
+    for t in 0..warm {
+        step.run(mem, t);
+    }
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for t in warm..warm + measured {
+        step.run(mem, t);
+    }
+    let n = ALLOCS.load(Ordering::Relaxed) - before;
+    llama_memory_free(mem);
+    println!(
+        "allocations: {n} in {measured} steady decode steps ({:.2} per step)",
+        n as f64 / measured as f64
+    );
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).ok();
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("alloc-summary.txt"),
+        format!("{n} allocations in {measured} steady decode steps\n"),
+    )
+    .ok();
+    let index_bound = (2 * N_SEQ as u64 * measured as u64) / 5;
+    assert!(
+        n <= index_bound,
+        "{n} allocations in {measured} steps, more than the position index's {index_bound}"
+    );
+}
