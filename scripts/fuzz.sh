@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of every state reader (cargo-fuzz / libFuzzer, AddressSanitizer).
+# Coverage-guided fuzzing of every state reader, of accepted states operated on afterwards, and
+# of the C ABI (cargo-fuzz / libFuzzer, AddressSanitizer).
 #
 #   scripts/fuzz.sh [seconds_per_target]     (default 60)
 #
@@ -23,7 +24,7 @@ mkdir -p target
 summary="$root/target/fuzz-summary.txt"
 : > "$summary"
 status=0
-for t in seq_set_data set_data load_file; do
+for t in seq_set_data set_data load_file on_device ops_after_restore c_abi; do
     log="$root/target/fuzz-$t.log"
     (cd fuzz && cargo fuzz build --sanitizer address "$t" >/dev/null 2>"$log.build") || {
         cat "$log.build"; exit 1; }
@@ -35,7 +36,7 @@ for t in seq_set_data set_data load_file; do
     set -e
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     if [ "$rc" -eq 0 ]; then res="ok, 0 crashes"; else res="FAILED (exit $rc, see $log)"; status=1; fi
-    printf '%-14s %12s executions in %ss  %s\n' "$t" "${execs:-?}" "$secs" "$res" | tee -a "$summary"
+    printf '%-18s %12s executions in %ss  %s\n' "$t" "${execs:-?}" "$secs" "$res" | tee -a "$summary"
     if [ "$rc" -ne 0 ]; then tail -40 "$log"; fi
 done
 exit $status

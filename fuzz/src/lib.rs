@@ -127,3 +127,95 @@ pub fn check(cfg: u8, f: impl FnOnce(&mut KvMemory) -> llama_memory::Result<usiz
 pub fn no_stash() -> Stash {
     Stash::new()
 }
+
+/// Runs the operations encoded in `ops` on `m` (5 bytes each: kind, sequence, two bounds, an
+/// argument), as a caller would after restoring an untrusted state: every sequence operation,
+/// placement with the graph inputs, updates, sequence round trips and clears. Each may fail;
+/// none may panic, and the cells stay consistent after every one.
+pub fn run_ops(m: &mut KvMemory, ops: &[u8]) {
+    use llama_memory::{MaskOut, MemoryContext};
+    let n_seq_max = m.cache.n_seq_max();
+    let seq = |b: u8| dest(b, n_seq_max);
+    let bound = |b: u8| match b % 6 {
+        0 => -1,
+        1 => i32::MAX,
+        2 => i32::MAX - 3,
+        _ => (b as i32) - 40,
+    };
+    let mut spare: Option<Box<dyn MemoryContext>> = None;
+    for op in ops.chunks_exact(5) {
+        let (s, p0, p1, arg) = (seq(op[1]), bound(op[2]), bound(op[3]), op[4]);
+        match op[0] % 10 {
+            0 => drop(m.seq_rm(s, p0, p1)),
+            1 => drop(m.seq_cp(s, seq(arg), p0, p1)),
+            2 => drop(m.seq_keep(s)),
+            3 => drop(m.seq_add(s, p0, p1, arg as i8 as i32)),
+            4 => drop(m.seq_div(s, p0, p1, (arg % 5) as i32)),
+            5 | 6 => {
+                // A ubatch of up to 8 tokens after the sequence's last position (which may sit
+                // near i32::MAX after a restore), one or two sequences per token.
+                let Ok(last) = m.seq_pos_max(s.max(0)) else {
+                    continue;
+                };
+                let n = (arg % 8 + 1) as usize;
+                let n_pos = m.cache.params().n_pos_per_embd as usize;
+                let p0 = last.saturating_add(1);
+                let mut pos: Vec<i32> = (0..n as i32).map(|k| p0.saturating_add(k)).collect();
+                pos.resize(n * n_pos, 0);
+                let two = [s.max(0), seq(op[2]).max(0)];
+                let seqs: Vec<&[i32]> = (0..n)
+                    .map(|k| {
+                        if op[0] % 10 == 6 && k % 2 == 1 && two[0] != two[1] {
+                            &two[..]
+                        } else {
+                            &two[..1]
+                        }
+                    })
+                    .collect();
+                let toks: Vec<i32> = (0..n as i32).collect();
+                let mut b = UbatchBuf::new(&toks, &pos[..n], &seqs);
+                b.n_pos = n_pos as u32;
+                b.pos = pos;
+                let ub = b.view();
+                let Ok(mut ctx) = m.init_batch(&[ub], spare.take()) else {
+                    continue;
+                };
+                if ctx.status() == llama_memory::Status::Success && ctx.apply(m).is_ok() {
+                    let kv = &m.cache;
+                    let n_kv = kv.size();
+                    let n_stream = if kv.n_stream() == 1 {
+                        1
+                    } else {
+                        ub.seq_id_unq.len() as u32
+                    };
+                    let mut mask = vec![0f32; n_kv as usize * n];
+                    let causal = arg & 1 == 0;
+                    let _ =
+                        kv.set_input_kq_mask(&ub, causal, n_kv, n_stream, MaskOut::F32(&mut mask));
+                    let mut shift = vec![0i32; (kv.size() * kv.n_stream()) as usize];
+                    let _ = kv.set_input_k_shift(&mut shift);
+                }
+                spare = Some(ctx);
+            }
+            7 => {
+                if let Ok(mut ctx) = m.init_update(false) {
+                    let _ = ctx.apply(m);
+                }
+            }
+            8 => {
+                // A sequence state round trip into another sequence.
+                let Ok(n) = state::seq_get_size(m, s, 0) else {
+                    continue;
+                };
+                let mut blob = vec![0u8; n];
+                if state::seq_get_data(m, &mut blob, s, 0, &mut Stash::new()).is_ok() {
+                    let _ = state::seq_set_data(m, &blob, seq(arg), 0, &Stash::new());
+                }
+            }
+            _ => m.clear(arg & 1 == 1),
+        }
+        m.cache
+            .check_invariants()
+            .unwrap_or_else(|e| panic!("invariants after op {op:?}: {e}"));
+    }
+}

@@ -39,8 +39,42 @@ fn main() {
         let mut s = vec![cfg];
         s.extend(&whole);
         write(root, "set_data", &format!("c{cfg}"), &s);
-        n += 1;
+        // The whole state, then one of each operation kind.
+        let mut o = vec![cfg];
+        o.extend((whole.len() as u16).to_le_bytes());
+        o.extend(&whole);
+        for k in 0..10u8 {
+            o.extend([k, k % 3 + 1, 3, 5, 17]);
+        }
+        write(root, "ops_after_restore", &format!("c{cfg}"), &o);
+        // ON_DEVICE: the metadata-only blob of a real ON_DEVICE save, each edit kind.
+        for src in [0i32, 1] {
+            let mut st = Stash::new();
+            let n_dev = state::seq_get_size(&m, src, state::FLAG_ON_DEVICE).expect("size");
+            let mut blob = vec![0u8; n_dev];
+            state::seq_get_data(&m, &mut blob, src, state::FLAG_ON_DEVICE, &mut st).expect("blob");
+            for edit in [3u8, 0, 1, 2, 0x83] {
+                let mut d = vec![cfg, 2, src as u8, edit];
+                d.extend(&blob);
+                write(root, "on_device", &format!("c{cfg}s{src}e{edit}"), &d);
+            }
+        }
+        n += 11;
     }
+    // The C ABI target: a sequence blob and a whole state of the handle it builds, a ubatch,
+    // and the llama.h functions.
+    let mut c = vec![0u8, 255];
+    c.extend(std::iter::repeat_n(0u8, 255 * 8));
+    write(root, "c_abi", "zeros", &c);
+    write(
+        root,
+        "c_abi",
+        "ops",
+        &[
+            2, 5, 1, 1, 0, 0, 0, 3, 4, 1, 1, 1, 2, 0, 0, 0, 9, 0, 0, 0, 3,
+        ],
+    );
+    n += 2;
     println!("wrote {n} seeds under {}", root.display());
 }
 
