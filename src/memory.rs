@@ -10,6 +10,18 @@
 //!
 //! This module sits above the cell tables, the ubatch and the state byte I/O, and below every
 //! memory kind: the kinds implement these traits, nothing here names a kind.
+//!
+//! # Adding a memory kind
+//! - The kind's own folder (e.g. `src/recurrent/`) holds its memory type and its context type,
+//!   implementing [`Memory`] and [`MemoryContext`]; its tensors go in `src/storage/`.
+//! - A composite (iSWA, hybrid) holds its parts as memories and reports them through
+//!   [`Memory::part`]/[`Memory::n_parts`] with their [`Role`]; its context reports the parts'
+//!   contexts through [`MemoryContext::part`], and its `apply` hands each sub-context its part.
+//!   The KV functions of the C ABI then work on the part that owns the layer they are given
+//!   ([`find_for_layer`]), or on the only KV part ([`find`]), without a change.
+//! - `src/ffi/` gets one module for the kind's constructor, its parameter struct and its own
+//!   inputs (the recurrent `s_copy`, for one); the llama.h functions, the context functions and
+//!   the state functions are already generic over `Memory`.
 
 #![forbid(unsafe_code)]
 
