@@ -193,7 +193,9 @@ fn main() {
             timed(
                 b,
                 ctx,
-                |p| drop(black_box(t.borrow_mut().step(p))),
+                |p| {
+                    black_box(t.borrow_mut().step(p));
+                },
                 |p| t.borrow_mut().undo(p),
             )
         });
@@ -202,7 +204,9 @@ fn main() {
             timed(
                 b,
                 ctx,
-                |p| drop(black_box(o.borrow_mut().step(p))),
+                |p| {
+                    black_box(o.borrow_mut().step(p));
+                },
                 |p| o.borrow_mut().undo(p),
             )
         });
