@@ -302,9 +302,16 @@ fn bench_masks(c: &mut Criterion, names: &mut Vec<String>) {
 /// Median of one benchmark from criterion's own estimates, in nanoseconds.
 fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
     let path = dir.join(group).join(id).join("new/estimates.json");
+    // Only this run's estimates: a filtered run leaves older ones on disk.
+    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if written < *RUN_START.get()? {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
+
+static RUN_START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
 
 fn human(ns: f64) -> String {
     if ns >= 1e6 {
@@ -318,6 +325,7 @@ fn human(ns: f64) -> String {
 
 fn main() {
     std::env::set_var("KVREF_QUIET", "1");
+    RUN_START.set(std::time::SystemTime::now()).unwrap();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))

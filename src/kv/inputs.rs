@@ -222,9 +222,26 @@ fn segs_from_positions(pos: &[i32], max: usize, out: &mut Vec<Seg>) -> bool {
     true
 }
 
+/// Elements in a [`fill_drop`] template.
+const DROP_TMPL: usize = 4096;
+
+/// Writes `-inf` over `dst`. Long runs copy from `tmpl` (`DROP_TMPL` `-inf`s) instead of a
+/// store loop: `0` runs become `memset` and `-inf` runs `memcpy`, whose bulk string
+/// instructions write a large output faster than the vector loop a non-byte pattern gets.
+#[inline]
+fn fill_drop<T: MaskElem>(dst: &mut [T], tmpl: &[T]) {
+    if dst.len() < 256 {
+        dst.fill(T::DROP);
+        return;
+    }
+    for c in dst.chunks_mut(DROP_TMPL) {
+        c.copy_from_slice(&tmpl[..c.len()]);
+    }
+}
+
 /// One mask row from the segments of the query's sequence: `-inf` runs and visible runs,
 /// each written once with a bulk fill.
-fn row_from_segs<T: MaskElem>(row: &mut [T], segs: &[Seg], range: Option<(i32, i32)>) {
+fn row_from_segs<T: MaskElem>(row: &mut [T], segs: &[Seg], range: Option<(i32, i32)>, tmpl: &[T]) {
     let mut cur = 0usize;
     if let Some((lo, hi)) = range {
         for g in segs {
@@ -232,13 +249,13 @@ fn row_from_segs<T: MaskElem>(row: &mut [T], segs: &[Seg], range: Option<(i32, i
             let b = (hi as i64 - g.pos as i64 + 1).min(g.len as i64);
             if a < b {
                 let (a, b) = (g.cell as usize + a as usize, g.cell as usize + b as usize);
-                row[cur..a].fill(T::DROP);
+                fill_drop(&mut row[cur..a], tmpl);
                 row[a..b].fill(T::KEEP);
                 cur = b;
             }
         }
     }
-    row[cur..].fill(T::DROP);
+    fill_drop(&mut row[cur..], tmpl);
 }
 
 /// One mask row when the query's sequence holds every used cell: membership is just "not
@@ -514,6 +531,7 @@ impl KvCache {
         }
         let mut plan = [Plan::Unset; MAX_SEQ];
         let mut seg_lists: Vec<Vec<Seg>> = Vec::new();
+        let mut drop_tmpl: Vec<T> = Vec::new();
         // More segments than this and per-segment fills cost more than per-cell rules.
         let max_segs = (n_kv_u / 32).max(16);
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
@@ -556,7 +574,10 @@ impl KvCache {
                         }
                         Plan::Segs(x) => {
                             let range = rule.visible_range::<CAUSAL, SWA>(&q);
-                            row_from_segs(row, &seg_lists[x as usize], range);
+                            if drop_tmpl.is_empty() {
+                                drop_tmpl = vec![T::DROP; DROP_TMPL];
+                            }
+                            row_from_segs(row, &seg_lists[x as usize], range, &drop_tmpl);
                             continue;
                         }
                         Plan::General | Plan::Unset => {}
@@ -731,4 +752,42 @@ pub fn relative_position_bucket(x: i32, y: i32, n_buckets: u64, bidirectional: b
         (max_exact as f64 + scaled as f64 / (MAX_DISTANCE as f64 / max_exact as f64).ln()) as f32;
     let large = (large.floor() as i32).min(n_buckets as i32 - 1);
     bucket + if (rel as i64) < max_exact { rel } else { large }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments from positions, written as rows, equal the per-cell predicate: runs longer
+    /// than a chunk, holes, a `-1` followed by position 0, and positions wrapping at i32::MAX.
+    #[test]
+    fn segs_from_positions_rows_match_cells() {
+        let mut pos: Vec<i32> = (0..300).collect();
+        pos.extend([-1, 0, 1, 2, -1, -1]);
+        pos.extend((1000..1200).rev());
+        pos.extend(i32::MAX - 70..=i32::MAX);
+        pos.extend([i32::MIN, i32::MIN + 1, 5, 5, 6]);
+        pos.extend(500..700);
+        let mut segs = Vec::new();
+        assert!(segs_from_positions(&pos, usize::MAX, &mut segs));
+        assert!(!segs_from_positions(&pos, 3, &mut Vec::new()));
+        let tmpl = vec![f32::DROP; DROP_TMPL];
+        let ranges = [
+            None,
+            Some((i32::MIN, i32::MAX)),
+            Some((0, 150)),
+            Some((100, 1100)),
+            Some((i32::MAX - 5, i32::MAX)),
+            Some((i32::MIN, 5)),
+            Some((550, 560)),
+        ];
+        for range in ranges {
+            let mut row = vec![1.0f32; pos.len()];
+            row_from_segs(&mut row, &segs, range, &tmpl);
+            let mut want = vec![1.0f32; pos.len()];
+            row_from_positions(&mut want, &pos, range);
+            let bits = |r: &[f32]| r.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&row), bits(&want), "range {range:?}");
+        }
+    }
 }
