@@ -276,6 +276,16 @@ fn bench_masks(c: &mut Criterion, names: &mut Vec<String>) {
                                 .unwrap()
                         })
                     });
+                    // The floor for both: a plain fill of the same bytes (memset) in the same
+                    // run, to tell output-bound rows from slow ones.
+                    let mut out_memset = vec![0f32; len];
+                    g.bench_function("memset", |b| {
+                        b.iter(|| {
+                            let o = black_box(&mut out_memset[..]);
+                            o.fill(0.0);
+                            black_box(o.as_ptr());
+                        })
+                    });
                     g.finish();
                     assert!(
                         out_ours
@@ -294,9 +304,16 @@ fn bench_masks(c: &mut Criterion, names: &mut Vec<String>) {
 /// Median of one benchmark from criterion's own estimates, in nanoseconds.
 fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
     let path = dir.join(group).join(id).join("new/estimates.json");
+    // Only this run's estimates: a filtered run leaves older ones on disk.
+    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if written < *RUN_START.get()? {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
+
+static RUN_START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
 
 fn human(ns: f64) -> String {
     if ns >= 1e6 {
@@ -310,6 +327,7 @@ fn human(ns: f64) -> String {
 
 fn main() {
     std::env::set_var("KVREF_QUIET", "1");
+    RUN_START.set(std::time::SystemTime::now()).unwrap();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
@@ -328,9 +346,59 @@ fn main() {
         "\n| benchmark | stock llama.cpp (median) | llama-memory (median) | ratio (stock / ours) |"
     );
     println!("|---|---:|---:|---:|");
-    for n in &names {
+    for n in names.iter().filter(|n| !n.starts_with("kq_mask")) {
         if let (Some(s), Some(o)) = (median_ns(&dir, n, "stock"), median_ns(&dir, n, "ours")) {
             println!("| {n} | {} | {} | {:.2}x |", human(s), human(o), s / o);
         }
+    }
+    // Masks: bandwidth is bytes of mask written / median time; a side near the memset figure
+    // is bound by writing its output.
+    println!(
+        "\n| benchmark | mask bytes | stock llama.cpp (median) | llama-memory (median) \
+         | ratio (stock / ours) | memset (median) | stock GB/s | ours GB/s | memset GB/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in names.iter().filter(|n| n.starts_with("kq_mask")) {
+        let (Some(s), Some(o), Some(m)) = (
+            median_ns(&dir, n, "stock"),
+            median_ns(&dir, n, "ours"),
+            median_ns(&dir, n, "memset"),
+        ) else {
+            continue;
+        };
+        let bytes = mask_bytes(n);
+        println!(
+            "| {n} | {} | {} | {} | {:.2}x | {} | {:.1} | {:.1} | {:.1} |",
+            human_bytes(bytes),
+            human(s),
+            human(o),
+            s / o,
+            human(m),
+            bytes / s,
+            bytes / o,
+            bytes / m
+        );
+    }
+}
+
+/// Bytes of the f32 mask of a `kq_mask_nkv<N>_<T>tok_...` benchmark.
+fn mask_bytes(name: &str) -> f64 {
+    let num = |key: &str, end: char| -> f64 {
+        let rest = &name[name.find(key).unwrap() + key.len()..];
+        rest[..rest.find(end).unwrap()].parse().unwrap()
+    };
+    // The token count is the number right before "tok".
+    let t = name[..name.find("tok").unwrap()]
+        .rsplit('_')
+        .next()
+        .unwrap();
+    num("nkv", '_') * t.parse::<f64>().unwrap() * 4.0
+}
+
+fn human_bytes(b: f64) -> String {
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
     }
 }

@@ -92,6 +92,201 @@ struct Query {
     seq_min: i32,
 }
 
+impl MaskRule {
+    /// Without 2-D positions and ALiBi an entry is visible exactly when its cell holds the
+    /// query's sequence and its position lies in one closed interval; this is that interval
+    /// (`None`: nothing is visible), the same predicate as [`MaskRule::value`].
+    fn visible_range<const CAUSAL: bool, const SWA: bool>(&self, q: &Query) -> Option<(i32, i32)> {
+        let p1 = q.p1 as i64;
+        let (mut lo, mut hi) = (i64::MIN, i64::MAX);
+        if SWA {
+            // Complement of `is_masked_swa`, bound for bound.
+            let (wlo, whi) = match self.swa_type {
+                SwaType::None => (i64::MIN, i64::MAX),
+                SwaType::Standard => (p1 - self.n_swa as i32 as i64 + 1, i64::MAX),
+                SwaType::Chunked => {
+                    let start = (q.p1 as u32 / self.n_swa).wrapping_mul(self.n_swa) as i32;
+                    (start as i64, i64::MAX)
+                }
+                SwaType::Symmetric => {
+                    let half = (self.n_swa as i32 / 2) as i64;
+                    (p1 - half, p1 + half)
+                }
+            };
+            if !CAUSAL && self.swa_full_span {
+                // Visible: in the window, or at/after the sequence's first ubatch position.
+                // One interval, since a nonempty window reaches p1 >= seq_min.
+                let m = q.seq_min as i64;
+                debug_assert!(wlo > whi || whi >= m - 1);
+                lo = if wlo > whi { m } else { wlo.min(m) };
+            } else {
+                (lo, hi) = (wlo, whi);
+            }
+        }
+        if CAUSAL {
+            hi = hi.min(p1);
+        }
+        let (lo, hi) = (lo.max(i32::MIN as i64), hi.min(i32::MAX as i64));
+        (lo <= hi).then_some((lo as i32, hi as i32))
+    }
+}
+
+/// Cells `cell..cell + len` of one sequence, holding positions `pos..pos + len` in order.
+#[derive(Clone, Copy)]
+struct Seg {
+    cell: u32,
+    pos: i32,
+    len: u32,
+}
+
+/// The sequence's cells below `n_kv` as [`Seg`]s sorted by cell, or `false` (with `out` in an
+/// unspecified state) once more than `max` are needed: a mask row is then a handful of bulk
+/// fills whatever the query position, since each segment's visible part is contiguous.
+fn build_segs(cells: &Cells, s: i32, n_kv: u32, max: usize, out: &mut Vec<Seg>) -> bool {
+    out.clear();
+    for (p, j) in cells.seq_pos_iter(s) {
+        if j >= n_kv {
+            continue;
+        }
+        if let Some(g) = out.last_mut() {
+            if g.cell + g.len == j && g.pos as i64 + g.len as i64 == p as i64 {
+                g.len += 1;
+                continue;
+            }
+        }
+        if out.len() == max {
+            return false;
+        }
+        out.push(Seg {
+            cell: j,
+            pos: p,
+            len: 1,
+        });
+    }
+    // The index walks positions; cells usually follow them, but need not.
+    if out.windows(2).any(|w| w[0].cell > w[1].cell) {
+        out.sort_unstable_by_key(|g| g.cell);
+    }
+    true
+}
+
+/// [`build_segs`] for a sequence owning every used cell, from the positions alone (a linear
+/// scan is far cheaper than walking the position index): empty cells end segments.
+fn segs_from_positions(pos: &[i32], max: usize, out: &mut Vec<Seg>) -> bool {
+    const CHUNK: usize = 64;
+    out.clear();
+    let mut j = 0usize;
+    while j < pos.len() {
+        // Usual layout: the open segment goes on for a whole chunk, checked branch-free.
+        if let Some(g) = out.last_mut() {
+            let next = g.pos as i64 + g.len as i64;
+            if g.cell as usize + g.len as usize == j
+                && j + CHUNK <= pos.len()
+                && next + CHUNK as i64 <= i32::MAX as i64
+            {
+                let first = next as i32;
+                let ok = pos[j..j + CHUNK]
+                    .iter()
+                    .zip(first..)
+                    .fold(true, |a, (&p, want)| a & (p == want) & (p != -1));
+                if ok {
+                    g.len += CHUNK as u32;
+                    j += CHUNK;
+                    continue;
+                }
+            }
+        }
+        let p = pos[j];
+        if p != -1 {
+            match out.last_mut() {
+                Some(g)
+                    if g.cell as usize + g.len as usize == j
+                        && g.pos as i64 + g.len as i64 == p as i64 =>
+                {
+                    g.len += 1
+                }
+                _ => {
+                    if out.len() == max {
+                        return false;
+                    }
+                    out.push(Seg {
+                        cell: j as u32,
+                        pos: p,
+                        len: 1,
+                    });
+                }
+            }
+        }
+        j += 1;
+    }
+    true
+}
+
+/// Elements in a [`fill_drop`] template.
+const DROP_TMPL: usize = 4096;
+
+/// Writes `-inf` over `dst`. Long runs copy from `tmpl` (`DROP_TMPL` `-inf`s) instead of a
+/// store loop: `0` runs become `memset` and `-inf` runs `memcpy`, whose bulk string
+/// instructions write a large output faster than the vector loop a non-byte pattern gets.
+#[inline]
+fn fill_drop<T: MaskElem>(dst: &mut [T], tmpl: &[T]) {
+    if dst.len() < 256 {
+        dst.fill(T::DROP);
+        return;
+    }
+    for c in dst.chunks_mut(DROP_TMPL) {
+        c.copy_from_slice(&tmpl[..c.len()]);
+    }
+}
+
+/// One mask row from the segments of the query's sequence: `-inf` runs and visible runs,
+/// each written once with a bulk fill.
+fn row_from_segs<T: MaskElem>(row: &mut [T], segs: &[Seg], range: Option<(i32, i32)>, tmpl: &[T]) {
+    let mut cur = 0usize;
+    if let Some((lo, hi)) = range {
+        for g in segs {
+            let a = (lo as i64 - g.pos as i64).max(0);
+            let b = (hi as i64 - g.pos as i64 + 1).min(g.len as i64);
+            if a < b {
+                let (a, b) = (g.cell as usize + a as usize, g.cell as usize + b as usize);
+                fill_drop(&mut row[cur..a], tmpl);
+                row[a..b].fill(T::KEEP);
+                cur = b;
+            }
+        }
+    }
+    fill_drop(&mut row[cur..], tmpl);
+}
+
+/// One mask row when the query's sequence holds every used cell: membership is just "not
+/// empty", so the row is a branch-free (vectorised) map of the positions.
+fn row_from_positions<T: MaskElem>(row: &mut [T], pos: &[i32], range: Option<(i32, i32)>) {
+    let Some((lo, hi)) = range else {
+        row.fill(T::DROP);
+        return;
+    };
+    for (o, &p) in row.iter_mut().zip(pos) {
+        *o = if (p != -1) & (p >= lo) & (p <= hi) {
+            T::KEEP
+        } else {
+            T::DROP
+        };
+    }
+}
+
+/// How the rows of one sequence are written in this call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Not decided yet (the sequence's first row decides).
+    Unset,
+    /// Per-cell rules with previous-row reuse (2-D positions, ALiBi, scattered cells).
+    General,
+    /// [`row_from_positions`].
+    Positions,
+    /// [`row_from_segs`] with the segment list at this index.
+    Segs(u32),
+}
+
 /// Fails unless a caller buffer of `len` elements holds `need`.
 fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
     if len < need {
@@ -330,6 +525,15 @@ impl KvCache {
         }
         let n_kv_u = n_kv as usize;
         let n_tps = ub.n_tokens / n_stream_m;
+        let mut n_rows = [0u32; MAX_SEQ];
+        for i in 0..ub.n_tokens {
+            n_rows[ub.seq0(i) as usize] += 1;
+        }
+        let mut plan = [Plan::Unset; MAX_SEQ];
+        let mut seg_lists: Vec<Vec<Seg>> = Vec::new();
+        let mut drop_tmpl: Vec<T> = Vec::new();
+        // More segments than this and per-segment fills cost more than per-cell rules.
+        let max_segs = (n_kv_u / 32).max(16);
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
         // positions: later rows copy an earlier row of the sequence and recompute those cells.
         let mut last_row = [u32::MAX; MAX_SEQ];
@@ -356,6 +560,29 @@ impl KvCache {
                     seq_min: seq_min[su],
                 };
                 let row_start = i as usize * n_kv_u;
+                if !ALIBI && !D2 {
+                    if plan[su] == Plan::Unset {
+                        plan[su] =
+                            self.plan_rows(cells, s, n_kv, n_rows[su], max_segs, &mut seg_lists);
+                    }
+                    let row = &mut out[row_start..row_start + n_kv_u];
+                    match plan[su] {
+                        Plan::Positions => {
+                            let range = rule.visible_range::<CAUSAL, SWA>(&q);
+                            row_from_positions(row, &cells.pos_all()[..n_kv_u], range);
+                            continue;
+                        }
+                        Plan::Segs(x) => {
+                            let range = rule.visible_range::<CAUSAL, SWA>(&q);
+                            if drop_tmpl.is_empty() {
+                                drop_tmpl = vec![T::DROP; DROP_TMPL];
+                            }
+                            row_from_segs(row, &seg_lists[x as usize], range, &drop_tmpl);
+                            continue;
+                        }
+                        Plan::General | Plan::Unset => {}
+                    }
+                }
                 let src = last_row[su];
                 if !ALIBI && src != u32::MAX {
                     // Copy the sequence's previous row, not its first (as upstream does): the
@@ -431,6 +658,36 @@ impl KvCache {
         Ok(())
     }
 
+    /// Picks how the rows of sequence `s` (`n_rows` of them in this ubatch) are written.
+    fn plan_rows(
+        &self,
+        cells: &Cells,
+        s: i32,
+        n_kv: u32,
+        n_rows: u32,
+        max_segs: usize,
+        seg_lists: &mut Vec<Vec<Seg>>,
+    ) -> Plan {
+        let mut segs = Vec::new();
+        // A sequence owning every used cell (the single-sequence case): membership is "not
+        // empty". One row: a vectorised pass over the positions. More rows: segments from
+        // the positions (one scan), then each row is a few bulk fills, a little faster than
+        // the per-row pass when the output is large.
+        if cells.seq_len(s) == cells.get_used() as usize {
+            let pos = &cells.pos_all()[..n_kv as usize];
+            if n_rows > 1 && segs_from_positions(pos, max_segs, &mut segs) {
+                seg_lists.push(segs);
+                return Plan::Segs(seg_lists.len() as u32 - 1);
+            }
+            return Plan::Positions;
+        }
+        if build_segs(cells, s, n_kv, max_segs, &mut segs) {
+            seg_lists.push(segs);
+            return Plan::Segs(seg_lists.len() as u32 - 1);
+        }
+        Plan::General
+    }
+
     /// T5 relative position buckets between every token of `ub` and the first `n_kv` cells
     /// (`set_input_pos_bucket`); empty cells count as position -1.
     pub fn set_input_pos_bucket(&self, ub: &Ubatch<'_>, n_kv: u32, out: &mut [i32]) -> Result<()> {
@@ -498,4 +755,42 @@ pub fn relative_position_bucket(x: i32, y: i32, n_buckets: u64, bidirectional: b
         (max_exact as f64 + scaled as f64 / (MAX_DISTANCE as f64 / max_exact as f64).ln()) as f32;
     let large = (large.floor() as i32).min(n_buckets as i32 - 1);
     bucket + if (rel as i64) < max_exact { rel } else { large }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments from positions, written as rows, equal the per-cell predicate: runs longer
+    /// than a chunk, holes, a `-1` followed by position 0, and positions wrapping at i32::MAX.
+    #[test]
+    fn segs_from_positions_rows_match_cells() {
+        let mut pos: Vec<i32> = (0..300).collect();
+        pos.extend([-1, 0, 1, 2, -1, -1]);
+        pos.extend((1000..1200).rev());
+        pos.extend(i32::MAX - 70..=i32::MAX);
+        pos.extend([i32::MIN, i32::MIN + 1, 5, 5, 6]);
+        pos.extend(500..700);
+        let mut segs = Vec::new();
+        assert!(segs_from_positions(&pos, usize::MAX, &mut segs));
+        assert!(!segs_from_positions(&pos, 3, &mut Vec::new()));
+        let tmpl = vec![f32::DROP; DROP_TMPL];
+        let ranges = [
+            None,
+            Some((i32::MIN, i32::MAX)),
+            Some((0, 150)),
+            Some((100, 1100)),
+            Some((i32::MAX - 5, i32::MAX)),
+            Some((i32::MIN, 5)),
+            Some((550, 560)),
+        ];
+        for range in ranges {
+            let mut row = vec![1.0f32; pos.len()];
+            row_from_segs(&mut row, &segs, range, &tmpl);
+            let mut want = vec![1.0f32; pos.len()];
+            row_from_positions(&mut want, &pos, range);
+            let bits = |r: &[f32]| r.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&row), bits(&want), "range {range:?}");
+        }
+    }
 }
