@@ -15,10 +15,52 @@ pub enum MaskOut<'a> {
     F16(&'a mut [u16]),
 }
 
-trait MaskElem: Copy {
+trait MaskElem: Copy + 'static {
     const KEEP: Self;
     const DROP: Self;
     fn from_f32(v: f32) -> Self;
+    /// `DROP_TMPL` copies of `DROP`, for [`fill_drop`].
+    fn drop_template() -> &'static [Self];
+}
+
+static DROP_F32: [f32; DROP_TMPL] = [f32::NEG_INFINITY; DROP_TMPL];
+static DROP_F16: [u16; DROP_TMPL] = [0xFC00; DROP_TMPL];
+
+/// Buffers the mask builder needs for one call, kept per thread so that a decode loop
+/// building a mask for every token does not allocate: the segment lists and the near-cell
+/// lists of the sequences, each an allocation that would otherwise be made anew per call.
+#[derive(Default)]
+struct MaskScratch {
+    seg_lists: Vec<Vec<Seg>>,
+    near: Vec<Vec<u32>>,
+    /// Emptied lists of earlier calls, handed out again.
+    spare: Vec<Vec<u32>>,
+    spare_segs: Vec<Vec<Seg>>,
+}
+
+impl MaskScratch {
+    /// Takes the pool out of this thread's slot, its lists emptied but keeping capacity.
+    fn take() -> MaskScratch {
+        let mut s = SCRATCH.with(|c| c.take());
+        for mut l in s.near.drain(..) {
+            l.clear();
+            s.spare.push(l);
+        }
+        for mut l in s.seg_lists.drain(..) {
+            l.clear();
+            s.spare_segs.push(l);
+        }
+        s
+    }
+
+    /// Puts the pool back for the next call on this thread.
+    fn give_back(self) {
+        SCRATCH.with(|c| c.replace(self));
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<MaskScratch> = std::cell::Cell::new(MaskScratch::default());
 }
 
 impl MaskElem for f32 {
@@ -27,6 +69,9 @@ impl MaskElem for f32 {
     fn from_f32(v: f32) -> f32 {
         v
     }
+    fn drop_template() -> &'static [f32] {
+        &DROP_F32
+    }
 }
 
 impl MaskElem for u16 {
@@ -34,6 +79,9 @@ impl MaskElem for u16 {
     const DROP: u16 = 0xFC00;
     fn from_f32(v: f32) -> u16 {
         half::f16::from_f32(v).to_bits()
+    }
+    fn drop_template() -> &'static [u16] {
+        &DROP_F16
     }
 }
 
@@ -530,15 +578,14 @@ impl KvCache {
             n_rows[ub.seq0(i) as usize] += 1;
         }
         let mut plan = [Plan::Unset; MAX_SEQ];
-        let mut seg_lists: Vec<Vec<Seg>> = Vec::new();
-        let mut drop_tmpl: Vec<T> = Vec::new();
+        let mut scratch = MaskScratch::take();
+        let drop_tmpl = T::drop_template();
         // More segments than this and per-segment fills cost more than per-cell rules.
         let max_segs = (n_kv_u / 32).max(16);
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
         // positions: later rows copy an earlier row of the sequence and recompute those cells.
         let mut last_row = [u32::MAX; MAX_SEQ];
         let mut rows_left = [0u32; MAX_SEQ];
-        let mut near: Vec<Vec<u32>> = Vec::new();
         let mut near_of = [u32::MAX; MAX_SEQ];
         for k in 0..n_stream_m {
             for &s in ub.seq_id_unq {
@@ -563,7 +610,7 @@ impl KvCache {
                 if !ALIBI && !D2 {
                     if plan[su] == Plan::Unset {
                         plan[su] =
-                            self.plan_rows(cells, s, n_kv, n_rows[su], max_segs, &mut seg_lists);
+                            self.plan_rows(cells, s, n_kv, n_rows[su], max_segs, &mut scratch);
                     }
                     let row = &mut out[row_start..row_start + n_kv_u];
                     match plan[su] {
@@ -574,10 +621,7 @@ impl KvCache {
                         }
                         Plan::Segs(x) => {
                             let range = rule.visible_range::<CAUSAL, SWA>(&q);
-                            if drop_tmpl.is_empty() {
-                                drop_tmpl = vec![T::DROP; DROP_TMPL];
-                            }
-                            row_from_segs(row, &seg_lists[x as usize], range, &drop_tmpl);
+                            row_from_segs(row, &scratch.seg_lists[x as usize], range, drop_tmpl);
                             continue;
                         }
                         Plan::General | Plan::Unset => {}
@@ -592,7 +636,7 @@ impl KvCache {
                     let from = src as usize * n_kv_u;
                     out.copy_within(from..from + n_kv_u, row_start);
                     let row = &mut out[row_start..row_start + n_kv_u];
-                    for &j in &near[near_of[su] as usize] {
+                    for &j in &scratch.near[near_of[su] as usize] {
                         row[j as usize] =
                             rule.value::<T, CAUSAL, SWA, D2, ALIBI>(cells, j, cells.pos_get(j), &q);
                     }
@@ -603,11 +647,12 @@ impl KvCache {
                 let track = !ALIBI && rows_left[su] > 0;
                 let mut near_list = if track {
                     if near_of[su] == u32::MAX {
-                        near_of[su] = near.len() as u32;
-                        near.push(Vec::new());
+                        near_of[su] = scratch.near.len() as u32;
+                        let l = scratch.spare.pop().unwrap_or_default();
+                        scratch.near.push(l);
                     }
                     last_row[su] = i;
-                    let mut l = std::mem::take(&mut near[near_of[su] as usize]);
+                    let mut l = std::mem::take(&mut scratch.near[near_of[su] as usize]);
                     l.clear();
                     Some(l)
                 } else {
@@ -651,10 +696,11 @@ impl KvCache {
                     }
                 }
                 if let Some(l) = near_list {
-                    near[near_of[su] as usize] = l;
+                    scratch.near[near_of[su] as usize] = l;
                 }
             }
         }
+        scratch.give_back();
         Ok(())
     }
 
@@ -666,9 +712,19 @@ impl KvCache {
         n_kv: u32,
         n_rows: u32,
         max_segs: usize,
-        seg_lists: &mut Vec<Vec<Seg>>,
+        scratch: &mut MaskScratch,
     ) -> Plan {
-        let mut segs = Vec::new();
+        // Stock writes a sequence's later rows as copies of its first, recomputing only the
+        // cells it finds near the ubatch with a 32-bit sum that wraps for positions within
+        // n_swa + 32 of i32::MAX: such cells keep the first row's value there. Only the
+        // per-cell path reproduces that, so it takes sequences reaching that far.
+        let wraps = cells.seq_pos_max(s) as i64 + self.p.n_swa.wrapping_add(32) as i32 as i64
+            > i32::MAX as i64;
+        if n_rows > 1 && wraps {
+            return Plan::General;
+        }
+        let mut segs = scratch.spare_segs.pop().unwrap_or_default();
+        let seg_lists = &mut scratch.seg_lists;
         // A sequence owning every used cell (the single-sequence case): membership is "not
         // empty". One row: a vectorised pass over the positions. More rows: segments from
         // the positions (one scan), then each row is a few bulk fills, a little faster than
@@ -679,12 +735,16 @@ impl KvCache {
                 seg_lists.push(segs);
                 return Plan::Segs(seg_lists.len() as u32 - 1);
             }
+            segs.clear();
+            scratch.spare_segs.push(segs);
             return Plan::Positions;
         }
         if build_segs(cells, s, n_kv, max_segs, &mut segs) {
             seg_lists.push(segs);
             return Plan::Segs(seg_lists.len() as u32 - 1);
         }
+        segs.clear();
+        scratch.spare_segs.push(segs);
         Plan::General
     }
 
