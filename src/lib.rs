@@ -23,6 +23,7 @@ pub mod error;
 mod failpoint;
 pub mod kv;
 pub mod memory;
+pub mod recurrent;
 pub mod state;
 pub mod storage;
 pub mod ubatch;
@@ -32,6 +33,7 @@ pub mod ffi;
 pub use error::{Error, ErrorKind, Result};
 pub use kv::{KvCache, KvContext, KvMemory, KvParams, MaskOut, NonCausalType, SlotInfo, SwaType};
 pub use memory::{Memory, MemoryContext, Role, Status};
+pub use recurrent::{RecurrentMemory, RsCache, RsContext, RsParams};
 pub use ubatch::{Ubatch, UbatchBuf};
 
 /// Version of this library, as in Cargo.toml.

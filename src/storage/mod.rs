@@ -12,6 +12,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 pub mod graph;
+pub mod recurrent;
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
@@ -129,7 +130,7 @@ fn is_kv_type(t: GgmlType) -> bool {
     KV_TYPES.contains(&t)
 }
 
-fn type_name(t: GgmlType) -> String {
+pub(crate) fn type_name(t: GgmlType) -> String {
     if (t as usize) < g::GGML_TYPE_COUNT as usize {
         // SAFETY: ggml_type_name returns a static NUL-terminated string for every valid type.
         unsafe { CStr::from_ptr(g::ggml_type_name(t)) }
@@ -529,7 +530,7 @@ impl KvStorage {
     }
 }
 
-fn set_name(t: *mut g::ggml_tensor, name: &str) {
+pub(crate) fn set_name(t: *mut g::ggml_tensor, name: &str) {
     let c = std::ffi::CString::new(name).unwrap_or_default();
     // SAFETY: t is a tensor just created in a live context; ggml copies the name (truncating).
     unsafe { g::ggml_set_name(t, c.as_ptr()) };

@@ -1,0 +1,413 @@
+//! [`RecurrentMemory`], the recurrent cells together with their state tensors, and its state
+//! in llama.cpp's byte layout (`llama_memory_recurrent::state_write/state_read`).
+//!
+//! Layout (`RSState`): `u32 cell_count`, per cell `i32 pos, u32 n_seq_id, i32 seq_id[n]`
+//! (`n_seq_id` is always 0 in a one-sequence state), then `u32 s_trans (0), u32 n_layer` (all
+//! model layers), per layer with tensors `i32 r_type, u64 r_row, rows` (and `u64 p_row, rows`
+//! for a PLE layer), then per layer `i32 s_type, u64 s_row, rows`. The rows written are the
+//! ones the next ubatch would read: the pending rollback plane of the sequence, and the
+//! cell's `src` row. Unlike the KV cache, the data header is written even with no cell.
+//!
+//! Reading parses and validates the whole input before any change; a failed restore leaves
+//! the memory as it was, where llama.cpp erases the destination sequence (or, for a whole
+//! restore, everything) and zeroes its rows.
+
+use std::any::Any;
+
+use super::{RsCache, RsContext};
+use crate::cells::SeqSet;
+use crate::error::{err, Result};
+use crate::memory::{Memory, MemoryContext};
+use crate::state::io::{StateIn, StateOut};
+use crate::state::FLAG_ON_DEVICE;
+use crate::storage::recurrent::RsStorage;
+use crate::ubatch::Ubatch;
+
+/// A recurrent memory: cells and, when it was created with them, the state tensors.
+#[derive(Debug)]
+pub struct RecurrentMemory {
+    /// Cells, head, rollback indices.
+    pub cache: RsCache,
+    /// The tensors; `None` for a cells-only memory.
+    pub storage: Option<RsStorage>,
+    /// Layers of the model (`hparams.n_layer()`), written into and checked against states.
+    n_layer: u32,
+}
+
+/// A parsed state, not yet applied.
+struct Plan<'a> {
+    /// `(pos, sequences)` per cell.
+    cells: Vec<(i32, SeqSet)>,
+    /// `(tensor, row bytes, rows)` in the order they are written.
+    rows: Vec<(*mut ggml_sys::ggml_tensor, usize, &'a [u8])>,
+}
+
+impl RecurrentMemory {
+    /// Cells and storage of one memory; they must agree on size, rollback planes and layers.
+    pub fn new(cache: RsCache, storage: Option<RsStorage>, n_layer: u32) -> Result<Self> {
+        if let Some(st) = &storage {
+            let sp = st.spec();
+            if sp.size != cache.size()
+                || sp.n_rs_seq != cache.n_rs_seq()
+                || cache.has_layers() == st.layers().is_empty()
+            {
+                return Err(err!(
+                    InvalidArgument,
+                    "storage (size {}, n_rs_seq {}, {} layers) does not match the cells (size {}, n_rs_seq {})",
+                    sp.size,
+                    sp.n_rs_seq,
+                    st.layers().len(),
+                    cache.size(),
+                    cache.n_rs_seq()
+                ));
+            }
+            if let Some(l) = st.layers().iter().find(|l| l.il >= n_layer) {
+                return Err(err!(
+                    InvalidArgument,
+                    "layer {} is not below the model's {n_layer} layers",
+                    l.il
+                ));
+            }
+        }
+        Ok(RecurrentMemory {
+            cache,
+            storage,
+            n_layer,
+        })
+    }
+
+    /// Layers of the model.
+    pub fn n_layer(&self) -> u32 {
+        self.n_layer
+    }
+
+    fn check_dest(&self, seq: i32) -> Result<()> {
+        if seq != -1 && (seq < 0 || seq as u32 >= self.cache.n_seq_max()) {
+            return Err(err!(
+                InvalidSeqId,
+                "seq_id {seq} outside [-1, {})",
+                self.cache.n_seq_max()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the state of `seq` (-1: every non-empty cell) in llama.cpp's layout.
+    pub fn state_write(&self, seq: i32, flags: u32, out: &mut StateOut<'_, '_>) -> Result<()> {
+        self.check_dest(seq)?;
+        let c = &self.cache;
+        let size = c.size();
+        let mut sel = Vec::new();
+        let mut rows: Vec<(u32, u32)> = Vec::new();
+        let mut n_meta_ranges = 0;
+        let mut prev: Option<usize> = None;
+        for (i, cell) in c.cells().iter().enumerate() {
+            let hit = if seq == -1 {
+                !cell.is_empty()
+            } else {
+                cell.has(seq)
+            };
+            if !hit {
+                continue;
+            }
+            let mut plane = 0;
+            if c.n_rs_seq() != 0 {
+                if seq != -1 {
+                    plane = c.rs_idx()[seq as usize];
+                } else {
+                    let mut it = cell.seq.iter_ones().map(|q| c.rs_idx()[q]);
+                    plane = it.next().unwrap_or(0);
+                    if it.any(|x| x != plane) {
+                        return Err(err!(
+                            Unsupported,
+                            "cell {i} is shared by sequences with different pending rollbacks (llama.cpp aborts here)"
+                        ));
+                    }
+                }
+            }
+            let row = plane * size + if cell.src >= 0 { cell.src as u32 } else { i as u32 };
+            match rows.last_mut() {
+                Some(r) if r.1 == row => r.1 += 1,
+                _ => rows.push((row, row + 1)),
+            }
+            if prev.is_none_or(|p| p + 1 != i) {
+                n_meta_ranges += 1;
+            }
+            prev = Some(i);
+            sel.push(i);
+        }
+        if flags & FLAG_ON_DEVICE != 0 && n_meta_ranges > 1 {
+            return Err(err!(
+                Unsupported,
+                "an ON_DEVICE state must be one range of cells (llama.cpp aborts here)"
+            ));
+        }
+        out.sink.u32(sel.len() as u32)?;
+        for &i in &sel {
+            let cell = &c.cells()[i];
+            out.sink.i32(cell.pos)?;
+            if seq == -1 {
+                out.sink.u32(cell.seq.count_ones() as u32)?;
+                for q in cell.seq.iter_ones() {
+                    out.sink.i32(q as i32)?;
+                }
+            } else {
+                out.sink.u32(0)?;
+            }
+        }
+        out.sink.u32(0)?; // s_trans
+        out.sink.u32(self.n_layer)?;
+        let Some(st) = &self.storage else {
+            return Ok(());
+        };
+        let sp = st.spec();
+        let copy_rows = |out: &mut StateOut<'_, '_>, t, row: usize| -> Result<()> {
+            for &(a, b) in &rows {
+                if let Some(dst) = out.data((b - a) as usize * row)? {
+                    st.get(t, a as usize * row, dst)?;
+                }
+            }
+            Ok(())
+        };
+        for l in st.layers() {
+            out.sink.i32(sp.type_r as i32)?;
+            out.sink.u64(l.row_r as u64)?;
+            copy_rows(out, l.r, l.row_r)?;
+            if !l.p.is_null() {
+                out.sink.u64(l.row_p as u64)?;
+                copy_rows(out, l.p, l.row_p)?;
+            }
+        }
+        for l in st.layers() {
+            out.sink.i32(sp.type_s as i32)?;
+            out.sink.u64(l.row_s as u64)?;
+            copy_rows(out, l.s, l.row_s)?;
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a whole state without touching the memory.
+    fn parse<'a>(&self, seq: i32, inp: &mut StateIn<'a>) -> Result<Plan<'a>> {
+        let c = &self.cache;
+        let count = inp.meta.u32("cell_count")?;
+        if count > c.size() {
+            return Err(err!(
+                InvalidState,
+                "{count} cells do not fit in {} cells",
+                c.size()
+            ));
+        }
+        if seq != -1 && count > 1 {
+            // llama.cpp places one cell and then asserts the others are there: it aborts
+            return Err(err!(
+                InvalidState,
+                "a sequence state holds one recurrent cell, this one {count}"
+            ));
+        }
+        let mut cells = Vec::with_capacity(count as usize);
+        let mut tails = SeqSet::ZERO;
+        for k in 0..count {
+            let pos = inp.meta.i32("cell pos")?;
+            let n = inp.meta.u32("cell n_seq_id")?;
+            let mut set = SeqSet::ZERO;
+            if seq != -1 {
+                if n != 0 {
+                    return Err(err!(
+                        InvalidState,
+                        "cell {k} of a sequence state lists {n} sequence ids (expected 0)"
+                    ));
+                }
+            } else {
+                let ids = inp.meta.take_n(n as usize, 4, "cell seq_ids")?;
+                for b in ids.chunks_exact(4) {
+                    let q = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+                    if q < 0 || q as u32 >= c.n_seq_max() {
+                        return Err(err!(
+                            InvalidState,
+                            "cell {k}: seq_id {q} outside [0, {})",
+                            c.n_seq_max()
+                        ));
+                    }
+                    if tails[q as usize] {
+                        return Err(err!(
+                            InvalidState,
+                            "cell {k}: sequence {q} already has a cell"
+                        ));
+                    }
+                    tails.set(q as usize, true);
+                    set.set(q as usize, true);
+                }
+            }
+            cells.push((pos, set));
+        }
+        let s_trans = inp.meta.u32("s_trans")?;
+        if s_trans != 0 {
+            return Err(err!(
+                InvalidState,
+                "transposed S states are not supported (s_trans = {s_trans})"
+            ));
+        }
+        let n_layer = inp.meta.u32("n_layer")?;
+        if n_layer != self.n_layer {
+            return Err(err!(
+                InvalidState,
+                "the state has {n_layer} layers, the model {}",
+                self.n_layer
+            ));
+        }
+        let mut rows = Vec::new();
+        if let Some(st) = &self.storage {
+            let sp = st.spec();
+            let n = count as usize;
+            for l in st.layers() {
+                check_type(inp, sp.type_r as i32, "r", l.il)?;
+                check_row(inp, l.row_r, "r", l.il)?;
+                rows.push((l.r, l.row_r, inp.data(n, l.row_r, "r rows")?));
+                if !l.p.is_null() {
+                    check_row(inp, l.row_p, "ple", l.il)?;
+                    rows.push((l.p, l.row_p, inp.data(n, l.row_p, "ple rows")?));
+                }
+            }
+            for l in st.layers() {
+                check_type(inp, sp.type_s as i32, "s", l.il)?;
+                check_row(inp, l.row_s, "s", l.il)?;
+                rows.push((l.s, l.row_s, inp.data(n, l.row_s, "s rows")?));
+            }
+            // every write below starts at or before row size - count of plane 0
+            let first = (c.size() - count) as usize;
+            for &(t, row, b) in &rows {
+                st.check(t, first * row, b.len())?;
+            }
+        }
+        Ok(Plan { cells, rows })
+    }
+
+    /// Restores a state into `seq` (-1: replace everything). On error nothing changed.
+    pub fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
+        self.check_dest(seq)?;
+        let plan = self.parse(seq, inp)?;
+        let head = if seq != -1 {
+            match plan.cells.first() {
+                None => {
+                    self.cache.seq_rm(seq, -1, -1)?;
+                    0
+                }
+                Some(&(pos, _)) => self.cache.place_restored(seq, pos)?,
+            }
+        } else {
+            self.cache.set_restored(&plan.cells);
+            if let Some(st) = &mut self.storage {
+                st.clear();
+            }
+            0
+        };
+        if let Some(st) = &mut self.storage {
+            for (t, row, b) in plan.rows {
+                // cannot fail: parse checked the furthest range these writes can reach
+                st.set(t, head as usize * row, b)?;
+            }
+        }
+        self.cache.reset_rs_idx(seq);
+        Ok(())
+    }
+}
+
+fn check_type(inp: &mut StateIn<'_>, want: i32, what: &str, il: u32) -> Result<()> {
+    let got = inp.meta.i32("state type")?;
+    if got != want {
+        return Err(err!(
+            InvalidState,
+            "layer {il}: {what} type {got} in the state, {want} in the memory"
+        ));
+    }
+    Ok(())
+}
+
+fn check_row(inp: &mut StateIn<'_>, want: usize, what: &str, il: u32) -> Result<()> {
+    let got = inp.meta.u64("row size")?;
+    if got != want as u64 {
+        return Err(err!(
+            InvalidState,
+            "layer {il}: {what} row of {got} bytes in the state, {want} in the memory"
+        ));
+    }
+    Ok(())
+}
+
+impl Memory for RecurrentMemory {
+    fn clear(&mut self, data: bool) {
+        self.cache.clear();
+        if data {
+            if let Some(st) = &mut self.storage {
+                st.clear();
+            }
+        }
+    }
+    fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
+        self.cache.seq_rm(seq_id, p0, p1)
+    }
+    fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
+        self.cache.seq_cp(src, dst, p0, p1)
+    }
+    fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
+        self.cache.seq_keep(seq_id)
+    }
+    fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        self.cache.seq_add(seq_id, p0, p1, delta)
+    }
+    fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
+        self.cache.seq_div(seq_id, p0, p1, d)
+    }
+    fn seq_pos_min(&self, seq_id: i32) -> Result<i32> {
+        self.cache.seq_pos_min(seq_id)
+    }
+    fn seq_pos_max(&self, seq_id: i32) -> Result<i32> {
+        self.cache.seq_pos_max(seq_id)
+    }
+    fn can_shift(&self) -> bool {
+        // only positions move; llama.cpp reports true
+        true
+    }
+    fn n_seq_max(&self) -> u32 {
+        self.cache.n_seq_max()
+    }
+    fn init_batch(
+        &mut self,
+        ubatches: &[Ubatch<'_>],
+        spare: Option<Box<dyn MemoryContext>>,
+    ) -> Result<Box<dyn MemoryContext>> {
+        let mut b = spare
+            .and_then(|b| b.into_any().downcast::<RsContext>().ok())
+            .unwrap_or_default();
+        let old = std::mem::take(&mut *b);
+        let status = self.cache.plan(ubatches)?;
+        *b = if status == crate::memory::Status::Success {
+            RsContext::batch(ubatches, Some(old))
+        } else {
+            RsContext::failed(status, Some(old))
+        };
+        Ok(b)
+    }
+    fn init_full(&mut self) -> Result<Box<dyn MemoryContext>> {
+        Ok(Box::new(RsContext::full()))
+    }
+    fn init_update(&mut self, _optimize: bool) -> Result<Box<dyn MemoryContext>> {
+        Ok(Box::new(RsContext::no_update()))
+    }
+    fn state_write(&self, seq: i32, flags: u32, out: &mut StateOut<'_, '_>) -> Result<()> {
+        // PARTIAL_ONLY: the recurrent state is the partial part of a hybrid; alone it is all
+        RecurrentMemory::state_write(self, seq, flags, out)
+    }
+    fn state_read(&mut self, seq: i32, _flags: u32, inp: &mut StateIn<'_>) -> Result<()> {
+        RecurrentMemory::state_read(self, seq, inp)
+    }
+    fn has_layer(&self, il: u32) -> bool {
+        self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,292 @@
+//! Recurrent state tensors in ggml backend buffers: llama.cpp's per-layer `cache_r_l<il>`,
+//! `cache_s_l<il>` and, for layers with a per-layer-embedding conv history, `cache_ple_r_l<il>`,
+//! each `[n_embd, size * (1 + n_rs_seq)]` (row `plane * size + cell`), allocated in
+//! caller-chosen buffer types and cleared to zero, as `llama_memory_recurrent`'s constructor
+//! does.
+
+use std::collections::BTreeMap;
+
+use ggml_sys as g;
+
+use super::{cpu_buffer_type, row_size, set_name, type_name, GgmlType, KV_TYPES};
+use crate::error::{err, Result};
+
+/// One model layer of a recurrent memory.
+#[derive(Clone, Copy, Debug)]
+pub struct RsLayerSpec {
+    /// Model layer index.
+    pub il: u32,
+    /// Width of the R row (`n_embd_r()`: the conv or token-shift state).
+    pub n_embd_r: u32,
+    /// Width of the S row (`n_embd_s()`: the SSM or WKV state; 0 for short-conv layers).
+    pub n_embd_s: u32,
+    /// Width of the PLE conv-history row (`ple_conv_state()`), 0 for a layer without one.
+    pub n_embd_p: u32,
+    /// Buffer type of this layer's tensors; NULL means the CPU buffer type.
+    pub buft: g::ggml_backend_buffer_type_t,
+}
+
+/// What a recurrent memory's storage holds.
+#[derive(Clone, Debug)]
+pub struct RsStorageSpec {
+    /// Type of the R (and PLE) rows.
+    pub type_r: GgmlType,
+    /// Type of the S rows.
+    pub type_s: GgmlType,
+    /// Cells.
+    pub size: u32,
+    /// Rollback planes beyond the live one.
+    pub n_rs_seq: u32,
+    /// The layers with tensors, ascending `il` (already filtered, as llama.cpp's constructor
+    /// visits them).
+    pub layers: Vec<RsLayerSpec>,
+}
+
+/// One layer's tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct RsStorageLayer {
+    /// Model layer index.
+    pub il: u32,
+    /// `[n_embd_r, rows]`.
+    pub r: *mut g::ggml_tensor,
+    /// `[n_embd_s, rows]`.
+    pub s: *mut g::ggml_tensor,
+    /// `[n_embd_p, rows]` of the R type, NULL when the layer has none.
+    pub p: *mut g::ggml_tensor,
+    /// Bytes of one R row.
+    pub row_r: usize,
+    /// Bytes of one S row.
+    pub row_s: usize,
+    /// Bytes of one PLE row (0 without one).
+    pub row_p: usize,
+}
+
+/// Per-layer R/S (and PLE) tensors of a recurrent memory, in buffers it owns.
+#[derive(Debug)]
+pub struct RsStorage {
+    spec: RsStorageSpec,
+    layers: Vec<RsStorageLayer>,
+    ctxs: Vec<*mut g::ggml_context>,
+    bufs: Vec<g::ggml_backend_buffer_t>,
+    host: bool,
+}
+
+// SAFETY: the ggml contexts and buffers are owned by this value alone and ggml keeps no
+// thread-local state about them; access stays exclusive (&mut) or shared-read (&).
+unsafe impl Send for RsStorage {}
+
+impl RsStorage {
+    /// Allocates and zeroes the tensors described by `spec`.
+    pub fn new(spec: RsStorageSpec) -> Result<Self> {
+        for t in [spec.type_r, spec.type_s] {
+            if !KV_TYPES.contains(&t) {
+                return Err(err!(
+                    InvalidArgument,
+                    "{} is not a supported recurrent state type",
+                    type_name(t)
+                ));
+            }
+        }
+        if spec.size == 0 {
+            return Err(err!(InvalidArgument, "size must be > 0"));
+        }
+        let rows = (spec.size as u64) * (spec.n_rs_seq as u64 + 1);
+        if rows > i32::MAX as u64 {
+            return Err(err!(InvalidArgument, "too many state rows ({rows})"));
+        }
+        let mut planned = Vec::with_capacity(spec.layers.len());
+        for (k, l) in spec.layers.iter().enumerate() {
+            if k > 0 && l.il <= spec.layers[k - 1].il {
+                return Err(err!(InvalidArgument, "layers must have ascending il"));
+            }
+            let (row_r, row_s) = (row_size(spec.type_r, l.n_embd_r)?, row_size(spec.type_s, l.n_embd_s)?);
+            let row_p = row_size(spec.type_r, l.n_embd_p)?;
+            for row in [row_r, row_s, row_p] {
+                (row as u64)
+                    .checked_mul(rows)
+                    .filter(|&v| v <= isize::MAX as u64 / 2)
+                    .ok_or_else(|| err!(InvalidArgument, "layer {} tensors are too large", l.il))?;
+            }
+            planned.push((l, row_r, row_s, row_p));
+        }
+        let mut st = RsStorage {
+            spec: spec.clone(),
+            layers: Vec::with_capacity(planned.len()),
+            ctxs: Vec::new(),
+            bufs: Vec::new(),
+            host: true,
+        };
+        // one context and one buffer per buffer type, as llama.cpp
+        let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<_>)> = Vec::new();
+        for pl in planned {
+            let buft = if pl.0.buft.is_null() {
+                cpu_buffer_type()
+            } else {
+                pl.0.buft
+            };
+            match groups.iter_mut().find(|(b, _)| *b == buft) {
+                Some((_, v)) => v.push(pl),
+                None => groups.push((buft, vec![pl])),
+            }
+        }
+        let mut by_il = BTreeMap::new();
+        for (buft, ls) in groups {
+            // SAFETY: plain size query.
+            let overhead = unsafe { g::ggml_tensor_overhead() };
+            let params = g::ggml_init_params {
+                mem_size: overhead * 3 * ls.len(),
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            };
+            // SAFETY: a metadata-only context of the size computed above.
+            let ctx = unsafe { g::ggml_init(params) };
+            if ctx.is_null() {
+                return Err(err!(Unsupported, "ggml_init failed"));
+            }
+            st.ctxs.push(ctx);
+            for (l, row_r, row_s, row_p) in ls {
+                let new = |t: GgmlType, w: u32, name: String| {
+                    // SAFETY: ctx has room for three tensor headers per layer; shapes were
+                    // checked above.
+                    let x = unsafe { g::ggml_new_tensor_2d(ctx, t, w as i64, rows as i64) };
+                    set_name(x, &name);
+                    x
+                };
+                let r = new(spec.type_r, l.n_embd_r, format!("cache_r_l{}", l.il));
+                let s = new(spec.type_s, l.n_embd_s, format!("cache_s_l{}", l.il));
+                let p = if l.n_embd_p > 0 {
+                    new(spec.type_r, l.n_embd_p, format!("cache_ple_r_l{}", l.il))
+                } else {
+                    std::ptr::null_mut()
+                };
+                by_il.insert(
+                    l.il,
+                    RsStorageLayer {
+                        il: l.il,
+                        r,
+                        s,
+                        p,
+                        row_r,
+                        row_s,
+                        row_p,
+                    },
+                );
+            }
+            // SAFETY: ctx holds only tensors without data; buft is a valid buffer type.
+            let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
+            if buf.is_null() {
+                return Err(err!(
+                    Unsupported,
+                    "failed to allocate the recurrent state buffer"
+                ));
+            }
+            st.bufs.push(buf);
+            // SAFETY: buf was just allocated; zeroed as llama.cpp does (no NaNs in padding).
+            unsafe {
+                g::ggml_backend_buffer_clear(buf, 0);
+                st.host &= g::ggml_backend_buffer_is_host(buf);
+            }
+        }
+        st.layers = by_il.into_values().collect();
+        Ok(st)
+    }
+
+    /// The description the storage was built from.
+    pub fn spec(&self) -> &RsStorageSpec {
+        &self.spec
+    }
+
+    /// The layers, ascending `il`.
+    pub fn layers(&self) -> &[RsStorageLayer] {
+        &self.layers
+    }
+
+    /// The tensors of model layer `il`.
+    pub fn layer(&self, il: u32) -> Option<&RsStorageLayer> {
+        self.layers.iter().find(|l| l.il == il)
+    }
+
+    /// True when every buffer is in host memory.
+    pub fn is_host(&self) -> bool {
+        self.host
+    }
+
+    /// Zeroes every buffer (`clear(data = true)`).
+    pub fn clear(&mut self) {
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            unsafe { g::ggml_backend_buffer_clear(b, 0) };
+        }
+    }
+
+    /// Bytes allocated per buffer type (`memory_breakdown`).
+    pub fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
+        let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            let (t, n) = unsafe {
+                (
+                    g::ggml_backend_buffer_get_type(b),
+                    g::ggml_backend_buffer_get_size(b),
+                )
+            };
+            match out.iter_mut().find(|(bt, _)| *bt == t) {
+                Some((_, v)) => *v += n,
+                None => out.push((t, n)),
+            }
+        }
+        out
+    }
+
+    /// Fails unless `[offset, offset + len)` lies inside `t`, one of this storage's tensors.
+    pub fn check(&self, t: *mut g::ggml_tensor, offset: usize, len: usize) -> Result<()> {
+        if t.is_null() || !self.layers.iter().any(|l| l.r == t || l.s == t || l.p == t) {
+            return Err(err!(InvalidArgument, "not a tensor of this storage"));
+        }
+        // SAFETY: t is one of our live tensors.
+        let n = unsafe { g::ggml_nbytes(t) };
+        match offset.checked_add(len) {
+            Some(end) if end <= n => Ok(()),
+            _ => Err(err!(
+                InvalidArgument,
+                "byte range {offset}+{len} is outside a {n}-byte tensor"
+            )),
+        }
+    }
+
+    /// Copies `dst.len()` bytes at `offset` of tensor `t` into `dst`.
+    pub fn get(&self, t: *mut g::ggml_tensor, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.check(t, offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `check` proved the byte range lies inside t's data; dst is a distinct Rust
+        // slice. ggml copies from host or device memory alike.
+        unsafe { g::ggml_backend_tensor_get(t, dst.as_mut_ptr().cast(), offset, dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` to `offset` of tensor `t`.
+    pub fn set(&mut self, t: *mut g::ggml_tensor, offset: usize, src: &[u8]) -> Result<()> {
+        self.check(t, offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; &mut self gives exclusive access to the buffer.
+        unsafe { g::ggml_backend_tensor_set(t, src.as_ptr().cast(), offset, src.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for RsStorage {
+    fn drop(&mut self) {
+        for &b in &self.bufs {
+            // SAFETY: each buffer is owned by self and freed once.
+            unsafe { g::ggml_backend_buffer_free(b) };
+        }
+        for &c in &self.ctxs {
+            // SAFETY: each context is owned by self and freed once, after its buffer.
+            unsafe { g::ggml_free(c) };
+        }
+    }
+}
