@@ -223,6 +223,76 @@ typedef struct llama_memory_kv_params {
   uint32_t n_rel_attn_bkts;
 } llama_memory_kv_params;
 
+// One model layer of a recurrent memory with tensors.
+typedef struct llama_memory_rs_layer {
+  // Model layer index (ascending over the listed layers).
+  uint32_t il;
+  // R row width, `hparams.n_embd_r()` (conv or token-shift state).
+  uint32_t n_embd_r;
+  // S row width, `hparams.n_embd_s()` (SSM or WKV state; 0 for short-conv layers).
+  uint32_t n_embd_s;
+  // PLE conv-history row width (`hparams.ple_conv_state()` on PLE layers), 0 for none.
+  uint32_t n_embd_p;
+  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
+  struct ggml_backend_buffer_type *buft;
+} llama_memory_rs_layer;
+
+// Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
+// Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
+// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (no
+// rollback planes; a partial `seq_rm` only moves the position back).
+typedef struct llama_memory_rs_params {
+  // Cells, at least `n_seq_max` and at most 256; 0 means `max(1, n_seq_max)` as llama.cpp.
+  uint32_t size;
+  // Number of sequences, 1..=256.
+  uint32_t n_seq_max;
+  // Rollback planes per sequence (`n_rs_seq`, llama.cpp's context parameter).
+  uint32_t n_rs_seq;
+  // Layers of the model (`hparams.n_layer()`), written into states; every listed `il` is
+  // below it.
+  uint32_t n_layer;
+  // R (and PLE) type, a `ggml_type` (llama.cpp uses F32).
+  int32_t type_r;
+  // S type, a `ggml_type` (llama.cpp uses F32).
+  int32_t type_s;
+  // The layers with tensors, `n_layers` of them.
+  const struct llama_memory_rs_layer *layers;
+  // Number of entries in `layers`.
+  size_t n_layers;
+} llama_memory_rs_params;
+
+// What `llama_memory_rs_get_info` reports of a recurrent memory.
+typedef struct llama_memory_rs_info {
+  // Cells.
+  uint32_t size;
+  // First cell of the last placed ubatch.
+  uint32_t head;
+  // Cells in use, as llama.cpp counts them.
+  uint32_t used;
+  // Cells spanned by the last placed ubatch.
+  uint32_t n;
+  // The zero-state row chosen by the last placement (-1: none).
+  int32_t rs_z;
+  // Rollback planes per sequence (0 when the memory has no layer).
+  uint32_t n_rs_seq;
+} llama_memory_rs_info;
+
+// One cell of a recurrent memory, as `llama_memory_rs_get_cell` reports it.
+typedef struct llama_memory_rs_cell {
+  // Last position of the state held here, -1 when free.
+  llama_pos pos;
+  // Row the next ubatch reads the state from (-1: a zero state).
+  int32_t src;
+  // `src` as staged for `s_copy` by the last placement.
+  int32_t src0;
+  // As the metadata slot of sequence `i`: the cell holding its state, -1 if none.
+  int32_t tail;
+  // Pending rollback plane of sequence `i` (0: none; only for `i < n_seq_max`).
+  uint32_t rs_idx;
+  // Number of sequences sharing the cell.
+  uint32_t n_seq;
+} llama_memory_rs_cell;
+
 // One model layer of a KV cache with tensors.
 typedef struct llama_memory_kv_layer {
   // Model layer index (ascending over the layers that have their own tensors).
@@ -493,6 +563,68 @@ llama_memory_result llama_memory_kv_get_cell(llama_memory_t mem,
                                              llama_pos *pos,
                                              llama_pos *shift,
                                              uint64_t *seq_bits);
+
+// Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
+// and S, no layers.
+struct llama_memory_rs_params llama_memory_rs_default_params(void);
+
+// Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
+// (and sets the last error) for invalid parameters or a failed allocation.
+llama_memory_t llama_memory_rs_init(struct llama_memory_rs_params params);
+
+// The R tensor of model layer `il` (`[n_embd_r, size * (1 + n_rs_seq)]`, `cache_r_l<il>`),
+// owned by the memory; NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_rs_get_r_tensor(llama_memory_t mem, uint32_t il);
+
+// The S tensor of model layer `il` (`[n_embd_s, size * (1 + n_rs_seq)]`, `cache_s_l<il>`);
+// NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_rs_get_s_tensor(llama_memory_t mem, uint32_t il);
+
+// The PLE conv-history tensor of model layer `il` (`cache_ple_r_l<il>`); NULL (last error
+// set) for a layer without one.
+struct ggml_tensor *llama_memory_rs_get_p_tensor(llama_memory_t mem, uint32_t il);
+
+// Memory breakdown of the recurrent tensors: writes up to `cap` (buffer type, bytes) pairs
+// and returns how many there are (call with `cap = 0` to size the arrays). 0 without tensors
+// or on error.
+size_t llama_memory_rs_memory_breakdown(llama_memory_t mem,
+                                        struct ggml_backend_buffer_type **bufts,
+                                        size_t *sizes,
+                                        size_t cap);
+
+// Reads the bookkeeping of a recurrent memory into `out`.
+llama_memory_result llama_memory_rs_get_info(llama_memory_t mem, struct llama_memory_rs_info *out);
+
+// Reads cell `i` into `out` and its sequence ids (ascending) into `seqs` (up to `cap`; the
+// count is `out->n_seq`).
+llama_memory_result llama_memory_rs_get_cell(llama_memory_t mem,
+                                             uint32_t i,
+                                             struct llama_memory_rs_cell *out,
+                                             int32_t *seqs,
+                                             size_t cap);
+
+// Rows the graph gathers for the current ubatch (`get_n_rs`; the whole memory for a full
+// context), 0 on error.
+uint32_t llama_memory_ctx_get_n_rs(llama_memory_ctx_t ctx);
+
+// First state row of the current ubatch (`get_head`; 0 for a full context), 0 on error.
+uint32_t llama_memory_ctx_get_rs_head(llama_memory_ctx_t ctx);
+
+// The row the graph zeroes for new sequences (`get_rs_z`; -1 for none, 0 for a full
+// context); -1 on error.
+int32_t llama_memory_ctx_get_rs_z(llama_memory_ctx_t ctx);
+
+// Writes `s_copy` for the current ubatch (`llm_graph_input_rs::set_input`): `n_rs` source
+// rows into `dst` (`n` elements, at least `n_rs`). With rollback planes, reading it consumes
+// the pending rollbacks of the sequences it covers, as in llama.cpp.
+llama_memory_result llama_memory_ctx_set_input_s_copy(llama_memory_ctx_t ctx,
+                                                      int32_t *dst,
+                                                      size_t n);
+
+// `llama_memory_ctx_set_input_s_copy` into a contiguous host I32 tensor of at least `n_rs`
+// elements.
+llama_memory_result llama_memory_ctx_set_input_s_copy_tensor(llama_memory_ctx_t ctx,
+                                                             struct ggml_tensor *dst);
 
 // Default storage parameters: F16 K and V, no layers.
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);

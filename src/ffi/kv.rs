@@ -167,7 +167,7 @@ fn with_kv_ubatch(
 ///
 /// # Safety
 /// `t` must be NULL or a valid ggml tensor whose data nothing else accesses for `'a`.
-unsafe fn host_tensor<'a, E>(
+pub(super) unsafe fn host_tensor<'a, E>(
     t: *mut ggml_sys::ggml_tensor,
     types: &[ggml_sys::ggml_type],
 ) -> Result<(&'a ggml_sys::ggml_tensor, &'a mut [E])> {

@@ -16,4 +16,5 @@ pub mod graph;
 mod handle;
 pub mod kv;
 pub mod memory;
+pub mod recurrent;
 pub mod state;

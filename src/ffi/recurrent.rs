@@ -1,0 +1,398 @@
+//! The recurrent memory at the C ABI: its constructor and parameters, its tensors, a view of
+//! its cells, and its part of a memory context (`n_rs`, `head`, `rs_z`, `s_copy`). The llama.h
+//! functions, the context steps and the state functions are the generic ones.
+
+use ggml_sys as g;
+
+use super::context::{llama_memory_ctx_t, ContextHandle};
+use super::error::llama_memory_result;
+use super::memory::{llama_memory_t, llama_pos, MemoryHandle};
+use crate::error::{err, Result};
+use crate::memory::{find, find_for_layer, find_mut};
+use crate::recurrent::{RecurrentMemory, RsCache, RsContext, RsParams};
+use crate::storage::recurrent::{RsLayerSpec, RsStorage, RsStorageSpec};
+
+use llama_memory_result::*;
+
+/// One model layer of a recurrent memory with tensors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rs_layer {
+    /// Model layer index (ascending over the listed layers).
+    pub il: u32,
+    /// R row width, `hparams.n_embd_r()` (conv or token-shift state).
+    pub n_embd_r: u32,
+    /// S row width, `hparams.n_embd_s()` (SSM or WKV state; 0 for short-conv layers).
+    pub n_embd_s: u32,
+    /// PLE conv-history row width (`hparams.ple_conv_state()` on PLE layers), 0 for none.
+    pub n_embd_p: u32,
+    /// Buffer type of the layer's tensors; NULL for the CPU buffer type.
+    pub buft: *mut g::ggml_backend_buffer_type,
+}
+
+/// Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
+/// Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
+/// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (no
+/// rollback planes; a partial `seq_rm` only moves the position back).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rs_params {
+    /// Cells, at least `n_seq_max` and at most 256; 0 means `max(1, n_seq_max)` as llama.cpp.
+    pub size: u32,
+    /// Number of sequences, 1..=256.
+    pub n_seq_max: u32,
+    /// Rollback planes per sequence (`n_rs_seq`, llama.cpp's context parameter).
+    pub n_rs_seq: u32,
+    /// Layers of the model (`hparams.n_layer()`), written into states; every listed `il` is
+    /// below it.
+    pub n_layer: u32,
+    /// R (and PLE) type, a `ggml_type` (llama.cpp uses F32).
+    pub type_r: i32,
+    /// S type, a `ggml_type` (llama.cpp uses F32).
+    pub type_s: i32,
+    /// The layers with tensors, `n_layers` of them.
+    pub layers: *const llama_memory_rs_layer,
+    /// Number of entries in `layers`.
+    pub n_layers: usize,
+}
+
+/// Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
+/// and S, no layers.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_default_params() -> llama_memory_rs_params {
+    llama_memory_rs_params {
+        size: 0,
+        n_seq_max: 1,
+        n_rs_seq: 0,
+        n_layer: 0,
+        type_r: g::GGML_TYPE_F32 as i32,
+        type_s: g::GGML_TYPE_F32 as i32,
+        layers: std::ptr::null(),
+        n_layers: 0,
+    }
+}
+
+/// Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
+/// (and sets the last error) for invalid parameters or a failed allocation.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_init(params: llama_memory_rs_params) -> llama_memory_t {
+    ffi_boundary!({
+        let layers = try_slice!(params.layers, params.n_layers, "params.layers");
+        let mem = try_or!(new_memory(&params, layers));
+        MemoryHandle::boxed(Box::new(mem))
+    })
+}
+
+fn new_memory(
+    p: &llama_memory_rs_params,
+    layers: &[llama_memory_rs_layer],
+) -> Result<RecurrentMemory> {
+    let type_of =
+        |v: i32| u32::try_from(v).map_err(|_| err!(InvalidArgument, "ggml_type {v} is invalid"));
+    let size = if p.size == 0 {
+        p.n_seq_max.max(1)
+    } else {
+        p.size
+    };
+    let cache = RsCache::new(
+        RsParams {
+            size,
+            n_seq_max: p.n_seq_max,
+            n_rs_seq: p.n_rs_seq,
+        },
+        !layers.is_empty(),
+    )?;
+    let storage = if layers.is_empty() {
+        None
+    } else {
+        Some(RsStorage::new(RsStorageSpec {
+            type_r: type_of(p.type_r)?,
+            type_s: type_of(p.type_s)?,
+            size,
+            n_rs_seq: cache.n_rs_seq(),
+            layers: layers
+                .iter()
+                .map(|l| RsLayerSpec {
+                    il: l.il,
+                    n_embd_r: l.n_embd_r,
+                    n_embd_s: l.n_embd_s,
+                    n_embd_p: l.n_embd_p,
+                    buft: l.buft,
+                })
+                .collect(),
+        })?)
+    };
+    RecurrentMemory::new(cache, storage, p.n_layer)
+}
+
+/// Which of a layer's recurrent tensors.
+#[derive(Clone, Copy)]
+enum Which {
+    R,
+    S,
+    P,
+}
+
+fn layer_tensor(mem: llama_memory_t, il: u32, which: Which) -> *mut g::ggml_tensor {
+    let m = try_ref!(mem, "mem");
+    let rs = try_or!(find_for_layer::<RecurrentMemory>(&*m.inner, il));
+    let l = try_or!(rs
+        .storage
+        .as_ref()
+        .and_then(|s| s.layer(il))
+        .ok_or_else(|| err!(InvalidArgument, "layer {il} has no tensors")));
+    let t = match which {
+        Which::R => l.r,
+        Which::S => l.s,
+        Which::P => l.p,
+    };
+    if t.is_null() {
+        bail!(err!(InvalidArgument, "layer {il} has no PLE tensor"));
+    }
+    t
+}
+
+/// The R tensor of model layer `il` (`[n_embd_r, size * (1 + n_rs_seq)]`, `cache_r_l<il>`),
+/// owned by the memory; NULL (last error set) if there is none.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_get_r_tensor(
+    mem: llama_memory_t,
+    il: u32,
+) -> *mut g::ggml_tensor {
+    ffi_boundary!({ layer_tensor(mem, il, Which::R) })
+}
+
+/// The S tensor of model layer `il` (`[n_embd_s, size * (1 + n_rs_seq)]`, `cache_s_l<il>`);
+/// NULL (last error set) if there is none.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_get_s_tensor(
+    mem: llama_memory_t,
+    il: u32,
+) -> *mut g::ggml_tensor {
+    ffi_boundary!({ layer_tensor(mem, il, Which::S) })
+}
+
+/// The PLE conv-history tensor of model layer `il` (`cache_ple_r_l<il>`); NULL (last error
+/// set) for a layer without one.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_get_p_tensor(
+    mem: llama_memory_t,
+    il: u32,
+) -> *mut g::ggml_tensor {
+    ffi_boundary!({ layer_tensor(mem, il, Which::P) })
+}
+
+/// Memory breakdown of the recurrent tensors: writes up to `cap` (buffer type, bytes) pairs
+/// and returns how many there are (call with `cap = 0` to size the arrays). 0 without tensors
+/// or on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_memory_breakdown(
+    mem: llama_memory_t,
+    bufts: *mut *mut g::ggml_backend_buffer_type,
+    sizes: *mut usize,
+    cap: usize,
+) -> usize {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let rs = try_or!(find::<RecurrentMemory>(&*m.inner));
+        let Some(st) = &rs.storage else {
+            return 0;
+        };
+        let bd = st.memory_breakdown();
+        let n = bd.len().min(cap);
+        let out_b = try_slice_mut!(bufts, n, "bufts");
+        let out_s = try_slice_mut!(sizes, n, "sizes");
+        for (i, (b, s)) in bd.iter().take(n).enumerate() {
+            out_b[i] = *b;
+            out_s[i] = *s;
+        }
+        bd.len()
+    })
+}
+
+/// What `llama_memory_rs_get_info` reports of a recurrent memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rs_info {
+    /// Cells.
+    pub size: u32,
+    /// First cell of the last placed ubatch.
+    pub head: u32,
+    /// Cells in use, as llama.cpp counts them.
+    pub used: u32,
+    /// Cells spanned by the last placed ubatch.
+    pub n: u32,
+    /// The zero-state row chosen by the last placement (-1: none).
+    pub rs_z: i32,
+    /// Rollback planes per sequence (0 when the memory has no layer).
+    pub n_rs_seq: u32,
+}
+
+/// Reads the bookkeeping of a recurrent memory into `out`.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_get_info(
+    mem: llama_memory_t,
+    out: *mut llama_memory_rs_info,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let o = &mut try_slice_mut!(out, 1, "out")[0];
+        let c = &try_or!(find::<RecurrentMemory>(&*m.inner)).cache;
+        *o = llama_memory_rs_info {
+            size: c.size(),
+            head: c.head(),
+            used: c.used(),
+            n: c.n(),
+            rs_z: c.rs_z(),
+            n_rs_seq: c.n_rs_seq(),
+        };
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// One cell of a recurrent memory, as `llama_memory_rs_get_cell` reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rs_cell {
+    /// Last position of the state held here, -1 when free.
+    pub pos: llama_pos,
+    /// Row the next ubatch reads the state from (-1: a zero state).
+    pub src: i32,
+    /// `src` as staged for `s_copy` by the last placement.
+    pub src0: i32,
+    /// As the metadata slot of sequence `i`: the cell holding its state, -1 if none.
+    pub tail: i32,
+    /// Pending rollback plane of sequence `i` (0: none; only for `i < n_seq_max`).
+    pub rs_idx: u32,
+    /// Number of sequences sharing the cell.
+    pub n_seq: u32,
+}
+
+/// Reads cell `i` into `out` and its sequence ids (ascending) into `seqs` (up to `cap`; the
+/// count is `out->n_seq`).
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_get_cell(
+    mem: llama_memory_t,
+    i: u32,
+    out: *mut llama_memory_rs_cell,
+    seqs: *mut i32,
+    cap: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let o = &mut try_slice_mut!(out, 1, "out")[0];
+        let c = &try_or!(find::<RecurrentMemory>(&*m.inner)).cache;
+        let Some(cell) = c.cells().get(i as usize) else {
+            bail!(err!(
+                InvalidArgument,
+                "cell {i} outside the {} cells",
+                c.size()
+            ));
+        };
+        let n_seq = cell.seq.count_ones();
+        let dst = try_slice_mut!(seqs, n_seq.min(cap), "seqs");
+        for (d, q) in dst.iter_mut().zip(cell.seq.iter_ones()) {
+            *d = q as i32;
+        }
+        *o = llama_memory_rs_cell {
+            pos: cell.pos,
+            src: cell.src,
+            src0: cell.src0,
+            tail: cell.tail,
+            rs_idx: c.rs_idx().get(i as usize).copied().unwrap_or(0),
+            n_seq: n_seq as u32,
+        };
+        LLAMA_MEMORY_OK
+    })
+}
+
+fn rs_of(c: &ContextHandle) -> Result<(&RsContext, &RecurrentMemory)> {
+    let ctx = c.find::<RsContext>()?;
+    let mem = find::<RecurrentMemory>(&*c.memory()?.inner)?;
+    Ok((ctx, mem))
+}
+
+/// Rows the graph gathers for the current ubatch (`get_n_rs`; the whole memory for a full
+/// context), 0 on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_get_n_rs(ctx: llama_memory_ctx_t) -> u32 {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        let (rc, m) = try_or!(rs_of(c));
+        rc.n_rs(m)
+    })
+}
+
+/// First state row of the current ubatch (`get_head`; 0 for a full context), 0 on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_get_rs_head(ctx: llama_memory_ctx_t) -> u32 {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        let (rc, m) = try_or!(rs_of(c));
+        rc.head(m)
+    })
+}
+
+/// The row the graph zeroes for new sequences (`get_rs_z`; -1 for none, 0 for a full
+/// context); -1 on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_get_rs_z(ctx: llama_memory_ctx_t) -> i32 {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        let (rc, m) = try_or!(rs_of(c));
+        rc.rs_z(m)
+    })
+}
+
+fn s_copy_into(c: &ContextHandle, out: &mut [i32]) -> Result<()> {
+    let rc = c.find::<RsContext>()?;
+    let mh = c.memory_mut()?;
+    let m = find_mut::<RecurrentMemory>(&mut *mh.inner)?;
+    let n_rs = rc.n_rs(m) as usize;
+    if out.len() < n_rs {
+        return Err(err!(
+            BufferTooSmall,
+            "s_copy needs {n_rs} elements, got {}",
+            out.len()
+        ));
+    }
+    m.cache.s_copy_into(&mut out[..n_rs])
+}
+
+/// Writes `s_copy` for the current ubatch (`llm_graph_input_rs::set_input`): `n_rs` source
+/// rows into `dst` (`n` elements, at least `n_rs`). With rollback planes, reading it consumes
+/// the pending rollbacks of the sequences it covers, as in llama.cpp.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_s_copy(
+    ctx: llama_memory_ctx_t,
+    dst: *mut i32,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        let out = try_slice_mut!(dst, n, "dst");
+        try_or!(s_copy_into(c, out));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// `llama_memory_ctx_set_input_s_copy` into a contiguous host I32 tensor of at least `n_rs`
+/// elements.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_set_input_s_copy_tensor(
+    ctx: llama_memory_ctx_t,
+    dst: *mut g::ggml_tensor,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
+        // during the call.
+        let (_, out) = try_or!(unsafe { super::kv::host_tensor::<i32>(dst, &[g::GGML_TYPE_I32]) });
+        try_or!(s_copy_into(c, out));
+        LLAMA_MEMORY_OK
+    })
+}
