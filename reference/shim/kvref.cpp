@@ -54,67 +54,16 @@
 // the static llama/ggml archives is compiled with hidden visibility.
 #pragma GCC visibility push(default)
 #include "kvref.h"
+#include "rsref.h"
 #pragma GCC visibility pop
 
 static_assert(KVREF_MAX_SEQ == LLAMA_MAX_SEQ, "kvref.h and the pinned tree disagree on the seq limit");
 
+#include "kvref-common.h"
+
+using namespace kvref_shim;
+
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// process-wide setup
-
-bool g_silent = false;
-
-void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
-    // errors still reach stderr: a failing stock call should explain itself in test output,
-    // unless KVREF_QUIET=1 (random traces hit expected failures, e.g. an oversized ubatch)
-    if (level == GGML_LOG_LEVEL_ERROR && !g_silent) {
-        fputs(text, stderr);
-    }
-}
-
-// The shim's own error messages (caught exceptions) follow the same rule as llama.cpp's.
-void log_error(const char * fn, const char * what) {
-    if (!g_silent) {
-        fprintf(stderr, "%s: %s\n", fn, what);
-    }
-}
-
-void init_once() {
-    static std::once_flag once;
-    std::call_once(once, [] {
-        // KVREF_VERBOSE=1 keeps llama.cpp's own logging, useful when a stock call misbehaves
-        const char * verbose = getenv("KVREF_VERBOSE");
-        const char * quiet = getenv("KVREF_QUIET");
-        g_silent = quiet && atoi(quiet) != 0;
-        if (!verbose || atoi(verbose) == 0) {
-            llama_log_set(quiet_log, nullptr);
-        }
-        llama_backend_init();
-    });
-}
-
-// Models are never freed: tests create many caches over the same file, and reloading it each
-// time would dominate their run time.
-llama_model * load_model(const char * path) {
-    static std::mutex mtx;
-    static std::map<std::string, llama_model *> models;
-
-    std::lock_guard<std::mutex> lock(mtx);
-    auto it = models.find(path);
-    if (it != models.end()) {
-        return it->second;
-    }
-
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-
-    llama_model * model = llama_model_load_from_file(path, mp);
-    if (model) {
-        models.emplace(path, model);
-    }
-    return model;
-}
 
 // set_input_* only require a host buffer on the destination and then write through
 // dst->data. One permanent host buffer serves as that marker for every call, and data points
@@ -141,30 +90,6 @@ ggml_tensor host_tensor(ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, i
     t.nb[3] = t.nb[2]*ne2;
     t.data  = data;
     return t;
-}
-
-// A non-owning llama_ubatch over the caller's arrays. The kv cache reads token, pos,
-// n_seq_id, seq_id, seq_id_unq, the counts, equal_seqs and (through is_mixed) type; seq_idx,
-// output and embd are only used by the graph/output code, so they stay null.
-llama_ubatch to_ubatch(const kvref_ubatch * u) {
-    llama_ubatch ub{};
-    ub.b_equal_seqs = u->equal_seqs ? 1 : 0;
-    ub.n_tokens     = u->n_tokens;
-    ub.n_seq_tokens = u->n_seq_tokens;
-    ub.n_seqs       = u->n_seqs;
-    ub.n_seqs_unq   = u->n_seqs_unq;
-    ub.n_pos        = u->n_pos;
-    ub.token        = const_cast<llama_token *>(u->token);
-    ub.embd         = nullptr;
-    ub.pos          = const_cast<llama_pos *>(u->pos);
-    ub.n_seq_id     = const_cast<int32_t *>(u->n_seq_id);
-    ub.seq_id       = const_cast<llama_seq_id **>(u->seq_id);
-    ub.seq_id_unq   = const_cast<llama_seq_id *>(u->seq_id_unq);
-    ub.seq_idx      = nullptr;
-    ub.output       = nullptr;
-    ub.type         = nullptr;
-    ub.decision_order = nullptr;
-    return ub;
 }
 
 using slot_info = llama_kv_cache::slot_info;
@@ -210,85 +135,6 @@ bool from_slot_info(const slot_info & si, kvref_slot * out) {
     }
     return true;
 }
-
-// Host byte-buffer IO in the manner of llama_context's llama_io_{write,read}_host, whose
-// behaviour a state_seq_{get,set}_data call shows: tensor bytes are fetched as they come and
-// a failed read drops the tensor uploads it has not applied yet.
-class io_write_buf : public llama_io_write_i {
-public:
-    io_write_buf(uint8_t * p, size_t cap) : ptr(p), cap(cap) {}
-
-    void write(const void * src, size_t size) override {
-        if (ptr) {
-            if (size > cap - n) {
-                throw std::runtime_error("unexpectedly reached end of buffer");
-            }
-            memcpy(ptr + n, src, size);
-        }
-        n += size;
-    }
-
-    void write_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
-        if (ptr) {
-            if (size > cap - n) {
-                throw std::runtime_error("unexpectedly reached end of buffer");
-            }
-            ggml_backend_tensor_get(tensor, ptr + n, offset, size);
-        }
-        n += size;
-    }
-
-    size_t n_bytes() override { return n; }
-
-private:
-    uint8_t * ptr; // null: count only
-    size_t cap;
-    size_t n = 0;
-};
-
-class io_read_buf : public llama_io_read_i {
-public:
-    io_read_buf(const uint8_t * p, size_t size) : ptr(p), size(size) {}
-
-    ~io_read_buf() override {
-        for (const auto & u : uploads) {
-            ggml_backend_tensor_set(u.tensor, u.src, u.offset, u.size);
-        }
-    }
-
-    void read(void * dst, size_t sz) override {
-        if (sz > size - n) {
-            throw std::runtime_error("unexpectedly reached end of buffer");
-        }
-        memcpy(dst, ptr + n, sz);
-        n += sz;
-    }
-
-    void read_tensor(ggml_tensor * tensor, size_t offset, size_t sz) override {
-        if (sz > size - n) {
-            throw std::runtime_error("unexpectedly reached end of buffer");
-        }
-        uploads.push_back({tensor, ptr + n, offset, sz});
-        n += sz;
-    }
-
-    void discard() override { uploads.clear(); }
-
-    size_t n_bytes() override { return n; }
-
-private:
-    struct upload {
-        ggml_tensor * tensor;
-        const uint8_t * src;
-        size_t offset;
-        size_t size;
-    };
-
-    const uint8_t * ptr;
-    size_t size;
-    size_t n = 0;
-    std::vector<upload> uploads;
-};
 
 } // namespace
 
@@ -817,6 +663,7 @@ void kvref_ctx_default_params(kvref_ctx_params * p) {
     p->flash_attn = false;
     p->type_k = GGML_TYPE_F16;
     p->type_v = GGML_TYPE_F16;
+    p->n_rs_seq = 0;
 }
 
 } // extern "C"
@@ -864,6 +711,7 @@ kvref_ctx * kvref_ctx_new(const char * model_path, const kvref_ctx_params * p) {
         cp.flash_attn_type = p->flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         cp.type_k          = (ggml_type) p->type_k;
         cp.type_v          = (ggml_type) p->type_v;
+        cp.n_rs_seq        = p->n_rs_seq;
 
         auto c = std::make_unique<kvref_ctx>();
         c->model = model;
@@ -931,6 +779,68 @@ bool kvref_ctx_logits(kvref_ctx * c, float * out) {
         return false;
     }
     const float * logits = llama_get_logits_ith(c->ctx, -1);
+    if (!logits) {
+        return false;
+    }
+    memcpy(out, logits, (size_t) c->n_vocab*sizeof(float));
+    return true;
+}
+
+int32_t rsref_ctx_decode_batch(kvref_ctx * c, const int32_t * tokens, const int32_t * pos,
+                               const int32_t * n_seq_id, const int32_t * const * seq_id,
+                               const int8_t * logits, uint32_t n) {
+    c->has_logits = false;
+    try {
+        c->token.assign(tokens, tokens + n);
+        c->pos.assign(pos, pos + n);
+        c->n_seq_id.assign(n_seq_id, n_seq_id + n);
+        c->seq_val.clear();
+        for (uint32_t i = 0; i < n; ++i) {
+            c->seq_val.insert(c->seq_val.end(), seq_id[i], seq_id[i] + n_seq_id[i]);
+        }
+        c->seq_id.resize(n);
+        size_t off = 0;
+        for (uint32_t i = 0; i < n; ++i) {
+            c->seq_id[i] = c->seq_val.data() + off;
+            off += (size_t) n_seq_id[i];
+        }
+        bool any_output = false;
+        if (logits) {
+            c->logits.assign(logits, logits + n);
+            any_output = std::any_of(logits, logits + n, [](int8_t l) { return l != 0; });
+        } else {
+            c->logits.assign(n, 0);
+            if (n > 0) {
+                c->logits[n - 1] = 1;
+                any_output = true;
+            }
+        }
+
+        llama_batch batch = {
+            /*.n_tokens =*/ (int32_t) n,
+            /*.token    =*/ c->token.data(),
+            /*.embd     =*/ nullptr,
+            /*.pos      =*/ c->pos.data(),
+            /*.n_seq_id =*/ c->n_seq_id.data(),
+            /*.seq_id   =*/ c->seq_id.data(),
+            /*.logits   =*/ c->logits.data(),
+        };
+        const int32_t ret = llama_decode(c->ctx, batch);
+        c->has_logits = ret == 0 && any_output;
+        return ret;
+    } catch (const std::exception & e) {
+        log_error("rsref_ctx_decode_batch", e.what());
+        return -1;
+    } catch (...) {
+        return -1;
+    }
+}
+
+bool rsref_ctx_logits_ith(kvref_ctx * c, int32_t i, float * out) {
+    if (!c->has_logits) {
+        return false;
+    }
+    const float * logits = llama_get_logits_ith(c->ctx, i);
     if (!logits) {
         return false;
     }

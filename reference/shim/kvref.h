@@ -181,12 +181,14 @@ typedef struct kvref_ctx_params {
     bool flash_attn;      /* false -> LLAMA_FLASH_ATTN_TYPE_DISABLED (V transposed), true -> ENABLED */
     int32_t type_k;       /* ggml_type */
     int32_t type_v;       /* ggml_type */
+    uint32_t n_rs_seq;    /* llama_context_params.n_rs_seq: recurrent rollback snapshots per seq
+                             (llama.cpp clamps it to 0 for archs without rollback, e.g. mamba) */
 } kvref_ctx_params;
 
 typedef struct kvref_ctx kvref_ctx;
 
 /* Fills p with the defaults: n_ctx 256, n_batch 0 (= n_ctx), 1 seq, unified, no flash
- * attention, f16/f16. */
+ * attention, f16/f16, n_rs_seq 0. */
 void kvref_ctx_default_params(kvref_ctx_params *p);
 
 /* Creates a llama_context (1 thread, CPU) over the model at model_path, loaded once per path and

@@ -12,10 +12,12 @@
 //! Every method forwards to the stock code as it is. Stock assertions abort the process, so
 //! callers must pass input the stock cache accepts (valid sequence ids, `n_kv <= size`, …).
 //!
-//! Two objects are wrapped: [`RefKv`], a standalone stock `llama_kv_cache` driven operation by
-//! operation, and [`RefCtx`], a stock `llama_context` used only through the public `llama.h`
-//! API (decode, logits, sequence and whole-state save/restore), for compatibility tests and
-//! benchmarks of state blobs and files.
+//! Three objects are wrapped: [`RefKv`], a standalone stock `llama_kv_cache` driven operation by
+//! operation, [`RefRs`], a standalone stock `llama_memory_recurrent` (shim `shim/rsref.cpp`),
+//! and [`RefCtx`], a stock `llama_context` used only through the public `llama.h` API (decode,
+//! logits, sequence and whole-state save/restore), for compatibility tests and benchmarks of
+//! state blobs and files. Besides the tiny `llama` model of [`model_path`], tiny `mamba`
+//! ([`mamba_model_path`]) and `lfm2` ([`lfm2_model_path`]) models are written on demand.
 //!
 //! ```no_run
 //! use llama_memory_reference::{model_path, Params, RefKv, Ubatch};
@@ -35,6 +37,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::{Mutex, OnceLock};
+
+mod recurrent;
+pub use recurrent::{
+    lfm2_model_path, lfm2_model_path_ex, mamba_model_path, mamba_model_path_ex, write_lfm2_model,
+    write_mamba_model, RefRs, RsCell, RsCtxInfo, RsParams, LFM2_HEAD_KV,
+};
 
 /// Highest number of sequences (and so of streams) of the stock cache (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQ: usize = 256;
@@ -146,7 +154,7 @@ impl Default for Params {
 
 /// Mirror of `kvref_ctx_params`: how to configure a stock `llama_context` ([`RefCtx`]).
 /// [`CtxParams::default`] gives the shim's defaults: `n_ctx` 256, `n_batch` 0 (= `n_ctx`),
-/// 1 sequence, unified, no flash attention, f16/f16.
+/// 1 sequence, unified, no flash attention, f16/f16, no rollback snapshots.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtxParams {
@@ -165,6 +173,9 @@ pub struct CtxParams {
     pub type_k: i32,
     /// `ggml_type` of V.
     pub type_v: i32,
+    /// `llama_context_params.n_rs_seq`: recurrent rollback snapshots per sequence (llama.cpp
+    /// clamps it to 0 for architectures without rollback support, e.g. `mamba`; `lfm2` keeps it).
+    pub n_rs_seq: u32,
 }
 
 impl Default for CtxParams {
@@ -177,6 +188,7 @@ impl Default for CtxParams {
             flash_attn: false,
             type_k: 0,
             type_v: 0,
+            n_rs_seq: 0,
         };
         // SAFETY: `p` is a valid, writable kvref_ctx_params (same layout, checked at load).
         unsafe { (api().ctx_default_params)(&mut p) };
@@ -581,6 +593,7 @@ struct Api {
     ctx_seq_pos_min: unsafe extern "C" fn(CtxPtr, i32) -> i32,
     ctx_seq_pos_max: unsafe extern "C" fn(CtxPtr, i32) -> i32,
     ctx_memory_clear: unsafe extern "C" fn(CtxPtr, bool),
+    rs: recurrent::RsApi,
 }
 
 fn api() -> &'static Api {
@@ -659,6 +672,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         ctx_seq_pos_min: sym!("ctx_seq_pos_min"),
         ctx_seq_pos_max: sym!("ctx_seq_pos_max"),
         ctx_memory_clear: sym!("ctx_memory_clear"),
+        rs: recurrent::RsApi::load(&lib)?,
         _lib: lib,
     };
 
@@ -677,6 +691,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
             "kvref.h struct #{which} has size {c} in C but {rust} in Rust"
         );
     }
+    api.rs.check_sizes();
     Ok(api)
 }
 

@@ -1,0 +1,570 @@
+// rsref: the rsref.h interface implemented by forwarding to the pinned llama.cpp's own
+// llama_memory_recurrent, and the writers of the tiny mamba / lfm2 test models. Test-only code:
+// see kvref.h and rsref.h for why it exists.
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+#include "llama.h"
+
+// Every header the patched one depends on first, so that the access hack below only applies to
+// the text of llama-memory-recurrent.h itself.
+#include "llama-arch.h"
+#include "llama-batch.h"
+#include "llama-cparams.h"
+#include "llama-graph.h"
+#include "llama-hparams.h"
+#include "llama-io.h"
+#include "llama-memory.h"
+#include "llama-model.h"
+
+// The shim observes (and the tests set) state the stock class keeps private: n_seq_max,
+// ctxs_bufs. Same trick as kvref.cpp: no change of layout or mangling.
+#define private public
+#include "llama-memory-recurrent.h"
+#undef private
+
+// Only the kvref_* / rsref_* API is exported (see shim/kvref.map).
+#pragma GCC visibility push(default)
+#include "kvref.h"
+#include "rsref.h"
+#pragma GCC visibility pop
+
+#include "kvref-common.h"
+
+using namespace kvref_shim;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// GGUF writing
+
+struct wspec {
+    std::string name;
+    int64_t ne0, ne1; // ne1 == 0: 1-D
+    float offset;     // value = offset + scale * w, w uniform in [-0.1, 0.1)
+    float scale;
+};
+
+wspec rnd(std::string name, int64_t ne0, int64_t ne1 = 0) {
+    return {std::move(name), ne0, ne1, 0.0f, 1.0f};
+}
+
+wspec ones(std::string name, int64_t ne0) {
+    return {std::move(name), ne0, 0, 1.0f, 0.0f};
+}
+
+// Writes the tensors of specs (F32, in order, values from the same fixed-seed xorshift as
+// kvref_write_model) and the metadata set by set_kv to path.
+bool write_gguf(const char * path, const char * arch, const std::function<void(gguf_context *)> & set_kv,
+                const std::vector<wspec> & specs) {
+    size_t n_floats = 0;
+    for (const auto & s : specs) {
+        n_floats += (size_t) s.ne0*(s.ne1 ? s.ne1 : 1);
+    }
+
+    ggml_init_params ip = {
+        /*.mem_size   =*/ n_floats*sizeof(float) + specs.size()*(ggml_tensor_overhead() + 64),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ false,
+    };
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) {
+        return false;
+    }
+    gguf_context * gctx = gguf_init_empty();
+
+    gguf_set_val_str(gctx, "general.architecture", arch);
+    gguf_set_val_str(gctx, "tokenizer.ggml.model", "no_vocab");
+    set_kv(gctx);
+
+    uint64_t state = 0x9e3779b97f4a7c15ull;
+    auto next_weight = [&state]() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        return ((float) (state >> 40) / (float) (1ull << 24) - 0.5f)*0.2f; // [-0.1, 0.1)
+    };
+
+    for (const auto & s : specs) {
+        ggml_tensor * t = s.ne1 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, s.ne0, s.ne1)
+                                : ggml_new_tensor_1d(ctx, GGML_TYPE_F32, s.ne0);
+        ggml_set_name(t, s.name.c_str());
+        float * d = (float *) t->data;
+        for (int64_t i = 0; i < ggml_nelements(t); ++i) {
+            d[i] = s.offset + (s.scale != 0.0f ? s.scale*next_weight() : 0.0f);
+        }
+        gguf_add_tensor(gctx, t);
+    }
+
+    const bool ok = gguf_write_to_file(gctx, path, /*only_meta =*/ false);
+
+    gguf_free(gctx);
+    ggml_free(ctx);
+    return ok;
+}
+
+constexpr uint32_t TINY_VOCAB = 32;
+
+} // namespace
+
+// ---------------------------------------------------------------------------------------------
+// the standalone memory
+
+struct rsref {
+    llama_model * model = nullptr; // owned by the model cache
+    std::unique_ptr<llama_memory_recurrent> mem;
+};
+
+namespace {
+
+ggml_tensor * tensor_of(const rsref * r, int32_t which, int32_t il) {
+    const auto & m = *r->mem;
+    if (il < 0 || (size_t) il >= m.r_l.size()) {
+        return nullptr;
+    }
+    switch (which) {
+        case 0:  return m.r_l[il];
+        case 1:  return m.s_l[il];
+        case 2:  return m.p_l[il];
+        default: return nullptr;
+    }
+}
+
+bool ubatch_ok(const kvref_ubatch * ub) {
+    // stock find_slot: GGML_ASSERT(ubatch.equal_seqs())
+    return ub->equal_seqs != 0;
+}
+
+} // namespace
+
+extern "C" {
+
+bool rsref_write_mamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u) {
+    init_once();
+
+    if (n_layer_u == 0 || n_embd_u == 0) {
+        log_error("rsref_write_mamba", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB;
+    const int64_t d_inner = 2*n_embd, d_state = 16, d_conv = 4, dt_rank = 4;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones("output_norm.weight", n_embd),
+        rnd("output.weight", n_embd, n_vocab),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ssm_in.weight", n_embd, 2*d_inner));
+        specs.push_back(rnd(b + "ssm_conv1d.weight", d_conv, d_inner));
+        specs.push_back(rnd(b + "ssm_conv1d.bias", d_inner));
+        specs.push_back(rnd(b + "ssm_x.weight", d_inner, dt_rank + 2*d_state));
+        specs.push_back(rnd(b + "ssm_dt.weight", dt_rank, d_inner));
+        specs.push_back(rnd(b + "ssm_dt.bias", d_inner));
+        // A = -exp(A_log) in converted models: negative, so the state decays
+        specs.push_back({b + "ssm_a", d_state, d_inner, -1.0f, 1.0f});
+        specs.push_back(ones(b + "ssm_d", d_inner));
+        specs.push_back(rnd(b + "ssm_out.weight", d_inner, n_embd));
+    }
+
+    return write_gguf(path, "mamba", [&](gguf_context * g) {
+        gguf_set_val_u32(g, "mamba.context_length", 4096);
+        gguf_set_val_u32(g, "mamba.embedding_length", (uint32_t) n_embd);
+        gguf_set_val_u32(g, "mamba.block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "mamba.ssm.conv_kernel", (uint32_t) d_conv);
+        gguf_set_val_u32(g, "mamba.ssm.inner_size", (uint32_t) d_inner);
+        gguf_set_val_u32(g, "mamba.ssm.state_size", (uint32_t) d_state);
+        gguf_set_val_u32(g, "mamba.ssm.time_step_rank", (uint32_t) dt_rank);
+        gguf_set_val_f32(g, "mamba.attention.layer_norm_rms_epsilon", 1e-5f);
+        gguf_set_val_u32(g, "mamba.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_lfm2(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const uint32_t * n_head_kv,
+                      uint32_t l_cache) {
+    init_once();
+
+    const uint32_t n_head = 4;
+    bool ok = n_layer_u > 0 && n_embd_u > 0 && n_embd_u % (2*n_head) == 0 && l_cache >= 2 && n_head_kv;
+    for (uint32_t il = 0; ok && il < n_layer_u; ++il) {
+        ok = n_head_kv[il] == 0 || n_head % n_head_kv[il] == 0;
+    }
+    if (!ok) {
+        log_error("rsref_write_lfm2", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones("token_embd_norm.weight", n_embd), // LLM_TENSOR_OUTPUT_NORM_LFM2
+        rnd("output.weight", n_embd, n_vocab),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        if (n_head_kv[il] != 0) {
+            const int64_t n_embd_kv = (int64_t) n_head_kv[il]*head_dim;
+            specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+            specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
+            specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        } else {
+            specs.push_back(rnd(b + "shortconv.conv.weight", l_cache, n_embd));
+            specs.push_back(rnd(b + "shortconv.in_proj.weight", n_embd, 3*n_embd));
+            specs.push_back(rnd(b + "shortconv.out_proj.weight", n_embd, n_embd));
+        }
+    }
+
+    std::vector<uint32_t> kv_heads(n_head_kv, n_head_kv + n_layer_u);
+    return write_gguf(path, "lfm2", [&](gguf_context * g) {
+        gguf_set_val_u32(g, "lfm2.context_length", 4096);
+        gguf_set_val_u32(g, "lfm2.embedding_length", (uint32_t) n_embd);
+        gguf_set_val_u32(g, "lfm2.block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "lfm2.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "lfm2.attention.head_count", n_head);
+        gguf_set_arr_data(g, "lfm2.attention.head_count_kv", GGUF_TYPE_UINT32, kv_heads.data(), kv_heads.size());
+        gguf_set_val_f32(g, "lfm2.attention.layer_norm_rms_epsilon", 1e-5f);
+        gguf_set_val_f32(g, "lfm2.rope.freq_base", 10000.0f);
+        gguf_set_val_u32(g, "lfm2.shortconv.l_cache", l_cache);
+        gguf_set_val_u32(g, "lfm2.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+size_t rsref_sizeof(int32_t which) {
+    return which == 0 ? sizeof(rsref_params) : 0;
+}
+
+rsref * rsref_new(const char * model_path, const rsref_params * p) {
+    init_once();
+
+    try {
+        llama_model * model = load_model(model_path);
+        if (!model) {
+            return nullptr;
+        }
+
+        const llama_hparams & hp = model->hparams;
+        llama_memory_i::layer_filter_cb filter = nullptr;
+        if (p->filter) {
+            std::vector<bool> keep(p->filter, p->filter + p->n_filter);
+            filter = [keep](int32_t il) { return il >= 0 && (size_t) il < keep.size() && keep[il]; };
+        } else if (!llm_arch_is_recurrent(model->arch)) {
+            // llama_memory_hybrid's default for a null filter_recr
+            filter = [&hp](int32_t il) { return hp.is_recr(il); };
+        }
+
+        auto r = std::make_unique<rsref>();
+        r->model = model;
+        r->mem = std::make_unique<llama_memory_recurrent>(
+                *model, (ggml_type) p->type_r, (ggml_type) p->type_s, /*offload =*/ false,
+                p->mem_size, p->n_seq_max, p->n_rs_seq, filter);
+        return r.release();
+    } catch (const std::exception & e) {
+        log_error("rsref_new", e.what());
+        return nullptr;
+    } catch (...) {
+        return nullptr;
+    }
+}
+
+void rsref_free(rsref * r) {
+    delete r;
+}
+
+void rsref_clear(rsref * r, bool data) {
+    r->mem->clear(data);
+}
+
+bool rsref_seq_rm(rsref * r, int32_t seq, int32_t p0, int32_t p1) {
+    return r->mem->seq_rm(seq, p0, p1);
+}
+
+void rsref_seq_cp(rsref * r, int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    r->mem->seq_cp(src, dst, p0, p1);
+}
+
+void rsref_seq_keep(rsref * r, int32_t seq) {
+    r->mem->seq_keep(seq);
+}
+
+void rsref_seq_add(rsref * r, int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
+    r->mem->seq_add(seq, p0, p1, delta);
+}
+
+void rsref_seq_div(rsref * r, int32_t seq, int32_t p0, int32_t p1, int32_t d) {
+    r->mem->seq_div(seq, p0, p1, d);
+}
+
+int32_t rsref_seq_pos_min(const rsref * r, int32_t seq) {
+    return r->mem->seq_pos_min(seq);
+}
+
+int32_t rsref_seq_pos_max(const rsref * r, int32_t seq) {
+    return r->mem->seq_pos_max(seq);
+}
+
+bool rsref_can_shift(const rsref * r) {
+    return r->mem->get_can_shift();
+}
+
+bool rsref_find_slot(rsref * r, const kvref_ubatch * ub) {
+    if (!ubatch_ok(ub)) {
+        log_error("rsref_find_slot", "the ubatch is not from an equal split (stock asserts equal_seqs)");
+        return false;
+    }
+    const llama_ubatch u = to_ubatch(ub);
+    return r->mem->find_slot(u);
+}
+
+bool rsref_prepare(rsref * r, const kvref_ubatch * ubs, uint32_t n) {
+    std::vector<llama_ubatch> v;
+    v.reserve(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        if (!ubatch_ok(&ubs[i])) {
+            log_error("rsref_prepare", "a ubatch is not from an equal split (stock asserts equal_seqs)");
+            return false;
+        }
+        v.push_back(to_ubatch(&ubs[i]));
+    }
+    return r->mem->prepare(v);
+}
+
+void rsref_cells(const rsref * r, int32_t * pos, int32_t * src, int32_t * src0, int32_t * tail, uint64_t * seq) {
+    const auto & cells = r->mem->cells;
+    for (size_t i = 0; i < cells.size(); ++i) {
+        const auto & c = cells[i];
+        if (pos)  { pos[i]  = c.pos; }
+        if (src)  { src[i]  = c.src; }
+        if (src0) { src0[i] = c.src0; }
+        if (tail) { tail[i] = c.tail; }
+        if (seq) {
+            uint64_t * w = seq + 4*i;
+            w[0] = w[1] = w[2] = w[3] = 0;
+            for (const llama_seq_id s : c.seq_id) {
+                if (s >= 0 && s < 256) {
+                    w[s/64] |= 1ull << (s % 64);
+                }
+            }
+        }
+    }
+}
+
+void rsref_info(const rsref * r, uint32_t * head, uint32_t * used, uint32_t * size, uint32_t * n,
+                int32_t * rs_z, uint32_t * n_rs_seq, uint32_t * n_seq_max) {
+    const auto & m = *r->mem;
+    if (head)      { *head      = m.head; }
+    if (used)      { *used      = m.used; }
+    if (size)      { *size      = m.size; }
+    if (n)         { *n         = m.n; }
+    if (rs_z)      { *rs_z      = m.rs_z; }
+    if (n_rs_seq)  { *n_rs_seq  = m.n_rs_seq; }
+    if (n_seq_max) { *n_seq_max = m.n_seq_max; }
+}
+
+uint32_t rsref_rs_idx(const rsref * r, uint32_t * out, uint32_t cap) {
+    const auto & v = r->mem->rs_idx;
+    for (size_t i = 0; i < v.size() && i < cap; ++i) {
+        out[i] = v[i];
+    }
+    return (uint32_t) v.size();
+}
+
+void rsref_ctx_info(const rsref * r, bool full, uint32_t * n_rs, uint32_t * head, int32_t * rs_z) {
+    auto * mem = r->mem.get();
+    // init_full() for the full context; the batch constructor with no ubatches for the other
+    // (init_batch would also split a batch and run prepare(), which does not change these)
+    const auto ctx = full ? std::make_unique<llama_memory_recurrent_context>(mem)
+                          : std::make_unique<llama_memory_recurrent_context>(mem, std::vector<llama_ubatch>{});
+    if (n_rs) { *n_rs = ctx->get_n_rs(); }
+    if (head) { *head = ctx->get_head(); }
+    if (rs_z) { *rs_z = ctx->get_rs_z(); }
+}
+
+int32_t rsref_s_copy(rsref * r, uint32_t i) {
+    auto * mem = r->mem.get();
+    if ((size_t) mem->head + i >= mem->size) {
+        return INT32_MIN;
+    }
+    const llama_memory_recurrent_context ctx(mem, std::vector<llama_ubatch>{});
+    return ctx.s_copy((int) i);
+}
+
+size_t rsref_state_write(const rsref * r, int32_t seq, uint32_t flags, uint8_t * buf, size_t cap) {
+    const auto & m = *r->mem;
+
+    // the stock aborts, checked on the same cell selection as state_write
+    size_t n_ranges = 0;
+    bool prev = false;
+    for (uint32_t i = 0; i < m.size; ++i) {
+        const auto & c = m.cells[i];
+        const bool sel = (seq == -1 && !c.is_empty()) || c.has_seq_id(seq);
+        if (sel && !prev) {
+            ++n_ranges;
+        }
+        prev = sel;
+        if (!sel || m.n_rs_seq == 0) {
+            continue;
+        }
+        if (seq != -1) {
+            if (seq < 0 || (size_t) seq >= m.rs_idx.size()) {
+                log_error("rsref_state_write", "seq has no rollback index (stock asserts)");
+                return 0;
+            }
+            continue;
+        }
+        bool first = true;
+        uint32_t idx = 0;
+        for (const llama_seq_id s : c.seq_id) {
+            if (s < 0 || (size_t) s >= m.rs_idx.size()) {
+                log_error("rsref_state_write", "a cell seq has no rollback index (stock asserts)");
+                return 0;
+            }
+            if (!first && m.rs_idx[s] != idx) {
+                log_error("rsref_state_write", "shared cell with different rollback indices (stock aborts)");
+                return 0;
+            }
+            idx = m.rs_idx[s];
+            first = false;
+        }
+    }
+    if ((flags & LLAMA_STATE_SEQ_FLAGS_ON_DEVICE) && n_ranges > 1) {
+        log_error("rsref_state_write", "several cell ranges on device (stock aborts)");
+        return 0;
+    }
+
+    try {
+        io_write_buf io(buf, cap);
+        m.state_write(io, seq, flags);
+        return io.n_bytes();
+    } catch (const std::exception & e) {
+        log_error("rsref_state_write", e.what());
+        return 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+bool rsref_state_read(rsref * r, int32_t seq, uint32_t flags, const uint8_t * buf, size_t size,
+                      size_t * consumed) {
+    auto & m = *r->mem;
+    if (consumed) {
+        *consumed = 0;
+    }
+
+    if (seq != -1) {
+        if (m.n_rs_seq != 0 && seq >= 0 && (uint32_t) seq >= m.n_seq_max && (uint32_t) seq < m.size) {
+            log_error("rsref_state_read", "seq >= n_seq_max with rollback (stock asserts in set_rs_idx)");
+            return false;
+        }
+        // a parsable single-seq meta of 2..size cells reaches asserts that want one cell per cell
+        uint32_t cell_count = 0;
+        if (size >= sizeof(cell_count)) {
+            memcpy(&cell_count, buf, sizeof(cell_count));
+        }
+        if (cell_count >= 2 && cell_count <= m.size && seq >= 0 && (uint32_t) seq < m.size &&
+            size >= sizeof(uint32_t) + (size_t) cell_count*2*sizeof(uint32_t)) {
+            bool agnostic = true;
+            for (uint32_t k = 0; k < cell_count; ++k) {
+                uint32_t n_seq_id;
+                memcpy(&n_seq_id, buf + sizeof(uint32_t) + (size_t) k*8 + 4, sizeof(n_seq_id));
+                agnostic = agnostic && n_seq_id == 0;
+            }
+            if (agnostic) {
+                log_error("rsref_state_read", "single-seq state of several cells (stock asserts)");
+                return false;
+            }
+        }
+    }
+
+    io_read_buf io(buf, size);
+    try {
+        m.state_read(io, seq, flags);
+        if (consumed) {
+            *consumed = io.n_bytes();
+        }
+        return true;
+    } catch (const std::exception & e) {
+        io.discard();
+        log_error("rsref_state_read", e.what());
+        if (consumed) {
+            *consumed = io.n_bytes();
+        }
+        return false;
+    } catch (...) {
+        io.discard();
+        if (consumed) {
+            *consumed = io.n_bytes();
+        }
+        return false;
+    }
+}
+
+uint32_t rsref_n_layer(const rsref * r) {
+    return r->model->hparams.n_layer();
+}
+
+uint32_t rsref_n_embd_r(const rsref * r) {
+    return r->model->hparams.n_embd_r();
+}
+
+uint32_t rsref_n_embd_s(const rsref * r) {
+    return r->model->hparams.n_embd_s();
+}
+
+bool rsref_has_tensor(const rsref * r, int32_t which, int32_t il) {
+    return tensor_of(r, which, il) != nullptr;
+}
+
+size_t rsref_tensor_get(const rsref * r, int32_t which, int32_t il, uint8_t * out, size_t cap) {
+    ggml_tensor * t = tensor_of(r, which, il);
+    if (!t) {
+        return 0;
+    }
+    const size_t n = ggml_nbytes(t);
+    if (out && cap >= n && n > 0) {
+        ggml_backend_tensor_get(t, out, 0, n);
+    }
+    return n;
+}
+
+bool rsref_tensor_set(rsref * r, int32_t which, int32_t il, const uint8_t * data, size_t size) {
+    ggml_tensor * t = tensor_of(r, which, il);
+    if (!t || size != ggml_nbytes(t)) {
+        return false;
+    }
+    if (size > 0) {
+        ggml_backend_tensor_set(t, data, 0, size);
+    }
+    return true;
+}
+
+} // extern "C"

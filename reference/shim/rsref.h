@@ -1,0 +1,141 @@
+/*
+ * rsref: a thin C interface over the *stock* llama_memory_recurrent of the pinned llama.cpp,
+ * plus writers of tiny random-weight recurrent (`mamba`) and hybrid (`lfm2`) models.
+ *
+ * Test-only, like kvref.h (same library, same logging rules, same model cache): every
+ * function forwards to the pinned llama.cpp's own code. Where the stock code would abort
+ * (GGML_ASSERT / GGML_ABORT) on an input these functions can recognise cheaply, they return a
+ * failure value instead; each such guard is documented below. Everything else is passed
+ * through as it is.
+ */
+#ifndef RSREF_H
+#define RSREF_H
+
+#include "kvref.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --------------------------------------------------------------------------------------------
+ * Model writers (F32 weights from a fixed-seed xorshift, vocabulary 32, `no_vocab` tokenizer).
+ */
+
+/* A `mamba` GGUF: n_layer layers, width n_embd, d_inner = 2*n_embd, d_state 16, d_conv 4,
+ * dt_rank 4. ssm_a is negative (-1 - |w|) and ssm_d, norms are 1 so decoding stays finite.
+ * n_embd_r = 3*d_inner, n_embd_s = 16*d_inner. Returns true on success. */
+bool rsref_write_mamba(const char *path, uint32_t n_layer, uint32_t n_embd);
+
+/* An `lfm2` GGUF: n_layer layers of width n_embd, 4 query heads (n_embd % 8 == 0),
+ * n_head_kv[il] KV heads per layer (0 = short-conv, i.e. recurrent, layer; else must divide 4),
+ * feed-forward width 2*n_embd, shortconv.l_cache = l_cache (>= 2).
+ * n_embd_r = n_embd*(l_cache-1), n_embd_s = 0. Returns true on success. */
+bool rsref_write_lfm2(const char *path, uint32_t n_layer, uint32_t n_embd, const uint32_t *n_head_kv,
+                      uint32_t l_cache);
+
+/* --------------------------------------------------------------------------------------------
+ * rsref: a standalone stock llama_memory_recurrent over a model file.
+ */
+
+typedef struct rsref_params {
+    uint32_t mem_size;       /* cells (stock contexts use max(1, n_seq_max)) */
+    uint32_t n_seq_max;
+    uint32_t n_rs_seq;       /* rollback snapshots per seq (tensors get 1 + n_rs_seq planes) */
+    int32_t type_r;          /* ggml_type */
+    int32_t type_s;          /* ggml_type */
+    const uint8_t *filter;   /* per-layer 0/1 for layers < n_filter (others: skipped), or NULL:
+                                no filter for recurrent archs (every layer, as create_memory), the
+                                hybrid default hparams.is_recr(il) otherwise */
+    uint32_t n_filter;
+} rsref_params;
+
+typedef struct rsref rsref;
+
+/* sizeof(rsref_params) for which = 0 (0 otherwise). */
+size_t rsref_sizeof(int32_t which);
+
+/* NULL if the model cannot be loaded or the constructor throws. */
+rsref *rsref_new(const char *model_path, const rsref_params *p);
+void rsref_free(rsref *r);
+
+/* llama_memory_i operations, forwarded as they are. */
+void rsref_clear(rsref *r, bool data);
+bool rsref_seq_rm(rsref *r, int32_t seq, int32_t p0, int32_t p1);
+void rsref_seq_cp(rsref *r, int32_t src, int32_t dst, int32_t p0, int32_t p1);
+void rsref_seq_keep(rsref *r, int32_t seq);
+void rsref_seq_add(rsref *r, int32_t seq, int32_t p0, int32_t p1, int32_t delta);
+void rsref_seq_div(rsref *r, int32_t seq, int32_t p0, int32_t p1, int32_t d);
+int32_t rsref_seq_pos_min(const rsref *r, int32_t seq);
+int32_t rsref_seq_pos_max(const rsref *r, int32_t seq);
+bool rsref_can_shift(const rsref *r);
+
+/* The mutating stock find_slot(ubatch). The ubatch's equal_seqs flag is passed through as
+ * b_equal_seqs; a ubatch without it returns false without calling find_slot (which asserts it).
+ * Other stock assertions still abort: the caller must leave an empty cell for every sequence
+ * set whose sequence has no cell of its own (always true when mem_size >= n_seq_max). */
+bool rsref_find_slot(rsref *r, const kvref_ubatch *ub);
+/* prepare(ubatches): find_slot on each, then the cells (all fields), used and head are restored;
+ * rs_z and n keep the values of the last find_slot, as in stock. Same equal_seqs guard as
+ * rsref_find_slot. */
+bool rsref_prepare(rsref *r, const kvref_ubatch *ubs, uint32_t n);
+
+/* Cell table, arrays of size() elements, any pointer may be NULL; seq: 4 words per cell, bit s of
+ * word s/64 (only seqs in [0, 256) are representable; others are dropped). */
+void rsref_cells(const rsref *r, int32_t *pos, int32_t *src, int32_t *src0, int32_t *tail, uint64_t *seq);
+/* head, used, size, n, rs_z, n_rs_seq, n_seq_max (any pointer may be NULL). */
+void rsref_info(const rsref *r, uint32_t *head, uint32_t *used, uint32_t *size, uint32_t *n,
+                int32_t *rs_z, uint32_t *n_rs_seq, uint32_t *n_seq_max);
+/* rs_idx[0..min(n_seq_max, cap)); returns n_seq_max. */
+uint32_t rsref_rs_idx(const rsref *r, uint32_t *out, uint32_t cap);
+
+/* A stock llama_memory_recurrent_context over the current state: full (init_full) or batch
+ * mode (not full). get_n_rs / get_head / get_rs_z of that context. */
+void rsref_ctx_info(const rsref *r, bool full, uint32_t *n_rs, uint32_t *head, int32_t *rs_z);
+/* s_copy(i) of a batch-mode context: what set_input writes into s_copy[i]. Side effect as in
+ * stock: with n_rs_seq > 0 it resets rs_idx of the cell's first sequence. INT32_MIN when
+ * head + i >= size (stock would read out of bounds). */
+int32_t rsref_s_copy(rsref *r, uint32_t i);
+
+/* state_write(io, seq, flags) into buf (cap bytes); buf == NULL: size only. Bytes written, 0 on
+ * failure. Returns 0 without calling the stock code where it would abort: ON_DEVICE with more
+ * than one cell range; n_rs_seq > 0 and a selected cell holding a seq >= n_seq_max; n_rs_seq > 0,
+ * seq == -1 and a cell whose seqs have different rs_idx. */
+size_t rsref_state_write(const rsref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
+/* state_read(io, seq, flags) from buf. True on success; false when the stock code threw (its
+ * own cleanup done) or would abort (then not called; *consumed = 0): a single-seq read of
+ * 2..size cells whose metadata parses (stock asserts one cell per seq), or a seq in
+ * [n_seq_max, size) with n_rs_seq > 0. *consumed (may be NULL) gets the bytes read. */
+bool rsref_state_read(rsref *r, int32_t seq, uint32_t flags, const uint8_t *buf, size_t size,
+                      size_t *consumed);
+
+/* hparams.n_layer(), n_embd_r(), n_embd_s(). */
+uint32_t rsref_n_layer(const rsref *r);
+uint32_t rsref_n_embd_r(const rsref *r);
+uint32_t rsref_n_embd_s(const rsref *r);
+/* which: 0 = r_l, 1 = s_l, 2 = p_l. Whether layer il has that tensor. */
+bool rsref_has_tensor(const rsref *r, int32_t which, int32_t il);
+/* ggml_nbytes of the tensor (0 if absent); with out != NULL and cap >= nbytes, its bytes (all
+ * planes) are copied into out. */
+size_t rsref_tensor_get(const rsref *r, int32_t which, int32_t il, uint8_t *out, size_t cap);
+/* Overwrites the whole tensor; false if absent or size != nbytes. */
+bool rsref_tensor_set(rsref *r, int32_t which, int32_t il, const uint8_t *data, size_t size);
+
+/* --------------------------------------------------------------------------------------------
+ * Additions to kvref_ctx (stock llama_context) for multi-sequence batches.
+ */
+
+/* llama_decode of a general batch: token i has position pos[i], n_seq_id[i] sequence ids
+ * seq_id[i][..] and output flag logits[i] (may be NULL: last token only). Returns
+ * llama_decode's result (-1 also on a caught exception). */
+int32_t rsref_ctx_decode_batch(kvref_ctx *c, const int32_t *tokens, const int32_t *pos,
+                               const int32_t *n_seq_id, const int32_t *const *seq_id,
+                               const int8_t *logits, uint32_t n);
+/* llama_get_logits_ith(ctx, i) copied into out[n_vocab]; false if NULL or no successful
+ * decode. */
+bool rsref_ctx_logits_ith(kvref_ctx *c, int32_t i, float *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RSREF_H */
