@@ -558,3 +558,35 @@ fn lfm2_context_rollback() {
     assert_eq!(m.decode(&[1, 2, 3], 0, 0), 0);
     assert!(!m.seq_rm(0, 2, -1));
 }
+
+#[test]
+fn state_write_guards() {
+    // a shared cell whose sequences have different rollback indices: the stock whole write
+    // aborts, the shim returns nothing; per-sequence writes use each sequence's own index
+    let mut rs = lfm2(2, 2);
+    assert!(place(&mut rs, &[(0, 0)], 3));
+    rs.seq_cp(0, 1, -1, -1);
+    assert!(rs.seq_rm(0, 2, -1));
+    assert_eq!(rs.rs_idx(), vec![1, 0]);
+    assert!(rs.state_write(-1, 0).is_empty());
+    assert!(!rs.state_write(0, 0).is_empty());
+    assert!(!rs.state_write(1, 0).is_empty());
+
+    // ON_DEVICE with two cell ranges aborts in stock: refused; one range is fine
+    const ON_DEVICE: u32 = 2;
+    let mut m = mamba(4);
+    assert!(place(&mut m, &[(0, 0), (1, 0), (2, 0)], 1));
+    assert!(m.seq_rm(1, -1, -1));
+    assert!(m.state_write(-1, ON_DEVICE).is_empty());
+    assert!(!m.state_write(-1, 0).is_empty());
+    assert_eq!(m.state_write(2, ON_DEVICE), m.state_write(2, 0));
+}
+
+#[test]
+fn construction_failures() {
+    assert!(RefRs::new(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        &RsParams::default()
+    )
+    .is_none());
+}
