@@ -33,8 +33,8 @@ pub struct llama_memory_rs_layer {
 
 /// Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
 /// Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
-/// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (no
-/// rollback planes; a partial `seq_rm` only moves the position back).
+/// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (a
+/// partial `seq_rm` only moves the position back; no rollback plane is used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 #[allow(non_camel_case_types)]
@@ -227,7 +227,7 @@ pub struct llama_memory_rs_info {
     pub n: u32,
     /// The zero-state row chosen by the last placement (-1: none).
     pub rs_z: i32,
-    /// Rollback planes per sequence (0 when the memory has no layer).
+    /// Rollback planes per sequence.
     pub n_rs_seq: u32,
 }
 

@@ -125,7 +125,12 @@ impl RecurrentMemory {
                     }
                 }
             }
-            let row = plane * size + if cell.src >= 0 { cell.src as u32 } else { i as u32 };
+            let row = plane * size
+                + if cell.src >= 0 {
+                    cell.src as u32
+                } else {
+                    i as u32
+                };
             match rows.last_mut() {
                 Some(r) if r.1 == row => r.1 += 1,
                 _ => rows.push((row, row + 1)),

@@ -83,7 +83,7 @@ pub struct RsParams {
     pub size: u32,
     /// Number of sequences, 1..=256.
     pub n_seq_max: u32,
-    /// Rollback planes per sequence (`n_rs_seq`); forced to 0 for a memory without layers.
+    /// Rollback planes per sequence (`n_rs_seq`).
     pub n_rs_seq: u32,
 }
 
@@ -123,7 +123,9 @@ type SetOf<'a> = dyn Fn(u32) -> (&'a [i32], i32) + 'a;
 
 impl RsCache {
     /// An empty memory. `has_layers` tells whether it behaves as one with tensors (see
-    /// [`RsCache::has_layers`]); without layers `n_rs_seq` is forced to 0, as upstream.
+    /// [`RsCache::has_layers`]). Without layers no rollback plane is ever used, but `n_rs_seq`
+    /// keeps its value: upstream's constructor means to zero it and zeroes only its own
+    /// parameter, which shadows the member.
     pub fn new(p: RsParams, has_layers: bool) -> Result<Self> {
         if p.n_seq_max == 0 || p.n_seq_max as usize > MAX_SEQ {
             return Err(err!(
@@ -147,10 +149,6 @@ impl RsCache {
                 p.n_rs_seq
             ));
         }
-        let mut p = p;
-        if !has_layers {
-            p.n_rs_seq = 0;
-        }
         Ok(RsCache {
             p,
             has_layers,
@@ -166,7 +164,7 @@ impl RsCache {
         })
     }
 
-    /// The parameters in force (`n_rs_seq` as forced by the layer count).
+    /// The parameters.
     pub fn params(&self) -> RsParams {
         self.p
     }

@@ -99,7 +99,10 @@ impl RsStorage {
             if k > 0 && l.il <= spec.layers[k - 1].il {
                 return Err(err!(InvalidArgument, "layers must have ascending il"));
             }
-            let (row_r, row_s) = (row_size(spec.type_r, l.n_embd_r)?, row_size(spec.type_s, l.n_embd_s)?);
+            let (row_r, row_s) = (
+                row_size(spec.type_r, l.n_embd_r)?,
+                row_size(spec.type_s, l.n_embd_s)?,
+            );
             let row_p = row_size(spec.type_r, l.n_embd_p)?;
             for row in [row_r, row_s, row_p] {
                 (row as u64)
