@@ -239,8 +239,8 @@ typedef struct llama_memory_rs_layer {
 
 // Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
 // Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
-// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (no
-// rollback planes; a partial `seq_rm` only moves the position back).
+// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (a
+// partial `seq_rm` only moves the position back; no rollback plane is used).
 typedef struct llama_memory_rs_params {
   // Cells, at least `n_seq_max` and at most 256; 0 means `max(1, n_seq_max)` as llama.cpp.
   uint32_t size;
@@ -273,7 +273,7 @@ typedef struct llama_memory_rs_info {
   uint32_t n;
   // The zero-state row chosen by the last placement (-1: none).
   int32_t rs_z;
-  // Rollback planes per sequence (0 when the memory has no layer).
+  // Rollback planes per sequence.
   uint32_t n_rs_seq;
 } llama_memory_rs_info;
 
@@ -625,6 +625,21 @@ llama_memory_result llama_memory_ctx_set_input_s_copy(llama_memory_ctx_t ctx,
 // elements.
 llama_memory_result llama_memory_ctx_set_input_s_copy_tensor(llama_memory_ctx_t ctx,
                                                              struct ggml_tensor *dst);
+
+// `build_rs` of the current ubatch over layer `il`'s R (`which` 0), S (1) or PLE (2) tensor,
+// in the caller's `gctx`/`gf`: zeroes the context's `rs_z` row, gathers the rows `s_copy`
+// names (an I32 input tensor of `n_rs` elements, filled by
+// `llama_memory_ctx_set_input_s_copy_tensor`), returns the `[state_size, n_seqs]` states the
+// ubatch reads, and adds the copy of the other gathered rows back to rows `head + n_seqs ..`
+// to `gf`. NULL (last error set) on bad arguments, a full context or a full graph.
+struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
+                                              struct ggml_context *gctx,
+                                              ggml_cgraph *gf,
+                                              uint32_t il,
+                                              uint32_t which,
+                                              struct ggml_tensor *s_copy,
+                                              uint32_t state_size,
+                                              uint32_t n_seqs);
 
 // Default storage parameters: F16 K and V, no layers.
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);

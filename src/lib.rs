@@ -1,5 +1,5 @@
-//! llama-memory: llama.cpp's memory subsystem (the KV cache today; sliding-window, recurrent
-//! and hybrid memories to follow) reimplemented in Rust behind a C ABI.
+//! llama-memory: llama.cpp's memory subsystem (the KV cache and the recurrent memory today;
+//! sliding-window and hybrid memories to follow) reimplemented in Rust behind a C ABI.
 //!
 //! The reference for every behaviour is llama.cpp as shipped in the crates.io package
 //! `llama-cpp-sys-2` at exactly `=0.1.161`. The C ABI (`include/llama-memory.h`) mirrors
@@ -9,12 +9,13 @@
 //! Layers, bottom up (each uses only those before it): [`cells`] (per-stream cell
 //! bookkeeping) and [`ubatch`]; `state::io` (bounds-checked byte readers and sinks);
 //! [`memory`] (the traits every memory kind implements, and how to find a kind among a
-//! composite's parts); [`storage`] (K/V tensors in ggml buffers); [`kv`] (the KV cache, its
+//! composite's parts); [`storage`] (K/V and recurrent R/S tensors in ggml buffers); [`kv`]
+//! (the KV cache, its contexts and its state layout); [`recurrent`] (the recurrent memory, its
 //! contexts and its state layout); [`state`] (llama.cpp's blob and file formats over any
 //! memory); [`ffi`] (the C ABI). `unsafe` lives only in `storage` and `ffi`.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
-// Every unsafe block says why it is sound; the safe layers (cells, ubatch, memory, kv, state)
+// Every unsafe block says why it is sound; the safe layers (cells, ubatch, memory, kv, recurrent, state)
 // forbid unsafe code outright, so it can only live in `ffi` and `storage`.
 #![warn(clippy::undocumented_unsafe_blocks)]
 

@@ -25,6 +25,9 @@ use rand::{Rng, SeedableRng};
 #[derive(Clone, Copy, Debug)]
 enum Model {
     Mamba,
+    /// A narrower mamba (16-wide embeddings): the same cells, 4x smaller state rows, for the
+    /// configurations with many sequences, whose tensors are compared after every restore.
+    MambaSmall,
     Lfm2,
 }
 
@@ -66,7 +69,7 @@ const CONFIGS: &[Config] = &[
     },
     Config {
         name: "mamba-16seq-rollback1",
-        model: Model::Mamba,
+        model: Model::MambaSmall,
         n_seq: 16,
         n_rs_seq: 1,
         no_layers: false,
@@ -74,7 +77,7 @@ const CONFIGS: &[Config] = &[
     },
     Config {
         name: "mamba-64seq",
-        model: Model::Mamba,
+        model: Model::MambaSmall,
         n_seq: 64,
         n_rs_seq: 0,
         no_layers: false,
@@ -135,6 +138,7 @@ struct Pair {
 fn model_path(m: Model) -> std::path::PathBuf {
     match m {
         Model::Mamba => stock::mamba_model_path(),
+        Model::MambaSmall => stock::mamba_model_path_ex(2, 16),
         Model::Lfm2 => stock::lfm2_model_path(),
     }
 }

@@ -211,13 +211,10 @@ impl ContextHandle {
     }
 
     /// The memory the context was made from.
-    /// The context's memory, mutably: for the inputs whose reading changes the memory
-    /// (the recurrent `s_copy` consumes pending rollbacks, as upstream).
-    pub(crate) fn memory_mut(&self) -> Result<&mut MemoryHandle> {
-        // SAFETY: the context's memory outlives it (header rule), and the header forbids
-        // using a memory from two threads at once, so no other reference to it is live.
-        unsafe { handle::try_from_mut(self.mem) }
-            .ok_or_else(|| err!(NullArgument, "context has no memory"))
+    /// The memory the context was made from, as the raw handle (for the inputs whose
+    /// reading changes the memory: the recurrent `s_copy` consumes pending rollbacks).
+    pub(crate) fn memory_ptr(&self) -> llama_memory_t {
+        self.mem
     }
 
     pub(crate) fn memory(&self) -> Result<&MemoryHandle> {

@@ -350,7 +350,10 @@ pub extern "C" fn llama_memory_ctx_get_rs_z(ctx: llama_memory_ctx_t) -> i32 {
 
 fn s_copy_into(c: &ContextHandle, out: &mut [i32]) -> Result<()> {
     let rc = c.find::<RsContext>()?;
-    let mh = c.memory_mut()?;
+    // SAFETY: the context's memory outlives it (header rule), and the header forbids using a
+    // memory from two threads at once: no other reference to it is live during this call.
+    let mh = unsafe { super::handle::try_from_mut(c.memory_ptr()) }
+        .ok_or_else(|| err!(NullArgument, "context has no memory"))?;
     let m = find_mut::<RecurrentMemory>(&mut *mh.inner)?;
     let n_rs = rc.n_rs(m) as usize;
     if out.len() < n_rs {
@@ -394,5 +397,69 @@ pub extern "C" fn llama_memory_ctx_set_input_s_copy_tensor(
         let (_, out) = try_or!(unsafe { super::kv::host_tensor::<i32>(dst, &[g::GGML_TYPE_I32]) });
         try_or!(s_copy_into(c, out));
         LLAMA_MEMORY_OK
+    })
+}
+
+/// `build_rs` of the current ubatch over layer `il`'s R (`which` 0), S (1) or PLE (2) tensor,
+/// in the caller's `gctx`/`gf`: zeroes the context's `rs_z` row, gathers the rows `s_copy`
+/// names (an I32 input tensor of `n_rs` elements, filled by
+/// `llama_memory_ctx_set_input_s_copy_tensor`), returns the `[state_size, n_seqs]` states the
+/// ubatch reads, and adds the copy of the other gathered rows back to rows `head + n_seqs ..`
+/// to `gf`. NULL (last error set) on bad arguments, a full context or a full graph.
+#[no_mangle]
+pub extern "C" fn llama_memory_ctx_build_rs(
+    ctx: llama_memory_ctx_t,
+    gctx: *mut g::ggml_context,
+    gf: *mut g::ggml_cgraph,
+    il: u32,
+    which: u32,
+    s_copy: *mut g::ggml_tensor,
+    state_size: u32,
+    n_seqs: u32,
+) -> *mut g::ggml_tensor {
+    ffi_boundary!({
+        let c = try_ref!(ctx, "ctx");
+        let (rc, m) = try_or!(rs_of(c));
+        let st = try_or!(m
+            .storage
+            .as_ref()
+            .ok_or_else(|| err!(Unsupported, "this memory has no tensors")));
+        let l = try_or!(st
+            .layer(il)
+            .ok_or_else(|| err!(InvalidArgument, "layer {il} has no tensors")));
+        let t = match which {
+            0 => l.r,
+            1 => l.s,
+            2 => l.p,
+            w => bail!(err!(InvalidArgument, "which = {w} (0 R, 1 S, 2 PLE)")),
+        };
+        if s_copy.is_null() || t.is_null() {
+            bail!(err!(
+                NullArgument,
+                "s_copy is NULL, or the layer has no such tensor"
+            ));
+        }
+        // SAFETY: s_copy is a valid tensor (the header's contract); only its shape is read.
+        let n_rs = unsafe { (*s_copy).ne[0] };
+        if n_rs != rc.n_rs(m) as i64 {
+            bail!(err!(
+                InvalidArgument,
+                "s_copy has {n_rs} elements, the context gathers {}",
+                rc.n_rs(m)
+            ));
+        }
+        // SAFETY: the header requires gctx, gf and s_copy to be valid (or NULL, refused).
+        try_or!(unsafe {
+            st.build_rs(
+                gctx,
+                gf,
+                t,
+                s_copy,
+                state_size,
+                n_seqs,
+                rc.head(m),
+                rc.rs_z(m),
+            )
+        })
     })
 }

@@ -18,8 +18,7 @@ use super::{RsCache, RsContext};
 use crate::cells::SeqSet;
 use crate::error::{err, Result};
 use crate::memory::{Memory, MemoryContext};
-use crate::state::io::{StateIn, StateOut};
-use crate::state::FLAG_ON_DEVICE;
+use crate::state::io::{StateIn, StateOut, FLAG_ON_DEVICE};
 use crate::storage::recurrent::RsStorage;
 use crate::ubatch::Ubatch;
 

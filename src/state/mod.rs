@@ -27,10 +27,7 @@ pub const STATE_SEQ_MAGIC: u32 = 0x6767_7371;
 pub const STATE_SEQ_VERSION: u32 = 4;
 /// The first word of an in-memory sequence blob (llama-context.cpp's io magic).
 pub const SEQ_BLOB_MAGIC: u32 = 0xaf14_3cd8;
-/// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY` (a plain KV cache has no partial part and ignores it).
-pub const FLAG_PARTIAL_ONLY: u32 = 1;
-/// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: tensor bytes stay with the memory, not in the blob.
-pub const FLAG_ON_DEVICE: u32 = 2;
+pub use io::{FLAG_ON_DEVICE, FLAG_PARTIAL_ONLY};
 
 fn check_flags(flags: u32) -> Result<()> {
     if flags & !(FLAG_PARTIAL_ONLY | FLAG_ON_DEVICE) != 0 {

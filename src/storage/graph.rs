@@ -38,7 +38,7 @@ pub struct llama_memory_rope_params {
 ///
 /// # Safety
 /// `ctx` must be NULL or a valid ggml context.
-unsafe fn check_ctx(ctx: *mut g::ggml_context, n_nodes: usize) -> Result<()> {
+pub(super) unsafe fn check_ctx(ctx: *mut g::ggml_context, n_nodes: usize) -> Result<()> {
     if ctx.is_null() {
         return Err(err!(NullArgument, "ctx is NULL"));
     }
@@ -61,7 +61,11 @@ unsafe fn check_ctx(ctx: *mut g::ggml_context, n_nodes: usize) -> Result<()> {
 ///
 /// # Safety
 /// `t` must be NULL or a valid tensor.
-unsafe fn check_type(t: *mut g::ggml_tensor, types: &[g::ggml_type], what: &str) -> Result<()> {
+pub(super) unsafe fn check_type(
+    t: *mut g::ggml_tensor,
+    types: &[g::ggml_type],
+    what: &str,
+) -> Result<()> {
     if t.is_null() {
         return Err(err!(NullArgument, "{what} is NULL"));
     }
@@ -80,7 +84,7 @@ unsafe fn check_type(t: *mut g::ggml_tensor, types: &[g::ggml_type], what: &str)
 ///
 /// # Safety
 /// `t` must be a valid tensor.
-unsafe fn is_vector_of(t: *mut g::ggml_tensor, n: i64) -> bool {
+pub(super) unsafe fn is_vector_of(t: *mut g::ggml_tensor, n: i64) -> bool {
     // SAFETY: a valid tensor (the caller's contract).
     let ne = unsafe { (*t).ne };
     ne == [n, 1, 1, 1]
@@ -94,7 +98,7 @@ const IDX_TYPES: [g::ggml_type; 2] = [g::GGML_TYPE_I64, g::GGML_TYPE_I32];
 /// `ggml_rope_ext` modes a K-shift takes: normal and NEOX (llama.cpp turns M-RoPE into NEOX).
 const SHIFT_ROPE_MODES: [i32; 2] = [0, g::GGML_ROPE_TYPE_NEOX as i32];
 
-fn non_null(t: *mut g::ggml_tensor, what: &str) -> Result<*mut g::ggml_tensor> {
+pub(super) fn non_null(t: *mut g::ggml_tensor, what: &str) -> Result<*mut g::ggml_tensor> {
     if t.is_null() {
         return Err(err!(InvalidArgument, "ggml could not build {what}"));
     }

@@ -293,3 +293,119 @@ impl Drop for RsStorage {
         }
     }
 }
+
+/// Graph nodes that add to a caller graph: ggml aborts when the graph is full, so the room is
+/// checked first.
+///
+/// # Safety
+/// `gf` must be NULL or a valid graph.
+unsafe fn check_graph(gf: *mut g::ggml_cgraph, n_nodes: i32) -> Result<()> {
+    if gf.is_null() {
+        return Err(err!(NullArgument, "gf is NULL"));
+    }
+    // SAFETY: a valid graph (the caller's contract); these only read its counters.
+    let (size, used) = unsafe { (g::ggml_graph_size(gf), g::ggml_graph_n_nodes(gf)) };
+    if size - used < n_nodes {
+        return Err(err!(
+            InvalidArgument,
+            "the graph has room for {} more nodes, {n_nodes} needed",
+            size - used
+        ));
+    }
+    Ok(())
+}
+
+impl RsStorage {
+    /// `build_rs` (llama-graph.cpp) over `t`, the R, S or PLE tensor of a layer: zeroes row
+    /// `rs_z` (none when negative), gathers the rows `s_copy` names (I32, `[n_rs]`, from
+    /// `s_copy_into`), returns the first `n_seqs` of them (`[state_size, n_seqs]`, the states
+    /// the ubatch reads) and copies the other `n_rs - n_seqs` back to rows `head + n_seqs ..`.
+    /// The zeroing and the copy-back are added to `gf`, as upstream. `state_size * rows` must
+    /// be the tensor's element count.
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context, `gf` NULL or a valid graph of it, and
+    /// `s_copy` NULL or a valid tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn build_rs(
+        &self,
+        ctx: *mut g::ggml_context,
+        gf: *mut g::ggml_cgraph,
+        t: *mut g::ggml_tensor,
+        s_copy: *mut g::ggml_tensor,
+        state_size: u32,
+        n_seqs: u32,
+        head: u32,
+        rs_z: i32,
+    ) -> Result<*mut g::ggml_tensor> {
+        use super::graph::{check_ctx, check_type, is_vector_of, non_null};
+        self.check(t, 0, 0)?;
+        // SAFETY: the caller's contract for ctx, gf and s_copy; t is one of our tensors.
+        unsafe {
+            check_type(s_copy, &[g::GGML_TYPE_I32], "s_copy")?;
+            let n_rs = (*s_copy).ne[0];
+            if !is_vector_of(s_copy, n_rs) || n_rs < 1 {
+                return Err(err!(
+                    InvalidArgument,
+                    "s_copy must be a non-empty I32 vector"
+                ));
+            }
+            let n_el = g::ggml_nelements(t);
+            if state_size == 0 || n_el % state_size as i64 != 0 {
+                return Err(err!(
+                    InvalidArgument,
+                    "state_size {state_size} does not divide the tensor's {n_el} elements"
+                ));
+            }
+            let rows = n_el / state_size as i64;
+            let (n_seqs, head) = (n_seqs as i64, head as i64);
+            if n_seqs > n_rs || head + n_rs > rows || rs_z as i64 >= rows {
+                return Err(err!(
+                    InvalidArgument,
+                    "n_seqs {n_seqs}, head {head}, n_rs {n_rs} or rs_z {rs_z} outside the {rows} rows"
+                ));
+            }
+            check_graph(gf, 3)?;
+            check_ctx(ctx, 8)?;
+            if !g::ggml_get_no_alloc(ctx) {
+                // the gathered rows get their data in ctx too
+                let data = (state_size as usize) * (n_rs as usize) * g::ggml_type_size((*t).type_);
+                check_ctx(ctx, 8 + data.div_ceil(g::ggml_tensor_overhead()))?;
+            }
+            let ss = state_size as i64;
+            let states = non_null(g::ggml_reshape_2d(ctx, t, ss, rows), "the states")?;
+            let nb1 = (*states).nb[1];
+            let z = rs_z >= 0;
+            let zero = g::ggml_view_1d(
+                ctx,
+                states,
+                ss * z as i64,
+                if z { rs_z as usize * nb1 } else { 0 },
+            );
+            g::ggml_build_forward_expand(
+                gf,
+                g::ggml_scale_inplace(ctx, non_null(zero, "rs_z")?, 0.0),
+            );
+            let all = non_null(g::ggml_get_rows(ctx, states, s_copy), "the gather")?;
+            let anb1 = (*all).nb[1];
+            let out = non_null(g::ggml_view_2d(ctx, all, ss, n_seqs, anb1, 0), "the states")?;
+            g::ggml_build_forward_expand(gf, out);
+            let extra = g::ggml_view_2d(ctx, all, ss, n_rs - n_seqs, anb1, n_seqs as usize * anb1);
+            let back = g::ggml_view_2d(
+                ctx,
+                t,
+                ss,
+                n_rs - n_seqs,
+                (*t).nb[1],
+                (head + n_seqs) as usize * (*t).nb[1],
+            );
+            let cpy = g::ggml_cpy(
+                ctx,
+                non_null(extra, "extra")?,
+                non_null(back, "extra rows")?,
+            );
+            g::ggml_build_forward_expand(gf, non_null(cpy, "copy-back")?);
+            Ok(out)
+        }
+    }
+}
