@@ -215,3 +215,49 @@ macro_rules! try_slice_mut {
         }
     }};
 }
+
+/// Checks that `t` is a contiguous tensor of one of `types` in host memory and returns it with
+/// its elements viewed as `E`.
+///
+/// # Safety
+/// `t` must be NULL or a valid ggml tensor whose data nothing else accesses for `'a`.
+pub(crate) unsafe fn host_tensor<'a, E>(
+    t: *mut ggml_sys::ggml_tensor,
+    types: &[ggml_sys::ggml_type],
+) -> crate::error::Result<(&'a ggml_sys::ggml_tensor, &'a mut [E])> {
+    if t.is_null() {
+        return Err(crate::error::err!(NullArgument, "dst tensor is NULL"));
+    }
+    // SAFETY: the caller's contract: a valid tensor.
+    let tr = unsafe { &*t };
+    if !types.contains(&tr.type_) {
+        return Err(crate::error::err!(
+            InvalidArgument,
+            "dst tensor has type {}, expected one of {types:?}",
+            tr.type_
+        ));
+    }
+    // SAFETY: `tr.buffer` is checked for NULL first; ggml only reads the buffer's interface.
+    if tr.buffer.is_null() || !unsafe { ggml_sys::ggml_backend_buffer_is_host(tr.buffer) } {
+        return Err(crate::error::err!(
+            InvalidArgument,
+            "dst tensor is not in a host buffer"
+        ));
+    }
+    // SAFETY: `t` is a valid tensor (see above); these functions only read its header.
+    let (contiguous, n) = unsafe { (ggml_sys::ggml_is_contiguous(t), ggml_sys::ggml_nelements(t)) };
+    if !contiguous
+        || tr.data.is_null()
+        || n < 0
+        || tr.data.align_offset(std::mem::align_of::<E>()) != 0
+    {
+        return Err(crate::error::err!(
+            InvalidArgument,
+            "dst tensor is not contiguous, aligned host data"
+        ));
+    }
+    // SAFETY: a contiguous host tensor of this element type holds `n` elements at `data`
+    // (aligned, checked above), and the caller does not access it during the call.
+    let data = unsafe { std::slice::from_raw_parts_mut(tr.data.cast::<E>(), n as usize) };
+    Ok((tr, data))
+}

@@ -3,6 +3,7 @@
 
 use std::ffi::c_void;
 
+use super::boundary::host_tensor;
 use super::context::{llama_memory_ctx_t, ContextHandle};
 use super::error::llama_memory_result;
 use super::memory::{kv_of, llama_memory_t};
@@ -162,49 +163,6 @@ fn with_kv_ubatch(
     LLAMA_MEMORY_OK
 }
 
-/// Checks that `t` is a contiguous tensor of one of `types` in host memory and returns it with
-/// its elements viewed as `E`.
-///
-/// # Safety
-/// `t` must be NULL or a valid ggml tensor whose data nothing else accesses for `'a`.
-pub(super) unsafe fn host_tensor<'a, E>(
-    t: *mut ggml_sys::ggml_tensor,
-    types: &[ggml_sys::ggml_type],
-) -> Result<(&'a ggml_sys::ggml_tensor, &'a mut [E])> {
-    if t.is_null() {
-        return Err(err!(NullArgument, "dst tensor is NULL"));
-    }
-    // SAFETY: the caller's contract: a valid tensor.
-    let tr = unsafe { &*t };
-    if !types.contains(&tr.type_) {
-        return Err(err!(
-            InvalidArgument,
-            "dst tensor has type {}, expected one of {types:?}",
-            tr.type_
-        ));
-    }
-    // SAFETY: `tr.buffer` is checked for NULL first; ggml only reads the buffer's interface.
-    if tr.buffer.is_null() || !unsafe { ggml_sys::ggml_backend_buffer_is_host(tr.buffer) } {
-        return Err(err!(InvalidArgument, "dst tensor is not in a host buffer"));
-    }
-    // SAFETY: `t` is a valid tensor (see above); these functions only read its header.
-    let (contiguous, n) = unsafe { (ggml_sys::ggml_is_contiguous(t), ggml_sys::ggml_nelements(t)) };
-    if !contiguous
-        || tr.data.is_null()
-        || n < 0
-        || tr.data.align_offset(std::mem::align_of::<E>()) != 0
-    {
-        return Err(err!(
-            InvalidArgument,
-            "dst tensor is not contiguous, aligned host data"
-        ));
-    }
-    // SAFETY: a contiguous host tensor of this element type holds `n` elements at `data`
-    // (aligned, checked above), and the caller does not access it during the call.
-    let data = unsafe { std::slice::from_raw_parts_mut(tr.data.cast::<E>(), n as usize) };
-    Ok((tr, data))
-}
-
 fn shape_err(what: &str, ne: [i64; 4], want: &str) -> crate::error::Error {
     err!(
         InvalidArgument,
@@ -226,7 +184,9 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask_tensor(
             let f16 = ggml_sys::GGML_TYPE_F16;
             // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
             // during the call; each of the views here ends before the next is made.
-            let (t, _) = unsafe { host_tensor::<u8>(dst, &[ggml_sys::GGML_TYPE_F32, f16]) }?;
+            let (t, _) = unsafe {
+                super::boundary::host_tensor::<u8>(dst, &[ggml_sys::GGML_TYPE_F32, f16])
+            }?;
             let ne = t.ne;
             if ne[2] != 1
                 || ne[3] <= 0
@@ -245,7 +205,12 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask_tensor(
                 MaskOut::F16(unsafe { host_tensor::<u16>(dst, &[f16]) }?.1)
             } else {
                 // SAFETY: see above.
-                MaskOut::F32(unsafe { host_tensor::<f32>(dst, &[ggml_sys::GGML_TYPE_F32]) }?.1)
+                MaskOut::F32(
+                    unsafe {
+                        super::boundary::host_tensor::<f32>(dst, &[ggml_sys::GGML_TYPE_F32])
+                    }?
+                    .1,
+                )
             };
             kv.set_input_kq_mask(&ub, causal_attn, n_kv, n_stream, out)
         })

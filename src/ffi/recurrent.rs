@@ -394,7 +394,8 @@ pub extern "C" fn llama_memory_ctx_set_input_s_copy_tensor(
         let c = try_ref!(ctx, "ctx");
         // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
         // during the call.
-        let (_, out) = try_or!(unsafe { super::kv::host_tensor::<i32>(dst, &[g::GGML_TYPE_I32]) });
+        let (_, out) =
+            try_or!(unsafe { super::boundary::host_tensor::<i32>(dst, &[g::GGML_TYPE_I32]) });
         try_or!(s_copy_into(c, out));
         LLAMA_MEMORY_OK
     })
