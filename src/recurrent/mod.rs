@@ -461,9 +461,10 @@ impl RsCache {
         Ok(())
     }
 
-    /// Places a checked ubatch (`find_slot`, mutating, as `apply` does). On failure nothing
-    /// changed.
+    /// Places a ubatch (`find_slot`, mutating, as `apply` does), after
+    /// [`RsCache::check_ubatch`]. On failure nothing changed.
     pub fn find_slot(&mut self, ub: &Ubatch<'_>) -> Result<()> {
+        self.check_ubatch(ub)?;
         let n_st = ub.n_seq_tokens;
         let set = move |s: u32| {
             let i = s * n_st;
@@ -487,7 +488,8 @@ impl RsCache {
 
     fn find_slot_sets(&mut self, n_seqs: u32, _n_seq_tokens: u32, set: &SetOf<'_>) -> Result<()> {
         let size = self.p.size;
-        if self.head as u64 > self.used as u64 + 2 * n_seqs as u64 {
+        // 32-bit arithmetic, as upstream's unsigned expression
+        if self.head > self.used.wrapping_add(n_seqs.wrapping_mul(2)) {
             self.head = 0;
         }
         let mut min = size as i32 - 1;
