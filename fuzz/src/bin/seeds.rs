@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use llama_memory::state::{self, Stash};
+use llama_memory_fuzz::recurrent::{rs_memory, N_RS_CONFIGS};
 use llama_memory_fuzz::{memory, N_CONFIGS};
 
 fn main() {
@@ -75,6 +76,7 @@ fn main() {
         ],
     );
     n += 2;
+    n += recurrent_seeds(root);
     println!("wrote {n} seeds under {}", root.display());
 }
 
@@ -82,4 +84,73 @@ fn write(root: &Path, target: &str, name: &str, bytes: &[u8]) {
     let dir = root.join(target);
     std::fs::create_dir_all(&dir).expect("corpus dir");
     std::fs::write(dir.join(name), bytes).expect("seed");
+}
+
+/// Seeds of `recurrent_state`: `[select, dest, edit, len_lo, len_hi]`, a real state of the
+/// configuration, then one operation of each kind.
+fn recurrent_seeds(root: &Path) -> usize {
+    let mut n = 0;
+    let ops: Vec<u8> = (0..13u8)
+        .flat_map(|k| [k, k % 3 + 1, 3, 5, 17 + k])
+        .collect();
+    let seed = |sel: u8, dest: u8, edit: u8, state: &[u8]| {
+        let mut s = vec![sel, dest, edit];
+        s.extend((state.len() as u16).to_le_bytes());
+        s.extend(state);
+        s.extend(&ops);
+        s
+    };
+    for cfg in 0..N_RS_CONFIGS {
+        let m = rs_memory(cfg);
+        let n_seq = m.cache.n_seq_max() as i32;
+        let size = state::get_size(&m).expect("size");
+        let mut whole = vec![0u8; size];
+        state::get_data(&m, &mut whole).expect("state");
+        write(
+            root,
+            "recurrent_state",
+            &format!("c{cfg}whole"),
+            &seed(4 + cfg, 0, 0, &whole),
+        );
+        n += 1;
+        for src in -1..n_seq {
+            let size = state::seq_get_size(&m, src, 0).expect("size");
+            let mut blob = vec![0u8; size];
+            state::seq_get_data(&m, &mut blob, src, 0, &mut Stash::new()).expect("blob");
+            // dest selectors: -1, sequences 0..=4 (mod n_seq_max), n_seq_max, invalid
+            for d in 0..8u8 {
+                write(
+                    root,
+                    "recurrent_state",
+                    &format!("c{cfg}s{src}d{d}"),
+                    &seed(cfg, d, 0, &blob),
+                );
+                n += 1;
+            }
+            write(
+                root,
+                "recurrent_state",
+                &format!("c{cfg}s{src}p"),
+                &seed(12 + cfg, 2, 0, &blob),
+            );
+            n += 1;
+            if src < 0 {
+                continue;
+            }
+            let mut st = Stash::new();
+            let size = state::seq_get_size(&m, src, state::FLAG_ON_DEVICE).expect("size");
+            let mut dev = vec![0u8; size];
+            state::seq_get_data(&m, &mut dev, src, state::FLAG_ON_DEVICE, &mut st).expect("blob");
+            for e in 0..4u8 {
+                write(
+                    root,
+                    "recurrent_state",
+                    &format!("c{cfg}s{src}e{e}"),
+                    &seed(8 + cfg, 3, src as u8 + 16 * e, &dev),
+                );
+                n += 1;
+            }
+        }
+    }
+    n
 }
