@@ -352,7 +352,7 @@ impl PosIndex {
             keys[j + 2..].copy_from_slice(&n.keys[j + 1..]);
             kids[j + 2..].copy_from_slice(&n.kids[j + 1..]);
         }
-        let mid = (ICAP + 1) / 2;
+        let mid = ICAP / 2; // of the ICAP + 1 children, the left node keeps this many
         let r = self.alloc_inner();
         let rn = &mut self.inners[r as usize];
         rn.keys[..ICAP + 1 - mid].copy_from_slice(&keys[mid..]);
@@ -774,13 +774,13 @@ mod tests {
                 assert_eq!(ix.contains(s, p0, c), model[s].contains(&probe));
             }
             let shrink = if round % 2 == 0 { 0.6 } else { 1.0 };
-            for s in 0..n_seq {
-                let all: Vec<_> = model[s].iter().copied().collect();
+            for (s, m) in model.iter_mut().enumerate() {
+                let all: Vec<_> = m.iter().copied().collect();
                 for (j, &(p, c)) in all.iter().enumerate() {
                     let cut = (j as f64) < all.len() as f64 * shrink;
                     if cut && (rng.gen_bool(0.7) || round == 5) {
                         assert!(ix.remove(s, p, c));
-                        model[s].remove(&(p, c));
+                        m.remove(&(p, c));
                     }
                 }
                 assert!(!ix.remove(s, -1000, 0));
@@ -788,11 +788,11 @@ mod tests {
             same(&ix, &model);
         }
         // Empty every tree, then everything is back on the free lists.
-        for s in 0..n_seq {
-            for (p, c) in model[s].iter().copied().collect::<Vec<_>>() {
+        for (s, m) in model.iter_mut().enumerate() {
+            for &(p, c) in m.iter() {
                 assert!(ix.remove(s, p, c));
             }
-            model[s].clear();
+            m.clear();
         }
         same(&ix, &model);
         let (nl, ni) = (ix.leaves.len(), ix.inners.len());

@@ -1,5 +1,8 @@
 //! Cell bookkeeping of one KV stream: llama.cpp's `llama_kv_cells`, with the same operations and
-//! invariants, plus the indexes that let the cache avoid full scans.
+//! invariants, plus the indexes that let the cache avoid full scans: a used-cell bitmap and,
+//! per sequence, its `(pos, cell)` pairs in position order (`index.rs`: B+ trees over one pooled
+//! node arena per stream, reserved for the whole table, so a steady decode step does not
+//! allocate).
 //!
 //! Invariant (as upstream): for every non-empty cell `i` and every sequence `s` in `seq[i]`,
 //! `(pos[i], i)` is in `seq_pos[s]`, and nothing else is. A used cell may carry no sequence at
