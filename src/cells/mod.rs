@@ -1,5 +1,8 @@
 //! Cell bookkeeping of one KV stream: llama.cpp's `llama_kv_cells`, with the same operations and
-//! invariants, plus the indexes that let the cache avoid full scans.
+//! invariants, plus the indexes that let the cache avoid full scans: a used-cell bitmap and,
+//! per sequence, its `(pos, cell)` pairs in position order (`index.rs`: B+ trees over one pooled
+//! node arena per stream, reserved for the whole table, so a steady decode step does not
+//! allocate).
 //!
 //! Invariant (as upstream): for every non-empty cell `i` and every sequence `s` in `seq[i]`,
 //! `(pos[i], i)` is in `seq_pos[s]`, and nothing else is. A used cell may carry no sequence at
@@ -8,10 +11,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
-use std::ops::Bound;
+mod index;
 
 use bitvec::prelude::*;
+
+pub use index::Iter as SeqPosIter;
+use index::PosIndex;
 
 /// Largest number of sequences a memory can hold (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQ: usize = 256;
@@ -70,8 +75,9 @@ pub struct Cells {
     used: BitVec<u64, Lsb0>,
     n_used: u32,
     /// Per sequence, the `(pos, cell)` pairs of its cells: min/max positions without a scan,
-    /// and range operations that visit only the sequence's own cells.
-    seq_pos: Vec<BTreeSet<(i32, u32)>>,
+    /// and range operations that visit only the sequence's own cells. B+ trees over one pooled
+    /// node arena, reserved for the whole table, so steady use does not allocate.
+    seq_pos: PosIndex,
     has_shift: bool,
 }
 
@@ -95,6 +101,7 @@ impl Cells {
         // Reserve every table before filling any, largest first: a request that cannot be met
         // fails before it touches (and so commits) any memory, usually at the first call.
         let mut seq = reserved(n)?;
+        let seq_pos = PosIndex::try_new(MAX_SEQ, n)?;
         let mut ext = reserved(n)?;
         let (mut pos, mut shift, mut words) =
             (reserved(n)?, reserved(n)?, reserved(n.div_ceil(64))?);
@@ -112,7 +119,7 @@ impl Cells {
             seq,
             used,
             n_used: 0,
-            seq_pos: vec![BTreeSet::new(); MAX_SEQ],
+            seq_pos,
             has_shift: false,
         })
     }
@@ -125,9 +132,7 @@ impl Cells {
         self.seq.fill(SeqSet::ZERO);
         self.used.fill(false);
         self.n_used = 0;
-        for s in &mut self.seq_pos {
-            s.clear();
-        }
+        self.seq_pos.clear();
         self.has_shift = false;
     }
 
@@ -242,7 +247,7 @@ impl Cells {
     pub fn seq_rm(&mut self, i: u32, seq_id: i32) -> bool {
         let iu = i as usize;
         self.seq[iu].set(seq_id as usize, false);
-        self.seq_pos[seq_id as usize].remove(&(self.pos[iu], i));
+        self.seq_pos.remove(seq_id as usize, self.pos[iu], i);
         if self.seq[iu].not_any() {
             self.clear_cell(i);
             return true;
@@ -258,7 +263,7 @@ impl Cells {
                 self.seq_pos_rm(i);
                 self.seq[iu] = SeqSet::ZERO;
                 self.seq[iu].set(seq_id as usize, true);
-                self.seq_pos[seq_id as usize].insert((self.pos[iu], i));
+                self.seq_pos.insert(seq_id as usize, self.pos[iu], i);
             }
             return false;
         }
@@ -302,31 +307,30 @@ impl Cells {
     pub fn seq_add(&mut self, i: u32, seq_id: i32) {
         let iu = i as usize;
         self.seq[iu].set(seq_id as usize, true);
-        self.seq_pos[seq_id as usize].insert((self.pos[iu], i));
+        self.seq_pos.insert(seq_id as usize, self.pos[iu], i);
     }
 
     /// Smallest position of `seq_id`, -1 if absent.
     pub fn seq_pos_min(&self, seq_id: i32) -> i32 {
-        self.seq_pos[seq_id as usize].first().map_or(-1, |p| p.0)
+        self.seq_pos.first(seq_id as usize).map_or(-1, |p| p.0)
     }
 
     /// Largest position of `seq_id`, -1 if absent.
     pub fn seq_pos_max(&self, seq_id: i32) -> i32 {
-        self.seq_pos[seq_id as usize].last().map_or(-1, |p| p.0)
+        self.seq_pos.last(seq_id as usize).map_or(-1, |p| p.0)
     }
 
     /// Token of the cell of `seq_id` at the largest position `<= p` (highest cell index among
     /// equal positions), [`TOKEN_NULL`] if none.
     pub fn seq_pos_tok_le(&self, seq_id: i32, p: i32) -> i32 {
-        self.seq_pos[seq_id as usize]
-            .range(..=(p, u32::MAX))
-            .next_back()
-            .map_or(TOKEN_NULL, |&(_, i)| self.ext[i as usize].tok)
+        self.seq_pos
+            .pred_le(seq_id as usize, p, u32::MAX)
+            .map_or(TOKEN_NULL, |(_, i)| self.ext[i as usize].tok)
     }
 
     /// Number of cells of `seq_id`.
     pub fn seq_len(&self, seq_id: i32) -> usize {
-        self.seq_pos[seq_id as usize].len()
+        self.seq_pos.len(seq_id as usize)
     }
 
     /// Cells of `seq_id` with position in `[p0, p1)`, in position order, collected into `out`
@@ -336,16 +340,12 @@ impl Cells {
         if p0 >= p1 {
             return;
         }
-        let set = &self.seq_pos[seq_id as usize];
-        out.extend(
-            set.range((Bound::Included((p0, 0)), Bound::Excluded((p1, 0))))
-                .map(|&(_, i)| i),
-        );
+        out.extend(self.seq_pos.range(seq_id as usize, p0, p1).map(|(_, i)| i));
     }
 
     /// The `(pos, cell)` pairs of `seq_id`, ordered by position.
-    pub fn seq_pos_iter(&self, seq_id: i32) -> impl DoubleEndedIterator<Item = (i32, u32)> + '_ {
-        self.seq_pos[seq_id as usize].iter().copied()
+    pub fn seq_pos_iter(&self, seq_id: i32) -> SeqPosIter<'_> {
+        self.seq_pos.iter(seq_id as usize)
     }
 
     /// Position of cell `i` (-1 when empty).
@@ -430,7 +430,7 @@ impl Cells {
         self.seq[iu] = SeqSet::ZERO;
         self.seq[iu].set(seq_id as usize, true);
         self.mark_used(i);
-        self.seq_pos[seq_id as usize].insert((pos, i));
+        self.seq_pos.insert(seq_id as usize, pos, i);
         if shift != 0 {
             self.has_shift = true;
         }
@@ -452,7 +452,7 @@ impl Cells {
         let iu = i as usize;
         let p = self.pos[iu];
         for s in self.seq[iu].iter_ones() {
-            self.seq_pos[s].remove(&(p, i));
+            self.seq_pos.remove(s, p, i);
         }
     }
 
@@ -460,7 +460,7 @@ impl Cells {
         let iu = i as usize;
         let p = self.pos[iu];
         for s in self.seq[iu].iter_ones() {
-            self.seq_pos[s].insert((p, i));
+            self.seq_pos.insert(s, p, i);
         }
     }
 
@@ -475,7 +475,7 @@ impl Cells {
             if p != -1 {
                 n += 1;
                 for s in self.seq[i as usize].iter_ones() {
-                    if !self.seq_pos[s].contains(&(p, i)) {
+                    if !self.seq_pos.contains(s, p, i) {
                         return Err(format!("cell {i}: ({p}, {i}) missing from seq {s}"));
                     }
                 }
@@ -486,8 +486,9 @@ impl Cells {
         if n != self.n_used {
             return Err(format!("used count {} != {n}", self.n_used));
         }
-        for (s, set) in self.seq_pos.iter().enumerate() {
-            for &(p, i) in set {
+        self.seq_pos.check()?;
+        for s in 0..MAX_SEQ {
+            for (p, i) in self.seq_pos.iter(s) {
                 if self.pos[i as usize] != p || !self.seq[i as usize][s] {
                     return Err(format!("seq {s}: stale entry ({p}, {i})"));
                 }

@@ -218,6 +218,12 @@ fn build_segs(cells: &Cells, s: i32, n_kv: u32, max: usize, out: &mut Vec<Seg>) 
     true
 }
 
+/// The most segments a sequence's rows are written from over `n_kv` cells: with more,
+/// per-segment fills cost more than the per-cell rules.
+fn seg_limit(n_kv: usize) -> usize {
+    (n_kv / 32).max(16)
+}
+
 /// [`build_segs`] for a sequence owning every used cell, from the positions alone (a linear
 /// scan is far cheaper than walking the position index): empty cells end segments.
 fn segs_from_positions(pos: &[i32], max: usize, out: &mut Vec<Seg>) -> bool {
@@ -580,8 +586,7 @@ impl KvCache {
         let mut plan = [Plan::Unset; MAX_SEQ];
         let mut scratch = MaskScratch::take();
         let drop_tmpl = T::drop_template();
-        // More segments than this and per-segment fills cost more than per-cell rules.
-        let max_segs = (n_kv_u / 32).max(16);
+        let max_segs = seg_limit(n_kv_u);
         // Rows of one sequence differ only in cells whose position is close to the ubatch's
         // positions: later rows copy an earlier row of the sequence and recompute those cells.
         let mut last_row = [u32::MAX; MAX_SEQ];
@@ -724,6 +729,12 @@ impl KvCache {
             return Plan::General;
         }
         let mut segs = scratch.spare_segs.pop().unwrap_or_default();
+        // Room for as many segments as any n_kv of this cache allows, reserved once: a list
+        // growing with n_kv as the cache fills would allocate now and then on the decode path.
+        let cap = seg_limit(cells.size() as usize);
+        if segs.capacity() < cap {
+            segs.reserve_exact(cap - segs.len());
+        }
         let seg_lists = &mut scratch.seg_lists;
         // A sequence owning every used cell (the single-sequence case): membership is "not
         // empty". One row: a vectorised pass over the positions. More rows: segments from
