@@ -850,13 +850,9 @@ fn on_device_blobs_without_their_stash() {
 
 /// An ON_DEVICE blob that describes fewer rows than its stash holds: the KV cache rejects
 /// that ("the stashed tensor data has N bytes more than the state describes",
-/// src/kv/memory.rs); the recurrent memory must too, and change nothing.
-///
-/// Ignored until fixed: `RecurrentMemory::state_read` never checks the stash reader's
-/// remaining bytes, so this blob is accepted (the return value is the blob length) and the
-/// destination sequence is erased (all of the memory for dest -1).
+/// src/kv/memory.rs); the recurrent memory must too, and change nothing. (Found by this
+/// test: the first version accepted such a blob and erased the destination.)
 #[test]
-#[ignore = "BUG: recurrent state_read accepts an ON_DEVICE stash longer than the state"]
 fn on_device_stash_longer_than_the_state() {
     for n_rs in CONFIGS {
         let m = populated(n_rs);

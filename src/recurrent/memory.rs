@@ -290,6 +290,16 @@ impl RecurrentMemory {
     pub fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.check_dest(seq)?;
         let plan = self.parse(seq, inp)?;
+        // an ON_DEVICE stash holds exactly the rows of its state: more is another state's
+        if let Some(st) = &inp.stash {
+            if st.remaining() != 0 {
+                return Err(err!(
+                    InvalidState,
+                    "the stashed tensor data has {} bytes more than the state describes",
+                    st.remaining()
+                ));
+            }
+        }
         let head = if seq != -1 {
             match plan.cells.first() {
                 None => {
