@@ -11,20 +11,33 @@
 //! used cells), across the point where a structure doubling its capacity would reallocate.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 use llama_memory::ffi::context::*;
 use llama_memory::ffi::kv::*;
 use llama_memory::ffi::memory::*;
+use llama_memory::ffi::recurrent::*;
 
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    // Per thread: the tests of this file run in parallel and must not see each other's
+    // allocations. A const-initialized Cell needs no allocation or destructor of its own.
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
+}
+
+fn allocs() -> u64 {
+    ALLOCS.with(Cell::get)
+}
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: the caller's contract, forwarded.
         unsafe { System.alloc(l) }
     }
@@ -33,7 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: the caller's contract, forwarded.
         unsafe { System.realloc(p, l, n) }
     }
@@ -134,11 +147,11 @@ fn steady_decode_step_allocations() {
     for t in 0..warm {
         step.run(mem, t);
     }
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocs();
     for t in warm..warm + measured {
         step.run(mem, t);
     }
-    let n = ALLOCS.load(Ordering::Relaxed) - before;
+    let n = allocs() - before;
     llama_memory_free(mem);
     println!(
         "allocations: {n} in {measured} steady decode steps ({:.2} per step)",
@@ -151,4 +164,73 @@ fn steady_decode_step_allocations() {
     )
     .ok();
     assert_eq!(n, 0, "{n} allocations in {measured} steady decode steps");
+}
+
+/// The same cycle on a recurrent memory (16 sequences, one token each, an equal split):
+/// init_batch, apply, n_rs, s_copy, free. The slot search saves and restores the cells through
+/// buffers kept in the memory, and the context keeps its ubatch copies.
+#[test]
+fn steady_recurrent_decode_step_allocations() {
+    let layers: Vec<llama_memory_rs_layer> = (0..2)
+        .map(|il| llama_memory_rs_layer {
+            il,
+            n_embd_r: 384,
+            n_embd_s: 2048,
+            n_embd_p: 0,
+            buft: std::ptr::null_mut(),
+        })
+        .collect();
+    let mut p = llama_memory_rs_default_params();
+    p.n_seq_max = N_SEQ as u32;
+    p.n_rs_seq = 1;
+    p.n_layer = 2;
+    p.layers = layers.as_ptr();
+    p.n_layers = layers.len();
+    let mem = llama_memory_rs_init(p);
+    assert!(!mem.is_null());
+    let tok = [7i32; N_SEQ];
+    let n_seq_id = [1i32; N_SEQ];
+    let seq: [i32; N_SEQ] = std::array::from_fn(|i| i as i32);
+    let mut s_copy = [0i32; N_SEQ];
+    let mut run = |t: i32| {
+        let pos = [t; N_SEQ];
+        let ptrs: [*const i32; N_SEQ] = std::array::from_fn(|i| &seq[i] as *const i32);
+        let ub = llama_memory_ubatch {
+            n_tokens: N_SEQ as u32,
+            n_seq_tokens: 1,
+            n_seqs: N_SEQ as u32,
+            n_seqs_unq: N_SEQ as u32,
+            n_pos: 1,
+            equal_seqs: 1,
+            token: tok.as_ptr(),
+            pos: pos.as_ptr(),
+            n_seq_id: n_seq_id.as_ptr(),
+            seq_id: ptrs.as_ptr(),
+            seq_id_unq: seq.as_ptr(),
+            seq_idx: std::ptr::null(),
+            output: std::ptr::null(),
+        };
+        let ctx = llama_memory_init_batch(mem, &ub, 1);
+        assert!(!ctx.is_null(), "{:?}", last_error());
+        assert_eq!(llama_memory_ctx_apply(ctx) as u32, 0);
+        assert_eq!(llama_memory_ctx_get_n_rs(ctx), N_SEQ as u32);
+        let r = llama_memory_ctx_set_input_s_copy(ctx, s_copy.as_mut_ptr(), N_SEQ);
+        assert_eq!(r as u32, 0);
+        llama_memory_ctx_free(ctx);
+        // a rollback now and then, consumed by the next s_copy
+        if t % 7 == 0 {
+            assert!(llama_memory_seq_rm(mem, 3, t, -1));
+            llama_memory_seq_add(mem, 3, t - 1, -1, 1);
+        }
+    };
+    for t in 0..64 {
+        run(t);
+    }
+    let before = allocs();
+    for t in 64..320 {
+        run(t);
+    }
+    let n = allocs() - before;
+    llama_memory_free(mem);
+    assert_eq!(n, 0, "{n} allocations in 256 steady recurrent decode steps");
 }

@@ -132,7 +132,8 @@ impl MemoryContext for RsContext {
             return Ok(());
         };
         let m = find_mut::<RecurrentMemory>(mem)?;
-        m.cache.find_slot(&ub.view())
+        // planned ubatches were checked by `plan`
+        m.cache.find_slot_checked_ubatch(&ub.view())
     }
 
     fn ubatch(&self) -> Option<Ubatch<'_>> {

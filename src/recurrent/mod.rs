@@ -61,8 +61,21 @@ impl Default for RsCell {
 
 impl RsCell {
     /// True when no sequence uses the cell (llama.cpp's `is_empty`, which ignores `pos`).
+    #[inline]
     pub fn is_empty(&self) -> bool {
-        self.seq.not_any()
+        // on the raw words: the slot search asks this of every cell, twice per placement
+        self.seq.as_raw_slice().iter().all(|&w| w == 0)
+    }
+
+    /// True when exactly one sequence uses the cell (it "owns" its state).
+    #[inline]
+    fn has_one(&self) -> bool {
+        self.seq
+            .as_raw_slice()
+            .iter()
+            .map(|w| w.count_ones())
+            .sum::<u32>()
+            == 1
     }
 
     /// True when sequence `s` (in `[0, MAX_SEQ)`) uses the cell.
@@ -398,30 +411,24 @@ impl RsCache {
         Ok(())
     }
 
-    /// `seq_pos_min`: the smallest position of a cell holding `seq`, -1 if none.
-    pub fn seq_pos_min(&self, seq: i32) -> Result<i32> {
-        self.check_seq(seq)?;
-        let s = seq as usize;
-        Ok(self
-            .cells
-            .iter()
-            .filter(|c| c.seq[s])
-            .map(|c| c.pos)
-            .min()
-            .filter(|&p| p != i32::MAX)
-            .unwrap_or(-1))
+    /// The position of `seq`'s state: a sequence is in exactly one cell, its tail (upstream
+    /// scans every cell for it; [`RsCache::check_invariants`] checks that they agree).
+    fn tail_pos(&self, seq: i32) -> Option<i32> {
+        let t = self.cells[seq as usize].tail;
+        (t >= 0).then(|| self.cells[t as usize].pos)
     }
 
-    /// `seq_pos_max`: the largest position of a cell holding `seq`, -1 if none.
+    /// `seq_pos_min`: the smallest position of a cell holding `seq`, -1 if none (and, as
+    /// upstream computes it, -1 for a state at `i32::MAX`).
+    pub fn seq_pos_min(&self, seq: i32) -> Result<i32> {
+        self.check_seq(seq)?;
+        Ok(self.tail_pos(seq).filter(|&p| p != i32::MAX).unwrap_or(-1))
+    }
+
+    /// `seq_pos_max`: the largest position of a cell holding `seq`, -1 if none (or below -1).
     pub fn seq_pos_max(&self, seq: i32) -> Result<i32> {
         self.check_seq(seq)?;
-        let s = seq as usize;
-        Ok(self
-            .cells
-            .iter()
-            .filter(|c| c.seq[s])
-            .map(|c| c.pos)
-            .fold(-1, i32::max))
+        Ok(self.tail_pos(seq).map_or(-1, |p| p.max(-1)))
     }
 
     /// Checks what the slot search needs beyond [`Ubatch::validate`]: an equal split (llama.cpp
@@ -465,6 +472,12 @@ impl RsCache {
     /// [`RsCache::check_ubatch`]. On failure nothing changed.
     pub fn find_slot(&mut self, ub: &Ubatch<'_>) -> Result<()> {
         self.check_ubatch(ub)?;
+        self.find_slot_checked_ubatch(ub)
+    }
+
+    /// [`RsCache::find_slot`] of a ubatch that already passed [`RsCache::check_ubatch`] (the
+    /// check depends only on the ubatch and `n_seq_max`: a planned ubatch stays valid).
+    pub(crate) fn find_slot_checked_ubatch(&mut self, ub: &Ubatch<'_>) -> Result<()> {
         let n_st = ub.n_seq_tokens;
         let set = move |s: u32| {
             let i = s * n_st;
@@ -531,7 +544,7 @@ impl RsCache {
                         "sequence {q}'s tail cell {tail} does not hold it"
                     ));
                 }
-                has_cell = c.seq.count_ones() == 1;
+                has_cell = c.has_one();
             }
             if !has_cell {
                 if next_empty >= size || !self.cells[next_empty as usize].is_empty() {
@@ -639,7 +652,7 @@ impl RsCache {
         let (used, head) = (self.used, self.head);
         let mut ok = true;
         for ub in ubatches {
-            if self.find_slot(ub).is_err() {
+            if self.find_slot_checked_ubatch(ub).is_err() {
                 ok = false;
                 break;
             }
