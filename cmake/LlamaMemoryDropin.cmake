@@ -1,0 +1,337 @@
+# The drop-in libllama (LLAMA_MEMORY_DROPIN=ON), included from CMakeLists.txt after ggml.
+#
+# Builds llama.cpp's libllama from the llama.cpp tree ggml comes from (the pinned package, or
+# LLAMA_CPP_DIR), as upstream's src/CMakeLists.txt does, but from a copy of upstream's src/
+# staged in the build tree with this project's folder llama/ written over it:
+#
+#   <build>/dropin-src/     upstream src/, every file of llama/ (but README.md) overlaid:
+#                           a llama/<path> replaces the staged <path> (a header or a .cpp), a
+#                           llama/<path> upstream does not have is added (a new .cpp compiles
+#                           into the library). Copied at configure time; CONFIGURE_DEPENDS globs
+#                           rerun the staging when upstream's tree or llama/ changes, and a file
+#                           removed from llama/ goes back to upstream's copy.
+#   target llama            that staged tree: OUTPUT_NAME llama, upstream's VERSION/SOVERSION,
+#                           unity build as upstream, LLAMA_BUILD/LLAMA_SHARED, linked to the
+#                           project's single ggml; in <build>/dropin/. Installed with upstream's
+#                           shape: lib/libllama.so*, include/llama.h + llama-cpp.h,
+#                           lib/cmake/llama/llama-config{,-version}.cmake (target `llama`),
+#                           lib/pkgconfig/llama.pc (Name llama, -lggml -lggml-base -lllama).
+#   target llama_stock      upstream's unstaged src/ with identical flags and the same ggml, in
+#                           <build>/stock/ (same soname; not installed). Built by `all` when the
+#                           tests are on, else only on request.
+#
+# Tests (LLAMA_MEMORY_BUILD_TESTS, label `dropin`): `dropin_symbols` (exported C symbol sets of
+# the two libraries equal), `dropin_equivalence_<config>` (tests/dropin/equivalence.c built
+# against each, run on one generated model, outputs equal byte for byte). The models come from
+# LLAMA_MEMORY_DROPIN_MODELS_DIR; the fixture test `dropin_models` writes the missing ones
+# with `cargo test --test dropin` (the test-only reference crate's GGUF writers).
+#
+# Uses from the including scope: _src, _bin, _llama_cpp_dir, the ggml target.
+
+set(_dropin_tree "${_llama_cpp_dir}")
+set(_dropin_stage "${CMAKE_BINARY_DIR}/dropin-src")
+set(_dropin_overlay "${_src}/llama")
+
+foreach(_required src/CMakeLists.txt src/llama-version.h.in include/llama.h include/llama-cpp.h
+                  cmake/llama-config.cmake.in CMakeLists.txt)
+    if(NOT EXISTS "${_dropin_tree}/${_required}")
+        message(FATAL_ERROR "llama_memory: LLAMA_MEMORY_DROPIN needs ${_dropin_tree}/${_required}")
+    endif()
+endforeach()
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
+    "${_dropin_tree}/CMakeLists.txt" "${_dropin_tree}/src/CMakeLists.txt")
+
+#
+# Upstream's version and source list, read from its CMake files
+#
+
+file(STRINGS "${_dropin_tree}/CMakeLists.txt" _lines REGEX "^set\\(LLAMA_VERSION_(MAJOR|MINOR|PATCH) ")
+foreach(_part MAJOR MINOR PATCH)
+    set(LLAMA_VERSION_${_part} "")
+    foreach(_line IN LISTS _lines)
+        if(_line MATCHES "^set\\(LLAMA_VERSION_${_part} ([0-9]+)\\)")
+            set(LLAMA_VERSION_${_part} "${CMAKE_MATCH_1}")
+        endif()
+    endforeach()
+    if(LLAMA_VERSION_${_part} STREQUAL "")
+        message(FATAL_ERROR "llama_memory: no LLAMA_VERSION_${_part} in ${_dropin_tree}/CMakeLists.txt")
+    endif()
+endforeach()
+set(LLAMA_VERSION_BASE "${LLAMA_VERSION_MAJOR}.${LLAMA_VERSION_MINOR}.${LLAMA_VERSION_PATCH}")
+# Upstream's option, same default.
+option(LLAMA_BUILD_IS_DEV "llama: dev build" ON)
+if(LLAMA_BUILD_IS_DEV)
+    set(LLAMA_VERSION "${LLAMA_VERSION_BASE}-dev")
+else()
+    set(LLAMA_VERSION "${LLAMA_VERSION_BASE}")
+endif()
+# cmake/build-info.cmake asks git in the llama.cpp tree; a packaged tree has none.
+set(LLAMA_BUILD_NUMBER 0)
+set(LLAMA_BUILD_COMMIT "unknown")
+if(EXISTS "${_dropin_tree}/.git")
+    find_package(Git QUIET)
+    if(GIT_EXECUTABLE)
+        execute_process(COMMAND "${GIT_EXECUTABLE}" rev-parse --short HEAD
+            WORKING_DIRECTORY "${_dropin_tree}" OUTPUT_VARIABLE _out RESULT_VARIABLE _rc
+            OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+        if(_rc EQUAL 0)
+            set(LLAMA_BUILD_COMMIT "${_out}")
+        endif()
+        execute_process(COMMAND "${GIT_EXECUTABLE}" rev-list --count HEAD
+            WORKING_DIRECTORY "${_dropin_tree}" OUTPUT_VARIABLE _out RESULT_VARIABLE _rc
+            OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+        if(_rc EQUAL 0)
+            set(LLAMA_BUILD_NUMBER "${_out}")
+        endif()
+    endif()
+endif()
+message(STATUS "llama_memory: drop-in libllama ${LLAMA_VERSION} (commit ${LLAMA_BUILD_COMMIT}) from ${_dropin_tree}/src")
+
+file(READ "${_dropin_tree}/src/CMakeLists.txt" _text)
+if(NOT _text MATCHES "set\\(LLAMA_CORE_SOURCES([^)]*)\\)")
+    message(FATAL_ERROR "llama_memory: no LLAMA_CORE_SOURCES list in ${_dropin_tree}/src/CMakeLists.txt")
+endif()
+string(REGEX REPLACE "[ \t\r\n]+" ";" _dropin_core "${CMAKE_MATCH_1}")
+list(FILTER _dropin_core EXCLUDE REGEX "^$")
+set(_dropin_unity_batch 16)
+if(_text MATCHES "UNITY_BUILD_BATCH_SIZE[ \t]+([0-9]+)")
+    set(_dropin_unity_batch "${CMAKE_MATCH_1}")
+endif()
+foreach(_f IN LISTS _dropin_core)
+    if(NOT EXISTS "${_dropin_tree}/src/${_f}")
+        message(FATAL_ERROR "llama_memory: ${_dropin_tree}/src/CMakeLists.txt lists ${_f}, which is missing")
+    endif()
+endforeach()
+
+#
+# Staging: upstream's src/ with llama/ written over it
+#
+
+file(GLOB_RECURSE _upstream_files RELATIVE "${_dropin_tree}/src" CONFIGURE_DEPENDS "${_dropin_tree}/src/*")
+set(_overlay_files "")
+if(IS_DIRECTORY "${_dropin_overlay}")
+    file(GLOB_RECURSE _overlay_files RELATIVE "${_dropin_overlay}" CONFIGURE_DEPENDS "${_dropin_overlay}/*")
+    list(REMOVE_ITEM _overlay_files README.md)
+endif()
+set(_staged_files ${_upstream_files} ${_overlay_files})
+list(REMOVE_DUPLICATES _staged_files)
+set(LLAMA_MEMORY_DROPIN_OVERLAID "")
+set(LLAMA_MEMORY_DROPIN_ADDED "")
+foreach(_f IN LISTS _staged_files)
+    if(_f IN_LIST _overlay_files)
+        set(_from "${_dropin_overlay}/${_f}")
+        if(_f IN_LIST _upstream_files)
+            list(APPEND LLAMA_MEMORY_DROPIN_OVERLAID "${_f}")
+        else()
+            list(APPEND LLAMA_MEMORY_DROPIN_ADDED "${_f}")
+        endif()
+    else()
+        set(_from "${_dropin_tree}/src/${_f}")
+    endif()
+    # Copies only when the content differs, so an unchanged file keeps its timestamp.
+    configure_file("${_from}" "${_dropin_stage}/${_f}" COPYONLY)
+endforeach()
+# Files staged by an earlier configure that neither tree has any more.
+file(GLOB_RECURSE _present RELATIVE "${_dropin_stage}" "${_dropin_stage}/*")
+foreach(_f IN LISTS _present)
+    if(NOT _f IN_LIST _staged_files)
+        file(REMOVE "${_dropin_stage}/${_f}")
+    endif()
+endforeach()
+if(LLAMA_MEMORY_DROPIN_OVERLAID OR LLAMA_MEMORY_DROPIN_ADDED)
+    message(STATUS "llama_memory: drop-in overlays ${LLAMA_MEMORY_DROPIN_OVERLAID}; adds ${LLAMA_MEMORY_DROPIN_ADDED}")
+else()
+    message(STATUS "llama_memory: drop-in: llama/ overlays nothing yet (libllama is upstream's sources, staged)")
+endif()
+
+# llama-version.h, shared by both libraries (outside the staged tree, as upstream keeps it in
+# its binary directory).
+set(_dropin_version_dir "${_bin}/dropin-version")
+configure_file("${_dropin_tree}/src/llama-version.h.in" "${_dropin_version_dir}/llama-version.h" @ONLY)
+
+#
+# The two libraries, defined alike
+#
+
+# _llama_memory_add_libllama(<target> <src dir> <output dir> <extra sources...>)
+function(_llama_memory_add_libllama target dir out)
+    set(extra ${ARGN})
+    file(GLOB models CONFIGURE_DEPENDS "${dir}/models/*.cpp")
+    list(SORT models)
+    set(core "")
+    foreach(f IN LISTS _dropin_core)
+        list(APPEND core "${dir}/${f}")
+    endforeach()
+    add_library(${target} "${_dropin_tree}/include/llama.h" ${core} "${dir}/unicode.h" ${extra} ${models})
+    set_target_properties(${target} PROPERTIES
+        OUTPUT_NAME llama
+        VERSION ${LLAMA_VERSION_BASE}
+        SOVERSION ${LLAMA_VERSION_MAJOR}
+        MACHO_CURRENT_VERSION 0
+        UNITY_BUILD ON
+        UNITY_BUILD_BATCH_SIZE ${_dropin_unity_batch}
+        LIBRARY_OUTPUT_DIRECTORY "${out}$<0:>"
+        ARCHIVE_OUTPUT_DIRECTORY "${out}$<0:>"
+        RUNTIME_OUTPUT_DIRECTORY "${out}$<0:>")
+    # As upstream: the core files (and ours) compile one by one, the models in unity batches.
+    set_source_files_properties(${core} ${extra} "${_dropin_tree}/include/llama.h" "${dir}/unicode.h"
+        PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+    target_include_directories(${target} PRIVATE "${dir}" "${_dropin_version_dir}")
+    target_include_directories(${target} PUBLIC
+        "$<BUILD_INTERFACE:${_dropin_tree}/include>"
+        "$<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>")
+    target_compile_features(${target} PRIVATE cxx_std_17)
+    target_link_libraries(${target} PUBLIC ggml)
+    if(BUILD_SHARED_LIBS)
+        set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+        target_compile_definitions(${target} PRIVATE LLAMA_BUILD)
+        target_compile_definitions(${target} PUBLIC LLAMA_SHARED)
+        if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+            # Only a check (the output is the same): a member the adapters leave undefined
+            # fails the link instead of the first program that loads the library.
+            target_link_options(${target} PRIVATE "LINKER:-z,defs")
+        endif()
+        if(APPLE)
+            set_target_properties(${target} PROPERTIES INSTALL_RPATH "@loader_path")
+        else()
+            set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN")
+        endif()
+    endif()
+endfunction()
+
+set(_dropin_extra "")
+foreach(_f IN LISTS LLAMA_MEMORY_DROPIN_ADDED)
+    if(_f MATCHES "\\.(c|cc|cpp|cxx)$" AND NOT _f MATCHES "^models/")
+        list(APPEND _dropin_extra "${_dropin_stage}/${_f}")
+    endif()
+endforeach()
+_llama_memory_add_libllama(llama "${_dropin_stage}" "${_bin}/dropin" ${_dropin_extra})
+_llama_memory_add_libllama(llama_stock "${_dropin_tree}/src" "${_bin}/stock")
+if(NOT LLAMA_MEMORY_BUILD_TESTS)
+    set_target_properties(llama_stock PROPERTIES EXCLUDE_FROM_ALL ON)
+endif()
+
+#
+# Install, in upstream's shape (its CMakeLists.txt:262-300): an existing consumer switches by
+# prefix alone.
+#
+
+set(LLAMA_INCLUDE_INSTALL_DIR ${CMAKE_INSTALL_INCLUDEDIR} CACHE PATH "Location of header  files")
+set(LLAMA_LIB_INSTALL_DIR     ${CMAKE_INSTALL_LIBDIR}     CACHE PATH "Location of library files")
+set(LLAMA_BIN_INSTALL_DIR     ${CMAKE_INSTALL_BINDIR}     CACHE PATH "Location of binary  files")
+set_target_properties(llama PROPERTIES PUBLIC_HEADER
+    "${_dropin_tree}/include/llama.h;${_dropin_tree}/include/llama-cpp.h")
+install(TARGETS llama LIBRARY PUBLIC_HEADER)
+
+# upstream's own template: find_package(llama) gives the imported target `llama` (with ggml's
+# package found next to it), LLAMA_INCLUDE_DIR, LLAMA_LIB_DIR...
+configure_package_config_file(
+    "${_dropin_tree}/cmake/llama-config.cmake.in"
+    "${_bin}/dropin-package/llama-config.cmake"
+    INSTALL_DESTINATION "${CMAKE_INSTALL_LIBDIR}/cmake/llama"
+    PATH_VARS LLAMA_INCLUDE_INSTALL_DIR LLAMA_LIB_INSTALL_DIR LLAMA_BIN_INSTALL_DIR)
+write_basic_package_version_file(
+    "${_bin}/dropin-package/llama-config-version.cmake"
+    VERSION ${LLAMA_VERSION}
+    COMPATIBILITY SameMajorVersion)
+install(FILES "${_bin}/dropin-package/llama-config.cmake" "${_bin}/dropin-package/llama-config-version.cmake"
+        DESTINATION "${CMAKE_INSTALL_LIBDIR}/cmake/llama")
+
+# llama.pc: upstream's fields (cmake/llama.pc.in), but relocatable like llama-memory.pc
+# (upstream writes the configure-time prefix, which `cmake --install --prefix` elsewhere breaks).
+file(CONFIGURE OUTPUT "${_bin}/dropin-package/llama.pc" @ONLY CONTENT
+"prefix=@LLAMA_MEMORY_PC_PREFIX@
+exec_prefix=\${prefix}
+libdir=@LLAMA_MEMORY_PC_LIBDIR@
+includedir=@LLAMA_MEMORY_PC_INCLUDEDIR@
+
+Name: llama
+Description: Port of Facebook's LLaMA model in C/C++
+Version: @LLAMA_VERSION@
+Libs: -L\${libdir} -lggml -lggml-base -lllama
+Cflags: -I\${includedir}
+")
+install(FILES "${_bin}/dropin-package/llama.pc" DESTINATION "${CMAKE_INSTALL_LIBDIR}/pkgconfig")
+
+#
+# Tests
+#
+
+if(LLAMA_MEMORY_BUILD_TESTS)
+    enable_testing()
+    set(LLAMA_MEMORY_DROPIN_MODELS_DIR "${_bin}/dropin-models" CACHE PATH
+        "llama_memory: directory of the equivalence tests' generated GGUF models (written by the dropin_models test when missing)")
+
+    find_program(LLAMA_MEMORY_NM NAMES nm)
+    add_test(NAME dropin_symbols
+        COMMAND bash "${_src}/tests/dropin/check_symbols.sh" "$<TARGET_FILE:llama>" "$<TARGET_FILE:llama_stock>")
+    set_tests_properties(dropin_symbols PROPERTIES LABELS dropin TIMEOUT 120)
+
+    foreach(_variant dropin stock)
+        if(_variant STREQUAL "dropin")
+            set(_lib llama)
+        else()
+            set(_lib llama_stock)
+        endif()
+        set(_exe dropin_equivalence_${_variant})
+        add_executable(${_exe} "${_src}/tests/dropin/equivalence.c")
+        set_target_properties(${_exe} PROPERTIES
+            OUTPUT_NAME equivalence
+            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+            C_STANDARD 11
+            C_STANDARD_REQUIRED ON
+            C_EXTENSIONS OFF)
+        target_compile_options(${_exe} PRIVATE
+            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
+        target_link_libraries(${_exe} PRIVATE ${_lib})
+        if(UNIX AND NOT APPLE)
+            target_link_libraries(${_exe} PRIVATE m)
+        endif()
+    endforeach()
+
+    # The models the configurations below use: file names and how the fixture writes them.
+    set(_models llama,llama_h64,mamba,lfm2)
+    add_test(NAME dropin_models
+        COMMAND "${CMAKE_COMMAND}"
+                "-DCARGO=${LLAMA_MEMORY_CARGO}"
+                "-DMANIFEST=${_src}/Cargo.toml"
+                "-DTARGET_DIR=${LLAMA_MEMORY_CARGO_TEST_TARGET_DIR}"
+                "-DMODELS_DIR=${LLAMA_MEMORY_DROPIN_MODELS_DIR}"
+                "-DMODELS=${_models}"
+                -P "${_src}/tests/dropin/models.cmake"
+        WORKING_DIRECTORY "${_src}")
+    set_tests_properties(dropin_models PROPERTIES LABELS dropin FIXTURES_SETUP dropin_models
+        TIMEOUT 3600 RUN_SERIAL ON)
+
+    # <name> <model> <equivalence arguments...>
+    set(_configs
+        "llama_fa_off|llama|--flash-attn 0"
+        "llama_fa_on|llama|--flash-attn 1"
+        "llama_h64_q8_0|llama_h64|--flash-attn 1 --type-k q8_0 --type-v q8_0"
+        "llama_h64_q8_0_k|llama_h64|--flash-attn 0 --type-k q8_0"
+        "llama_streams|llama|--flash-attn 0 --kv-unified 0"
+        "mamba|mamba|"
+        "lfm2|lfm2|--flash-attn 0")
+    foreach(_config IN LISTS _configs)
+        string(REPLACE "|" ";" _parts "${_config}")
+        list(GET _parts 0 _name)
+        list(GET _parts 1 _model)
+        list(LENGTH _parts _n)
+        set(_args "")
+        if(_n GREATER 2)
+            list(GET _parts 2 _args)
+        endif()
+        string(REPLACE " " ";" _args "${_args}")
+        string(REPLACE ";" "," _args_joined "${_args}")
+        add_test(NAME dropin_equivalence_${_name}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_equivalence_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_equivalence_dropin>"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
+                    "-DARGS=${_args_joined}"
+                    "-DOUT=${_bin}/dropin-tests/out/${_name}"
+                    -P "${_src}/tests/dropin/compare.cmake")
+        set_tests_properties(dropin_equivalence_${_name} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 600)
+    endforeach()
+endif()

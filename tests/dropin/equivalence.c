@@ -1,0 +1,480 @@
+/*
+ * Equivalence harness of the drop-in libllama: llama.h only, built unchanged against the
+ * drop-in (`llama`) and against stock (`llama_stock`); tests/dropin/compare.cmake runs both on
+ * one model and compares the outputs byte for byte.
+ *
+ *   equivalence <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1]
+ *               [--type-k f16|q8_0] [--type-v f16|q8_0] [--n-ctx N] [--threads N]
+ *
+ * It decodes a multi-sequence workload: a shared prompt copied to every sequence with
+ * llama_memory_seq_cp, parallel decoding (greedy), a finished sequence removed and a new
+ * request in its place, a context shift (seq_rm + seq_add, then the K-shift at the next
+ * decode; only where llama_memory_can_shift), seq_div, a rollback of a sequence's last tokens
+ * (partial seq_rm), sequence state blobs (plain and _ext,
+ * with and without PARTIAL_ONLY) saved and restored, sequence files, seq_keep, session files,
+ * a whole-state restore, sequence ids in [n_seq_max, 256) on a unified cache, a batch that
+ * does not fit (the failure path), and clears. Every return value, every sequence's position
+ * range after each memory operation, every logit vector (the float bits) and every state blob
+ * or file go into <out.txt>, as text (hex), so `diff` shows where two runs part.
+ *
+ * Exit status: 0 when the workload ran (whatever the calls returned: those are compared), 1 on
+ * a setup failure (arguments, model, context, allocation).
+ */
+#include "llama.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_SEQ 4
+#define MAX_BATCH 512
+
+static FILE *out;
+static struct llama_context *ctx;
+static llama_memory_t mem;
+static int n_vocab;
+static int verbose;
+static const char *out_path;
+
+static void die(const char *what) {
+    fprintf(stderr, "equivalence: %s\n", what);
+    exit(1);
+}
+
+static void rec(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(out, fmt, ap);
+    va_end(ap);
+    fputc('\n', out);
+}
+
+static uint64_t fnv1a(const uint8_t *p, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+/* A blob as hex, 64 bytes a line, after a header with its size and hash. */
+static void rec_blob(const char *tag, const uint8_t *p, size_t n) {
+    rec("blob %s size=%zu fnv=%016llx", tag, n, (unsigned long long) fnv1a(p, n));
+    for (size_t i = 0; i < n; i += 64) {
+        size_t m = n - i < 64 ? n - i : 64;
+        for (size_t j = 0; j < m; j++) {
+            fprintf(out, "%02x", p[i + j]);
+        }
+        fputc('\n', out);
+    }
+}
+
+/* Every sequence's position range (and a few above the used ones). */
+static void rec_seqs(const char *tag) {
+    fprintf(out, "seqs %s:", tag);
+    for (llama_seq_id s = 0; s < N_SEQ; s++) {
+        fprintf(out, " %d:[%d,%d]", s, llama_memory_seq_pos_min(mem, s), llama_memory_seq_pos_max(mem, s));
+    }
+    fputc('\n', out);
+}
+
+static int argmax(const float *l) {
+    int best = 0;
+    for (int i = 1; i < n_vocab; i++) {
+        if (l[i] > l[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+struct tok {
+    llama_token t;
+    llama_pos pos;
+    llama_seq_id seq;
+    int8_t output;
+};
+
+/* Decodes the tokens as one llama_batch; records the return value and the logits of every
+ * output. next[seq] gets the greedy token of that sequence's last output. */
+static int decode(const char *tag, const struct tok *toks, int n, llama_token next[N_SEQ]) {
+    struct llama_batch b = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; i++) {
+        b.token[i] = toks[i].t;
+        b.pos[i] = toks[i].pos;
+        b.n_seq_id[i] = 1;
+        b.seq_id[i][0] = toks[i].seq;
+        b.logits[i] = toks[i].output;
+    }
+    b.n_tokens = n;
+    int rc = llama_decode(ctx, b);
+    rec("decode %s n=%d rc=%d", tag, n, rc);
+    if (rc == 0) {
+        for (int i = 0; i < n; i++) {
+            if (!toks[i].output) {
+                continue;
+            }
+            const float *l = llama_get_logits_ith(ctx, i);
+            if (!l) {
+                rec("logits %d seq=%d pos=%d: none", i, toks[i].seq, toks[i].pos);
+                continue;
+            }
+            fprintf(out, "logits %d seq=%d pos=%d argmax=%d:", i, toks[i].seq, toks[i].pos, argmax(l));
+            for (int v = 0; v < n_vocab; v++) {
+                uint32_t bits;
+                memcpy(&bits, &l[v], sizeof bits);
+                fprintf(out, " %08x", bits);
+            }
+            fputc('\n', out);
+            if (next) {
+                next[toks[i].seq] = argmax(l);
+            }
+        }
+    }
+    llama_batch_free(b);
+    if (verbose) {
+        fprintf(stderr, "decode %s n=%d rc=%d\n", tag, n, rc);
+    }
+    return rc;
+}
+
+/* A prompt of n tokens on one sequence from position pos0; outputs: all, or the last only. */
+static int prompt(const char *tag, llama_seq_id seq, llama_pos pos0, int n, int salt, int all_outputs,
+                  llama_token next[N_SEQ]) {
+    static struct tok toks[MAX_BATCH];
+    if (n > MAX_BATCH) {
+        die("prompt too long");
+    }
+    for (int i = 0; i < n; i++) {
+        toks[i].t = (llama_token) ((i * 7 + salt * 13 + 3) % n_vocab);
+        toks[i].pos = pos0 + i;
+        toks[i].seq = seq;
+        toks[i].output = (int8_t) (all_outputs || i == n - 1);
+    }
+    return decode(tag, toks, n, next);
+}
+
+/* One greedy step on each listed sequence, after its highest position. */
+static int step(const char *tag, const llama_seq_id *seqs, int n, llama_token next[N_SEQ]) {
+    struct tok toks[N_SEQ];
+    for (int i = 0; i < n; i++) {
+        toks[i].t = next[seqs[i]];
+        toks[i].pos = llama_memory_seq_pos_max(mem, seqs[i]) + 1;
+        toks[i].seq = seqs[i];
+        toks[i].output = 1;
+    }
+    return decode(tag, toks, n, next);
+}
+
+static int step_all(const char *tag, llama_token next[N_SEQ]) {
+    static const llama_seq_id all[N_SEQ] = {0, 1, 2, 3};
+    return step(tag, all, N_SEQ, next);
+}
+
+static int step_one(const char *tag, llama_seq_id seq, llama_token next[N_SEQ]) {
+    return step(tag, &seq, 1, next);
+}
+
+static uint8_t *seq_blob(const char *tag, llama_seq_id seq, int ext, llama_state_seq_flags flags, size_t *n_out) {
+    size_t n = ext ? llama_state_seq_get_size_ext(ctx, seq, flags) : llama_state_seq_get_size(ctx, seq);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) {
+        die("out of memory");
+    }
+    size_t w = ext ? llama_state_seq_get_data_ext(ctx, buf, n, seq, flags) : llama_state_seq_get_data(ctx, buf, n, seq);
+    rec("state_seq_get %s seq=%d ext=%d flags=%u size=%zu written=%zu", tag, seq, ext, (unsigned) flags, n, w);
+    rec_blob(tag, buf, w);
+    *n_out = w;
+    return buf;
+}
+
+static void rec_file(const char *tag, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        rec("file %s: cannot open", tag);
+        return;
+    }
+    uint8_t *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 65536;
+            uint8_t *nb = realloc(buf, cap);
+            if (!nb) {
+                die("out of memory");
+            }
+            buf = nb;
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        if (r == 0) {
+            break;
+        }
+        n += r;
+    }
+    fclose(f);
+    rec_blob(tag, buf, n);
+    free(buf);
+}
+
+static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
+    (void) user;
+    if (verbose || level == GGML_LOG_LEVEL_ERROR) {
+        fputs(text, stderr);
+    }
+}
+
+static enum ggml_type parse_type(const char *s) {
+    if (strcmp(s, "f16") == 0) return GGML_TYPE_F16;
+    if (strcmp(s, "f32") == 0) return GGML_TYPE_F32;
+    if (strcmp(s, "bf16") == 0) return GGML_TYPE_BF16;
+    if (strcmp(s, "q8_0") == 0) return GGML_TYPE_Q8_0;
+    if (strcmp(s, "q4_0") == 0) return GGML_TYPE_Q4_0;
+    die("unknown cache type");
+    return GGML_TYPE_F16;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1] "
+                        "[--type-k T] [--type-v T] [--n-ctx N] [--threads N]\n", argv[0]);
+        return 1;
+    }
+    const char *model_path = argv[1];
+    out_path = argv[2];
+    int flash_attn = 0, kv_unified = 1, n_ctx = 256, n_threads = 2;
+    enum ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
+    for (int i = 3; i < argc; i++) {
+        if (i + 1 >= argc) {
+            die("option without a value");
+        }
+        const char *v = argv[++i];
+        if (strcmp(argv[i - 1], "--flash-attn") == 0) flash_attn = atoi(v);
+        else if (strcmp(argv[i - 1], "--kv-unified") == 0) kv_unified = atoi(v);
+        else if (strcmp(argv[i - 1], "--type-k") == 0) type_k = parse_type(v);
+        else if (strcmp(argv[i - 1], "--type-v") == 0) type_v = parse_type(v);
+        else if (strcmp(argv[i - 1], "--n-ctx") == 0) n_ctx = atoi(v);
+        else if (strcmp(argv[i - 1], "--threads") == 0) n_threads = atoi(v);
+        else die("unknown option");
+    }
+    verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;
+
+    llama_log_set(quiet_log, NULL);
+    llama_backend_init();
+
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    if (!model) {
+        die("cannot load the model");
+    }
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t) n_ctx;
+    cp.n_batch = (uint32_t) n_ctx;
+    cp.n_ubatch = 32;
+    cp.n_seq_max = N_SEQ;
+    cp.n_threads = n_threads;
+    cp.n_threads_batch = n_threads;
+    cp.flash_attn_type = flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.kv_unified = kv_unified != 0;
+    cp.type_k = type_k;
+    cp.type_v = type_v;
+    cp.no_perf = true;
+    ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        die("cannot create the context");
+    }
+    mem = llama_get_memory(ctx);
+    n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    if (n_vocab <= 0) {
+        die("empty vocabulary");
+    }
+
+    out = fopen(out_path, "wb");
+    if (!out) {
+        die("cannot open the output file");
+    }
+    const int recurrent = llama_model_is_recurrent(model) || llama_model_is_hybrid(model);
+    const int can_shift = llama_memory_can_shift(mem);
+    const int n_ctx_seq = (int) llama_n_ctx_seq(ctx);
+    rec("setup n_vocab=%d n_ctx=%u n_ctx_seq=%d n_seq_max=%u recurrent=%d hybrid=%d can_shift=%d "
+        "flash_attn=%d kv_unified=%d type_k=%d type_v=%d",
+        n_vocab, llama_n_ctx(ctx), n_ctx_seq, llama_n_seq_max(ctx), llama_model_is_recurrent(model),
+        llama_model_is_hybrid(model), can_shift, flash_attn, kv_unified, (int) type_k, (int) type_v);
+
+    llama_token next[N_SEQ] = {0};
+
+    /* 1. A shared prompt on seq 0 (every output), copied to the other sequences. */
+    prompt("prompt", 0, 0, 20, 0, 1, next);
+    for (llama_seq_id s = 1; s < N_SEQ; s++) {
+        llama_memory_seq_cp(mem, 0, s, -1, -1);
+        next[s] = (next[0] + s) % n_vocab;
+    }
+    rec_seqs("after seq_cp");
+
+    /* 2. Parallel decoding. */
+    for (int i = 0; i < 6; i++) {
+        step_all("parallel", next);
+    }
+    rec_seqs("after parallel");
+
+    /* 3. Sequence and whole states. */
+    size_t n_seq2 = 0, n_seq2_partial = 0, n_whole = 0, n_tmp = 0;
+    for (llama_seq_id s = 0; s < N_SEQ; s++) {
+        if (s != 2) {
+            free(seq_blob("seq", s, 0, 0, &n_tmp));
+        }
+    }
+    uint8_t *blob_seq2 = seq_blob("seq2", 2, 0, 0, &n_seq2);
+    uint8_t *blob_seq2_partial = seq_blob("seq2_partial", 2, 1, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, &n_seq2_partial);
+    free(seq_blob("seq0_ext_none", 0, 1, LLAMA_STATE_SEQ_FLAGS_NONE, &n_tmp));
+    size_t whole_size = llama_state_get_size(ctx);
+    uint8_t *blob_whole = malloc(whole_size ? whole_size : 1);
+    if (!blob_whole) {
+        die("out of memory");
+    }
+    n_whole = llama_state_get_data(ctx, blob_whole, whole_size);
+    rec("state_get size=%zu written=%zu", whole_size, n_whole);
+    rec_blob("whole", blob_whole, n_whole);
+
+    /* 4. Seq 1 finishes; a new request takes its place. */
+    rec("seq_rm finished seq 1: %d", llama_memory_seq_rm(mem, 1, -1, -1));
+    rec_seqs("after seq_rm 1");
+    prompt("new request seq 1", 1, 0, 12, 1, 0, next);
+    step_all("parallel", next);
+
+    /* 5. Context shift on seq 0: keep 4, discard 8, shift the rest down; the next decode
+     *    applies the K-shift. */
+    if (can_shift) {
+        const int n_keep = 4, n_discard = 8;
+        rec("shift seq_rm: %d", llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard));
+        llama_memory_seq_add(mem, 0, n_keep + n_discard, -1, -n_discard);
+        rec_seqs("after shift");
+        step_one("after shift", 0, next);
+        step_all("parallel", next);
+        /* 6. seq_div (self-extend style) on seq 3. */
+        llama_memory_seq_div(mem, 3, 0, -1, 2);
+        rec_seqs("after seq_div 3");
+        step_one("after seq_div", 3, next);
+    } else {
+        rec("no shift: can_shift is false");
+        rec("partial seq_rm: %d", llama_memory_seq_rm(mem, 0, 4, 12));
+    }
+    for (int i = 0; i < 3; i++) {
+        step_all("parallel", next);
+    }
+    rec_seqs("after parallel 2");
+    /* Roll the last two tokens of seq 2 back (speculative decoding): a partial seq_rm, which a
+     * recurrent memory refuses. */
+    rec("rollback seq_rm 2: %d", llama_memory_seq_rm(mem, 2, llama_memory_seq_pos_max(mem, 2) - 1, -1));
+    rec_seqs("after rollback");
+    step_one("after rollback", 2, next);
+
+    /* 7. Restore the saved seq 2 into seq 1, the PARTIAL_ONLY one into seq 3. */
+    rec("seq_rm 1: %d", llama_memory_seq_rm(mem, 1, -1, -1));
+    rec("state_seq_set seq2 -> 1: %zu", llama_state_seq_set_data(ctx, blob_seq2, n_seq2, 1));
+    rec_seqs("after restore into 1");
+    free(seq_blob("seq1_restored", 1, 0, 0, &n_tmp));
+    step_one("after restore", 1, next);
+    rec("seq_rm 3: %d", llama_memory_seq_rm(mem, 3, -1, -1));
+    rec("state_seq_set_ext partial seq2 -> 3: %zu",
+        llama_state_seq_set_data_ext(ctx, blob_seq2_partial, n_seq2_partial, 3, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+    rec_seqs("after partial restore into 3");
+    step_one("after partial restore", 3, next);
+    /* a malformed (truncated) blob: refused */
+    rec("state_seq_set truncated -> 3: %zu", llama_state_seq_set_data(ctx, blob_seq2, n_seq2 / 2, 3));
+    rec_seqs("after truncated restore");
+
+    /* 8. Sequence file of seq 0: save, drop, load back, continue. */
+    char path[4096];
+    llama_token file_tokens[16];
+    for (int i = 0; i < 16; i++) {
+        file_tokens[i] = (llama_token) ((i * 5 + 1) % n_vocab);
+    }
+    snprintf(path, sizeof path, "%s.seq", out_path);
+    rec("state_seq_save_file seq 0: %zu", llama_state_seq_save_file(ctx, path, 0, file_tokens, 16));
+    rec_file("seq_file", path);
+    rec("seq_rm 0: %d", llama_memory_seq_rm(mem, 0, -1, -1));
+    {
+        llama_token got[32];
+        size_t n_got = 0;
+        size_t r = llama_state_seq_load_file(ctx, path, 0, got, 32, &n_got);
+        rec("state_seq_load_file -> 0: %zu tokens=%zu first=%d", r, n_got, n_got ? got[0] : -1);
+    }
+    rec_seqs("after seq file");
+    step_one("after seq file", 0, next);
+
+    /* 9. seq_keep. */
+    llama_memory_seq_keep(mem, 0);
+    rec_seqs("after seq_keep 0");
+    step_one("after seq_keep", 0, next);
+
+    /* 10. Session file: save, clear, decode something else, load back, continue. */
+    snprintf(path, sizeof path, "%s.session", out_path);
+    rec("state_save_file: %d", llama_state_save_file(ctx, path, file_tokens, 16));
+    rec_file("session_file", path);
+    llama_memory_clear(mem, true);
+    rec_seqs("after clear");
+    prompt("other prompt", 0, 0, 9, 2, 0, next);
+    {
+        llama_token got[32];
+        size_t n_got = 0;
+        bool ok = llama_state_load_file(ctx, path, got, 32, &n_got);
+        rec("state_load_file: %d tokens=%zu first=%d", ok, n_got, n_got ? got[0] : -1);
+    }
+    rec_seqs("after session load");
+    step_one("after session load", 0, next);
+
+    /* 11. Whole state saved in 3. */
+    rec("state_set_data whole: %zu", llama_state_set_data(ctx, blob_whole, n_whole));
+    rec_seqs("after whole restore");
+    step_all("after whole restore", next);
+    {
+        size_t n = llama_state_get_size(ctx);
+        uint8_t *b = malloc(n ? n : 1);
+        if (!b) {
+            die("out of memory");
+        }
+        size_t w = llama_state_get_data(ctx, b, n);
+        rec("state_get size=%zu written=%zu", n, w);
+        rec_blob("whole_after", b, w);
+        free(b);
+    }
+
+    /* 12. Sequence ids in [n_seq_max, 256) on a unified cache: accepted by stock. */
+    if (kv_unified && !recurrent) {
+        const llama_seq_id id = N_SEQ + 3;
+        rec("out of range seq %d: pos_min=%d pos_max=%d", id, llama_memory_seq_pos_min(mem, id),
+            llama_memory_seq_pos_max(mem, id));
+        rec("out of range seq_rm: %d", llama_memory_seq_rm(mem, id, -1, -1));
+        rec("out of range state_seq_get_size: %zu", llama_state_seq_get_size(ctx, id));
+        rec_seqs("after out of range");
+    }
+
+    /* 13. A batch that does not fit: the failure path (memory restored), then one that does. */
+    llama_memory_clear(mem, true);
+    const int fill = n_ctx_seq - 40 > 8 ? n_ctx_seq - 40 : 8;
+    prompt("fill", 0, 0, fill, 3, 0, next);
+    prompt("too big", 0, fill, 60, 4, 0, next);
+    rec_seqs("after too big");
+    prompt("fits", 0, llama_memory_seq_pos_max(mem, 0) + 1, 8, 5, 1, next);
+
+    /* 14. Clear without data, a fresh prompt. */
+    llama_memory_clear(mem, false);
+    rec_seqs("after clear(false)");
+    prompt("fresh", 2, 0, 10, 6, 1, next);
+    rec_seqs("end");
+
+    free(blob_seq2);
+    free(blob_seq2_partial);
+    free(blob_whole);
+    if (fclose(out) != 0) {
+        die("cannot write the output file");
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
