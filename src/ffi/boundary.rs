@@ -261,3 +261,31 @@ pub(crate) unsafe fn host_tensor<'a, E>(
     let data = unsafe { std::slice::from_raw_parts_mut(tr.data.cast::<E>(), n as usize) };
     Ok((tr, data))
 }
+
+/// Writes up to `cap` (buffer type, bytes) pairs of a memory breakdown into the caller's
+/// arrays and returns how many pairs there are (`cap = 0` sizes the arrays).
+pub(crate) fn write_breakdown(
+    bd: &[(*mut ggml_sys::ggml_backend_buffer_type, usize)],
+    bufts: *mut *mut ggml_sys::ggml_backend_buffer_type,
+    sizes: *mut usize,
+    cap: usize,
+) -> crate::error::Result<usize> {
+    let n = bd.len().min(cap);
+    check_slice(bufts.cast_const(), n, "bufts")?;
+    check_slice(sizes.cast_const(), n, "sizes")?;
+    if n > 0 {
+        // SAFETY: the header requires the arrays to hold `cap` writable elements; check_slice
+        // refused NULL, misaligned and oversized ones for the `n <= cap` written.
+        let (out_b, out_s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(bufts, n),
+                std::slice::from_raw_parts_mut(sizes, n),
+            )
+        };
+        for (i, (b, s)) in bd.iter().take(n).enumerate() {
+            out_b[i] = *b;
+            out_s[i] = *s;
+        }
+    }
+    Ok(bd.len())
+}

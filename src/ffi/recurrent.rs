@@ -200,15 +200,12 @@ pub extern "C" fn llama_memory_rs_memory_breakdown(
         let Some(st) = &rs.storage else {
             return 0;
         };
-        let bd = st.memory_breakdown();
-        let n = bd.len().min(cap);
-        let out_b = try_slice_mut!(bufts, n, "bufts");
-        let out_s = try_slice_mut!(sizes, n, "sizes");
-        for (i, (b, s)) in bd.iter().take(n).enumerate() {
-            out_b[i] = *b;
-            out_s[i] = *s;
-        }
-        bd.len()
+        try_or!(super::boundary::write_breakdown(
+            &st.memory_breakdown(),
+            bufts,
+            sizes,
+            cap
+        ))
     })
 }
 

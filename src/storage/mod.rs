@@ -116,9 +116,7 @@ pub struct KvStorage {
     /// Model layer -> index into `layers` (own or reused tensors).
     map_layer_ids: BTreeMap<u32, usize>,
     n_embd_v_gqa_max: u32,
-    ctxs: Vec<*mut g::ggml_context>,
-    bufs: Vec<g::ggml_backend_buffer_t>,
-    host: bool,
+    bufs: Buffers,
 }
 
 // SAFETY: the ggml contexts and buffers are owned by this value alone and ggml keeps no
@@ -257,39 +255,14 @@ impl KvStorage {
             layers: Vec::with_capacity(own.len()),
             map_layer_ids,
             n_embd_v_gqa_max,
-            ctxs: Vec::new(),
-            bufs: Vec::new(),
-            host: true,
+            bufs: Buffers::default(),
             spec: spec.clone(),
         };
         // One context and one buffer per buffer type, as llama.cpp.
-        let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<&LayerSpec>)> = Vec::new();
-        for l in &own {
-            let buft = if l.buft.is_null() {
-                cpu_buffer_type()
-            } else {
-                l.buft
-            };
-            match groups.iter_mut().find(|(b, _)| *b == buft) {
-                Some((_, v)) => v.push(l),
-                None => groups.push((buft, vec![l])),
-            }
-        }
+        let groups = group_by_buft(own.iter().copied(), |l| l.buft);
         let mut by_il: BTreeMap<u32, StorageLayer> = BTreeMap::new();
         for (buft, ls) in groups {
-            // SAFETY: plain size query.
-            let overhead = unsafe { g::ggml_tensor_overhead() };
-            let params = g::ggml_init_params {
-                mem_size: overhead * 2 * ls.len(),
-                mem_buffer: std::ptr::null_mut(),
-                no_alloc: true,
-            };
-            // SAFETY: a metadata-only context of the size computed above.
-            let ctx = unsafe { g::ggml_init(params) };
-            if ctx.is_null() {
-                return Err(err!(Unsupported, "ggml_init failed"));
-            }
-            st.ctxs.push(ctx);
+            let ctx = st.bufs.new_ctx(2 * ls.len())?;
             for l in ls {
                 // SAFETY: ctx has room for two tensor headers per layer; the shapes were checked.
                 let k = unsafe {
@@ -329,17 +302,7 @@ impl KvStorage {
                     },
                 );
             }
-            // SAFETY: ctx holds only tensors without data; buft is a valid buffer type.
-            let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
-            if buf.is_null() {
-                return Err(err!(Unsupported, "failed to allocate the KV buffer"));
-            }
-            st.bufs.push(buf);
-            // SAFETY: buf was just allocated; llama.cpp zeroes it to avoid NaNs in padding.
-            unsafe {
-                g::ggml_backend_buffer_clear(buf, 0);
-                st.host &= g::ggml_backend_buffer_is_host(buf);
-            }
+            st.bufs.alloc(ctx, buft, "KV")?;
         }
         st.layers = by_il.into_values().collect();
         Ok(st)
@@ -367,34 +330,17 @@ impl KvStorage {
 
     /// True when every buffer is in host memory.
     pub fn is_host(&self) -> bool {
-        self.host
+        self.bufs.host
     }
 
     /// Zeroes every buffer (`clear(data = true)`).
     pub fn clear(&mut self) {
-        for &b in &self.bufs {
-            // SAFETY: b is a live buffer owned by self.
-            unsafe { g::ggml_backend_buffer_clear(b, 0) };
-        }
+        self.bufs.clear();
     }
 
     /// Bytes allocated per buffer type name (`memory_breakdown`).
     pub fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
-        let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
-        for &b in &self.bufs {
-            // SAFETY: b is a live buffer owned by self.
-            let (t, n) = unsafe {
-                (
-                    g::ggml_backend_buffer_get_type(b),
-                    g::ggml_backend_buffer_get_size(b),
-                )
-            };
-            match out.iter_mut().find(|(bt, _)| *bt == t) {
-                Some((_, v)) => *v += n,
-                None => out.push((t, n)),
-            }
-        }
-        out
+        self.bufs.memory_breakdown()
     }
 
     /// Byte stride between the streams of `t`, one of this storage's tensors.
@@ -415,7 +361,7 @@ impl KvStorage {
     /// readers index one slice instead of checking every small copy.
     pub fn host_bytes(&self, t: *mut g::ggml_tensor) -> Result<Option<&[u8]>> {
         self.check(t, 0, 0)?;
-        if !self.host {
+        if !self.bufs.host {
             return Ok(None);
         }
         // SAFETY: `check` proved t is one of our live tensors; its data is host memory of
@@ -428,7 +374,7 @@ impl KvStorage {
     /// Mutable [`KvStorage::host_bytes`].
     pub fn host_bytes_mut(&mut self, t: *mut g::ggml_tensor) -> Result<Option<&mut [u8]>> {
         self.check(t, 0, 0)?;
-        if !self.host {
+        if !self.bufs.host {
             return Ok(None);
         }
         // SAFETY: as in host_bytes; &mut self gives exclusive access to the buffer, and the
@@ -444,7 +390,7 @@ impl KvStorage {
         if dst.is_empty() {
             return Ok(());
         }
-        if self.host {
+        if self.bufs.host {
             // SAFETY: `check` proved [offset, offset+len) lies inside t's data, which is host
             // memory; dst is a distinct Rust slice.
             unsafe {
@@ -467,7 +413,7 @@ impl KvStorage {
         if src.is_empty() {
             return Ok(());
         }
-        if self.host {
+        if self.bufs.host {
             // SAFETY: as in `get`, with &mut self giving exclusive access to the buffer.
             unsafe {
                 std::ptr::copy_nonoverlapping(
@@ -536,7 +482,101 @@ pub(crate) fn set_name(t: *mut g::ggml_tensor, name: &str) {
     unsafe { g::ggml_set_name(t, c.as_ptr()) };
 }
 
-impl Drop for KvStorage {
+/// The ggml contexts (tensor headers) and backend buffers (tensor data) of a storage: one of
+/// each per buffer type, as llama.cpp's memories allocate them, freed together.
+#[derive(Debug)]
+pub(crate) struct Buffers {
+    ctxs: Vec<*mut g::ggml_context>,
+    bufs: Vec<g::ggml_backend_buffer_t>,
+    /// Every buffer is in host memory.
+    pub(crate) host: bool,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers {
+            ctxs: Vec::new(),
+            bufs: Vec::new(),
+            host: true,
+        }
+    }
+}
+
+// SAFETY: the contexts and buffers are owned by this value alone and ggml keeps no
+// thread-local state about them; access stays exclusive (&mut) or shared-read (&).
+unsafe impl Send for Buffers {}
+
+impl Buffers {
+    /// A metadata-only context with room for `n_tensors` headers, owned from now on.
+    pub(crate) fn new_ctx(&mut self, n_tensors: usize) -> Result<*mut g::ggml_context> {
+        // SAFETY: plain size query.
+        let overhead = unsafe { g::ggml_tensor_overhead() };
+        let params = g::ggml_init_params {
+            mem_size: overhead * n_tensors,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: a metadata-only context of the size computed above.
+        let ctx = unsafe { g::ggml_init(params) };
+        if ctx.is_null() {
+            return Err(err!(Unsupported, "ggml_init failed"));
+        }
+        self.ctxs.push(ctx);
+        Ok(ctx)
+    }
+
+    /// Allocates the tensors of `ctx` (one of ours) in one buffer of `buft`, zeroed as
+    /// llama.cpp does (no NaNs in the padding).
+    pub(crate) fn alloc(
+        &mut self,
+        ctx: *mut g::ggml_context,
+        buft: g::ggml_backend_buffer_type_t,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: ctx is one of our contexts, holding only tensors without data; buft is a
+        // valid buffer type.
+        let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
+        if buf.is_null() {
+            return Err(err!(Unsupported, "failed to allocate the {what} buffer"));
+        }
+        self.bufs.push(buf);
+        // SAFETY: buf was just allocated and is owned by self.
+        unsafe {
+            g::ggml_backend_buffer_clear(buf, 0);
+            self.host &= g::ggml_backend_buffer_is_host(buf);
+        }
+        Ok(())
+    }
+
+    /// Zeroes every buffer.
+    pub(crate) fn clear(&self) {
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            unsafe { g::ggml_backend_buffer_clear(b, 0) };
+        }
+    }
+
+    /// Bytes allocated per buffer type (`memory_breakdown`).
+    pub(crate) fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
+        let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
+        for &b in &self.bufs {
+            // SAFETY: b is a live buffer owned by self.
+            let (t, n) = unsafe {
+                (
+                    g::ggml_backend_buffer_get_type(b),
+                    g::ggml_backend_buffer_get_size(b),
+                )
+            };
+            match out.iter_mut().find(|(bt, _)| *bt == t) {
+                Some((_, v)) => *v += n,
+                None => out.push((t, n)),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Buffers {
     fn drop(&mut self) {
         for &b in &self.bufs {
             // SAFETY: each buffer is owned by self and freed once.
@@ -547,4 +587,22 @@ impl Drop for KvStorage {
             unsafe { g::ggml_free(c) };
         }
     }
+}
+
+/// Groups items by buffer type (NULL: the CPU one), in first-seen order: one ggml context and
+/// one buffer per group, as llama.cpp's constructors make them.
+pub(crate) fn group_by_buft<T>(
+    items: impl IntoIterator<Item = T>,
+    buft_of: impl Fn(&T) -> g::ggml_backend_buffer_type_t,
+) -> Vec<(g::ggml_backend_buffer_type_t, Vec<T>)> {
+    let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<T>)> = Vec::new();
+    for it in items {
+        let b = buft_of(&it);
+        let buft = if b.is_null() { cpu_buffer_type() } else { b };
+        match groups.iter_mut().find(|(x, _)| *x == buft) {
+            Some((_, v)) => v.push(it),
+            None => groups.push((buft, vec![it])),
+        }
+    }
+    groups
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use ggml_sys as g;
 
-use super::{cpu_buffer_type, row_size, set_name, type_name, GgmlType, KV_TYPES};
+use super::{group_by_buft, row_size, set_name, type_name, Buffers, GgmlType, KV_TYPES};
 use crate::error::{err, Result};
 
 /// One model layer of a recurrent memory.
@@ -66,13 +66,11 @@ pub struct RsStorageLayer {
 pub struct RsStorage {
     spec: RsStorageSpec,
     layers: Vec<RsStorageLayer>,
-    ctxs: Vec<*mut g::ggml_context>,
-    bufs: Vec<g::ggml_backend_buffer_t>,
-    host: bool,
+    bufs: Buffers,
 }
 
-// SAFETY: the ggml contexts and buffers are owned by this value alone and ggml keeps no
-// thread-local state about them; access stays exclusive (&mut) or shared-read (&).
+// SAFETY: the tensors (and the buffer types named in the spec) belong to the contexts and
+// buffers this value owns alone; ggml keeps no thread-local state about them.
 unsafe impl Send for RsStorage {}
 
 impl RsStorage {
@@ -115,38 +113,11 @@ impl RsStorage {
         let mut st = RsStorage {
             spec: spec.clone(),
             layers: Vec::with_capacity(planned.len()),
-            ctxs: Vec::new(),
-            bufs: Vec::new(),
-            host: true,
+            bufs: Buffers::default(),
         };
-        // one context and one buffer per buffer type, as llama.cpp
-        let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<_>)> = Vec::new();
-        for pl in planned {
-            let buft = if pl.0.buft.is_null() {
-                cpu_buffer_type()
-            } else {
-                pl.0.buft
-            };
-            match groups.iter_mut().find(|(b, _)| *b == buft) {
-                Some((_, v)) => v.push(pl),
-                None => groups.push((buft, vec![pl])),
-            }
-        }
         let mut by_il = BTreeMap::new();
-        for (buft, ls) in groups {
-            // SAFETY: plain size query.
-            let overhead = unsafe { g::ggml_tensor_overhead() };
-            let params = g::ggml_init_params {
-                mem_size: overhead * 3 * ls.len(),
-                mem_buffer: std::ptr::null_mut(),
-                no_alloc: true,
-            };
-            // SAFETY: a metadata-only context of the size computed above.
-            let ctx = unsafe { g::ggml_init(params) };
-            if ctx.is_null() {
-                return Err(err!(Unsupported, "ggml_init failed"));
-            }
-            st.ctxs.push(ctx);
+        for (buft, ls) in group_by_buft(planned, |pl| pl.0.buft) {
+            let ctx = st.bufs.new_ctx(3 * ls.len())?;
             for (l, row_r, row_s, row_p) in ls {
                 let new = |t: GgmlType, w: u32, name: String| {
                     // SAFETY: ctx has room for three tensor headers per layer; shapes were
@@ -175,20 +146,7 @@ impl RsStorage {
                     },
                 );
             }
-            // SAFETY: ctx holds only tensors without data; buft is a valid buffer type.
-            let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
-            if buf.is_null() {
-                return Err(err!(
-                    Unsupported,
-                    "failed to allocate the recurrent state buffer"
-                ));
-            }
-            st.bufs.push(buf);
-            // SAFETY: buf was just allocated; zeroed as llama.cpp does (no NaNs in padding).
-            unsafe {
-                g::ggml_backend_buffer_clear(buf, 0);
-                st.host &= g::ggml_backend_buffer_is_host(buf);
-            }
+            st.bufs.alloc(ctx, buft, "recurrent state")?;
         }
         st.layers = by_il.into_values().collect();
         Ok(st)
@@ -211,34 +169,17 @@ impl RsStorage {
 
     /// True when every buffer is in host memory.
     pub fn is_host(&self) -> bool {
-        self.host
+        self.bufs.host
     }
 
     /// Zeroes every buffer (`clear(data = true)`).
     pub fn clear(&mut self) {
-        for &b in &self.bufs {
-            // SAFETY: b is a live buffer owned by self.
-            unsafe { g::ggml_backend_buffer_clear(b, 0) };
-        }
+        self.bufs.clear();
     }
 
     /// Bytes allocated per buffer type (`memory_breakdown`).
     pub fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
-        let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
-        for &b in &self.bufs {
-            // SAFETY: b is a live buffer owned by self.
-            let (t, n) = unsafe {
-                (
-                    g::ggml_backend_buffer_get_type(b),
-                    g::ggml_backend_buffer_get_size(b),
-                )
-            };
-            match out.iter_mut().find(|(bt, _)| *bt == t) {
-                Some((_, v)) => *v += n,
-                None => out.push((t, n)),
-            }
-        }
-        out
+        self.bufs.memory_breakdown()
     }
 
     /// Fails unless `[offset, offset + len)` lies inside `t`, one of this storage's tensors.
@@ -278,19 +219,6 @@ impl RsStorage {
         // SAFETY: bounds checked above; &mut self gives exclusive access to the buffer.
         unsafe { g::ggml_backend_tensor_set(t, src.as_ptr().cast(), offset, src.len()) };
         Ok(())
-    }
-}
-
-impl Drop for RsStorage {
-    fn drop(&mut self) {
-        for &b in &self.bufs {
-            // SAFETY: each buffer is owned by self and freed once.
-            unsafe { g::ggml_backend_buffer_free(b) };
-        }
-        for &c in &self.ctxs {
-            // SAFETY: each context is owned by self and freed once, after its buffer.
-            unsafe { g::ggml_free(c) };
-        }
     }
 }
 
