@@ -146,8 +146,8 @@ fn build_rs_gathers_zeroes_and_copies_back_as_upstream() {
         let mut after = vec![0f32; rows * W];
         g::ggml_backend_tensor_get(s, after.as_mut_ptr().cast(), 0, after.len() * 4);
         let mut expect_after = expect_rows.clone();
-        for k in n_seqs as usize..n_rs {
-            let (src, dst) = (sc[k] as usize, head + k);
+        for (k, &src) in sc.iter().enumerate().skip(n_seqs as usize) {
+            let (src, dst) = (src as usize, head + k);
             expect_after[dst * W..(dst + 1) * W]
                 .copy_from_slice(&expect_rows[src * W..(src + 1) * W]);
         }
