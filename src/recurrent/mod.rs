@@ -483,15 +483,15 @@ impl RsCache {
             let i = s * n_st;
             (ub.seqs(i), ub.pos[(i + n_st - 1) as usize])
         };
-        self.find_slot_checked(ub.n_seqs, n_st, &set)
+        self.find_slot_checked(ub.n_seqs, &set)
     }
 
     /// The slot search with its undo: the cells are saved first (a copy of at most 256 cells
     /// into a reused buffer) and put back if a step llama.cpp would abort in is reached.
-    fn find_slot_checked(&mut self, n_seqs: u32, n_seq_tokens: u32, set: &SetOf<'_>) -> Result<()> {
+    fn find_slot_checked(&mut self, n_seqs: u32, set: &SetOf<'_>) -> Result<()> {
         self.saved.clone_from(&self.cells);
         let (head, used, n, rs_z) = (self.head, self.used, self.n, self.rs_z);
-        let r = self.find_slot_sets(n_seqs, n_seq_tokens, set);
+        let r = self.find_slot_sets(n_seqs, set);
         if r.is_err() {
             std::mem::swap(&mut self.cells, &mut self.saved);
             (self.head, self.used, self.n, self.rs_z) = (head, used, n, rs_z);
@@ -499,7 +499,7 @@ impl RsCache {
         r
     }
 
-    fn find_slot_sets(&mut self, n_seqs: u32, _n_seq_tokens: u32, set: &SetOf<'_>) -> Result<()> {
+    fn find_slot_sets(&mut self, n_seqs: u32, set: &SetOf<'_>) -> Result<()> {
         let size = self.p.size;
         // 32-bit arithmetic, as upstream's unsigned expression
         if self.head > self.used.wrapping_add(n_seqs.wrapping_mul(2)) {
@@ -688,7 +688,7 @@ impl RsCache {
         self.seq_rm(dest, -1, -1)?;
         let ids = [dest];
         let set: &SetOf<'_> = &|_s| (&ids[..], pos);
-        if let Err(e) = self.find_slot_checked(1, 1, set) {
+        if let Err(e) = self.find_slot_checked(1, set) {
             self.restore_small(before);
             return Err(e);
         }
