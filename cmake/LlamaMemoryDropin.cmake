@@ -206,6 +206,36 @@ foreach(_f IN LISTS LLAMA_MEMORY_DROPIN_ADDED)
     endif()
 endforeach()
 _llama_memory_add_libllama(llama "${_dropin_stage}" "${_bin}/dropin" ${_dropin_extra})
+
+# This library inside the drop-in: a static archive built with the `dropin` feature (llama.h's
+# nine llama_memory_* names left to libllama, ours exported as llama_memory_dropin_*), in its
+# own cargo target directory so it never replaces the regular build's artifacts. Linked into
+# libllama with its symbols kept local (--exclude-libs), so the drop-in is one file exporting
+# exactly stock's symbols. The adapters include our header as <llama_memory/llama-memory.h>
+# through llama/llama-memory-abi.h.
+set(_dropin_cargo_dir "${_bin}/cargo-dropin")
+set(_dropin_rust_lib "${_dropin_cargo_dir}/release/${_static_name}")
+add_custom_command(
+    OUTPUT "${_dropin_rust_lib}"
+    COMMAND "${CMAKE_COMMAND}" -E env "CARGO_TARGET_DIR=${_dropin_cargo_dir}"
+            "GGML_SYS_LINK_DIR=${LLAMA_MEMORY_GGML_LIB_DIR}" "GGML_SYS_LINK_KIND=${_link_kind}"
+            $<$<BOOL:${_llama_cpp_dir_from_user}>:LLAMA_CPP_DIR=${_llama_cpp_dir_from_user}>
+            "${LLAMA_MEMORY_CARGO}" rustc --release -p llama-memory --lib --features dropin
+            --crate-type staticlib --manifest-path "${_src}/Cargo.toml" ${LLAMA_MEMORY_CARGO_FLAGS}
+    COMMAND "${CMAKE_COMMAND}" -E touch "${_dropin_rust_lib}"
+    DEPENDS ${_cargo_inputs} ${_ggml_targets}
+    WORKING_DIRECTORY "${_src}"
+    COMMENT "Building llama_memory for the drop-in (static, feature dropin) with cargo"
+    USES_TERMINAL
+    VERBATIM)
+add_custom_target(llama_memory_dropin_cargo DEPENDS "${_dropin_rust_lib}")
+configure_file("${_header}" "${_bin}/dropin-abi/llama_memory/llama-memory.h" COPYONLY)
+add_dependencies(llama llama_memory_dropin_cargo)
+target_include_directories(llama PRIVATE "${_bin}/dropin-abi")
+target_link_libraries(llama PRIVATE "${_dropin_rust_lib}" ${LLAMA_MEMORY_STATIC_SYSTEM_LIBS})
+if(BUILD_SHARED_LIBS AND NOT APPLE)
+    target_link_options(llama PRIVATE "LINKER:--exclude-libs,ALL")
+endif()
 _llama_memory_add_libllama(llama_stock "${_dropin_tree}/src" "${_bin}/stock")
 if(NOT LLAMA_MEMORY_BUILD_TESTS)
     set_target_properties(llama_stock PROPERTIES EXCLUDE_FROM_ALL ON)

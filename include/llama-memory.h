@@ -195,6 +195,33 @@ typedef struct llama_memory_rope_params {
   float beta_slow;
 } llama_memory_rope_params;
 
+// `llama_state_seq_flags` of llama.h.
+typedef uint32_t llama_state_seq_flags;
+
+// A caller's state writer. Each callback returns 0 on success; anything else stops the
+// write with an error. The callbacks must not unwind (a C++ caller catches its exceptions
+// and returns non-zero).
+typedef struct llama_memory_io_write {
+  // Passed to every callback.
+  void *user;
+  // Appends `n` bytes from `src` (`llama_io_write_i::write`).
+  int (*write)(void *user, const void *src, size_t n);
+  // Appends bytes `[offset, offset + n)` of `tensor` (`llama_io_write_i::write_tensor`).
+  int (*write_tensor)(void *user, struct ggml_tensor *tensor, size_t offset, size_t n);
+} llama_memory_io_write;
+
+// A caller's state reader. Each callback returns 0 on success; anything else (input ended,
+// a read error) stops the read with an error. The callbacks must not unwind.
+typedef struct llama_memory_io_read {
+  // Passed to every callback.
+  void *user;
+  // Fills `dst` with the next `n` bytes (`llama_io_read_i::read`).
+  int (*read)(void *user, void *dst, size_t n);
+  // Reads the next `n` bytes into bytes `[offset, offset + n)` of `tensor`, now or when the
+  // reader is done (`llama_io_read_i::read_tensor`).
+  int (*read_tensor)(void *user, struct ggml_tensor *tensor, size_t offset, size_t n);
+} llama_memory_io_read;
+
 // Parameters of a KV cache; get the defaults from `llama_memory_kv_default_params()`.
 typedef struct llama_memory_kv_params {
   // Cells per stream (llama.cpp: `n_ctx_seq`, a multiple of 256 there).
@@ -329,9 +356,6 @@ typedef struct llama_memory_kv_storage_params {
   size_t n_layers;
 } llama_memory_kv_storage_params;
 
-// `llama_state_seq_flags` of llama.h.
-typedef uint32_t llama_state_seq_flags;
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -370,6 +394,66 @@ llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
 
 // Number of tokens of the current ubatch, 0 if none.
 uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_clear`.
+void llama_memory_dropin_clear(llama_memory_t mem, bool data);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_rm`.
+bool llama_memory_dropin_seq_rm(llama_memory_t mem,
+                                llama_seq_id seq_id,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_cp`.
+void llama_memory_dropin_seq_cp(llama_memory_t mem,
+                                llama_seq_id seq_id_src,
+                                llama_seq_id seq_id_dst,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_keep`.
+void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_add`.
+void llama_memory_dropin_seq_add(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 llama_pos delta);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_div`.
+void llama_memory_dropin_seq_div(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 int d);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_min`.
+llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_max`.
+llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_can_shift`.
+bool llama_memory_dropin_can_shift(llama_memory_t mem);
+#endif
 
 // The message of this thread's last failure, or NULL if there was none since the last
 // `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
@@ -426,6 +510,25 @@ struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
                                                   struct ggml_tensor *k_shift,
                                                   struct ggml_tensor *rope_factors,
                                                   const struct llama_memory_rope_params *rope);
+
+// Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
+// `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
+// `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
+// What was written before an error stays written. Supported by the recurrent memory.
+llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
+                                                llama_seq_id seq_id,
+                                                llama_state_seq_flags flags,
+                                                const struct llama_memory_io_write *io);
+
+// Restores the memory's state into `seq_id` (-1: replace everything) from `io`, as
+// llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
+// is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
+// once may have changed the destination's rows (llama.cpp's caller erases the destination
+// then). Supported by the recurrent memory.
+llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
+                                               llama_seq_id seq_id,
+                                               llama_state_seq_flags flags,
+                                               const struct llama_memory_io_read *io);
 
 // Number of cells the attention sees for the current ubatch (valid after apply), 0 on error.
 uint32_t llama_memory_ctx_get_n_kv(llama_memory_ctx_t ctx);
@@ -500,14 +603,19 @@ llama_memory_t llama_memory_kv_init(struct llama_memory_kv_params params);
 // Frees a memory. NULL is accepted. Contexts made from it must be freed first.
 void llama_memory_free(llama_memory_t mem);
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
 void llama_memory_clear(llama_memory_t mem, bool data);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
 // Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
 // the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
 bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
 // partial range between streams (llama.cpp aborts on both), sets the last error and changes
 // nothing.
@@ -516,17 +624,23 @@ void llama_memory_seq_cp(llama_memory_t mem,
                          llama_seq_id seq_id_dst,
                          llama_pos p0,
                          llama_pos p1);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Removes every token that does not belong to `seq_id` (in its stream).
 void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
 void llama_memory_seq_add(llama_memory_t mem,
                           llama_seq_id seq_id,
                           llama_pos p0,
                           llama_pos p1,
                           llama_pos delta);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
 // sets the last error and changes nothing; `d == 1` is a no-op.
 void llama_memory_seq_div(llama_memory_t mem,
@@ -534,15 +648,22 @@ void llama_memory_seq_div(llama_memory_t mem,
                           llama_pos p0,
                           llama_pos p1,
                           int d);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
 llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
 llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
+#if !defined(LLAMA_MEMORY_DROPIN)
 // Whether the memory supports position shifts; false for NULL.
 bool llama_memory_can_shift(llama_memory_t mem);
+#endif
 
 // Number of sequences of the memory, 0 for NULL.
 uint32_t llama_memory_n_seq_max(llama_memory_t mem);
@@ -604,6 +725,23 @@ llama_memory_result llama_memory_rs_get_cell(llama_memory_t mem,
                                              struct llama_memory_rs_cell *out,
                                              int32_t *seqs,
                                              size_t cap);
+
+// Simulates placing `ubatches` in turn (`llama_memory_recurrent::prepare`, which the hybrid
+// memories call for their recurrent part) and leaves the cells as they were. True when all
+// of them fit; false when one does not, or (last error set) on invalid input.
+bool llama_memory_rs_prepare(llama_memory_t mem,
+                             const struct llama_memory_ubatch *ubatches,
+                             size_t n_ubatches);
+
+// Places `ubatch` (`llama_memory_recurrent::find_slot`, what a context's `apply` does): the
+// cells, `head`, `n` and `rs_z` the graph inputs read afterwards. False (last error set)
+// when it does not fit or is invalid; the cells are then unchanged.
+bool llama_memory_rs_find_slot(llama_memory_t mem, const struct llama_memory_ubatch *ubatch);
+
+// `s_copy(i)` of the last placement (`llama_memory_recurrent_context::s_copy`): the row the
+// state of cell `head + i` is read from, in its first sequence's pending rollback plane,
+// which this consumes, as upstream does. -1 (last error set) outside the cells.
+int32_t llama_memory_rs_s_copy(llama_memory_t mem, uint32_t i);
 
 // Rows the graph gathers for the current ubatch (`get_n_rs`; the whole memory for a full
 // context), 0 on error.

@@ -28,7 +28,7 @@
 use std::any::Any;
 
 use crate::error::{err, Result};
-use crate::state::io::{StateIn, StateOut};
+use crate::state::io::{IoRead, StateIn, StateOut};
 use crate::ubatch::Ubatch;
 
 /// Status of a memory context (`llama_memory_status`); the values are llama.cpp's.
@@ -101,6 +101,14 @@ pub trait Memory: Any + Send {
     fn state_write(&self, seq_id: i32, flags: u32, out: &mut StateOut<'_, '_>) -> Result<()>;
     /// Restores a state into `seq_id` (-1: replace everything). On error nothing changed.
     fn state_read(&mut self, seq_id: i32, flags: u32, inp: &mut StateIn<'_>) -> Result<()>;
+    /// Restores a state read field by field from a caller's reader (llama.cpp's
+    /// `llama_io_read_i`); see the kind's own documentation for what a failure leaves.
+    fn state_read_io(&mut self, _seq_id: i32, _flags: u32, _io: &mut dyn IoRead) -> Result<()> {
+        Err(err!(
+            Unsupported,
+            "this memory cannot restore a state from a reader yet"
+        ))
+    }
 
     /// Whether model layer `il` keeps its tensors in this memory (or in one of its parts).
     fn has_layer(&self, il: u32) -> bool;

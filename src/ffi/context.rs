@@ -132,6 +132,25 @@ fn read_ubatch(u: &llama_memory_ubatch, scratch: &mut UbatchScratch) -> Result<(
     Ok(())
 }
 
+/// Reads C ubatch descriptions into `scratch` and returns the borrowed ubatches over them.
+pub(crate) fn ubatch_views<'a>(
+    descs: &'a [llama_memory_ubatch],
+    scratch: &'a mut UbatchScratch,
+) -> Result<Vec<Ubatch<'a>>> {
+    scratch.seq_off.clear();
+    scratch.seq_ids.clear();
+    scratch.spans.clear();
+    for d in descs {
+        read_ubatch(d, scratch)?;
+    }
+    let scratch = &*scratch;
+    descs
+        .iter()
+        .enumerate()
+        .map(|(k, d)| ubatch_view(d, scratch, k))
+        .collect()
+}
+
 /// The borrowed ubatch over a C description read by [`read_ubatch`] into span `k`.
 fn ubatch_view<'a>(
     u: &'a llama_memory_ubatch,

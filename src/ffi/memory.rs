@@ -198,17 +198,16 @@ pub extern "C" fn llama_memory_free(mem: llama_memory_t) {
 }
 
 /// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_clear(mem: llama_memory_t, data: bool) {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        m.inner.clear(data);
-    })
+    clear(mem, data)
 }
 
 /// Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
 /// Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
 /// the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_rm(
     mem: llama_memory_t,
@@ -216,16 +215,13 @@ pub extern "C" fn llama_memory_seq_rm(
     p0: llama_pos,
     p1: llama_pos,
 ) -> bool {
-    ffi_boundary!({
-        // llama.h: a NULL memory has nothing to remove, which succeeds.
-        let m = try_mut!(true, mem, "mem");
-        try_or!(m.inner.seq_rm(seq_id, p0, p1))
-    })
+    seq_rm(mem, seq_id, p0, p1)
 }
 
 /// Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
 /// partial range between streams (llama.cpp aborts on both), sets the last error and changes
 /// nothing.
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_cp(
     mem: llama_memory_t,
@@ -234,22 +230,18 @@ pub extern "C" fn llama_memory_seq_cp(
     p0: llama_pos,
     p1: llama_pos,
 ) {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        try_or!(m.inner.seq_cp(seq_id_src, seq_id_dst, p0, p1));
-    })
+    seq_cp(mem, seq_id_src, seq_id_dst, p0, p1)
 }
 
 /// Removes every token that does not belong to `seq_id` (in its stream).
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_keep(mem: llama_memory_t, seq_id: llama_seq_id) {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        try_or!(m.inner.seq_keep(seq_id));
-    })
+    seq_keep(mem, seq_id)
 }
 
 /// Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_add(
     mem: llama_memory_t,
@@ -258,14 +250,12 @@ pub extern "C" fn llama_memory_seq_add(
     p1: llama_pos,
     delta: llama_pos,
 ) {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        try_or!(m.inner.seq_add(seq_id, p0, p1, delta));
-    })
+    seq_add(mem, seq_id, p0, p1, delta)
 }
 
 /// Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
 /// sets the last error and changes nothing; `d == 1` is a no-op.
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_div(
     mem: llama_memory_t,
@@ -274,37 +264,28 @@ pub extern "C" fn llama_memory_seq_div(
     p1: llama_pos,
     d: c_int,
 ) {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        try_or!(m.inner.seq_div(seq_id, p0, p1, d));
-    })
+    seq_div(mem, seq_id, p0, p1, d)
 }
 
 /// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_pos_min(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
-    ffi_boundary!({
-        let m = try_ref!(mem, "mem");
-        try_or!(m.inner.seq_pos_min(seq_id))
-    })
+    seq_pos_min(mem, seq_id)
 }
 
 /// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_seq_pos_max(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
-    ffi_boundary!({
-        let m = try_ref!(mem, "mem");
-        try_or!(m.inner.seq_pos_max(seq_id))
-    })
+    seq_pos_max(mem, seq_id)
 }
 
 /// Whether the memory supports position shifts; false for NULL.
+#[cfg(not(feature = "dropin"))]
 #[no_mangle]
 pub extern "C" fn llama_memory_can_shift(mem: llama_memory_t) -> bool {
-    ffi_boundary!({
-        let m = try_ref!(mem, "mem");
-        m.inner.can_shift()
-    })
+    can_shift(mem)
 }
 
 /// Number of sequences of the memory, 0 for NULL.
@@ -391,5 +372,94 @@ pub extern "C" fn llama_memory_kv_get_cell(
             }
         }
         llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
+// The bodies of the nine llama.h-named functions, shared with the drop-in build's
+// non-clashing names (`super::dropin`).
+pub(super) fn clear(mem: llama_memory_t, data: bool) {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        m.inner.clear(data);
+    })
+}
+
+pub(super) fn seq_rm(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    p0: llama_pos,
+    p1: llama_pos,
+) -> bool {
+    ffi_boundary!({
+        // llama.h: a NULL memory has nothing to remove, which succeeds.
+        let m = try_mut!(true, mem, "mem");
+        try_or!(m.inner.seq_rm(seq_id, p0, p1))
+    })
+}
+
+pub(super) fn seq_cp(
+    mem: llama_memory_t,
+    seq_id_src: llama_seq_id,
+    seq_id_dst: llama_seq_id,
+    p0: llama_pos,
+    p1: llama_pos,
+) {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_cp(seq_id_src, seq_id_dst, p0, p1));
+    })
+}
+
+pub(super) fn seq_keep(mem: llama_memory_t, seq_id: llama_seq_id) {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_keep(seq_id));
+    })
+}
+
+pub(super) fn seq_add(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    p0: llama_pos,
+    p1: llama_pos,
+    delta: llama_pos,
+) {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_add(seq_id, p0, p1, delta));
+    })
+}
+
+pub(super) fn seq_div(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    p0: llama_pos,
+    p1: llama_pos,
+    d: c_int,
+) {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(m.inner.seq_div(seq_id, p0, p1, d));
+    })
+}
+
+pub(super) fn seq_pos_min(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(m.inner.seq_pos_min(seq_id))
+    })
+}
+
+pub(super) fn seq_pos_max(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        try_or!(m.inner.seq_pos_max(seq_id))
+    })
+}
+
+pub(super) fn can_shift(mem: llama_memory_t) -> bool {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        m.inner.can_shift()
     })
 }

@@ -11,9 +11,12 @@
 #[macro_use]
 mod boundary;
 pub mod context;
+#[cfg(feature = "dropin")]
+pub mod dropin;
 pub mod error;
 pub mod graph;
 mod handle;
+pub mod io;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;

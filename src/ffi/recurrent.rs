@@ -4,7 +4,7 @@
 
 use ggml_sys as g;
 
-use super::context::{llama_memory_ctx_t, ContextHandle};
+use super::context::{llama_memory_ctx_t, llama_memory_ubatch, ubatch_views, ContextHandle};
 use super::error::llama_memory_result;
 use super::memory::{llama_memory_t, llama_pos, MemoryHandle};
 use crate::error::{err, Result};
@@ -304,6 +304,57 @@ pub extern "C" fn llama_memory_rs_get_cell(
             n_seq: n_seq as u32,
         };
         LLAMA_MEMORY_OK
+    })
+}
+
+/// Simulates placing `ubatches` in turn (`llama_memory_recurrent::prepare`, which the hybrid
+/// memories call for their recurrent part) and leaves the cells as they were. True when all
+/// of them fit; false when one does not, or (last error set) on invalid input.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_prepare(
+    mem: llama_memory_t,
+    ubatches: *const llama_memory_ubatch,
+    n_ubatches: usize,
+) -> bool {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let descs = try_slice!(ubatches, n_ubatches, "ubatches");
+        let views = try_or!(ubatch_views(descs, &mut m.scratch));
+        let rs = try_or!(find_mut::<RecurrentMemory>(&mut *m.inner));
+        for ub in &views {
+            try_or!(rs.cache.check_ubatch(ub));
+        }
+        rs.cache.prepare(&views)
+    })
+}
+
+/// Places `ubatch` (`llama_memory_recurrent::find_slot`, what a context's `apply` does): the
+/// cells, `head`, `n` and `rs_z` the graph inputs read afterwards. False (last error set)
+/// when it does not fit or is invalid; the cells are then unchanged.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_find_slot(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+) -> bool {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let descs = try_slice!(ubatch, 1, "ubatch");
+        let views = try_or!(ubatch_views(descs, &mut m.scratch));
+        let rs = try_or!(find_mut::<RecurrentMemory>(&mut *m.inner));
+        try_or!(rs.cache.find_slot(&views[0]));
+        true
+    })
+}
+
+/// `s_copy(i)` of the last placement (`llama_memory_recurrent_context::s_copy`): the row the
+/// state of cell `head + i` is read from, in its first sequence's pending rollback plane,
+/// which this consumes, as upstream does. -1 (last error set) outside the cells.
+#[no_mangle]
+pub extern "C" fn llama_memory_rs_s_copy(mem: llama_memory_t, i: u32) -> i32 {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let rs = try_or!(find_mut::<RecurrentMemory>(&mut *m.inner));
+        try_or!(rs.cache.s_copy_one(i))
     })
 }
 

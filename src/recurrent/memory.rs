@@ -18,7 +18,7 @@ use super::{RsCache, RsContext};
 use crate::cells::SeqSet;
 use crate::error::{err, Result};
 use crate::memory::{Memory, MemoryContext};
-use crate::state::io::{StateIn, StateOut, FLAG_ON_DEVICE};
+use crate::state::io::{FieldSource, IoRead, StateIn, StateOut, FLAG_ON_DEVICE};
 use crate::storage::recurrent::RsStorage;
 use crate::ubatch::Ubatch;
 
@@ -167,9 +167,8 @@ impl RecurrentMemory {
         let sp = st.spec();
         let copy_rows = |out: &mut StateOut<'_, '_>, t, row: usize| -> Result<()> {
             for &(a, b) in &rows {
-                if let Some(dst) = out.data((b - a) as usize * row)? {
-                    st.get(t, a as usize * row, dst)?;
-                }
+                let off = a as usize * row;
+                out.tensor(t, off, (b - a) as usize * row, |dst| st.get(t, off, dst))?;
             }
             Ok(())
         };
@@ -190,10 +189,14 @@ impl RecurrentMemory {
         Ok(())
     }
 
-    /// Parses and validates a whole state without touching the memory.
-    fn parse<'a>(&self, seq: i32, inp: &mut StateIn<'a>) -> Result<Plan<'a>> {
+    /// Reads and validates the cell part of a state (`state_read_meta`'s input).
+    fn parse_meta(
+        &self,
+        seq: i32,
+        inp: &mut (impl FieldSource + ?Sized),
+    ) -> Result<Vec<(i32, SeqSet)>> {
         let c = &self.cache;
-        let count = inp.meta.u32("cell_count")?;
+        let count = inp.u32("cell_count")?;
         if count > c.size() {
             return Err(err!(
                 InvalidState,
@@ -211,8 +214,8 @@ impl RecurrentMemory {
         let mut cells = Vec::with_capacity(count as usize);
         let mut tails = SeqSet::ZERO;
         for k in 0..count {
-            let pos = inp.meta.i32("cell pos")?;
-            let n = inp.meta.u32("cell n_seq_id")?;
+            let pos = inp.i32("cell pos")?;
+            let n = inp.u32("cell n_seq_id")?;
             let mut set = SeqSet::ZERO;
             if seq != -1 {
                 if n != 0 {
@@ -222,9 +225,15 @@ impl RecurrentMemory {
                     ));
                 }
             } else {
-                let ids = inp.meta.take_n(n as usize, 4, "cell seq_ids")?;
-                for b in ids.chunks_exact(4) {
-                    let q = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+                if n > c.n_seq_max() {
+                    return Err(err!(
+                        InvalidState,
+                        "cell {k} lists {n} sequence ids, more than the {} sequences",
+                        c.n_seq_max()
+                    ));
+                }
+                for _ in 0..n {
+                    let q = inp.i32("cell seq_ids")?;
                     if q < 0 || q as u32 >= c.n_seq_max() {
                         return Err(err!(
                             InvalidState,
@@ -244,14 +253,14 @@ impl RecurrentMemory {
             }
             cells.push((pos, set));
         }
-        let s_trans = inp.meta.u32("s_trans")?;
+        let s_trans = inp.u32("s_trans")?;
         if s_trans != 0 {
             return Err(err!(
                 InvalidState,
                 "transposed S states are not supported (s_trans = {s_trans})"
             ));
         }
-        let n_layer = inp.meta.u32("n_layer")?;
+        let n_layer = inp.u32("n_layer")?;
         if n_layer != self.n_layer {
             return Err(err!(
                 InvalidState,
@@ -259,31 +268,109 @@ impl RecurrentMemory {
                 self.n_layer
             ));
         }
+        Ok(cells)
+    }
+
+    /// Reads the data part of a state of `n` cells, layer header by layer header, in the
+    /// order llama.cpp writes it; `rows(source, tensor, row bytes, what)` takes each block of rows.
+    fn parse_data<S: FieldSource + ?Sized>(
+        &self,
+        inp: &mut S,
+        mut rows: impl FnMut(&mut S, *mut ggml_sys::ggml_tensor, usize, &str) -> Result<()>,
+    ) -> Result<()> {
+        let Some(st) = &self.storage else {
+            return Ok(());
+        };
+        let sp = st.spec();
+        for l in st.layers() {
+            check_field(inp.i32("state type")?, sp.type_r as i32, "r type", l.il)?;
+            check_field(inp.u64("row size")?, l.row_r as u64, "r row bytes", l.il)?;
+            rows(inp, l.r, l.row_r, "r rows")?;
+            if !l.p.is_null() {
+                check_field(inp.u64("row size")?, l.row_p as u64, "ple row bytes", l.il)?;
+                rows(inp, l.p, l.row_p, "ple rows")?;
+            }
+        }
+        for l in st.layers() {
+            check_field(inp.i32("state type")?, sp.type_s as i32, "s type", l.il)?;
+            check_field(inp.u64("row size")?, l.row_s as u64, "s row bytes", l.il)?;
+            rows(inp, l.s, l.row_s, "s rows")?;
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a whole state without touching the memory.
+    fn parse<'a>(&self, seq: i32, inp: &mut StateIn<'a>) -> Result<Plan<'a>> {
+        let cells = self.parse_meta(seq, &mut inp.meta)?;
+        let n = cells.len();
         let mut rows = Vec::new();
+        let stash = &mut inp.stash;
+        self.parse_data(&mut inp.meta, |meta, t, row, what| {
+            let b = match stash {
+                Some(r) => r.take_n(n, row, what)?,
+                None => meta.take_n(n, row, what)?,
+            };
+            rows.push((t, row, b));
+            Ok(())
+        })?;
         if let Some(st) = &self.storage {
-            let sp = st.spec();
-            let n = count as usize;
-            for l in st.layers() {
-                check_type(inp, sp.type_r as i32, "r", l.il)?;
-                check_row(inp, l.row_r, "r", l.il)?;
-                rows.push((l.r, l.row_r, inp.data(n, l.row_r, "r rows")?));
-                if !l.p.is_null() {
-                    check_row(inp, l.row_p, "ple", l.il)?;
-                    rows.push((l.p, l.row_p, inp.data(n, l.row_p, "ple rows")?));
-                }
-            }
-            for l in st.layers() {
-                check_type(inp, sp.type_s as i32, "s", l.il)?;
-                check_row(inp, l.row_s, "s", l.il)?;
-                rows.push((l.s, l.row_s, inp.data(n, l.row_s, "s rows")?));
-            }
             // every write below starts at or before row size - count of plane 0
-            let first = (c.size() - count) as usize;
+            let first = self.cache.size() as usize - n;
             for &(t, row, b) in &rows {
                 st.check(t, first * row, b.len())?;
             }
         }
         Ok(Plan { cells, rows })
+    }
+
+    /// The cells after restoring `cells` into `seq` (-1: everything), and the first cell of
+    /// the restored rows, without changing the memory.
+    fn restored_cache(&self, seq: i32, cells: &[(i32, SeqSet)]) -> Result<(RsCache, u32)> {
+        let mut next = self.cache.clone();
+        let head = if seq != -1 {
+            match cells.first() {
+                None => {
+                    next.seq_rm(seq, -1, -1)?;
+                    0
+                }
+                Some(&(pos, _)) => next.place_restored(seq, pos)?,
+            }
+        } else {
+            next.set_restored(cells);
+            0
+        };
+        next.reset_rs_idx(seq);
+        Ok((next, head))
+    }
+
+    /// Restores a state read field by field from `io` (llama.cpp's `state_read` over a
+    /// `llama_io_read_i`). The cells are validated and placed first, then each layer's rows
+    /// go to `io.read_tensor` at their final offset. On error the cells are as they were; a
+    /// reader that writes tensor bytes at once (a file) may have changed the rows of the
+    /// destination by then, which llama.cpp's caller erases.
+    pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+        self.check_dest(seq)?;
+        let cells = self.parse_meta(seq, io)?;
+        let (next, head) = self.restored_cache(seq, &cells)?;
+        let n = cells.len();
+        if seq == -1 {
+            // before any row arrives: a reader may write them at once
+            if let Some(st) = &mut self.storage {
+                st.clear();
+            }
+        }
+        if let Some(st) = &self.storage {
+            self.parse_data(io, |io, t, row, what| {
+                let len = n
+                    .checked_mul(row)
+                    .ok_or_else(|| err!(InvalidState, "{what}: size overflows"))?;
+                st.check(t, head as usize * row, len)?;
+                io.read_tensor(t, head as usize * row, len)
+                    .map_err(|e| err!(InvalidState, "reading {what}: {}", e.message()))
+            })?;
+        }
+        self.cache = next;
+        Ok(())
     }
 
     /// Restores a state into `seq` (-1: replace everything). On error nothing changed.
@@ -300,49 +387,33 @@ impl RecurrentMemory {
                 ));
             }
         }
-        let head = if seq != -1 {
-            match plan.cells.first() {
-                None => {
-                    self.cache.seq_rm(seq, -1, -1)?;
-                    0
-                }
-                Some(&(pos, _)) => self.cache.place_restored(seq, pos)?,
-            }
-        } else {
-            self.cache.set_restored(&plan.cells);
+        let (next, head) = self.restored_cache(seq, &plan.cells)?;
+        self.cache = next;
+        if seq == -1 {
             if let Some(st) = &mut self.storage {
                 st.clear();
             }
-            0
-        };
+        }
         if let Some(st) = &mut self.storage {
             for (t, row, b) in plan.rows {
                 // cannot fail: parse checked the furthest range these writes can reach
                 st.set(t, head as usize * row, b)?;
             }
         }
-        self.cache.reset_rs_idx(seq);
         Ok(())
     }
 }
 
-fn check_type(inp: &mut StateIn<'_>, want: i32, what: &str, il: u32) -> Result<()> {
-    let got = inp.meta.i32("state type")?;
+fn check_field<T: PartialEq + std::fmt::Display>(
+    got: T,
+    want: T,
+    what: &str,
+    il: u32,
+) -> Result<()> {
     if got != want {
         return Err(err!(
             InvalidState,
-            "layer {il}: {what} type {got} in the state, {want} in the memory"
-        ));
-    }
-    Ok(())
-}
-
-fn check_row(inp: &mut StateIn<'_>, want: usize, what: &str, il: u32) -> Result<()> {
-    let got = inp.meta.u64("row size")?;
-    if got != want as u64 {
-        return Err(err!(
-            InvalidState,
-            "layer {il}: {what} row of {got} bytes in the state, {want} in the memory"
+            "layer {il}: {what} {got} in the state, {want} in the memory"
         ));
     }
     Ok(())
@@ -414,6 +485,9 @@ impl Memory for RecurrentMemory {
     }
     fn state_read(&mut self, seq: i32, _flags: u32, inp: &mut StateIn<'_>) -> Result<()> {
         RecurrentMemory::state_read(self, seq, inp)
+    }
+    fn state_read_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
+        RecurrentMemory::state_read_io(self, seq, io)
     }
     fn has_layer(&self, il: u32) -> bool {
         self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())

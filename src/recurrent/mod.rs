@@ -762,21 +762,38 @@ impl RsCache {
             ));
         }
         for (k, o) in out.iter_mut().enumerate() {
-            let c = &self.cells[self.head as usize + k];
-            if self.p.n_rs_seq == 0 {
-                *o = c.src0;
-                continue;
-            }
-            let mut idx = 0;
-            if let Some(q) = c.seq.first_one() {
-                if q < self.rs_idx.len() {
-                    idx = self.rs_idx[q];
-                    self.rs_idx[q] = 0;
-                }
-            }
-            *o = (idx as i64 * self.p.size as i64 + c.src0 as i64) as i32;
+            *o = self.s_copy_at(self.head as usize + k);
         }
         Ok(())
+    }
+
+    /// `s_copy(i)` alone: the row of cell `head + i`, consuming its pending rollback.
+    pub fn s_copy_one(&mut self, i: u32) -> Result<i32> {
+        let k = self.head as usize + i as usize;
+        if k >= self.cells.len() {
+            return Err(err!(
+                InvalidArgument,
+                "s_copy({i}) from cell {} runs past the {} cells",
+                self.head,
+                self.cells.len()
+            ));
+        }
+        Ok(self.s_copy_at(k))
+    }
+
+    fn s_copy_at(&mut self, k: usize) -> i32 {
+        let c = &self.cells[k];
+        if self.p.n_rs_seq == 0 {
+            return c.src0;
+        }
+        let mut idx = 0;
+        if let Some(q) = c.seq.first_one() {
+            if q < self.rs_idx.len() {
+                idx = self.rs_idx[q];
+                self.rs_idx[q] = 0;
+            }
+        }
+        (idx as i64 * self.p.size as i64 + c.src0 as i64) as i32
     }
 
     /// Checks the invariants that hold between operations: each sequence is in at most one

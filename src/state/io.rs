@@ -22,6 +22,79 @@ pub enum Sink<'a> {
         /// Bytes written so far.
         pos: usize,
     },
+    /// Writes through a caller's callbacks (llama.cpp's `llama_io_write_i`).
+    Io {
+        /// The callbacks.
+        io: &'a mut dyn IoWrite,
+        /// Bytes passed to them so far.
+        pos: usize,
+    },
+}
+
+/// A caller's state writer, shaped as llama.cpp's `llama_io_write_i`: byte writes, and tensor
+/// ranges the writer copies (or, for an `ON_DEVICE` state, keeps) itself.
+pub trait IoWrite: std::fmt::Debug {
+    /// Appends `b`.
+    fn write(&mut self, b: &[u8]) -> Result<()>;
+    /// Appends bytes `[offset, offset + n)` of `t`.
+    fn write_tensor(
+        &mut self,
+        t: *mut ggml_sys::ggml_tensor,
+        offset: usize,
+        n: usize,
+    ) -> Result<()>;
+}
+
+/// A caller's state reader, shaped as llama.cpp's `llama_io_read_i`: it cannot say how much
+/// input is left, so a reader asks for each field in order.
+pub trait IoRead {
+    /// Fills `dst` with the next bytes.
+    fn read(&mut self, dst: &mut [u8]) -> Result<()>;
+    /// Reads the next `n` bytes into bytes `[offset, offset + n)` of `t` (now, or when the
+    /// reader is done, as llama.cpp's readers do).
+    fn read_tensor(&mut self, t: *mut ggml_sys::ggml_tensor, offset: usize, n: usize)
+        -> Result<()>;
+}
+
+/// Sequential input of fixed-size fields, from a byte slice ([`Reader`]) or an [`IoRead`].
+pub trait FieldSource {
+    /// Fills `dst` with the next bytes; `what` names the field for the error.
+    fn fill(&mut self, dst: &mut [u8], what: &str) -> Result<()>;
+
+    /// Reads a `u32`.
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        let mut a = [0u8; 4];
+        self.fill(&mut a, what)?;
+        Ok(u32::from_ne_bytes(a))
+    }
+
+    /// Reads an `i32`.
+    fn i32(&mut self, what: &str) -> Result<i32> {
+        let mut a = [0u8; 4];
+        self.fill(&mut a, what)?;
+        Ok(i32::from_ne_bytes(a))
+    }
+
+    /// Reads a `u64`.
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        let mut a = [0u8; 8];
+        self.fill(&mut a, what)?;
+        Ok(u64::from_ne_bytes(a))
+    }
+}
+
+impl FieldSource for Reader<'_> {
+    fn fill(&mut self, dst: &mut [u8], what: &str) -> Result<()> {
+        dst.copy_from_slice(self.take(dst.len(), what)?);
+        Ok(())
+    }
+}
+
+impl FieldSource for dyn IoRead + '_ {
+    fn fill(&mut self, dst: &mut [u8], what: &str) -> Result<()> {
+        self.read(dst)
+            .map_err(|e| err!(InvalidState, "reading {what}: {}", e.message()))
+    }
 }
 
 impl<'a> Sink<'a> {
@@ -34,7 +107,7 @@ impl<'a> Sink<'a> {
     pub fn len(&self) -> usize {
         match self {
             Sink::Count(n) => *n,
-            Sink::Buf { pos, .. } => *pos,
+            Sink::Buf { pos, .. } | Sink::Io { pos, .. } => *pos,
         }
     }
 
@@ -67,11 +140,20 @@ impl<'a> Sink<'a> {
                 *pos = end;
                 Ok(Some(out))
             }
+            Sink::Io { .. } => Err(err!(
+                Unsupported,
+                "this state is written field by field; it cannot go through a writer"
+            )),
         }
     }
 
     /// Appends raw bytes.
     pub fn put(&mut self, b: &[u8]) -> Result<()> {
+        if let Sink::Io { io, pos } = self {
+            io.write(b)?;
+            *pos += b.len();
+            return Ok(());
+        }
         if let Some(out) = self.reserve(b.len())? {
             out.copy_from_slice(b);
         }
@@ -105,6 +187,26 @@ pub struct StateOut<'a, 'b> {
 }
 
 impl StateOut<'_, '_> {
+    /// Appends bytes `[offset, offset + n)` of `t`: through the writer's `write_tensor`, or
+    /// by `get` filling the next `n` bytes of the blob (or stash).
+    pub fn tensor(
+        &mut self,
+        t: *mut ggml_sys::ggml_tensor,
+        offset: usize,
+        n: usize,
+        get: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        if let Sink::Io { io, pos } = &mut *self.sink {
+            io.write_tensor(t, offset, n)?;
+            *pos += n;
+            return Ok(());
+        }
+        match self.data(n)? {
+            Some(dst) => get(dst),
+            None => Ok(()),
+        }
+    }
+
     /// The next `n` tensor bytes to fill, `None` when only counting.
     pub fn data(&mut self, n: usize) -> Result<Option<&mut [u8]>> {
         match &mut self.stash {
