@@ -217,9 +217,8 @@ set(_dropin_cargo_dir "${_bin}/cargo-dropin")
 set(_dropin_rust_lib "${_dropin_cargo_dir}/release/${_static_name}")
 add_custom_command(
     OUTPUT "${_dropin_rust_lib}"
-    COMMAND "${CMAKE_COMMAND}" -E env "CARGO_TARGET_DIR=${_dropin_cargo_dir}"
-            "GGML_SYS_LINK_DIR=${LLAMA_MEMORY_GGML_LIB_DIR}" "GGML_SYS_LINK_KIND=${_link_kind}"
-            $<$<BOOL:${_llama_cpp_dir_from_user}>:LLAMA_CPP_DIR=${_llama_cpp_dir_from_user}>
+    # The regular build's environment, with a target directory of its own (the later wins).
+    COMMAND "${CMAKE_COMMAND}" -E env ${_cargo_env} "CARGO_TARGET_DIR=${_dropin_cargo_dir}"
             "${LLAMA_MEMORY_CARGO}" rustc --release -p llama-memory --lib --features dropin
             --crate-type staticlib --manifest-path "${_src}/Cargo.toml" ${LLAMA_MEMORY_CARGO_FLAGS}
     COMMAND "${CMAKE_COMMAND}" -E touch "${_dropin_rust_lib}"

@@ -17,6 +17,10 @@ use llama_memory::ffi::error::{
     llama_memory_clear_last_error, llama_memory_last_error, llama_memory_last_error_code,
     llama_memory_result,
 };
+use llama_memory::ffi::io::{
+    llama_memory_io_read, llama_memory_io_write, llama_memory_state_read_io,
+    llama_memory_state_write_io,
+};
 use llama_memory::ffi::memory::*;
 use llama_memory::ffi::recurrent::*;
 use llama_memory::ffi::state::*;
@@ -328,8 +332,142 @@ fn rejects_ext(m: &Mem, blob: &[u8], dest: i32, flags: u32, code: llama_memory_r
         after == before,
         "the memory changed after: {msg}\nbefore {before:?}\nafter  {after:?}"
     );
+    // The same body through a caller's reader (what the drop-in's adapter uses), when it is
+    // a host blob with a well-formed header: refused too, nothing changed.
+    if flags == 0 && blob.len() >= 8 && get32(blob, 0) == 0xaf14_3cd8 {
+        io_rejects(m, &blob[8..], dest, &before);
+    }
     CASES.set(CASES.get() + 1);
     msg
+}
+
+/// A reader over `bytes` that defers its tensor writes until it is done, as llama.cpp's host
+/// reader: `finish` applies them (call it only after a successful read).
+struct DeferredReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    pending: Vec<(*mut ggml_sys::ggml_tensor, usize, usize, usize)>,
+}
+
+unsafe extern "C" fn dr_read(
+    user: *mut std::ffi::c_void,
+    dst: *mut std::ffi::c_void,
+    n: usize,
+) -> i32 {
+    // SAFETY: user is the DeferredReader passed by io_read, alive for the call.
+    let r = unsafe { &mut *user.cast::<DeferredReader<'_>>() };
+    if n > r.bytes.len() - r.pos {
+        return -1;
+    }
+    // SAFETY: the library passes a destination of n bytes.
+    unsafe { std::ptr::copy_nonoverlapping(r.bytes[r.pos..].as_ptr(), dst.cast::<u8>(), n) };
+    r.pos += n;
+    0
+}
+
+unsafe extern "C" fn dr_read_tensor(
+    user: *mut std::ffi::c_void,
+    t: *mut ggml_sys::ggml_tensor,
+    off: usize,
+    n: usize,
+) -> i32 {
+    // SAFETY: as in dr_read.
+    let r = unsafe { &mut *user.cast::<DeferredReader<'_>>() };
+    if n > r.bytes.len() - r.pos {
+        return -1;
+    }
+    r.pending.push((t, off, r.pos, n));
+    r.pos += n;
+    0
+}
+
+impl DeferredReader<'_> {
+    fn finish(&self) {
+        for &(t, off, at, n) in &self.pending {
+            // SAFETY: a tensor of the memory, range checked by the library before the call.
+            unsafe {
+                ggml_sys::ggml_backend_tensor_set(t, self.bytes[at..].as_ptr().cast(), off, n)
+            };
+        }
+    }
+}
+
+/// Restores `body` (a state without blob header) into `dest` through a caller's reader;
+/// returns the result and the bytes it consumed. Applies the deferred tensor writes on success.
+fn io_read(m: &Mem, body: &[u8], dest: i32) -> (llama_memory_result, usize) {
+    let mut r = DeferredReader {
+        bytes: body,
+        pos: 0,
+        pending: Vec::new(),
+    };
+    let io = llama_memory_io_read {
+        user: (&mut r as *mut DeferredReader<'_>).cast(),
+        read: Some(dr_read),
+        read_tensor: Some(dr_read_tensor),
+    };
+    let rc = llama_memory_state_read_io(m.0, dest, 0, &io);
+    if rc == LLAMA_MEMORY_OK {
+        r.finish();
+    }
+    (rc, r.pos)
+}
+
+#[track_caller]
+fn io_rejects(m: &Mem, body: &[u8], dest: i32, before: &Snapshot) {
+    let (rc, _) = io_read(m, body, dest);
+    assert_ne!(
+        rc, LLAMA_MEMORY_OK,
+        "the reader path accepted a malformed state (dest {dest})"
+    );
+    assert!(!last_error().is_empty());
+    let after = snapshot(m);
+    assert!(
+        after == *before,
+        "the reader path changed the memory: {}\nbefore {before:?}\nafter  {after:?}",
+        last_error()
+    );
+}
+
+unsafe extern "C" fn w_write(
+    user: *mut std::ffi::c_void,
+    src: *const std::ffi::c_void,
+    n: usize,
+) -> i32 {
+    // SAFETY: user is the Vec passed by io_write; src holds n bytes.
+    let out = unsafe { &mut *user.cast::<Vec<u8>>() };
+    out.extend_from_slice(unsafe { std::slice::from_raw_parts(src.cast::<u8>(), n) });
+    0
+}
+
+unsafe extern "C" fn w_write_tensor(
+    user: *mut std::ffi::c_void,
+    t: *mut ggml_sys::ggml_tensor,
+    off: usize,
+    n: usize,
+) -> i32 {
+    // SAFETY: as in w_write; the range lies in the tensor.
+    let out = unsafe { &mut *user.cast::<Vec<u8>>() };
+    let at = out.len();
+    out.resize(at + n, 0);
+    unsafe { ggml_sys::ggml_backend_tensor_get(t, out[at..].as_mut_ptr().cast(), off, n) };
+    0
+}
+
+/// The state of `seq` written through a caller's writer (tensor ranges copied by it).
+fn io_write(m: &Mem, seq: i32) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    let io = llama_memory_io_write {
+        user: (&mut out as *mut Vec<u8>).cast(),
+        write: Some(w_write),
+        write_tensor: Some(w_write_tensor),
+    };
+    assert_eq!(
+        llama_memory_state_write_io(m.0, seq, 0, &io),
+        LLAMA_MEMORY_OK,
+        "{}",
+        last_error()
+    );
+    out
 }
 
 #[track_caller]
@@ -352,6 +490,7 @@ fn rejects_whole(m: &Mem, state: &[u8], code: llama_memory_result) -> String {
         after == before,
         "the memory changed after: {msg}\nbefore {before:?}\nafter  {after:?}"
     );
+    io_rejects(m, state, -1, &before);
     CASES.set(CASES.get() + 1);
     msg
 }
@@ -944,4 +1083,61 @@ fn good_states_round_trip() {
         );
         assert_eq!(seq_blob(&m, 1)[8..], b[8..]);
     }
+}
+
+/// The caller-io path (llama.cpp's `llama_io_write_i`/`llama_io_read_i`, used by the drop-in
+/// adapter) writes exactly the blob's bytes and restores exactly what the blob path restores.
+#[test]
+fn io_path_matches_the_blob_path() {
+    let mut n = 0;
+    for n_rs in CONFIGS {
+        let m = populated(n_rs);
+        assert_eq!(io_write(&m, -1), whole(&m));
+        for seq in 0..N_SEQ as i32 {
+            assert_eq!(io_write(&m, seq), seq_blob(&m, seq)[8..], "seq {seq}");
+        }
+        for src in 0..N_SEQ as i32 {
+            for dest in 0..N_SEQ as i32 {
+                let by_blob = populated(n_rs);
+                let by_io = populated(n_rs);
+                let b = seq_blob(&by_blob, src);
+                assert_eq!(
+                    llama_memory_state_seq_set_data(by_blob.0, b.as_ptr(), b.len(), dest),
+                    b.len()
+                );
+                let (rc, used) = io_read(&by_io, &b[8..], dest);
+                assert_eq!(rc, LLAMA_MEMORY_OK, "{}", last_error());
+                assert_eq!(used, b.len() - 8, "bytes consumed");
+                assert_eq!(snapshot(&by_io), snapshot(&by_blob), "seq {src} -> {dest}");
+                n += 1;
+            }
+        }
+        // A whole state into a fresh memory, and (the other rows zeroed) into used ones.
+        let mut w = whole(&m);
+        for (fresh, seed) in [(true, 1u64), (false, 2), (false, 3)] {
+            let (by_blob, by_io) = if fresh {
+                (new_mem(n_rs), new_mem(n_rs))
+            } else {
+                (populated(n_rs), populated(n_rs))
+            };
+            if !fresh {
+                randomize(&by_blob, seed);
+                randomize(&by_io, seed);
+            }
+            assert_eq!(
+                llama_memory_state_set_data(by_blob.0, w.as_ptr(), w.len()),
+                w.len()
+            );
+            let (rc, used) = io_read(&by_io, &w, -1);
+            assert_eq!(rc, LLAMA_MEMORY_OK, "{}", last_error());
+            assert_eq!(used, w.len());
+            assert_eq!(snapshot(&by_io), snapshot(&by_blob), "whole state");
+            n += 1;
+            // a state of fewer cells next
+            let fewer = populated(n_rs);
+            assert!(llama_memory_seq_rm(fewer.0, 2, -1, -1));
+            w = whole(&fewer);
+        }
+    }
+    eprintln!("io_path_matches_the_blob_path: {n} restores compared");
 }

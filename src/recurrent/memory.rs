@@ -345,20 +345,14 @@ impl RecurrentMemory {
 
     /// Restores a state read field by field from `io` (llama.cpp's `state_read` over a
     /// `llama_io_read_i`). The cells are validated and placed first, then each layer's rows
-    /// go to `io.read_tensor` at their final offset. On error the cells are as they were; a
-    /// reader that writes tensor bytes at once (a file) may have changed the rows of the
-    /// destination by then, which llama.cpp's caller erases.
+    /// go to `io.read_tensor` at their final offset. On error the cells and the other rows
+    /// are as they were; a reader that writes tensor bytes at once (a file) may have changed
+    /// the destination's rows by then, which llama.cpp's caller erases.
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.check_dest(seq)?;
         let cells = self.parse_meta(seq, io)?;
         let (next, head) = self.restored_cache(seq, &cells)?;
         let n = cells.len();
-        if seq == -1 {
-            // before any row arrives: a reader may write them at once
-            if let Some(st) = &mut self.storage {
-                st.clear();
-            }
-        }
         if let Some(st) = &self.storage {
             self.parse_data(io, |io, t, row, what| {
                 let len = n
@@ -368,6 +362,13 @@ impl RecurrentMemory {
                 io.read_tensor(t, head as usize * row, len)
                     .map_err(|e| err!(InvalidState, "reading {what}: {}", e.message()))
             })?;
+        }
+        if seq == -1 {
+            // a whole restore zeroes the rest, as llama.cpp's clear(true); the restored rows
+            // (plane 0, cells 0..n) are the reader's, written now or when it is done
+            if let Some(st) = &mut self.storage {
+                st.clear_from_row(n);
+            }
         }
         self.cache = next;
         Ok(())

@@ -210,6 +210,24 @@ impl RsStorage {
         Ok(())
     }
 
+    /// Zeroes every tensor from row `first` on (a whole restore's rows come before it).
+    pub fn clear_from_row(&mut self, first: usize) {
+        for l in &self.layers {
+            for (t, row) in [(l.r, l.row_r), (l.s, l.row_s), (l.p, l.row_p)] {
+                if t.is_null() {
+                    continue;
+                }
+                // SAFETY: t is one of our live tensors.
+                let n = unsafe { g::ggml_nbytes(t) };
+                let off = first.saturating_mul(row).min(n);
+                if off < n {
+                    // SAFETY: [off, n) lies inside t's data; &mut self gives exclusive access.
+                    unsafe { g::ggml_backend_tensor_memset(t, 0, off, n - off) };
+                }
+            }
+        }
+    }
+
     /// Copies `src` to `offset` of tensor `t`.
     pub fn set(&mut self, t: *mut g::ggml_tensor, offset: usize, src: &[u8]) -> Result<()> {
         self.check(t, offset, src.len())?;

@@ -1,0 +1,113 @@
+#pragma once
+
+// This library's C ABI as the drop-in adapters see it. Included by llama/*.cpp only.
+//
+// Inside libllama, llama.h's `llama_memory_t` is `llama_memory_i *`, libllama's own abstract
+// class. Our handles are not that class, so they get a type of their own here
+// (`llama_memory_dropin_t`), and llama.h's nine `llama_memory_*` names, which libllama
+// exports itself, are ours as `llama_memory_dropin_*` (the library is built with the cargo
+// feature `dropin`, which leaves llama.h's names out).
+
+#define LLAMA_MEMORY_DROPIN
+#define llama_memory_i llama_memory_dropin_obj
+#define llama_memory_t llama_memory_dropin_t
+#include <llama_memory/llama-memory.h>
+#undef llama_memory_t
+#undef llama_memory_i
+
+#include <stdexcept>
+#include <string>
+
+// Throws the library's last error as std::runtime_error, as llama.cpp's memories throw:
+// llama_context catches it at the llama.h boundary.
+[[noreturn]] inline void llama_memory_dropin_throw(const char * what) {
+    const char * msg = llama_memory_last_error();
+    throw std::runtime_error(std::string(what) + ": " + (msg && *msg ? msg : "unknown error"));
+}
+
+#include "llama-batch.h"
+#include "llama-io.h"
+
+#include <cstdint>
+#include <exception>
+
+// The library's view of a llama_ubatch: the same arrays, borrowed (no token data copied).
+inline llama_memory_ubatch llama_memory_dropin_ubatch(const llama_ubatch & ub) {
+    llama_memory_ubatch out = {};
+    out.n_tokens     = ub.n_tokens;
+    out.n_seq_tokens = ub.n_seq_tokens;
+    out.n_seqs       = ub.n_seqs;
+    out.n_seqs_unq   = ub.n_seqs_unq;
+    out.n_pos        = ub.n_pos;
+    out.equal_seqs   = ub.b_equal_seqs;
+    out.token        = ub.token;
+    out.pos          = ub.pos;
+    out.n_seq_id     = ub.n_seq_id;
+    out.seq_id       = ub.seq_id;
+    out.seq_id_unq   = ub.seq_id_unq;
+    out.seq_idx      = ub.seq_idx;
+    out.output       = ub.output;
+    return out;
+}
+
+// llama.cpp's io objects behind the library's io callbacks. An exception (the io ran out of
+// input, a file error) becomes a non-zero return: it never unwinds through the library.
+struct llama_memory_dropin_writer {
+    llama_io_write_i & io;
+
+    static int write(void * user, const void * src, size_t n) {
+        try {
+            static_cast<llama_memory_dropin_writer *>(user)->io.write(src, n);
+            return 0;
+        } catch (...) {
+            return -1;
+        }
+    }
+
+    static int write_tensor(void * user, ggml_tensor * t, size_t offset, size_t n) {
+        try {
+            static_cast<llama_memory_dropin_writer *>(user)->io.write_tensor(t, offset, n);
+            return 0;
+        } catch (...) {
+            return -1;
+        }
+    }
+
+    llama_memory_io_write callbacks() {
+        return llama_memory_io_write{ this, &write, &write_tensor };
+    }
+};
+
+struct llama_memory_dropin_reader {
+    llama_io_read_i & io;
+    size_t n_read = 0;            // bytes the callbacks delivered
+    std::exception_ptr error;     // what the io threw, rethrown by the adapter
+
+    static int read(void * user, void * dst, size_t n) {
+        auto * self = static_cast<llama_memory_dropin_reader *>(user);
+        try {
+            self->io.read(dst, n);
+            self->n_read += n;
+            return 0;
+        } catch (...) {
+            self->error = std::current_exception();
+            return -1;
+        }
+    }
+
+    static int read_tensor(void * user, ggml_tensor * t, size_t offset, size_t n) {
+        auto * self = static_cast<llama_memory_dropin_reader *>(user);
+        try {
+            self->io.read_tensor(t, offset, n);
+            self->n_read += n;
+            return 0;
+        } catch (...) {
+            self->error = std::current_exception();
+            return -1;
+        }
+    }
+
+    llama_memory_io_read callbacks() {
+        return llama_memory_io_read{ this, &read, &read_tensor };
+    }
+};
