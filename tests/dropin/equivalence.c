@@ -239,12 +239,13 @@ static enum ggml_type parse_type(const char *s) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1] "
-                        "[--type-k T] [--type-v T] [--n-ctx N] [--threads N]\n", argv[0]);
+                        "[--type-k T] [--type-v T] [--n-ctx N] [--threads N] [--n-rs-seq N] [--swa-full 0|1] "
+                        "[--on-device 0|1]\n", argv[0]);
         return 1;
     }
     const char *model_path = argv[1];
     out_path = argv[2];
-    int flash_attn = 0, kv_unified = 1, n_ctx = 256, n_threads = 2;
+    int flash_attn = 0, kv_unified = 1, n_ctx = 256, n_threads = 2, n_rs_seq = 0, swa_full = 0, on_device = 1;
     enum ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
     for (int i = 3; i < argc; i++) {
         if (i + 1 >= argc) {
@@ -257,6 +258,9 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i - 1], "--type-v") == 0) type_v = parse_type(v);
         else if (strcmp(argv[i - 1], "--n-ctx") == 0) n_ctx = atoi(v);
         else if (strcmp(argv[i - 1], "--threads") == 0) n_threads = atoi(v);
+        else if (strcmp(argv[i - 1], "--n-rs-seq") == 0) n_rs_seq = atoi(v);
+        else if (strcmp(argv[i - 1], "--swa-full") == 0) swa_full = atoi(v);
+        else if (strcmp(argv[i - 1], "--on-device") == 0) on_device = atoi(v);
         else die("unknown option");
     }
     verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;
@@ -281,6 +285,8 @@ int main(int argc, char **argv) {
     cp.kv_unified = kv_unified != 0;
     cp.type_k = type_k;
     cp.type_v = type_v;
+    cp.n_rs_seq = (uint32_t) n_rs_seq;
+    cp.swa_full = swa_full != 0;
     cp.no_perf = true;
     ctx = llama_init_from_model(model, cp);
     if (!ctx) {
@@ -300,9 +306,10 @@ int main(int argc, char **argv) {
     const int can_shift = llama_memory_can_shift(mem);
     const int n_ctx_seq = (int) llama_n_ctx_seq(ctx);
     rec("setup n_vocab=%d n_ctx=%u n_ctx_seq=%d n_seq_max=%u recurrent=%d hybrid=%d can_shift=%d "
-        "flash_attn=%d kv_unified=%d type_k=%d type_v=%d",
+        "flash_attn=%d kv_unified=%d type_k=%d type_v=%d n_rs_seq=%u swa_full=%d",
         n_vocab, llama_n_ctx(ctx), n_ctx_seq, llama_n_seq_max(ctx), llama_model_is_recurrent(model),
-        llama_model_is_hybrid(model), can_shift, flash_attn, kv_unified, (int) type_k, (int) type_v);
+        llama_model_is_hybrid(model), can_shift, flash_attn, kv_unified, (int) type_k, (int) type_v,
+        llama_n_rs_seq(ctx), swa_full);
 
     llama_token next[N_SEQ] = {0};
 
@@ -366,8 +373,10 @@ int main(int argc, char **argv) {
         step_all("parallel", next);
     }
     rec_seqs("after parallel 2");
-    /* Roll the last two tokens of seq 2 back (speculative decoding): a partial seq_rm, which a
-     * recurrent memory refuses. */
+    /* A 4-token draft on seq 2 in one batch, then its last two tokens rolled back (speculative
+     * decoding): a partial seq_rm, which a recurrent memory refuses unless it keeps rollback
+     * snapshots (n_rs_seq) for the architecture. */
+    prompt("draft seq 2", 2, llama_memory_seq_pos_max(mem, 2) + 1, 4, 7, 1, next);
     rec("rollback seq_rm 2: %d", llama_memory_seq_rm(mem, 2, llama_memory_seq_pos_max(mem, 2) - 1, -1));
     rec_seqs("after rollback");
     step_one("after rollback", 2, next);
@@ -386,6 +395,19 @@ int main(int argc, char **argv) {
     /* a malformed (truncated) blob: refused */
     rec("state_seq_set truncated -> 3: %zu", llama_state_seq_set_data(ctx, blob_seq2, n_seq2 / 2, 3));
     rec_seqs("after truncated restore");
+
+    /* 7b. ON_DEVICE: seq 2's tensor data stays with the context; restore it into seq 1. */
+    if (on_device) {
+        size_t n_dev = 0;
+        uint8_t *b = seq_blob("seq2_on_device", 2, 1, LLAMA_STATE_SEQ_FLAGS_ON_DEVICE, &n_dev);
+        rec("seq_rm 1: %d", llama_memory_seq_rm(mem, 1, -1, -1));
+        rec("state_seq_set_ext on_device seq2 -> 1: %zu",
+            llama_state_seq_set_data_ext(ctx, b, n_dev, 1, LLAMA_STATE_SEQ_FLAGS_ON_DEVICE));
+        rec_seqs("after on_device restore into 1");
+        free(seq_blob("seq1_after_on_device", 1, 0, 0, &n_tmp));
+        step_one("after on_device restore", 1, next);
+        free(b);
+    }
 
     /* 8. Sequence file of seq 0: save, drop, load back, continue. */
     char path[4096];
