@@ -21,3 +21,4 @@ pub mod kv;
 pub mod memory;
 pub mod recurrent;
 pub mod state;
+pub mod update;

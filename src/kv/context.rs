@@ -230,7 +230,7 @@ impl KvCache {
     }
 
     /// Clears every cell's pending shift (after the caller computed the K-shift).
-    fn reset_shifts(&mut self) {
+    pub fn reset_shifts(&mut self) {
         for c in &mut self.cells {
             c.reset_shift();
         }

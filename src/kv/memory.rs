@@ -69,11 +69,11 @@ impl KvMemory {
     }
 
     fn check_dest(&self, seq: i32) -> Result<()> {
-        if seq != -1 && (seq < 0 || seq as u32 >= self.cache.n_seq_max()) {
+        if seq != -1 && (seq < 0 || seq as u32 >= self.cache.seq_limit()) {
             return Err(err!(
                 InvalidSeqId,
                 "seq_id {seq} outside [-1, {})",
-                self.cache.n_seq_max()
+                self.cache.seq_limit()
             ));
         }
         Ok(())

@@ -147,6 +147,9 @@ pub struct KvCache {
     scratch: Vec<u32>,
     /// Rollback buffers of `prepare`, kept between calls.
     prep: PrepScratch,
+    /// Sequence ids the operations accept: `n_seq_max`, or all 256 on a unified cache in
+    /// llama.cpp's compatible mode ([`KvCache::set_stock_seq_ids`]).
+    seq_limit: u32,
 }
 
 /// What `prepare` saves before placing each ubatch: every stream's head, and the slot cells.
@@ -217,14 +220,32 @@ impl KvCache {
             cells.push(Cells::try_new(p.size).map_err(no_memory)?);
         }
         Ok(KvCache {
-            p,
             n_stream,
             cells,
             heads: vec![0; n_stream as usize],
             pending_copies: Vec::new(),
             scratch: Vec::new(),
             prep: PrepScratch::default(),
+            seq_limit: p.n_seq_max,
+            p,
         })
+    }
+
+    /// llama.cpp's sequence-id rule for a unified cache: every id below 256 maps to its one
+    /// stream, so the sequence operations and state functions accept ids in
+    /// `[n_seq_max, 256)` there, as llama.h does (the drop-in libllama turns this on). Off by
+    /// default: such an id is almost always a caller's mistake. No effect with several streams.
+    pub fn set_stock_seq_ids(&mut self, on: bool) {
+        self.seq_limit = if on && self.n_stream == 1 {
+            MAX_SEQ as u32
+        } else {
+            self.p.n_seq_max
+        };
+    }
+
+    /// Sequence ids below this are accepted (see [`KvCache::set_stock_seq_ids`]).
+    pub fn seq_limit(&self) -> u32 {
+        self.seq_limit
     }
 
     /// The parameters the cache was built with.
@@ -298,14 +319,19 @@ impl KvCache {
     }
 
     fn check_seq(&self, seq_id: i32) -> Result<()> {
-        if seq_id < 0 || seq_id as u32 >= self.p.n_seq_max {
+        if seq_id < 0 || seq_id as u32 >= self.seq_limit {
             return Err(err!(
                 InvalidSeqId,
                 "seq_id {seq_id} outside [0, {})",
-                self.p.n_seq_max
+                self.seq_limit
             ));
         }
         Ok(())
+    }
+
+    /// Takes the stream copies queued for the next update (the caller performs them).
+    pub fn take_pending_copies(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.pending_copies)
     }
 
     /// Empties every stream and resets the heads. Pending stream copies are kept, as upstream.

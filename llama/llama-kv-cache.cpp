@@ -1,0 +1,870 @@
+// llama-memory's drop-in: llama.cpp's `llama_kv_cache` over this library's KV cache. The
+// library owns the cells, the K/V tensors, slot search, masks and indices, and the state
+// format; this file maps upstream's members onto its C ABI (llama/llama-memory-abi.h) and
+// keeps in C++ what must stay there: the ubatch split, the contexts, the graph-side objects
+// llama_context drives (the K-shift graph through its scheduler), llama.cpp's io objects.
+
+#include "llama-kv-cache.h"
+
+#include "llama-memory-abi.h"
+
+#include "ggml-backend.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace {
+
+// The library's view of an upstream slot_info: the same arrays, borrowed.
+struct slot_view {
+    std::vector<const uint32_t *> ptrs;
+    llama_memory_slot_info        c = {};
+
+    explicit slot_view(const llama_kv_cache::slot_info & s) {
+        ptrs.reserve(s.idxs.size());
+        for (const auto & v : s.idxs) {
+            ptrs.push_back(v.data());
+        }
+        c.s0       = s.s0;
+        c.s1       = s.s1;
+        c.n_stream = (uint32_t) s.strm.size();
+        c.size     = s.idxs.empty() ? 0 : (uint32_t) s.idxs[0].size();
+        c.strm     = s.strm.data();
+        c.idxs     = ptrs.data();
+    }
+};
+
+void check(llama_memory_result rc, const char * what) {
+    if (rc != LLAMA_MEMORY_OK) {
+        llama_memory_dropin_throw(what);
+    }
+}
+
+// An orthonormal Walsh-Hadamard matrix of size n (a power of 2), row-major: H(2m) is
+// [[H(m), H(m)], [H(m), -H(m)]] and H(1) = 1/sqrt(n), so that H * H = I.
+std::vector<float> hadamard(int64_t n) {
+    std::vector<float> h((size_t) (n*n));
+    h[0] = 1.0f / sqrtf((float) n);
+    for (int64_t m = 1; m < n; m *= 2) {
+        for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < m; ++j) {
+                const float x = h[i*n + j];
+                h[i*n + (j + m)]       =  x;
+                h[(i + m)*n + j]       =  x;
+                h[(i + m)*n + (j + m)] = -x;
+            }
+        }
+    }
+    return h;
+}
+
+} // namespace
+
+//
+// llama_kv_cache
+//
+
+llama_kv_cache::llama_kv_cache(
+        const llama_model & model,
+        const llama_hparams & hparams,
+                ggml_type   type_k,
+                ggml_type   type_v,
+                     bool   v_trans,
+                     bool   offload,
+                     bool   unified,
+                 uint32_t   kv_size,
+                 uint32_t   n_seq_max,
+                 uint32_t   n_pad,
+                 uint32_t   n_swa,
+           llama_swa_type   swa_type,
+           llama_memory_t   mem_other,
+    const layer_filter_cb & filter,
+    const  layer_reuse_cb & reuse,
+    const  layer_share_cb & share,
+             const char *   name_tag) :
+    model(model), hparams(hparams), v_trans(v_trans),
+    n_seq_max(n_seq_max), n_stream(unified ? 1 : n_seq_max), kv_size(kv_size), t_k(type_k), t_v(type_v) {
+    GGML_UNUSED(share);
+    GGML_UNUSED(name_tag);
+
+    if (mem_other) {
+        throw std::runtime_error("llama-memory drop-in: a KV cache sharing another cache's cells is not supported");
+    }
+
+    const uint32_t n_layer = hparams.n_layer_all;
+    const bool is_mla = hparams.is_mla();
+
+    int32_t n_embd_head_k_all = 0;
+    int32_t n_embd_head_v_all = 0;
+
+    std::vector<llama_memory_kv_layer> layers;
+    for (uint32_t il = 0; il < n_layer; il++) {
+        if (!hparams.has_kv(il) || (filter && !filter(il))) {
+            continue;
+        }
+
+        const int32_t hk = (int32_t) hparams.n_embd_head_k(il);
+        n_embd_head_k_all = n_embd_head_k_all == 0 ? hk : (n_embd_head_k_all == hk ? hk : -1);
+        if (!is_mla) {
+            const int32_t hv = (int32_t) hparams.n_embd_head_v(il);
+            n_embd_head_v_all = n_embd_head_v_all == 0 ? hv : (n_embd_head_v_all == hv ? hv : -1);
+        }
+
+        llama_memory_kv_layer l = {};
+        l.il           = il;
+        l.n_embd_k_gqa = hparams.n_embd_k_gqa(il);
+        l.n_embd_v_gqa = hparams.n_embd_v_gqa(il);
+        l.reuse        = -1;
+        l.buft         = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+        layers.push_back(l);
+
+        layer_ids.push_back(il);
+        map_layer_ids[il] = il;
+    }
+
+    if (reuse) {
+        for (uint32_t il = 0; il < n_layer; il++) {
+            const int32_t il_reuse = reuse(il);
+            if (il_reuse < 0 || (filter && !filter(il))) {
+                continue;
+            }
+            if (map_layer_ids.find(il_reuse) == map_layer_ids.end()) {
+                throw std::runtime_error("llama-memory drop-in: a layer reuses a layer without KV tensors");
+            }
+            llama_memory_kv_layer l = {};
+            l.il           = il;
+            l.n_embd_k_gqa = hparams.n_embd_k_gqa(il);
+            l.n_embd_v_gqa = hparams.n_embd_v_gqa(il);
+            l.reuse        = il_reuse;
+            layers.push_back(l);
+            map_layer_ids[il] = map_layer_ids[il_reuse];
+        }
+    }
+
+    // the attention rotation of quantized caches, as llama.cpp decides it
+    {
+        const char * env = getenv("LLAMA_ATTN_ROT_DISABLE");
+        const bool rot_disable = env ? atoi(env) : false;
+
+        bool rot_k = !rot_disable && n_embd_head_k_all > 0 && ggml_is_quantized(type_k) && hparams.n_embd_head_k() % 64 == 0;
+        if ((model.arch == LLM_ARCH_DEEPSEEK32 || model.arch == LLM_ARCH_DEEPSEEK4 ||
+             model.arch == LLM_ARCH_GLM_DSA || model.arch == LLM_ARCH_DOTS3NOTE) &&
+            hparams.n_embd_head_k_full == hparams.indexer_head_size) {
+            rot_k = true;
+        }
+        const bool rot_v = !rot_disable && n_embd_head_v_all > 0 && ggml_is_quantized(type_v) && hparams.n_embd_head_v() % 64 == 0;
+
+        if (rot_k) {
+            n_rot_k = 64;
+            while (n_embd_head_k_all % (2*n_rot_k) == 0) {
+                n_rot_k *= 2;
+            }
+        }
+        if (rot_v) {
+            n_rot_v = 64;
+        }
+        if (n_rot_k || n_rot_v) {
+            for (int64_t n = 64; n <= std::max(n_embd_head_k_all, n_embd_head_v_all); n *= 2) {
+                attn_rot_hadamard[n] = hadamard(n);
+            }
+        }
+    }
+
+    llama_memory_kv_params p = llama_memory_kv_default_params();
+    p.size             = kv_size;
+    p.n_seq_max        = n_seq_max;
+    p.unified          = unified;
+    p.n_pad            = n_pad;
+    p.n_swa            = n_swa;
+    p.swa_type         = (int32_t) swa_type;
+    p.n_pos_per_embd   = hparams.n_pos_per_embd();
+    p.model_can_shift  = model.arch != LLM_ARCH_STEP35;
+    p.use_alibi        = hparams.use_alibi;
+    p.non_causal_type  = (int32_t) hparams.non_causal_type;
+    p.v_trans          = v_trans;
+    p.n_embd_v_gqa_max = is_mla ? 0 : hparams.n_embd_v_gqa_max();
+    p.n_rel_attn_bkts  = hparams.n_rel_attn_bkts;
+
+    llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
+    sp.type_k   = type_k;
+    sp.type_v   = type_v;
+    sp.is_mla   = is_mla;
+    sp.n_rot_k  = n_rot_k;
+    sp.n_rot_v  = n_rot_v;
+    sp.layers   = layers.data();
+    sp.n_layers = layers.size();
+
+    mem = llama_memory_kv_init_with_storage(p, sp);
+    if (!mem) {
+        llama_memory_dropin_throw("failed to create the KV cache");
+    }
+    check(llama_memory_kv_set_stock_seq_ids(mem, true), "KV cache");
+
+    slots = llama_memory_slots_init();
+    if (!slots) {
+        llama_memory_free(mem);
+        llama_memory_dropin_throw("failed to create the KV cache");
+    }
+
+    for (const auto & [buft, size] : memory_breakdown()) {
+        LLAMA_LOG_INFO("%s: %10s KV buffer size = %8.2f MiB\n", __func__, ggml_backend_buft_name(buft), size/1024.0/1024.0);
+    }
+}
+
+llama_kv_cache::~llama_kv_cache() {
+    llama_memory_slots_free(slots);
+    llama_memory_free(mem);
+}
+
+void llama_kv_cache::clear(bool data) {
+    llama_memory_dropin_clear(mem, data);
+}
+
+bool llama_kv_cache::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    return llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);
+}
+
+void llama_kv_cache::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);
+}
+
+void llama_kv_cache::seq_keep(llama_seq_id seq_id) {
+    llama_memory_dropin_seq_keep(mem, seq_id);
+}
+
+void llama_kv_cache::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);
+}
+
+void llama_kv_cache::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);
+}
+
+llama_pos llama_kv_cache::seq_pos_min(llama_seq_id seq_id) const {
+    return llama_memory_dropin_seq_pos_min(mem, seq_id);
+}
+
+llama_pos llama_kv_cache::seq_pos_max(llama_seq_id seq_id) const {
+    return llama_memory_dropin_seq_pos_max(mem, seq_id);
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> ret;
+    const size_t n = llama_memory_kv_memory_breakdown(mem, nullptr, nullptr, 0);
+    std::vector<ggml_backend_buffer_type_t> bufts(n);
+    std::vector<size_t> sizes(n);
+    const size_t got = llama_memory_kv_memory_breakdown(mem, bufts.data(), sizes.data(), n);
+    for (size_t i = 0; i < got && i < n; ++i) {
+        ret[bufts[i]] += sizes[i];
+    }
+    return ret;
+}
+
+llama_memory_context_ptr llama_kv_cache::init_batch(
+            llama_batch_allocr & balloc,
+            uint32_t n_ubatch,
+            bool embd_all) {
+    GGML_UNUSED(embd_all);
+
+    balloc.split_reset();
+
+    std::vector<llama_ubatch> ubatches;
+    for (;;) {
+        // one stream: simple splits; a stream per sequence: equal splits, one sequence per set
+        llama_ubatch ubatch = n_stream == 1 ? balloc.split_simple(n_ubatch) : balloc.split_equal(n_ubatch, true, 0);
+        if (ubatch.n_tokens == 0) {
+            break;
+        }
+        ubatches.push_back(std::move(ubatch)); // NOLINT
+    }
+
+    if (balloc.get_n_used() < balloc.get_n_tokens()) {
+        return std::make_unique<llama_kv_cache_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+    }
+
+    auto sinfos = prepare(ubatches);
+    if (sinfos.empty()) {
+        return std::make_unique<llama_kv_cache_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+    }
+
+    return std::make_unique<llama_kv_cache_context>(this, std::move(sinfos), std::move(ubatches));
+}
+
+llama_memory_context_ptr llama_kv_cache::init_full() {
+    return std::make_unique<llama_kv_cache_context>(this);
+}
+
+llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool optimize) {
+    GGML_UNUSED(optimize);
+
+    const bool do_shift = get_has_shift();
+
+    // the pending stream copies move into the update context, as upstream's
+    stream_copy_info sc;
+    const size_t n = llama_memory_kv_take_stream_copies(mem, nullptr, nullptr, 0);
+    if (n > 0) {
+        sc.ssrc.resize(n);
+        sc.sdst.resize(n);
+        if (llama_memory_kv_take_stream_copies(mem, sc.ssrc.data(), sc.sdst.data(), n) != n) {
+            llama_memory_dropin_throw("failed to take the pending stream copies");
+        }
+    }
+
+    return std::make_unique<llama_kv_cache_context>(this, lctx, do_shift, std::move(sc));
+}
+
+llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_ubatch> & ubatches) {
+    std::vector<llama_memory_ubatch> ubs;
+    ubs.reserve(ubatches.size());
+    for (const auto & ub : ubatches) {
+        ubs.push_back(llama_memory_dropin_ubatch(ub));
+    }
+
+    const llama_memory_result rc = llama_memory_kv_prepare(mem, ubs.data(), ubs.size(), slots);
+    if (rc != LLAMA_MEMORY_OK) {
+        if (rc != LLAMA_MEMORY_ERR_NO_SLOT) {
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_memory_last_error());
+        }
+        return {};
+    }
+
+    const size_t n = llama_memory_slots_count(slots);
+    slot_info_vec_t res(n);
+    for (size_t k = 0; k < n; ++k) {
+        llama_memory_slot_info c = {};
+        check(llama_memory_slots_get(slots, k, &c), "prepare");
+        auto & s = res[k];
+        s.s0 = c.s0;
+        s.s1 = c.s1;
+        s.resize(c.n_stream);
+        for (uint32_t j = 0; j < c.n_stream; ++j) {
+            s.strm[j] = c.strm[j];
+            s.idxs[j].assign(c.idxs[j], c.idxs[j] + c.size);
+        }
+    }
+    return res;
+}
+
+llama_kv_cache::slot_info llama_kv_cache::find_slot(const llama_ubatch & ubatch, bool cont) const {
+    // the library's search gives upstream's non-contiguous slot; prepare() puts the cells back
+    GGML_UNUSED(cont);
+    auto res = const_cast<llama_kv_cache *>(this)->prepare({ ubatch });
+    return res.empty() ? slot_info{} : res[0];
+}
+
+void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & ubatch) {
+    const slot_view sv(sinfo);
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
+    check(llama_memory_kv_apply_ubatch(mem, &sv.c, &ub), "apply_ubatch");
+}
+
+bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info) {
+    bool updated = false;
+
+    if (!sc_info.empty()) {
+        llama_synchronize(lctx);
+        for (size_t i = 0; i < sc_info.ssrc.size(); ++i) {
+            check(llama_memory_kv_copy_stream(mem, sc_info.ssrc[i], sc_info.sdst[i]), "stream copy");
+        }
+    }
+
+    if (do_shift) {
+        if (!get_can_shift()) {
+            throw std::runtime_error("the KV cache / model configuration does not support K-shift");
+        }
+
+        if (hparams.rope_type != LLAMA_ROPE_TYPE_NONE) {
+            auto * sched = lctx->get_sched();
+            ggml_backend_sched_reset(sched);
+
+            auto * res = lctx->get_gf_res_reserve();
+            res->reset();
+
+            auto * gf = build_graph_shift(res, lctx);
+            if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+                LLAMA_LOG_ERROR("%s: failed to allocate compute graph for K-shift\n", __func__);
+                return updated;
+            }
+
+            res->set_inputs(nullptr);
+
+            if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+                LLAMA_LOG_ERROR("%s: failed to compute K-shift\n", __func__);
+                return updated;
+            }
+
+            updated = true;
+        }
+
+        check(llama_memory_kv_reset_shift(mem), "K-shift");
+    }
+
+    return updated;
+}
+
+bool llama_kv_cache::get_can_shift() const {
+    return llama_memory_dropin_can_shift(mem);
+}
+
+uint32_t llama_kv_cache::get_size() const {
+    return kv_size;
+}
+
+uint32_t llama_kv_cache::get_n_seq_max() const {
+    return n_seq_max;
+}
+
+uint32_t llama_kv_cache::get_n_stream() const {
+    return n_stream;
+}
+
+bool llama_kv_cache::get_has_shift() const {
+    return llama_memory_kv_get_has_shift(mem);
+}
+
+ggml_type llama_kv_cache::type_k() const {
+    return t_k;
+}
+
+ggml_type llama_kv_cache::type_v() const {
+    return t_v;
+}
+
+std::vector<uint32_t> llama_kv_cache::get_layer_ids() const {
+    return layer_ids;
+}
+
+ggml_tensor * llama_kv_cache::get_k_storage(int32_t il) const {
+    return llama_memory_kv_get_k_tensor(mem, (uint32_t) map_layer_ids.at(il));
+}
+
+const llama_kv_cells & llama_kv_cache::get_cells(llama_seq_id seq_id) const {
+    const uint32_t strm = get_stream(seq_id);
+    cells_mirror.resize(n_stream);
+    auto & cells = cells_mirror[strm];
+    cells.reset();
+    cells.resize(kv_size);
+    for (uint32_t i = 0; i < kv_size; ++i) {
+        llama_pos pos = -1;
+        uint64_t bits[4] = {};
+        check(llama_memory_kv_get_cell(mem, strm, i, &pos, nullptr, bits), "get_cells");
+        if (pos < 0) {
+            continue;
+        }
+        cells.pos_set(i, pos);
+        for (int w = 0; w < 4; ++w) {
+            for (int b = 0; b < 64; ++b) {
+                if (bits[w] >> b & 1) {
+                    cells.seq_add(i, w*64 + b);
+                }
+            }
+        }
+    }
+    return cells;
+}
+
+uint32_t llama_kv_cache::get_stream(llama_seq_id seq_id) const {
+    GGML_ASSERT(seq_id >= 0 && seq_id < LLAMA_MAX_SEQ);
+    return n_stream == 1 ? 0 : (uint32_t) seq_id;
+}
+
+uint32_t llama_kv_cache::get_n_kv(const slot_info & sinfo) const {
+    const slot_view sv(sinfo);
+    return llama_memory_kv_get_n_kv(mem, &sv.c);
+}
+
+ggml_tensor * llama_kv_cache::get_k(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
+    return llama_memory_kv_view_k(mem, ctx, (uint32_t) il, n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_k(il));
+}
+
+ggml_tensor * llama_kv_cache::get_v(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
+    return llama_memory_kv_view_v(mem, ctx, (uint32_t) il, n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_v(il));
+}
+
+ggml_tensor * llama_kv_cache::cpy_k(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il, const slot_info & sinfo) const {
+    GGML_UNUSED(sinfo);
+    return llama_memory_kv_cpy_k(mem, ctx, (uint32_t) il, k_cur, k_idxs);
+}
+
+ggml_tensor * llama_kv_cache::cpy_v(ggml_context * ctx, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t il, const slot_info & sinfo) const {
+    GGML_UNUSED(sinfo);
+    return llama_memory_kv_cpy_v(mem, ctx, (uint32_t) il, v_cur, v_idxs);
+}
+
+ggml_tensor * llama_kv_cache::build_input_k_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ubatch.n_tokens);
+    ggml_set_input(t);
+    ggml_set_name(t, "attn_inp_k_idxs");
+    return t;
+}
+
+ggml_tensor * llama_kv_cache::build_input_v_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
+    // a transposed V takes one index per scalar of each row
+    const int64_t n = v_trans ? (int64_t) ubatch.n_tokens*hparams.n_embd_v_gqa_max() : ubatch.n_tokens;
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+    ggml_set_input(t);
+    ggml_set_name(t, "attn_inp_v_idxs");
+    return t;
+}
+
+ggml_tensor * llama_kv_cache::build_input_k_rot(ggml_context * ctx) const {
+    if (!n_rot_k) {
+        return nullptr;
+    }
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rot_k, n_rot_k);
+    ggml_set_input(t);
+    ggml_set_name(t, "attn_inp_k_rot");
+    return t;
+}
+
+ggml_tensor * llama_kv_cache::build_input_v_rot(ggml_context * ctx) const {
+    if (!n_rot_v) {
+        return nullptr;
+    }
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rot_v, n_rot_v);
+    ggml_set_input(t);
+    ggml_set_name(t, "attn_inp_v_rot");
+    return t;
+}
+
+void llama_kv_cache::set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch, const slot_info & sinfo) const {
+    const slot_view sv(sinfo);
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
+    check(llama_memory_kv_set_input_k_idxs_tensor(mem, dst, &ub, &sv.c), "set_input_k_idxs");
+}
+
+void llama_kv_cache::set_input_v_idxs(ggml_tensor * dst, const llama_ubatch * ubatch, const slot_info & sinfo) const {
+    const slot_view sv(sinfo);
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
+    check(llama_memory_kv_set_input_v_idxs_tensor(mem, dst, &ub, &sv.c), "set_input_v_idxs");
+}
+
+void llama_kv_cache::set_input_k_shift(ggml_tensor * dst) const {
+    check(llama_memory_kv_set_input_k_shift_tensor(mem, dst), "set_input_k_shift");
+}
+
+void llama_kv_cache::set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, bool causal_attn) const {
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
+    check(llama_memory_kv_set_input_kq_mask_tensor(mem, dst, &ub, causal_attn), "set_input_kq_mask");
+}
+
+void llama_kv_cache::set_input_pos_bucket(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
+    check(llama_memory_kv_set_input_pos_bucket_tensor(mem, dst, &ub), "set_input_pos_bucket");
+}
+
+void llama_kv_cache::set_input_k_rot(ggml_tensor * dst) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    const auto & h = attn_rot_hadamard.at(dst->ne[0]);
+    memcpy(dst->data, h.data(), ggml_nbytes(dst));
+}
+
+void llama_kv_cache::set_input_v_rot(ggml_tensor * dst) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    const auto & h = attn_rot_hadamard.at(dst->ne[0]);
+    memcpy(dst->data, h.data(), ggml_nbytes(dst));
+}
+
+bool llama_kv_cache::has_cell_ext() const {
+    return hparams.n_pos_per_embd() > 1 || hparams.ple_n_heads > 0;
+}
+
+void llama_kv_cache::get_prev_tokens(const llama_ubatch & ubatch, uint32_t n, std::vector<llama_token> & res) const {
+    GGML_UNUSED(ubatch);
+    GGML_UNUSED(n);
+    GGML_UNUSED(res);
+    throw std::runtime_error("llama-memory drop-in: get_prev_tokens (n-gram inputs) is not supported yet");
+}
+
+void llama_kv_cache::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    llama_memory_dropin_writer w{ io };
+    const llama_memory_io_write cb = w.callbacks();
+    if (llama_memory_state_write_io(mem, seq_id, flags, &cb) != LLAMA_MEMORY_OK) {
+        llama_memory_dropin_throw("failed to write the KV cache state");
+    }
+}
+
+void llama_kv_cache::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    state_read_sinfo(io, seq_id, flags, nullptr, nullptr);
+}
+
+void llama_kv_cache::state_read_sinfo(
+        llama_io_read_i & io,
+           llama_seq_id   seq_id,
+  llama_state_seq_flags   flags,
+      slot_info_vec_t *   sinfos_out,
+const slot_info_vec_t *   sinfos_in) {
+    if (sinfos_out || sinfos_in) {
+        throw std::runtime_error("llama-memory drop-in: restoring into given slots is not supported yet");
+    }
+
+    llama_memory_dropin_reader r{ io };
+    const llama_memory_io_read cb = r.callbacks();
+    if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
+        return;
+    }
+    // The library changed no cell. llama.cpp erases the destination once it got past the
+    // stream count (the whole cache for seq_id -1): do the same, so that every later llama.h
+    // call returns what it returns on stock.
+    if (r.n_read > 4) {
+        state_clear(seq_id);
+    }
+    if (r.error) {
+        std::rethrow_exception(r.error);
+    }
+    llama_memory_dropin_throw("failed to restore kv cache");
+}
+
+void llama_kv_cache::state_clear(llama_seq_id seq_id) {
+    check(llama_memory_kv_state_clear(mem, seq_id), "state_clear");
+}
+
+//
+// K-shift: the graph input and graph (orchestrated through llama_context, as upstream)
+//
+
+namespace {
+
+class kv_shift_input : public llm_graph_input_i {
+public:
+    explicit kv_shift_input(const llama_kv_cache * kv) : kv(kv) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        if (k_shift) {
+            kv->set_input_k_shift(k_shift);
+        }
+        if (k_rot && k_rot->buffer) {
+            kv->set_input_k_rot(k_rot);
+        }
+    }
+
+    ggml_tensor * k_shift = nullptr; // I32 [kv_size*n_stream]
+    ggml_tensor * k_rot   = nullptr; // the Hadamard rotation of a quantized K (its own inverse)
+
+    const llama_kv_cache * kv;
+};
+
+} // namespace
+
+ggml_cgraph * llama_kv_cache::build_graph_shift(llm_graph_result * res, llama_context * lctx) const {
+    auto * ctx = res->get_ctx();
+    auto * gf  = res->get_gf();
+
+    auto inp = std::make_unique<kv_shift_input>(this);
+
+    inp->k_shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) kv_size*n_stream);
+    ggml_set_input(inp->k_shift);
+
+    inp->k_rot = build_input_k_rot(ctx);
+
+    const auto & cparams = lctx->get_cparams();
+
+    // M-RoPE rotates the whole vector on a shift, which NEOX ordering does
+    const int rope_type = hparams.rope_type == LLAMA_ROPE_TYPE_MROPE || hparams.rope_type == LLAMA_ROPE_TYPE_IMROPE
+        ? LLAMA_ROPE_TYPE_NEOX : hparams.rope_type;
+
+    for (const uint32_t il : layer_ids) {
+        if (!hparams.has_rope(il)) {
+            continue;
+        }
+
+        ggml_tensor * k_all = llama_memory_kv_get_k_tensor(mem, il);
+        if (!k_all) {
+            llama_memory_dropin_throw("K-shift");
+        }
+
+        const int64_t n_head_kv     = hparams.n_head_kv(il);
+        const int64_t n_embd_k_gqa  = hparams.n_embd_k_gqa(il);
+        const int64_t n_rot         = hparams.n_rot(il);
+        const int64_t n_embd_head_k = hparams.n_embd_head_k(il);
+        // MLA keeps the rotated part after the non-rotated one
+        const int64_t n_embd_nope   = hparams.n_lora_kv > 0 ? n_embd_head_k - n_rot : 0;
+
+        const float freq_base  = model.get_rope_freq_base (cparams, il);
+        const float freq_scale = model.get_rope_freq_scale(cparams, il);
+
+        ggml_tensor * factors = model.get_rope_factors(cparams, il);
+
+        ggml_tensor * k = ggml_view_3d(ctx, k_all,
+                n_rot, n_head_kv, (int64_t) kv_size*n_stream,
+                ggml_row_size(k_all->type, n_embd_head_k),
+                ggml_row_size(k_all->type, n_embd_k_gqa),
+                ggml_row_size(k_all->type, n_embd_nope));
+
+        ggml_tensor * cur;
+        if (ggml_is_quantized(k->type)) {
+            // through F32: undo the rotation, RoPE, rotate again, store
+            cur = ggml_cast(ctx, k, GGML_TYPE_F32);
+            cur = llama_mul_mat_hadamard(ctx, cur, inp->k_rot);
+            cur = ggml_rope_ext(ctx, cur, inp->k_shift, factors, n_rot, rope_type, cparams.n_ctx_orig_yarn,
+                    freq_base, freq_scale, cparams.yarn_ext_factor, cparams.yarn_attn_factor,
+                    cparams.yarn_beta_fast, cparams.yarn_beta_slow);
+            cur = llama_mul_mat_hadamard(ctx, cur, inp->k_rot);
+            cur = ggml_cpy(ctx, cur, k);
+        } else {
+            cur = ggml_rope_ext_inplace(ctx, k, inp->k_shift, factors, n_rot, rope_type, cparams.n_ctx_orig_yarn,
+                    freq_base, freq_scale, cparams.yarn_ext_factor, cparams.yarn_attn_factor,
+                    cparams.yarn_beta_fast, cparams.yarn_beta_slow);
+        }
+
+        ggml_build_forward_expand(gf, cur);
+    }
+
+    res->add_input(std::move(inp));
+
+    return gf;
+}
+
+//
+// llama_kv_cache_context
+//
+
+llama_kv_cache_context::llama_kv_cache_context(llama_memory_status status) : status(status) {}
+
+llama_kv_cache_context::llama_kv_cache_context(
+        llama_kv_cache * kv) : status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv) {
+    n_kv = kv->get_size();
+
+    // a placeholder slot over every stream: only its shape matters for the worst-case graph
+    const uint32_t n_stream = kv->get_n_stream();
+    sinfos.resize(1);
+    sinfos[0].s0 = 0;
+    sinfos[0].s1 = n_stream - 1;
+    sinfos[0].idxs.resize(n_stream);
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        sinfos[0].strm.push_back(s);
+        sinfos[0].idxs[s].resize(1, 0);
+    }
+}
+
+llama_kv_cache_context::llama_kv_cache_context(
+        llama_kv_cache * kv,
+        llama_context * lctx,
+        bool do_shift,
+        stream_copy_info sc_info) : status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), lctx(lctx), do_shift(do_shift), sc_info(std::move(sc_info)) {
+    if (!do_shift && this->sc_info.empty()) {
+        status = LLAMA_MEMORY_STATUS_NO_UPDATE;
+    }
+}
+
+llama_kv_cache_context::llama_kv_cache_context(
+        llama_kv_cache * kv,
+        llama_kv_cache::slot_info_vec_t sinfos,
+        std::vector<llama_ubatch> ubatches) : status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), sinfos(std::move(sinfos)), ubatches(std::move(ubatches)) {
+}
+
+llama_kv_cache_context::~llama_kv_cache_context() = default;
+
+bool llama_kv_cache_context::next() {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+
+    return ++i_cur < ubatches.size();
+}
+
+bool llama_kv_cache_context::apply() {
+    assert(!llama_memory_status_is_fail(status));
+
+    // no ubatches: an update
+    if (ubatches.empty()) {
+        kv->update(lctx, do_shift, sc_info);
+        return true;
+    }
+
+    kv->apply_ubatch(sinfos[i_cur], ubatches[i_cur]);
+    n_kv = kv->get_n_kv(sinfos[i_cur]);
+
+    return true;
+}
+
+llama_memory_status llama_kv_cache_context::get_status() const {
+    return status;
+}
+
+const llama_ubatch & llama_kv_cache_context::get_ubatch() const {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+
+    return ubatches[i_cur];
+}
+
+uint32_t llama_kv_cache_context::get_n_kv() const {
+    return n_kv;
+}
+
+ggml_type llama_kv_cache_context::type_k() const {
+    return kv->type_k();
+}
+
+ggml_type llama_kv_cache_context::type_v() const {
+    return kv->type_v();
+}
+
+ggml_tensor * llama_kv_cache_context::get_k(ggml_context * ctx, int32_t il) const {
+    return kv->get_k(ctx, il, n_kv, sinfos[i_cur]);
+}
+
+ggml_tensor * llama_kv_cache_context::get_v(ggml_context * ctx, int32_t il) const {
+    return kv->get_v(ctx, il, n_kv, sinfos[i_cur]);
+}
+
+ggml_tensor * llama_kv_cache_context::cpy_k(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const {
+    return kv->cpy_k(ctx, k_cur, k_idxs, il, sinfos[i_cur]);
+}
+
+ggml_tensor * llama_kv_cache_context::cpy_v(ggml_context * ctx, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t il) const {
+    return kv->cpy_v(ctx, v_cur, v_idxs, il, sinfos[i_cur]);
+}
+
+ggml_tensor * llama_kv_cache_context::build_input_k_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
+    return kv->build_input_k_idxs(ctx, ubatch);
+}
+
+ggml_tensor * llama_kv_cache_context::build_input_v_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
+    return kv->build_input_v_idxs(ctx, ubatch);
+}
+
+ggml_tensor * llama_kv_cache_context::build_input_k_rot(ggml_context * ctx) const {
+    return kv->build_input_k_rot(ctx);
+}
+
+ggml_tensor * llama_kv_cache_context::build_input_v_rot(ggml_context * ctx) const {
+    return kv->build_input_v_rot(ctx);
+}
+
+void llama_kv_cache_context::set_input_k_shift(ggml_tensor * dst) const {
+    kv->set_input_k_shift(dst);
+}
+
+void llama_kv_cache_context::set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    kv->set_input_k_idxs(dst, ubatch, sinfos[i_cur]);
+}
+
+void llama_kv_cache_context::set_input_v_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    kv->set_input_v_idxs(dst, ubatch, sinfos[i_cur]);
+}
+
+void llama_kv_cache_context::set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, bool causal_attn) const {
+    kv->set_input_kq_mask(dst, ubatch, causal_attn);
+}
+
+void llama_kv_cache_context::set_input_pos_bucket(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    kv->set_input_pos_bucket(dst, ubatch);
+}
+
+void llama_kv_cache_context::set_input_k_rot(ggml_tensor * dst) const {
+    kv->set_input_k_rot(dst);
+}
+
+void llama_kv_cache_context::set_input_v_rot(ggml_tensor * dst) const {
+    kv->set_input_v_rot(dst);
+}
+
+void llama_kv_cache_context::get_prev_tokens(const llama_ubatch & ubatch, uint32_t n, std::vector<llama_token> & res) const {
+    kv->get_prev_tokens(ubatch, n, res);
+}
