@@ -17,4 +17,5 @@ mod handle;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;
+pub mod slot;
 pub mod state;
