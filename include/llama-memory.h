@@ -124,6 +124,9 @@ typedef struct llama_memory_ctx llama_memory_ctx;
 // The C pointer is thin; the trait object (a fat pointer) stays inside.
 typedef struct llama_memory_i llama_memory_i;
 
+// Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
+typedef struct llama_memory_slots llama_memory_slots;
+
 // Handle to a memory context.
 typedef struct llama_memory_ctx *llama_memory_ctx_t;
 
@@ -321,6 +324,28 @@ typedef struct llama_memory_rs_cell {
   // Number of sequences sharing the cell.
   uint32_t n_seq;
 } llama_memory_rs_cell;
+
+// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
+// `llama_memory_slots_free` ends it.
+typedef struct llama_memory_slots *llama_memory_slots_t;
+
+// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
+// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
+// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
+typedef struct llama_memory_slot_info {
+  // Lowest stream of the slot (`s0`).
+  uint32_t s0;
+  // Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
+  uint32_t s1;
+  // Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
+  uint32_t n_stream;
+  // Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
+  uint32_t size;
+  // `[n_stream]` the stream of each entry (`slot_info::strm`).
+  const llama_seq_id *strm;
+  // `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
+  const uint32_t *const *idxs;
+} llama_memory_slot_info;
 
 // One model layer of a KV cache with tensors.
 typedef struct llama_memory_kv_layer {
@@ -780,6 +805,131 @@ struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
                                               struct ggml_tensor *s_copy,
                                               uint32_t state_size,
                                               uint32_t n_seqs);
+
+// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
+// `llama_memory_slots_free`; one handle can serve every `prepare` call.
+llama_memory_slots_t llama_memory_slots_init(void);
+
+// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
+void llama_memory_slots_free(llama_memory_slots_t slots);
+
+// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
+// failed one); 0 for NULL.
+size_t llama_memory_slots_count(llama_memory_slots_t slots);
+
+// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
+// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
+// copy them (into a `slot_info`) before that.
+llama_memory_result llama_memory_slots_get(llama_memory_slots_t slots,
+                                           size_t i,
+                                           struct llama_memory_slot_info *out);
+
+// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
+// cells as if the ones before it were, then every cell and search head is rolled back (cells
+// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
+// `llama_memory_slots_init`, receives one slot info per ubatch.
+//
+// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
+// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
+// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
+// cache, equal split with one sequence per token group otherwise).
+llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
+                                            const struct llama_memory_ubatch *ubatches,
+                                            size_t n_ubatches,
+                                            llama_memory_slots_t out);
+
+// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
+// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
+// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
+// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
+//
+// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
+// token count differs from the ubatch's, a token group in a stream that does not hold its
+// sequences, a cell listed twice or a cell shared by several sequences.
+llama_memory_result llama_memory_kv_apply_ubatch(llama_memory_t mem,
+                                                 const struct llama_memory_slot_info *sinfo,
+                                                 const struct llama_memory_ubatch *ubatch);
+
+// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
+// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
+// them. 0 on error.
+uint32_t llama_memory_kv_get_n_kv(llama_memory_t mem, const struct llama_memory_slot_info *sinfo);
+
+// Writes the K row of each token of `ubatch` placed by `sinfo`
+// (`llama_kv_cache::set_input_k_idxs`): `strm[k] * size + idxs[k][i]`, into `dst` (`n`
+// elements, at least `n_tokens`).
+llama_memory_result llama_memory_kv_set_input_k_idxs(llama_memory_t mem,
+                                                     const struct llama_memory_ubatch *ubatch,
+                                                     const struct llama_memory_slot_info *sinfo,
+                                                     int64_t *dst,
+                                                     size_t n);
+
+// Writes the V destinations of each token of `ubatch` placed by `sinfo`
+// (`llama_kv_cache::set_input_v_idxs`) into `dst` (`n` elements: `n_tokens`, or
+// `n_tokens * n_embd_v_gqa_max` with a transposed V, whose index of token `t`, channel `j` is
+// `strm * size * n_embd_v_gqa_max + j * size + cell`).
+llama_memory_result llama_memory_kv_set_input_v_idxs(llama_memory_t mem,
+                                                     const struct llama_memory_ubatch *ubatch,
+                                                     const struct llama_memory_slot_info *sinfo,
+                                                     int64_t *dst,
+                                                     size_t n);
+
+// `llama_memory_kv_set_input_k_idxs` into a host I64 tensor (llama.cpp's
+// `attn_inp_k_idxs`, `n_tokens` elements), as `llama_kv_cache::set_input_k_idxs(dst, ubatch,
+// sinfo)`.
+llama_memory_result llama_memory_kv_set_input_k_idxs_tensor(llama_memory_t mem,
+                                                            struct ggml_tensor *dst,
+                                                            const struct llama_memory_ubatch *ubatch,
+                                                            const struct llama_memory_slot_info *sinfo);
+
+// `llama_memory_kv_set_input_v_idxs` into a host I64 tensor (llama.cpp's
+// `attn_inp_v_idxs`), as `llama_kv_cache::set_input_v_idxs(dst, ubatch, sinfo)`.
+llama_memory_result llama_memory_kv_set_input_v_idxs_tensor(llama_memory_t mem,
+                                                            struct ggml_tensor *dst,
+                                                            const struct llama_memory_ubatch *ubatch,
+                                                            const struct llama_memory_slot_info *sinfo);
+
+// Writes the KQ mask of a caller's `ubatch` over the first `n_kv` cells into `dst`
+// (`llama_kv_cache::set_input_kq_mask(dst, ubatch, causal_attn)` with `dst->ne[0] = n_kv`,
+// `dst->ne[3] = n_stream`): `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when
+// `f16`. The mask reads the cells as they are now (after the ubatch's apply), with the
+// cache's sliding window, ALiBi and non-causal type.
+llama_memory_result llama_memory_kv_set_input_kq_mask(llama_memory_t mem,
+                                                      const struct llama_memory_ubatch *ubatch,
+                                                      bool causal_attn,
+                                                      uint32_t n_kv,
+                                                      uint32_t n_stream,
+                                                      bool f16,
+                                                      void *dst,
+                                                      size_t n);
+
+// `llama_memory_kv_set_input_kq_mask` into a host F32 or F16 tensor of llama.cpp's shape
+// `[n_kv, n_tokens / n_stream, 1, n_stream]`, as `llama_kv_cache::set_input_kq_mask(dst,
+// ubatch, causal_attn)`.
+llama_memory_result llama_memory_kv_set_input_kq_mask_tensor(llama_memory_t mem,
+                                                             struct ggml_tensor *dst,
+                                                             const struct llama_memory_ubatch *ubatch,
+                                                             bool causal_attn);
+
+// Writes T5 relative position buckets of a caller's `ubatch` over the first `n_kv` cells
+// (`llama_kv_cache::set_input_pos_bucket`) into `dst` (`n_kv * n_tokens` elements). Needs a
+// unified cache and a ubatch from a simple split, as upstream.
+llama_memory_result llama_memory_kv_set_input_pos_bucket(llama_memory_t mem,
+                                                         const struct llama_memory_ubatch *ubatch,
+                                                         uint32_t n_kv,
+                                                         int32_t *dst,
+                                                         size_t n);
+
+// `llama_memory_kv_set_input_pos_bucket` into a host I32 tensor `[n_kv, n_tokens]`, as
+// `llama_kv_cache::set_input_pos_bucket(dst, ubatch)`.
+llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t mem,
+                                                                struct ggml_tensor *dst,
+                                                                const struct llama_memory_ubatch *ubatch);
+
+// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
+// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
+// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
+llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
 // Default storage parameters: F16 K and V, no layers.
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);

@@ -59,7 +59,7 @@ pub(crate) struct UbatchScratch {
 
 /// Checks a C ubatch description's counts and pointers and appends its sequence ids to
 /// `scratch`. The arrays are borrowed later by [`ubatch_view`].
-fn read_ubatch(u: &llama_memory_ubatch, scratch: &mut UbatchScratch) -> Result<()> {
+pub(crate) fn read_ubatch(u: &llama_memory_ubatch, scratch: &mut UbatchScratch) -> Result<()> {
     let n = u.n_tokens as usize;
     if n == 0 {
         return Err(err!(InvalidUbatch, "ubatch has no tokens"));
@@ -152,7 +152,7 @@ pub(crate) fn ubatch_views<'a>(
 }
 
 /// The borrowed ubatch over a C description read by [`read_ubatch`] into span `k`.
-fn ubatch_view<'a>(
+pub(crate) fn ubatch_view<'a>(
     u: &'a llama_memory_ubatch,
     scratch: &'a UbatchScratch,
     k: usize,
@@ -197,6 +197,25 @@ fn ubatch_view<'a>(
         }
     }
     Ok(ub)
+}
+
+impl UbatchScratch {
+    /// Forgets the ubatches read before.
+    pub(crate) fn reset(&mut self) {
+        self.seq_off.clear();
+        self.seq_ids.clear();
+        self.spans.clear();
+    }
+}
+
+/// Reads one C ubatch description (after [`UbatchScratch::reset`]) and returns its view.
+pub(crate) fn read_one_ubatch<'a>(
+    u: &'a llama_memory_ubatch,
+    scratch: &'a mut UbatchScratch,
+) -> Result<Ubatch<'a>> {
+    scratch.reset();
+    read_ubatch(u, scratch)?;
+    ubatch_view(u, scratch, 0)
 }
 
 /// A memory context handle: the plan for one batch, a full reservation, or an update.
@@ -295,9 +314,7 @@ pub extern "C" fn llama_memory_init_batch(
         }
         let descs = try_slice!(ubatches, n_ubatches, "ubatches");
         let scratch = &mut m.scratch;
-        scratch.seq_off.clear();
-        scratch.seq_ids.clear();
-        scratch.spans.clear();
+        scratch.reset();
         for d in descs {
             try_or!(read_ubatch(d, scratch));
         }

@@ -3,12 +3,12 @@
 
 use std::ffi::c_void;
 
-use super::boundary::host_tensor;
+use super::boundary::{check_slice, host_tensor};
 use super::context::{llama_memory_ctx_t, ContextHandle};
 use super::error::llama_memory_result;
 use super::memory::{kv_of, llama_memory_t};
 use crate::error::{err, Result};
-use crate::kv::{KvCache, KvContext, MaskOut};
+use crate::kv::{KvCache, KvContext, MaskOut, SlotInfo};
 use crate::memory::MemoryContext;
 use crate::ubatch::Ubatch;
 
@@ -64,16 +64,24 @@ fn slot_idxs_into_tensor(
     write: SlotIdxs,
 ) -> llama_memory_result {
     let c = try_ref!(ctx, "ctx");
-    with_kv_slot(c, |kv, slot| {
-        // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
-        // during the call.
-        let (_, out) = unsafe { host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64]) }?;
-        write(kv, slot, out)
-    })
+    with_kv_slot(c, |kv, slot| idxs_tensor(kv, slot, dst, write))
+}
+
+/// One of a slot's row-index inputs into a host I64 tensor.
+pub(crate) fn idxs_tensor(
+    kv: &KvCache,
+    slot: &SlotInfo,
+    dst: *mut ggml_sys::ggml_tensor,
+    write: SlotIdxs,
+) -> Result<()> {
+    // SAFETY: the header requires dst to be a valid tensor that nothing else accesses during
+    // the call.
+    let (_, out) = unsafe { host_tensor::<i64>(dst, &[ggml_sys::GGML_TYPE_I64]) }?;
+    write(kv, slot, out)
 }
 
 /// `KvCache::set_input_k_idxs` or `KvCache::set_input_v_idxs`.
-type SlotIdxs = fn(&KvCache, &crate::kv::SlotInfo, &mut [i64]) -> Result<()>;
+pub(crate) type SlotIdxs = fn(&KvCache, &SlotInfo, &mut [i64]) -> Result<()>;
 
 /// Writes the KQ mask of the current ubatch over `n_kv` cells (`set_input_kq_mask`) into `dst`:
 /// `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when `f16`; `n_stream` mask
@@ -90,14 +98,36 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask(
 ) -> llama_memory_result {
     ffi_boundary!({
         let c = try_ref!(ctx, "ctx");
-        let out = if f16 {
-            MaskOut::F16(try_slice_mut!(dst.cast::<u16>(), n, "dst"))
-        } else {
-            MaskOut::F32(try_slice_mut!(dst.cast::<f32>(), n, "dst"))
-        };
+        let out = try_or!(mask_buf(dst, n, f16));
         with_kv_ubatch(c, |kv, ub| {
             kv.set_input_kq_mask(&ub, causal_attn, n_kv, n_stream, out)
         })
+    })
+}
+
+/// A caller's mask buffer of `n` elements: f32, or IEEE half bit patterns when `f16`.
+pub(crate) fn mask_buf<'a>(dst: *mut c_void, n: usize, f16: bool) -> Result<MaskOut<'a>> {
+    if f16 {
+        check_slice(dst.cast_const().cast::<u16>(), n, "dst")?;
+    } else {
+        check_slice(dst.cast_const().cast::<f32>(), n, "dst")?;
+    }
+    if n == 0 {
+        return Ok(if f16 {
+            MaskOut::F16(&mut [])
+        } else {
+            MaskOut::F32(&mut [])
+        });
+    }
+    // SAFETY: the header requires dst to hold n writable elements of the chosen type that
+    // nothing else accesses during the call; check_slice refused NULL, misaligned and
+    // oversized buffers.
+    Ok(unsafe {
+        if f16 {
+            MaskOut::F16(std::slice::from_raw_parts_mut(dst.cast::<u16>(), n))
+        } else {
+            MaskOut::F32(std::slice::from_raw_parts_mut(dst.cast::<f32>(), n))
+        }
     })
 }
 
@@ -135,7 +165,7 @@ pub extern "C" fn llama_memory_kv_set_input_k_shift(
 
 fn with_kv_slot(
     c: &ContextHandle,
-    f: impl FnOnce(&KvCache, &crate::kv::SlotInfo) -> Result<()>,
+    f: impl FnOnce(&KvCache, &SlotInfo) -> Result<()>,
 ) -> llama_memory_result {
     let r = c.memory().and_then(kv_of).and_then(|kv| {
         let slot = c
@@ -163,7 +193,7 @@ fn with_kv_ubatch(
     LLAMA_MEMORY_OK
 }
 
-fn shape_err(what: &str, ne: [i64; 4], want: &str) -> crate::error::Error {
+pub(crate) fn shape_err(what: &str, ne: [i64; 4], want: &str) -> crate::error::Error {
     err!(
         InvalidArgument,
         "{what} tensor has ne = {ne:?}, expected {want}"
@@ -180,41 +210,39 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask_tensor(
 ) -> llama_memory_result {
     ffi_boundary!({
         let c = try_ref!(ctx, "ctx");
-        with_kv_ubatch(c, |kv, ub| {
-            let f16 = ggml_sys::GGML_TYPE_F16;
-            // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
-            // during the call; each of the views here ends before the next is made.
-            let (t, _) = unsafe {
-                super::boundary::host_tensor::<u8>(dst, &[ggml_sys::GGML_TYPE_F32, f16])
-            }?;
-            let ne = t.ne;
-            if ne[2] != 1
-                || ne[3] <= 0
-                || ne[1] * ne[3] != ub.n_tokens as i64
-                || ne[0] > u32::MAX as i64
-            {
-                return Err(shape_err(
-                    "kq mask",
-                    ne,
-                    "[n_kv, n_tokens / n_stream, 1, n_stream]",
-                ));
-            }
-            let (n_kv, n_stream) = (ne[0] as u32, ne[3] as u32);
-            let out = if t.type_ == f16 {
-                // SAFETY: see above.
-                MaskOut::F16(unsafe { host_tensor::<u16>(dst, &[f16]) }?.1)
-            } else {
-                // SAFETY: see above.
-                MaskOut::F32(
-                    unsafe {
-                        super::boundary::host_tensor::<f32>(dst, &[ggml_sys::GGML_TYPE_F32])
-                    }?
-                    .1,
-                )
-            };
-            kv.set_input_kq_mask(&ub, causal_attn, n_kv, n_stream, out)
-        })
+        with_kv_ubatch(c, |kv, ub| kq_mask_tensor(kv, &ub, dst, causal_attn))
     })
+}
+
+/// `KvCache::set_input_kq_mask` into a host F32/F16 tensor of llama.cpp's mask shape
+/// `[n_kv, n_tokens / n_stream, 1, n_stream]` (`n_kv` and `n_stream` taken from it).
+pub(crate) fn kq_mask_tensor(
+    kv: &KvCache,
+    ub: &Ubatch<'_>,
+    dst: *mut ggml_sys::ggml_tensor,
+    causal_attn: bool,
+) -> Result<()> {
+    let f16 = ggml_sys::GGML_TYPE_F16;
+    // SAFETY: the header requires dst to be a valid tensor that nothing else accesses
+    // during the call; each of the views here ends before the next is made.
+    let (t, _) = unsafe { host_tensor::<u8>(dst, &[ggml_sys::GGML_TYPE_F32, f16]) }?;
+    let ne = t.ne;
+    if ne[2] != 1 || ne[3] <= 0 || ne[1] * ne[3] != ub.n_tokens as i64 || ne[0] > u32::MAX as i64 {
+        return Err(shape_err(
+            "kq mask",
+            ne,
+            "[n_kv, n_tokens / n_stream, 1, n_stream]",
+        ));
+    }
+    let (n_kv, n_stream) = (ne[0] as u32, ne[3] as u32);
+    let out = if t.type_ == f16 {
+        // SAFETY: see above.
+        MaskOut::F16(unsafe { host_tensor::<u16>(dst, &[f16]) }?.1)
+    } else {
+        // SAFETY: see above.
+        MaskOut::F32(unsafe { host_tensor::<f32>(dst, &[ggml_sys::GGML_TYPE_F32]) }?.1)
+    };
+    kv.set_input_kq_mask(ub, causal_attn, n_kv, n_stream, out)
 }
 
 /// `llama_memory_ctx_set_input_k_idxs` into a host I64 tensor of `n_tokens` elements.
@@ -243,16 +271,23 @@ pub extern "C" fn llama_memory_ctx_set_input_pos_bucket_tensor(
 ) -> llama_memory_result {
     ffi_boundary!({
         let c = try_ref!(ctx, "ctx");
-        with_kv_ubatch(c, |kv, ub| {
-            // SAFETY: the header requires dst to be a valid tensor nothing else accesses.
-            let (t, out) = unsafe { host_tensor::<i32>(dst, &[ggml_sys::GGML_TYPE_I32]) }?;
-            let ne = t.ne;
-            if ne[1] != ub.n_tokens as i64 || ne[2] != 1 || ne[3] != 1 || ne[0] > u32::MAX as i64 {
-                return Err(shape_err("pos bucket", ne, "[n_kv, n_tokens, 1, 1]"));
-            }
-            kv.set_input_pos_bucket(&ub, ne[0] as u32, out)
-        })
+        with_kv_ubatch(c, |kv, ub| pos_bucket_tensor(kv, &ub, dst))
     })
+}
+
+/// `KvCache::set_input_pos_bucket` into a host I32 tensor `[n_kv, n_tokens]`.
+pub(crate) fn pos_bucket_tensor(
+    kv: &KvCache,
+    ub: &Ubatch<'_>,
+    dst: *mut ggml_sys::ggml_tensor,
+) -> Result<()> {
+    // SAFETY: the header requires dst to be a valid tensor nothing else accesses.
+    let (t, out) = unsafe { host_tensor::<i32>(dst, &[ggml_sys::GGML_TYPE_I32]) }?;
+    let ne = t.ne;
+    if ne[1] != ub.n_tokens as i64 || ne[2] != 1 || ne[3] != 1 || ne[0] > u32::MAX as i64 {
+        return Err(shape_err("pos bucket", ne, "[n_kv, n_tokens, 1, 1]"));
+    }
+    kv.set_input_pos_bucket(ub, ne[0] as u32, out)
 }
 
 /// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.

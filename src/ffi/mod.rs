@@ -20,5 +20,6 @@ pub mod io;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;
+pub mod slot;
 pub mod state;
 pub mod update;

@@ -353,27 +353,64 @@ fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
 }
 
 impl KvCache {
+    /// Checks that `slot` describes cells of this cache: 1 to 256 streams of the same
+    /// nonzero number of cells, `s0 <= strm[k] <= s1 < n_stream`, every cell below the size.
+    /// A slot from [`KvCache::find_slot`] or [`KvCache::prepare`] always passes; this is the
+    /// check for slots a caller builds (llama.cpp's composites do).
+    pub fn check_slot_info(&self, slot: &SlotInfo) -> Result<()> {
+        let ns = slot.n_stream();
+        if ns == 0 || ns > MAX_SEQ || slot.idxs.len() != ns {
+            return Err(err!(
+                InvalidArgument,
+                "slot has {ns} streams and {} index lists (expected 1..={MAX_SEQ} of each)",
+                slot.idxs.len()
+            ));
+        }
+        if slot.size() == 0 || slot.idxs.iter().any(|v| v.len() != slot.size()) {
+            return Err(err!(
+                InvalidArgument,
+                "slot streams must hold the same nonzero number of cells"
+            ));
+        }
+        if slot.s0 > slot.s1 || slot.s1 >= self.n_stream {
+            return Err(err!(
+                InvalidArgument,
+                "slot streams [{}, {}] outside the cache's {} streams",
+                slot.s0,
+                slot.s1,
+                self.n_stream
+            ));
+        }
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let s = slot.strm[k];
+            if s < slot.s0 || s > slot.s1 {
+                return Err(err!(
+                    InvalidArgument,
+                    "slot stream {s} outside its range [{}, {}]",
+                    slot.s0,
+                    slot.s1
+                ));
+            }
+            if let Some(&i) = idxs.iter().find(|&&i| i >= self.size()) {
+                return Err(err!(
+                    InvalidArgument,
+                    "slot cell {i} of stream {s} is outside the cache (size {})",
+                    self.size()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`KvCache::check_slot_info`], and the slot places exactly `n_tokens` tokens.
     fn check_slot_layout(&self, slot: &SlotInfo, n_tokens: usize) -> Result<()> {
-        if slot.n_stream() == 0 || slot.n_tokens() != n_tokens {
+        self.check_slot_info(slot)?;
+        if slot.n_tokens() != n_tokens {
             return Err(err!(
                 InvalidArgument,
                 "slot holds {} tokens, expected {n_tokens}",
                 slot.n_tokens()
             ));
-        }
-        for (k, idxs) in slot.idxs.iter().enumerate() {
-            if idxs.len() != slot.size() {
-                return Err(err!(
-                    InvalidArgument,
-                    "slot streams hold different token counts"
-                ));
-            }
-            if slot.strm[k] >= self.n_stream || idxs.iter().any(|&i| i >= self.size()) {
-                return Err(err!(
-                    InvalidArgument,
-                    "slot refers to a stream or cell outside the cache"
-                ));
-            }
         }
         Ok(())
     }

@@ -145,6 +145,8 @@ pub struct KvCache {
     /// Stream copies `(src, dst)` queued by cross-stream `seq_cp`, applied by the next update.
     pending_copies: Vec<(u32, u32)>,
     scratch: Vec<u32>,
+    /// (stream, cell) keys of a caller-given slot, sorted to find cells listed twice.
+    keys: Vec<u64>,
     /// Rollback buffers of `prepare`, kept between calls.
     prep: PrepScratch,
     /// Sequence ids the operations accept: `n_seq_max`, or all 256 on a unified cache in
@@ -225,6 +227,7 @@ impl KvCache {
             heads: vec![0; n_stream as usize],
             pending_copies: Vec::new(),
             scratch: Vec::new(),
+            keys: Vec::new(),
             prep: PrepScratch::default(),
             seq_limit: p.n_seq_max,
             p,
@@ -742,6 +745,93 @@ impl KvCache {
         for (k, idxs) in slot.idxs.iter().enumerate() {
             self.heads[slot.strm[k] as usize] = idxs[idxs.len() - 1] + 1;
         }
+    }
+
+    /// Places `ub` into the cells of a caller-given `slot` (`apply_ubatch(sinfo, ubatch)` for a
+    /// slot info the caller found or built itself), after checking both; on error nothing
+    /// changes.
+    ///
+    /// As upstream, the cells need not be free: a cell held by one sequence is overwritten and
+    /// that sequence loses every position up to the overwritten one. Refused: a slot outside
+    /// the cache or not matching the ubatch's token count ([`KvCache::check_slot_info`]), a
+    /// token group placed in a stream that does not hold its sequences, a cell listed twice,
+    /// and a cell shared by several sequences (upstream asserts on the last two).
+    pub fn apply_slot(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>) -> Result<()> {
+        self.validate_ubatch(ub)?;
+        self.check_apply(slot, ub)?;
+        self.apply_ubatch(slot, ub);
+        Ok(())
+    }
+
+    fn check_apply(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>) -> Result<()> {
+        self.check_slot_info(slot)?;
+        let per = slot.size();
+        if slot.n_tokens() != ub.n_tokens as usize {
+            return Err(err!(
+                InvalidArgument,
+                "slot holds {} tokens, the ubatch {}",
+                slot.n_tokens(),
+                ub.n_tokens
+            ));
+        }
+        for i in 0..ub.n_tokens {
+            let strm = slot.strm[i as usize / per];
+            if let Some(&s) = ub.seqs(i).iter().find(|&&s| self.stream_of(s) != strm) {
+                return Err(err!(
+                    InvalidArgument,
+                    "token {i} of sequence {s} placed in stream {strm}, which does not hold it"
+                ));
+            }
+        }
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let strm = slot.strm[k];
+            let cells = &self.cells[strm as usize];
+            for &i in idxs {
+                if cells.seq_count(i) > 1 {
+                    self.keys = keys;
+                    return Err(err!(
+                        InvalidArgument,
+                        "slot cell {i} of stream {strm} is shared by {} sequences",
+                        cells.seq_count(i)
+                    ));
+                }
+                keys.push((strm as u64) << 32 | i as u64);
+            }
+        }
+        keys.sort_unstable();
+        let dup = keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+        self.keys = keys;
+        if let Some(key) = dup {
+            return Err(err!(
+                InvalidArgument,
+                "slot lists cell {} of stream {} twice",
+                key as u32,
+                key >> 32
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends `seq_id`'s state (`state_clear`, used after a failed restore): removes all its
+    /// cells, and returns its stream and, in `sole`, the cells that only it held (ascending),
+    /// whose K/V rows the caller zeroes.
+    pub fn state_clear_cells(&mut self, seq_id: i32, sole: &mut Vec<u32>) -> Result<u32> {
+        self.check_seq(seq_id)?;
+        let strm = self.stream_of(seq_id);
+        sole.clear();
+        let cells = &self.cells[strm as usize];
+        // Every position, i32::MAX included (which the seq_rm below keeps, as upstream's does).
+        sole.extend(
+            cells
+                .seq_pos_iter(seq_id)
+                .map(|(_, i)| i)
+                .filter(|&i| cells.seq_count(i) == 1),
+        );
+        sole.sort_unstable();
+        self.seq_rm(seq_id, -1, -1)?;
+        Ok(strm)
     }
 
     /// Finds slots for a sequence of validated ubatches, each placed as if the previous ones

@@ -1,0 +1,558 @@
+//! The slot-level KV API: llama.cpp `llama_kv_cache`'s `prepare(ubatches)`,
+//! `apply_ubatch(sinfo, ubatch)`, `get_n_kv(sinfo)`, `set_input_*(dst, ubatch, sinfo)` and
+//! `state_clear(seq_id)`, for callers that keep their own slot infos and ubatches: llama.cpp's
+//! composite memories (iSWA, hybrid, DSA, DSV4...) over the drop-in adapter that stands in for
+//! `llama_kv_cache`.
+//!
+//! Slot infos cross the ABI in two ways:
+//! - **in**: a borrowed [`llama_memory_slot_info`] whose arrays the caller owns. An adapter
+//!   points `strm` at `slot_info::strm.data()` and `idxs` at a small array of
+//!   `slot_info::idxs[k].data()`, so nothing is copied.
+//! - **out** (`prepare`): a [`llama_memory_slots_t`] the caller creates once, reuses for every
+//!   call (no allocation once its buffers have grown) and frees. `llama_memory_slots_get`
+//!   reads one slot info as a [`llama_memory_slot_info`] whose arrays belong to the handle.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+
+use super::boundary::check_slice;
+use super::context::UbatchScratch;
+use super::context::{llama_memory_ubatch, read_one_ubatch, read_ubatch, ubatch_view};
+use super::error::llama_memory_result;
+use super::handle::{self, Castable, OwnershipBox};
+use super::kv::{idxs_tensor, kq_mask_tensor, mask_buf, pos_bucket_tensor, SlotIdxs};
+use super::memory::{kv_of, llama_memory_t, llama_seq_id};
+use crate::cells::MAX_SEQ;
+use crate::error::{err, Result};
+use crate::kv::{KvCache, KvMemory, SlotInfo};
+use crate::memory::find_mut;
+use crate::ubatch::Ubatch;
+
+use llama_memory_result::*;
+
+/// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
+/// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
+/// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_slot_info {
+    /// Lowest stream of the slot (`s0`).
+    pub s0: u32,
+    /// Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
+    pub s1: u32,
+    /// Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
+    pub n_stream: u32,
+    /// Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
+    pub size: u32,
+    /// `[n_stream]` the stream of each entry (`slot_info::strm`).
+    pub strm: *const llama_seq_id,
+    /// `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
+    pub idxs: *const *const u32,
+}
+
+/// Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
+#[allow(non_camel_case_types)]
+pub struct llama_memory_slots {
+    _private: [u8; 0],
+}
+
+impl Castable for llama_memory_slots {
+    type Ownership = OwnershipBox;
+    type RustType = SlotsHandle;
+}
+
+/// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
+/// `llama_memory_slots_free` ends it.
+#[allow(non_camel_case_types)]
+pub type llama_memory_slots_t = *mut llama_memory_slots;
+
+/// What a slots handle holds.
+pub(crate) struct SlotsHandle {
+    slots: Vec<SlotInfo>,
+    /// Per slot, where its index pointers start in `ptrs`.
+    ptr_off: Vec<usize>,
+    /// The `idxs[k].as_ptr()` of every slot, in order (the `idxs` arrays handed out).
+    ptrs: Vec<*const u32>,
+}
+
+impl SlotsHandle {
+    /// Re-derives the pointer tables after `slots` changed.
+    fn rebuild(&mut self) {
+        self.ptr_off.clear();
+        self.ptrs.clear();
+        for s in &self.slots {
+            self.ptr_off.push(self.ptrs.len());
+            self.ptrs.extend(s.idxs.iter().map(|v| v.as_ptr()));
+        }
+    }
+}
+
+/// Per-thread buffers for reading one slot info and one ubatch from C without allocating once
+/// they have grown (the slot-level inputs are called for every ubatch).
+struct Scratch {
+    slot: SlotInfo,
+    ub: UbatchScratch,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            slot: SlotInfo::with_streams(0, 0),
+            ub: UbatchScratch::default(),
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (a fresh one when thread-local storage is gone).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut s = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let r = f(&mut s);
+    let _ = SCRATCH.try_with(|c| c.set(s));
+    r
+}
+
+/// The caller's ubatch description behind `p`.
+fn ubatch_desc<'a>(p: *const llama_memory_ubatch) -> Result<&'a llama_memory_ubatch> {
+    check_slice(p, 1, "ubatch")?;
+    // SAFETY: non-NULL and aligned (checked above); the header requires a valid description
+    // that stays unchanged during the call.
+    Ok(unsafe { &*p })
+}
+
+/// Reads the caller's slot info into `out` and checks it against `kv`
+/// ([`KvCache::check_slot_info`]).
+fn read_slot(p: *const llama_memory_slot_info, kv: &KvCache, out: &mut SlotInfo) -> Result<()> {
+    check_slice(p, 1, "sinfo")?;
+    // SAFETY: non-NULL and aligned (checked above); the header requires a valid struct.
+    let d = unsafe { &*p };
+    let (ns, size) = (d.n_stream as usize, d.size as usize);
+    if ns == 0 || ns > MAX_SEQ {
+        return Err(err!(
+            InvalidArgument,
+            "sinfo.n_stream = {ns} (expected 1..={MAX_SEQ})"
+        ));
+    }
+    if size == 0 || d.size > kv.size() {
+        return Err(err!(
+            InvalidArgument,
+            "sinfo.size = {size} (expected 1..={})",
+            kv.size()
+        ));
+    }
+    check_slice(d.strm, ns, "sinfo.strm")?;
+    check_slice(d.idxs, ns, "sinfo.idxs")?;
+    // SAFETY: both arrays hold n_stream elements (header rule); check_slice refused NULL,
+    // misaligned and oversized arrays.
+    let (strm, ptrs) = unsafe {
+        (
+            std::slice::from_raw_parts(d.strm, ns),
+            std::slice::from_raw_parts(d.idxs, ns),
+        )
+    };
+    out.reset(ns, size);
+    out.s0 = d.s0;
+    out.s1 = d.s1;
+    for (k, (&s, &p)) in strm.iter().zip(ptrs).enumerate() {
+        if s < 0 {
+            return Err(err!(InvalidArgument, "sinfo.strm[{k}] = {s}"));
+        }
+        out.strm[k] = s as u32;
+        check_slice(p, size, "sinfo.idxs[k]")?;
+        // SAFETY: idxs[k] points to `size` cell indices (header rule); check_slice refused
+        // NULL, misaligned and oversized arrays.
+        out.idxs[k].extend_from_slice(unsafe { std::slice::from_raw_parts(p, size) });
+    }
+    kv.check_slot_info(out)
+}
+
+/// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
+/// `llama_memory_slots_free`; one handle can serve every `prepare` call.
+#[no_mangle]
+pub extern "C" fn llama_memory_slots_init() -> llama_memory_slots_t {
+    ffi_boundary!({
+        handle::to_boxed_mut_ptr(SlotsHandle {
+            slots: Vec::new(),
+            ptr_off: Vec::new(),
+            ptrs: Vec::new(),
+        })
+    })
+}
+
+/// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
+#[no_mangle]
+pub extern "C" fn llama_memory_slots_free(slots: llama_memory_slots_t) {
+    ffi_boundary!({
+        // SAFETY: a non-NULL handle comes from llama_memory_slots_init and is not used after
+        // this call, as the header requires.
+        unsafe { handle::free_box(slots) }
+    })
+}
+
+/// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
+/// failed one); 0 for NULL.
+#[no_mangle]
+pub extern "C" fn llama_memory_slots_count(slots: llama_memory_slots_t) -> usize {
+    ffi_boundary!({ try_ref!(slots, "slots").slots.len() })
+}
+
+/// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
+/// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
+/// copy them (into a `slot_info`) before that.
+#[no_mangle]
+pub extern "C" fn llama_memory_slots_get(
+    slots: llama_memory_slots_t,
+    i: usize,
+    out: *mut llama_memory_slot_info,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let h = try_ref!(slots, "slots");
+        try_or!(check_slice(out.cast_const(), 1, "out"));
+        let Some(s) = h.slots.get(i) else {
+            bail!(err!(
+                InvalidArgument,
+                "slot info {i} of a list of {}",
+                h.slots.len()
+            ));
+        };
+        let info = llama_memory_slot_info {
+            s0: s.s0,
+            s1: s.s1,
+            n_stream: s.n_stream() as u32,
+            size: s.size() as u32,
+            // Stream numbers are below 256: the same bits as llama_seq_id.
+            strm: s.strm.as_ptr().cast::<llama_seq_id>(),
+            idxs: h.ptrs[h.ptr_off[i]..].as_ptr(),
+        };
+        // SAFETY: out is non-NULL and aligned (checked above) and points to a writable struct
+        // (header rule).
+        unsafe { out.write(info) };
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
+/// cells as if the ones before it were, then every cell and search head is rolled back (cells
+/// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
+/// `llama_memory_slots_init`, receives one slot info per ubatch.
+///
+/// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
+/// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
+/// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
+/// cache, equal split with one sequence per token group otherwise).
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_prepare(
+    mem: llama_memory_t,
+    ubatches: *const llama_memory_ubatch,
+    n_ubatches: usize,
+    out: llama_memory_slots_t,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let o = try_mut!(out, "out");
+        o.slots.clear();
+        o.rebuild();
+        let m = try_mut!(mem, "mem");
+        if n_ubatches == 0 {
+            bail!(err!(InvalidArgument, "n_ubatches is 0"));
+        }
+        let descs = try_slice!(ubatches, n_ubatches, "ubatches");
+        m.scratch.reset();
+        for d in descs {
+            try_or!(read_ubatch(d, &mut m.scratch));
+        }
+        let scratch = &m.scratch;
+        let kv = &mut try_or!(find_mut::<KvMemory>(&mut *m.inner)).cache;
+        let prepare = |kv: &mut KvCache, views: &[Ubatch<'_>], slots: &mut Vec<SlotInfo>| {
+            for v in views {
+                kv.validate_ubatch(v)?;
+            }
+            if kv.prepare_into(views, slots) {
+                Ok(())
+            } else {
+                Err(err!(NoSlot, "the ubatches do not fit in the cache"))
+            }
+        };
+        let r = if let [one] = descs {
+            let view = [try_or!(ubatch_view(one, scratch, 0))];
+            prepare(kv, &view, &mut o.slots)
+        } else {
+            let views = try_or!(descs
+                .iter()
+                .enumerate()
+                .map(|(k, d)| ubatch_view(d, scratch, k))
+                .collect::<Result<Vec<_>>>());
+            prepare(kv, &views, &mut o.slots)
+        };
+        if r.is_err() {
+            o.slots.clear();
+        }
+        o.rebuild();
+        try_or!(r);
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
+/// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
+/// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
+/// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
+///
+/// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
+/// token count differs from the ubatch's, a token group in a stream that does not hold its
+/// sequences, a cell listed twice or a cell shared by several sequences.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_apply_ubatch(
+    mem: llama_memory_t,
+    sinfo: *const llama_memory_slot_info,
+    ubatch: *const llama_memory_ubatch,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let d = try_or!(ubatch_desc(ubatch));
+        let kv = &mut try_or!(find_mut::<KvMemory>(&mut *m.inner)).cache;
+        try_or!(with_scratch(|sc| {
+            read_slot(sinfo, kv, &mut sc.slot)?;
+            let ub = read_one_ubatch(d, &mut sc.ub)?;
+            kv.apply_slot(&sc.slot, &ub)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
+/// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
+/// them. 0 on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_get_n_kv(
+    mem: llama_memory_t,
+    sinfo: *const llama_memory_slot_info,
+) -> u32 {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let kv = try_or!(kv_of(m));
+        try_or!(with_scratch(|sc| {
+            read_slot(sinfo, kv, &mut sc.slot)?;
+            Ok(kv.get_n_kv(&sc.slot))
+        }))
+    })
+}
+
+/// Runs `write` on the slot `sinfo` after checking that it places `ubatch`'s tokens (only the
+/// ubatch's `n_tokens` is read, as upstream's `set_input_{k,v}_idxs` assert).
+fn with_slot(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+    write: impl FnOnce(&KvCache, &SlotInfo) -> Result<()>,
+) -> Result<()> {
+    // SAFETY: as in try_ref!: a non-NULL handle from this library's constructors, not used
+    // from another thread during the call (header rules).
+    let m = unsafe { handle::try_from(mem) }.ok_or_else(|| super::boundary::null_arg("mem"))?;
+    let kv = kv_of(m)?;
+    let n_tokens = ubatch_desc(ubatch)?.n_tokens;
+    with_scratch(|sc| {
+        read_slot(sinfo, kv, &mut sc.slot)?;
+        if sc.slot.n_tokens() != n_tokens as usize {
+            return Err(err!(
+                InvalidArgument,
+                "slot holds {} tokens, the ubatch {n_tokens}",
+                sc.slot.n_tokens()
+            ));
+        }
+        write(kv, &sc.slot)
+    })
+}
+
+/// Runs `f` on the memory's KV cache and the caller's ubatch.
+fn with_ubatch(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    f: impl FnOnce(&KvCache, &Ubatch<'_>) -> Result<()>,
+) -> Result<()> {
+    // SAFETY: as in with_slot.
+    let m = unsafe { handle::try_from(mem) }.ok_or_else(|| super::boundary::null_arg("mem"))?;
+    let kv = kv_of(m)?;
+    let d = ubatch_desc(ubatch)?;
+    with_scratch(|sc| {
+        let ub = read_one_ubatch(d, &mut sc.ub)?;
+        f(kv, &ub)
+    })
+}
+
+/// Writes the K row of each token of `ubatch` placed by `sinfo`
+/// (`llama_kv_cache::set_input_k_idxs`): `strm[k] * size + idxs[k][i]`, into `dst` (`n`
+/// elements, at least `n_tokens`).
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_k_idxs(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+    dst: *mut i64,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({ idxs_into_buf(mem, ubatch, sinfo, dst, n, KvCache::set_input_k_idxs) })
+}
+
+/// Writes the V destinations of each token of `ubatch` placed by `sinfo`
+/// (`llama_kv_cache::set_input_v_idxs`) into `dst` (`n` elements: `n_tokens`, or
+/// `n_tokens * n_embd_v_gqa_max` with a transposed V, whose index of token `t`, channel `j` is
+/// `strm * size * n_embd_v_gqa_max + j * size + cell`).
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_v_idxs(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+    dst: *mut i64,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({ idxs_into_buf(mem, ubatch, sinfo, dst, n, KvCache::set_input_v_idxs) })
+}
+
+fn idxs_into_buf(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+    dst: *mut i64,
+    n: usize,
+    write: SlotIdxs,
+) -> llama_memory_result {
+    let out = try_slice_mut!(dst, n, "dst");
+    try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| write(
+        kv, slot, out
+    )));
+    LLAMA_MEMORY_OK
+}
+
+/// `llama_memory_kv_set_input_k_idxs` into a host I64 tensor (llama.cpp's
+/// `attn_inp_k_idxs`, `n_tokens` elements), as `llama_kv_cache::set_input_k_idxs(dst, ubatch,
+/// sinfo)`.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_k_idxs_tensor(
+    mem: llama_memory_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+) -> llama_memory_result {
+    ffi_boundary!({
+        try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| {
+            idxs_tensor(kv, slot, dst, KvCache::set_input_k_idxs)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// `llama_memory_kv_set_input_v_idxs` into a host I64 tensor (llama.cpp's
+/// `attn_inp_v_idxs`), as `llama_kv_cache::set_input_v_idxs(dst, ubatch, sinfo)`.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_v_idxs_tensor(
+    mem: llama_memory_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    ubatch: *const llama_memory_ubatch,
+    sinfo: *const llama_memory_slot_info,
+) -> llama_memory_result {
+    ffi_boundary!({
+        try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| {
+            idxs_tensor(kv, slot, dst, KvCache::set_input_v_idxs)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Writes the KQ mask of a caller's `ubatch` over the first `n_kv` cells into `dst`
+/// (`llama_kv_cache::set_input_kq_mask(dst, ubatch, causal_attn)` with `dst->ne[0] = n_kv`,
+/// `dst->ne[3] = n_stream`): `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when
+/// `f16`. The mask reads the cells as they are now (after the ubatch's apply), with the
+/// cache's sliding window, ALiBi and non-causal type.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_kq_mask(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    causal_attn: bool,
+    n_kv: u32,
+    n_stream: u32,
+    f16: bool,
+    dst: *mut c_void,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let out = try_or!(mask_buf(dst, n, f16));
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
+            kv.set_input_kq_mask(ub, causal_attn, n_kv, n_stream, out)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// `llama_memory_kv_set_input_kq_mask` into a host F32 or F16 tensor of llama.cpp's shape
+/// `[n_kv, n_tokens / n_stream, 1, n_stream]`, as `llama_kv_cache::set_input_kq_mask(dst,
+/// ubatch, causal_attn)`.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_kq_mask_tensor(
+    mem: llama_memory_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    ubatch: *const llama_memory_ubatch,
+    causal_attn: bool,
+) -> llama_memory_result {
+    ffi_boundary!({
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
+            kq_mask_tensor(kv, ub, dst, causal_attn)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Writes T5 relative position buckets of a caller's `ubatch` over the first `n_kv` cells
+/// (`llama_kv_cache::set_input_pos_bucket`) into `dst` (`n_kv * n_tokens` elements). Needs a
+/// unified cache and a ubatch from a simple split, as upstream.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_pos_bucket(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    n_kv: u32,
+    dst: *mut i32,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let out = try_slice_mut!(dst, n, "dst");
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
+            kv.set_input_pos_bucket(ub, n_kv, out)
+        }));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// `llama_memory_kv_set_input_pos_bucket` into a host I32 tensor `[n_kv, n_tokens]`, as
+/// `llama_kv_cache::set_input_pos_bucket(dst, ubatch)`.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
+    mem: llama_memory_t,
+    dst: *mut ggml_sys::ggml_tensor,
+    ubatch: *const llama_memory_ubatch,
+) -> llama_memory_result {
+    ffi_boundary!({
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| pos_bucket_tensor(
+            kv, ub, dst
+        )));
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
+/// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
+/// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_state_clear(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let k = try_or!(find_mut::<KvMemory>(&mut *m.inner));
+        try_or!(k.state_clear(seq_id));
+        LLAMA_MEMORY_OK
+    })
+}
