@@ -1025,6 +1025,33 @@ size_t llama_memory_state_seq_load_file(llama_memory_t mem,
                                         size_t n_token_capacity,
                                         size_t *n_token_count_out);
 
+// True when a position shift (`seq_add`/`seq_div`) is waiting for the K-shift
+// (`get_has_shift`); false for NULL or a memory that is not a KV cache (last error set).
+bool llama_memory_kv_get_has_shift(llama_memory_t mem);
+
+// Takes the stream copies a cross-stream `seq_cp` queued (`init_update` moves them into the
+// update context): writes up to `cap` `(src[i], dst[i])` pairs and returns how many there
+// are. With `cap` smaller than that, nothing is taken (call again with room); `cap = 0`
+// only counts.
+size_t llama_memory_kv_take_stream_copies(llama_memory_t mem,
+                                          uint32_t *src,
+                                          uint32_t *dst,
+                                          size_t cap);
+
+// Copies every layer's K and V of stream `src` over stream `dst` (one queued stream copy).
+// The caller synchronizes the backend first, as llama.cpp does.
+llama_memory_result llama_memory_kv_copy_stream(llama_memory_t mem, uint32_t src, uint32_t dst);
+
+// Clears every cell's pending shift, once the caller computed the K-shift graph (or has no
+// RoPE to shift), as the end of llama.cpp's `update`.
+llama_memory_result llama_memory_kv_reset_shift(llama_memory_t mem);
+
+// With `on`, a unified cache accepts sequence ids in `[n_seq_max, 256)` in its sequence
+// operations and sequence states, as llama.cpp does (its ubatches are checked against
+// `n_seq_max` by llama.cpp's batch allocator before they get here). Off by default, where
+// such ids are refused as invalid. No effect on a cache with several streams.
+llama_memory_result llama_memory_kv_set_stock_seq_ids(llama_memory_t mem, bool on);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus
