@@ -200,7 +200,7 @@ llama_kv_cache::llama_kv_cache(
     sp.layers   = layers.data();
     sp.n_layers = layers.size();
 
-    mem = llama_memory_kv_init_with_storage(p, sp);
+    mem = llama_memory_kv_init_with_storage(p, &sp);
     if (!mem) {
         llama_memory_dropin_throw("failed to create the KV cache");
     }
