@@ -11,6 +11,9 @@ cmake_minimum_required(VERSION 3.21)
 unset(ENV{GGML_SYS_LINK_DIR})
 unset(ENV{GGML_SYS_LINK_KIND})
 set(ENV{CARGO_TARGET_DIR} "${TARGET_DIR}")
+# The drop-in libllama has its own ctest tests (label dropin, with LLAMA_MEMORY_DROPIN=ON);
+# tests/dropin.rs would configure and build a second project tree from inside this one.
+set(ENV{LLAMA_MEMORY_DROPIN_TESTS} 0)
 if(LLAMA_CPP_DIR)
     set(ENV{LLAMA_CPP_DIR} "${LLAMA_CPP_DIR}")
 endif()
