@@ -514,7 +514,8 @@ struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
 // Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
 // `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
 // `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
-// What was written before an error stays written. Supported by the recurrent memory.
+// What was written before an error stays written. Supported by the KV cache and the
+// recurrent memory.
 llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
                                                 llama_seq_id seq_id,
                                                 llama_state_seq_flags flags,
@@ -524,7 +525,7 @@ llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
 // llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
 // is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
 // once may have changed the destination's rows (llama.cpp's caller erases the destination
-// then). Supported by the recurrent memory.
+// then). Supported by the KV cache and the recurrent memory.
 llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
                                                llama_seq_id seq_id,
                                                llama_state_seq_flags flags,
