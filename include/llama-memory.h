@@ -819,6 +819,12 @@ size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size
 // unchanged (llama.cpp leaves it cleared or half-restored).
 size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
 
+// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
+// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
+// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
+// (cells shared with another sequence keep their bytes). KV caches only.
+llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
+
 // `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
 size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
 

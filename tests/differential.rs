@@ -227,6 +227,9 @@ const COUNTERS: &[&str] = &[
     "state: restore seq PARTIAL_ONLY",
     "state: restore all",
     "state: restore failed on both sides",
+    "state: state_clear(seq)",
+    "state: state_clear(seq) zeroing cells it held alone",
+    "state: state_clear(-1)",
     "state: restore with random tensor data",
     "state: save with non-zero tensor data",
     "update: K-shift graph run on both sides",
@@ -1027,6 +1030,34 @@ impl Pair {
     /// A state step: save a sequence (or everything) on both sides and compare the bytes, or
     /// restore an earlier save into the same sequence, another one, or the whole cache.
     fn op_state(&mut self) {
+        if self.rng.gen_bool(0.08) {
+            // What a hybrid memory runs on its KV part when another part failed to restore.
+            let seq = if self.rng.gen_bool(0.1) {
+                -1
+            } else {
+                self.seq()
+            };
+            self.last_op = format!("state_clear({seq})");
+            if seq >= 0 {
+                let cells = self.kv().cells(self.kv().stream_of(seq));
+                if cells
+                    .seq_pos_iter(seq)
+                    .any(|(_, c)| cells.seq_count(c) == 1)
+                {
+                    self.count("state: state_clear(seq) zeroing cells it held alone");
+                }
+            }
+            self.ours.state_clear(seq).unwrap();
+            self.theirs.state_clear(seq);
+            self.step += 1;
+            self.count(if seq == -1 {
+                "state: state_clear(-1)"
+            } else {
+                "state: state_clear(seq)"
+            });
+            self.compare_state();
+            return;
+        }
         let flags = if self.rng.gen_bool(0.5) {
             PARTIAL_ONLY
         } else {

@@ -1008,3 +1008,108 @@ fn write_tensor_gets_llama_cpps_ranges() {
         }
     }
 }
+
+fn tensor_bytes(t: *mut ggml_sys::ggml_tensor) -> Vec<u8> {
+    // SAFETY: a live tensor of the memory, read in full.
+    let n = unsafe { ggml_sys::ggml_nbytes(t) };
+    let mut d = vec![0u8; n];
+    unsafe { ggml_sys::ggml_backend_tensor_get(t, d.as_mut_ptr().cast(), 0, n) };
+    d
+}
+
+/// `llama_memory_kv_state_clear` (llama.cpp's `llama_kv_cache::state_clear`; compared with
+/// stock in tests/differential.rs): the sequence's cells go, the rows of those it held alone
+/// are zeroed, shared cells and every other byte stay.
+#[test]
+fn kv_state_clear_zeroes_what_the_sequence_held_alone() {
+    const ROW: usize = GQA as usize * 2;
+    for (unified, v_trans) in CONFIGS {
+        let m = populated_cfg(unified, v_trans, 29);
+        let n_stream = llama_memory_kv_n_stream(m.0);
+        let seq = 1;
+        let strm = if unified { 0 } else { seq as u32 };
+        // the cells of seq 1: held alone, or shared (with seq 2, in the unified cache)
+        let (mut alone, mut shared) = (Vec::new(), Vec::new());
+        for c in 0..SIZE {
+            let mut pos = 0;
+            let mut bits = [0u64; 4];
+            llama_memory_kv_get_cell(
+                m.0,
+                strm,
+                c,
+                &mut pos,
+                std::ptr::null_mut(),
+                bits.as_mut_ptr(),
+            );
+            if pos >= 0 && bits[0] >> seq & 1 == 1 {
+                if bits[0].count_ones() == 1 {
+                    alone.push(c as usize);
+                } else {
+                    shared.push(c as usize);
+                }
+            }
+        }
+        assert!(!alone.is_empty());
+        assert_eq!(shared.is_empty(), !unified);
+        let mut want = Vec::new();
+        for il in 0..2 {
+            let k = llama_memory_kv_get_k_tensor(m.0, il);
+            let v = llama_memory_kv_get_v_tensor(m.0, il);
+            // SAFETY: live tensors of the memory.
+            let (sk, sv) = unsafe { ((*k).nb[2], (*v).nb[2]) };
+            let (base_k, base_v) = (strm as usize * sk, strm as usize * sv);
+            let mut kb = tensor_bytes(k);
+            let mut vb = tensor_bytes(v);
+            for &c in &alone {
+                kb[base_k + c * ROW..base_k + (c + 1) * ROW].fill(0);
+                if v_trans {
+                    for j in 0..GQA as usize {
+                        let o = base_v + (j * SIZE as usize + c) * 2;
+                        vb[o..o + 2].fill(0);
+                    }
+                } else {
+                    vb[base_v + c * ROW..base_v + (c + 1) * ROW].fill(0);
+                }
+            }
+            want.push((k, kb));
+            want.push((v, vb));
+        }
+        let pos_2 = (
+            llama_memory_seq_pos_min(m.0, 2),
+            llama_memory_seq_pos_max(m.0, 2),
+        );
+        // invalid sequences change nothing
+        let before = snapshot(&m);
+        for bad in [-2, N_SEQ, 1000] {
+            assert_ne!(llama_memory_kv_state_clear(m.0, bad), LLAMA_MEMORY_OK);
+            assert_eq!(
+                llama_memory_last_error_code(),
+                LLAMA_MEMORY_ERR_INVALID_SEQ_ID
+            );
+            assert!(snapshot(&m) == before);
+        }
+        assert_eq!(llama_memory_kv_state_clear(m.0, seq), LLAMA_MEMORY_OK);
+        assert_eq!(llama_memory_seq_pos_max(m.0, seq), -1);
+        assert_eq!(
+            (
+                llama_memory_seq_pos_min(m.0, 2),
+                llama_memory_seq_pos_max(m.0, 2)
+            ),
+            pos_2
+        );
+        for (t, bytes) in &want {
+            assert!(
+                tensor_bytes(*t) == *bytes,
+                "unified {unified}, v_trans {v_trans}"
+            );
+        }
+        // -1: everything cleared and zeroed
+        assert_eq!(llama_memory_kv_state_clear(m.0, -1), LLAMA_MEMORY_OK);
+        for s in 0..n_stream {
+            assert_eq!(llama_memory_kv_n_used(m.0, s), 0);
+        }
+        for (t, _) in &want {
+            assert!(tensor_bytes(*t).iter().all(|&b| b == 0));
+        }
+    }
+}
