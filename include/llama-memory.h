@@ -539,7 +539,8 @@ struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
 // Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
 // `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
 // `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
-// What was written before an error stays written. Supported by the recurrent memory.
+// What was written before an error stays written. Supported by the KV cache and the
+// recurrent memory.
 llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
                                                 llama_seq_id seq_id,
                                                 llama_state_seq_flags flags,
@@ -549,7 +550,7 @@ llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
 // llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
 // is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
 // once may have changed the destination's rows (llama.cpp's caller erases the destination
-// then). Supported by the recurrent memory.
+// then). Supported by the KV cache and the recurrent memory.
 llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
                                                llama_seq_id seq_id,
                                                llama_state_seq_flags flags,
@@ -967,6 +968,12 @@ size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size
 // Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
 // unchanged (llama.cpp leaves it cleared or half-restored).
 size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
+
+// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
+// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
+// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
+// (cells shared with another sequence keep their bytes). KV caches only.
+llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
 // `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
 size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use ggml_sys as g;
 use half::f16;
+use llama_memory::state::io::{IoRead, IoWrite, Sink, StateOut};
 use llama_memory::storage::graph::llama_memory_rope_params;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{
@@ -35,26 +36,128 @@ const PARTIAL_ONLY: u32 = 1;
 /// Our side of stock `llama_kv_cache::state_write(io, seq, flags)` (`seq == -1`: everything),
 /// through the crate's public state functions, as the same bytes (the sequence blob without
 /// its 8-byte header). With [`our_state_read`], the only place this suite calls state code.
+/// Every save is also written through a caller's writer (what the drop-in's adapters use),
+/// which must give the same bytes.
 fn our_state_write(mem: &KvMemory, seq: i32, flags: u32) -> Vec<u8> {
-    if seq == -1 {
+    let blob = if seq == -1 {
         let mut buf = vec![0u8; state::get_size(mem).unwrap()];
         let n = state::get_data(mem, &mut buf).unwrap();
         assert_eq!(n, buf.len(), "state size changed between the two calls");
-        return buf;
-    }
-    let mut buf = vec![0u8; state::seq_get_size(mem, seq, flags).unwrap()];
-    let n = state::seq_get_data(mem, &mut buf, seq, flags, &mut state::Stash::new()).unwrap();
-    assert_eq!(n, buf.len(), "state size changed between the two calls");
-    buf.split_off(8)
+        buf
+    } else {
+        let mut buf = vec![0u8; state::seq_get_size(mem, seq, flags).unwrap()];
+        let n = state::seq_get_data(mem, &mut buf, seq, flags, &mut state::Stash::new()).unwrap();
+        assert_eq!(n, buf.len(), "state size changed between the two calls");
+        buf.split_off(8)
+    };
+    let mut w = CopyWriter(Vec::new());
+    let mut sink = Sink::Io { io: &mut w, pos: 0 };
+    Memory::state_write(
+        mem,
+        seq,
+        flags,
+        &mut StateOut {
+            sink: &mut sink,
+            stash: None,
+        },
+    )
+    .unwrap();
+    assert!(
+        w.0 == blob,
+        "the writer path wrote other bytes than the blob"
+    );
+    blob
 }
 
-/// Our side of stock `llama_kv_cache::state_read(io, dest, flags)`: bytes consumed.
+/// A caller's writer that copies tensor ranges at once.
+#[derive(Debug)]
+struct CopyWriter(Vec<u8>);
+
+impl IoWrite for CopyWriter {
+    fn write(&mut self, b: &[u8]) -> llama_memory::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+    fn write_tensor(
+        &mut self,
+        t: *mut g::ggml_tensor,
+        offset: usize,
+        n: usize,
+    ) -> llama_memory::Result<()> {
+        let at = self.0.len();
+        self.0.resize(at + n, 0);
+        // SAFETY: a live tensor of the memory; the range was checked against it by the caller
+        // and again here.
+        assert!(offset + n <= unsafe { g::ggml_nbytes(t) });
+        unsafe { g::ggml_backend_tensor_get(t, self.0[at..].as_mut_ptr().cast(), offset, n) };
+        Ok(())
+    }
+}
+
+/// A caller's reader that applies its tensor ranges once the read succeeded, as llama.cpp's.
+struct DeferredReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    pending: Vec<(*mut g::ggml_tensor, usize, usize, usize)>,
+}
+
+impl DeferredReader<'_> {
+    fn take(&mut self, n: usize) -> llama_memory::Result<usize> {
+        if n > self.bytes.len() - self.pos {
+            return Err(llama_memory::Error::new(
+                llama_memory::ErrorKind::InvalidState,
+                "the reader's input ended",
+            ));
+        }
+        self.pos += n;
+        Ok(self.pos - n)
+    }
+}
+
+impl IoRead for DeferredReader<'_> {
+    fn read(&mut self, dst: &mut [u8]) -> llama_memory::Result<()> {
+        let at = self.take(dst.len())?;
+        dst.copy_from_slice(&self.bytes[at..at + dst.len()]);
+        Ok(())
+    }
+    fn read_tensor(
+        &mut self,
+        t: *mut g::ggml_tensor,
+        offset: usize,
+        n: usize,
+    ) -> llama_memory::Result<()> {
+        // SAFETY: a live tensor of the memory.
+        assert!(offset + n <= unsafe { g::ggml_nbytes(t) });
+        let at = self.take(n)?;
+        self.pending.push((t, offset, at, n));
+        Ok(())
+    }
+}
+
+/// Restores alternate between the blob path and a caller's reader.
+static READ_THROUGH_IO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Our side of stock `llama_kv_cache::state_read(io, dest, flags)`: bytes consumed. Every
+/// other restore goes through a caller's reader (what the drop-in's adapters use).
 fn our_state_read(
     mem: &mut KvMemory,
     dest: i32,
     flags: u32,
     raw: &[u8],
 ) -> llama_memory::Result<usize> {
+    if READ_THROUGH_IO.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) {
+        let mut r = DeferredReader {
+            bytes: raw,
+            pos: 0,
+            pending: Vec::new(),
+        };
+        Memory::state_read_io(mem, dest, flags, &mut r)?;
+        for &(t, off, at, n) in &r.pending {
+            // SAFETY: a live tensor of the memory, range checked in read_tensor.
+            unsafe { g::ggml_backend_tensor_set(t, raw[at..].as_ptr().cast(), off, n) };
+        }
+        return Ok(r.pos);
+    }
     if dest == -1 {
         return state::set_data(mem, raw);
     }
@@ -124,6 +227,9 @@ const COUNTERS: &[&str] = &[
     "state: restore seq PARTIAL_ONLY",
     "state: restore all",
     "state: restore failed on both sides",
+    "state: state_clear(seq)",
+    "state: state_clear(seq) zeroing cells it held alone",
+    "state: state_clear(-1)",
     "state: restore with random tensor data",
     "state: save with non-zero tensor data",
     "update: K-shift graph run on both sides",
@@ -924,6 +1030,34 @@ impl Pair {
     /// A state step: save a sequence (or everything) on both sides and compare the bytes, or
     /// restore an earlier save into the same sequence, another one, or the whole cache.
     fn op_state(&mut self) {
+        if self.rng.gen_bool(0.08) {
+            // What a hybrid memory runs on its KV part when another part failed to restore.
+            let seq = if self.rng.gen_bool(0.1) {
+                -1
+            } else {
+                self.seq()
+            };
+            self.last_op = format!("state_clear({seq})");
+            if seq >= 0 {
+                let cells = self.kv().cells(self.kv().stream_of(seq));
+                if cells
+                    .seq_pos_iter(seq)
+                    .any(|(_, c)| cells.seq_count(c) == 1)
+                {
+                    self.count("state: state_clear(seq) zeroing cells it held alone");
+                }
+            }
+            self.ours.state_clear(seq).unwrap();
+            self.theirs.state_clear(seq);
+            self.step += 1;
+            self.count(if seq == -1 {
+                "state: state_clear(-1)"
+            } else {
+                "state: state_clear(seq)"
+            });
+            self.compare_state();
+            return;
+        }
         let flags = if self.rng.gen_bool(0.5) {
             PARTIAL_ONLY
         } else {

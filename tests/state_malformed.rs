@@ -4,12 +4,21 @@
 //!
 //! llama.cpp differs here on purpose: it erases the destination sequence (or the whole cache)
 //! when a restore fails, and aborts or throws on some of these inputs.
+//!
+//! Every rejected input (of a host blob with a well-formed header) is also fed through a
+//! caller's reader (`llama_memory_state_read_io`, what the drop-in's adapter uses), which must
+//! refuse it too and change nothing; `io_path_matches_the_blob_path` checks that the reader and
+//! writer paths give the same bytes and the same restores as the blob path.
 
 use std::ffi::{CStr, CString};
 
 use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::{
     llama_memory_last_error, llama_memory_last_error_code, llama_memory_result,
+};
+use llama_memory::ffi::io::{
+    llama_memory_io_read, llama_memory_io_write, llama_memory_state_read_io,
+    llama_memory_state_write_io,
 };
 use llama_memory::ffi::memory::*;
 use llama_memory::ffi::state::*;
@@ -160,6 +169,10 @@ fn rejects(m: &Mem, blob: &[u8], dest: i32, code: llama_memory_result) -> String
     assert_eq!(llama_memory_last_error_code(), code, "{msg}");
     assert!(!msg.is_empty());
     assert!(snapshot(m) == before, "the memory changed after: {msg}");
+    // The same body through a caller's reader, when the blob header is well-formed.
+    if blob.len() >= 8 && blob[..4] == 0xaf14_3cd8u32.to_ne_bytes() {
+        io_rejects(m, &blob[8..], dest, &before);
+    }
     msg
 }
 
@@ -171,7 +184,169 @@ fn rejects_whole(m: &Mem, state: &[u8], code: llama_memory_result) -> String {
     assert_eq!(r, 0, "accepted a malformed whole state");
     assert_eq!(llama_memory_last_error_code(), code, "{msg}");
     assert!(snapshot(m) == before, "the memory changed after: {msg}");
+    io_rejects(m, state, -1, &before);
     msg
+}
+
+thread_local! {
+    /// Inputs the current test fed through a caller's reader (each test has its own thread).
+    static IO_CASES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A reader over `bytes` that defers its tensor writes until it is done, as llama.cpp's host
+/// reader: `finish` applies them (call it only after a successful read).
+struct DeferredReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    pending: Vec<(*mut ggml_sys::ggml_tensor, usize, usize, usize)>,
+}
+
+unsafe extern "C" fn dr_read(
+    user: *mut std::ffi::c_void,
+    dst: *mut std::ffi::c_void,
+    n: usize,
+) -> i32 {
+    // SAFETY: user is the DeferredReader passed by io_read, alive for the call.
+    let r = unsafe { &mut *user.cast::<DeferredReader<'_>>() };
+    if n > r.bytes.len() - r.pos {
+        return -1;
+    }
+    // SAFETY: the library passes a destination of n bytes.
+    unsafe { std::ptr::copy_nonoverlapping(r.bytes[r.pos..].as_ptr(), dst.cast::<u8>(), n) };
+    r.pos += n;
+    0
+}
+
+unsafe extern "C" fn dr_read_tensor(
+    user: *mut std::ffi::c_void,
+    t: *mut ggml_sys::ggml_tensor,
+    off: usize,
+    n: usize,
+) -> i32 {
+    // SAFETY: as in dr_read.
+    let r = unsafe { &mut *user.cast::<DeferredReader<'_>>() };
+    if n > r.bytes.len() - r.pos {
+        return -1;
+    }
+    // SAFETY: a live tensor of the memory.
+    assert!(
+        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
+        "range outside the tensor"
+    );
+    r.pending.push((t, off, r.pos, n));
+    r.pos += n;
+    0
+}
+
+impl DeferredReader<'_> {
+    fn finish(&self) {
+        for &(t, off, at, n) in &self.pending {
+            // SAFETY: a tensor of the memory, range checked in dr_read_tensor.
+            unsafe {
+                ggml_sys::ggml_backend_tensor_set(t, self.bytes[at..].as_ptr().cast(), off, n)
+            };
+        }
+    }
+}
+
+/// Restores `body` (a state without blob header) into `dest` through a caller's reader;
+/// returns the result and the bytes it consumed. Applies the deferred tensor writes on success.
+fn io_read(m: &Mem, body: &[u8], dest: i32, flags: u32) -> (llama_memory_result, usize) {
+    let mut r = DeferredReader {
+        bytes: body,
+        pos: 0,
+        pending: Vec::new(),
+    };
+    let io = llama_memory_io_read {
+        user: (&mut r as *mut DeferredReader<'_>).cast(),
+        read: Some(dr_read),
+        read_tensor: Some(dr_read_tensor),
+    };
+    let rc = llama_memory_state_read_io(m.0, dest, flags, &io);
+    if rc == LLAMA_MEMORY_OK {
+        r.finish();
+    }
+    (rc, r.pos)
+}
+
+#[track_caller]
+fn io_rejects(m: &Mem, body: &[u8], dest: i32, before: &[u8]) {
+    let (rc, _) = io_read(m, body, dest, 0);
+    assert_ne!(
+        rc, LLAMA_MEMORY_OK,
+        "the reader path accepted a malformed state (dest {dest})"
+    );
+    assert!(!last_error().is_empty());
+    assert!(
+        snapshot(m) == before,
+        "the reader path changed the memory: {}",
+        last_error()
+    );
+    IO_CASES.set(IO_CASES.get() + 1);
+}
+
+/// Prints how many inputs the current test also fed through a caller's reader.
+fn report(test: &str) {
+    eprintln!(
+        "{test}: {} rejected inputs also refused by the reader path",
+        IO_CASES.get()
+    );
+}
+
+unsafe extern "C" fn w_write(
+    user: *mut std::ffi::c_void,
+    src: *const std::ffi::c_void,
+    n: usize,
+) -> i32 {
+    // SAFETY: user is the Writer passed by io_write; src holds n bytes.
+    let w = unsafe { &mut *user.cast::<Writer>() };
+    w.bytes
+        .extend_from_slice(unsafe { std::slice::from_raw_parts(src.cast::<u8>(), n) });
+    0
+}
+
+unsafe extern "C" fn w_write_tensor(
+    user: *mut std::ffi::c_void,
+    t: *mut ggml_sys::ggml_tensor,
+    off: usize,
+    n: usize,
+) -> i32 {
+    // SAFETY: as in w_write.
+    let w = unsafe { &mut *user.cast::<Writer>() };
+    // SAFETY: a live tensor of the memory.
+    assert!(
+        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
+        "range outside the tensor"
+    );
+    let at = w.bytes.len();
+    w.bytes.resize(at + n, 0);
+    unsafe { ggml_sys::ggml_backend_tensor_get(t, w.bytes[at..].as_mut_ptr().cast(), off, n) };
+    w.ranges.push((t, off, n));
+    0
+}
+
+/// What a caller's writer received: the bytes (tensor ranges copied in), and the ranges.
+#[derive(Default)]
+struct Writer {
+    bytes: Vec<u8>,
+    ranges: Vec<(*mut ggml_sys::ggml_tensor, usize, usize)>,
+}
+
+/// The state of `seq` written through a caller's writer.
+fn io_write(m: &Mem, seq: i32, flags: u32) -> Writer {
+    let mut w = Writer::default();
+    let io = llama_memory_io_write {
+        user: (&mut w as *mut Writer).cast(),
+        write: Some(w_write),
+        write_tensor: Some(w_write_tensor),
+    };
+    assert_eq!(
+        llama_memory_state_write_io(m.0, seq, flags, &io),
+        LLAMA_MEMORY_OK,
+        "{}",
+        last_error()
+    );
+    w
 }
 
 use llama_memory_result::*;
@@ -234,6 +409,7 @@ fn truncated_at_every_byte() {
         n += 1;
     }
     eprintln!("{n} truncations rejected with the memory unchanged");
+    report("truncated_at_every_byte");
 }
 
 #[test]
@@ -242,6 +418,7 @@ fn wrong_magic() {
     let mut b = seq_blob(&m, 0);
     put32(&mut b, OFF_MAGIC, 0x6767_7371);
     assert!(rejects(&m, &b, 1, LLAMA_MEMORY_ERR_INVALID_STATE).contains("magic"));
+    report("wrong_magic");
 }
 
 #[test]
@@ -252,6 +429,7 @@ fn stream_count_mismatch() {
         put32(&mut b, OFF_N_STREAM, v);
         assert!(rejects(&m, &b, 1, LLAMA_MEMORY_ERR_INVALID_STATE).contains("streams"));
     }
+    report("stream_count_mismatch");
 }
 
 #[test]
@@ -272,6 +450,7 @@ fn oversize_cell_counts() {
         rejects(&m, &b, 1, LLAMA_MEMORY_ERR_INVALID_STATE);
         rejects(&m, &b, -1, LLAMA_MEMORY_ERR_INVALID_STATE);
     }
+    report("oversize_cell_counts");
 }
 
 #[test]
@@ -289,6 +468,7 @@ fn bad_cell_metadata() {
         put32(&mut b, off_cell(3) + 4, v);
         rejects(&m, &b, 1, LLAMA_MEMORY_ERR_INVALID_STATE);
     }
+    report("bad_cell_metadata");
 }
 
 #[test]
@@ -310,6 +490,7 @@ fn bad_seq_ids_in_a_whole_state() {
     let full = seq_blob(&m, 0);
     rejects(&m, &full, 2, LLAMA_MEMORY_ERR_INVALID_SEQ_ID);
     rejects(&m, &full, -2, LLAMA_MEMORY_ERR_INVALID_SEQ_ID);
+    report("bad_seq_ids_in_a_whole_state");
 }
 
 #[test]
@@ -343,6 +524,7 @@ fn mismatched_layout_fields() {
         assert!(msg.contains(what), "{what}: {msg}");
         rejects(&m, &b, -1, LLAMA_MEMORY_ERR_INVALID_STATE);
     }
+    report("mismatched_layout_fields");
 }
 
 #[test]
@@ -355,6 +537,7 @@ fn other_configurations_are_rejected_whole() {
     rejects(&a, &from_b, 0, LLAMA_MEMORY_ERR_INVALID_STATE);
     let from_a = seq_blob(&a, 0);
     rejects(&b, &from_a, 0, LLAMA_MEMORY_ERR_INVALID_STATE);
+    report("other_configurations_are_rejected_whole");
 }
 
 #[test]
@@ -371,6 +554,7 @@ fn cells_in_two_streams_for_one_sequence() {
     blob.extend(&whole);
     let msg = rejects(&m, &blob, 0, LLAMA_MEMORY_ERR_INVALID_STATE);
     assert!(msg.contains("more than one stream"), "{msg}");
+    report("cells_in_two_streams_for_one_sequence");
 }
 
 #[test]
@@ -575,4 +759,357 @@ fn null_arguments() {
         LLAMA_MEMORY_ERR_BUFFER_TOO_SMALL
     );
     assert_eq!(llama_memory_state_get_size(std::ptr::null_mut()), 0);
+}
+
+const PARTIAL_ONLY: u32 = LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY;
+const N_SEQ: i32 = 3;
+
+/// (unified, v_trans) of every configuration below.
+const CONFIGS: [(bool, bool); 4] = [(true, true), (true, false), (false, true), (false, false)];
+
+/// Random bytes into every K/V tensor.
+fn scramble(m: &Mem, seed: u64) {
+    let mut x = seed | 1;
+    for il in 0..2 {
+        for t in [
+            llama_memory_kv_get_k_tensor(m.0, il),
+            llama_memory_kv_get_v_tensor(m.0, il),
+        ] {
+            // SAFETY: a live tensor of the memory, in a host buffer.
+            let n = unsafe { ggml_sys::ggml_nbytes(t) };
+            let data: Vec<u8> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect();
+            // SAFETY: same tensor, exactly its size.
+            unsafe { ggml_sys::ggml_backend_tensor_set(t, data.as_ptr().cast(), 0, n) };
+        }
+    }
+}
+
+/// Three sequences placed in several pieces, with holes, seq 1 sharing its first two cells with
+/// seq 2 in a unified cache, random tensor bytes.
+fn populated_cfg(unified: bool, v_trans: bool, seed: u64) -> Mem {
+    let m = mem(unified, v_trans, N_SEQ as u32);
+    for (seq, p0, n) in [(0, 0, 5), (1, 0, 3), (0, 5, 4), (2, 0, 6), (1, 3, 2)] {
+        fill(&m, seq, p0, n);
+    }
+    // holes in every stream, one of them filled again
+    assert!(llama_memory_seq_rm(m.0, 0, 2, 4));
+    assert!(llama_memory_seq_rm(m.0, 2, 1, 2));
+    fill(&m, 2, 6, 1);
+    if unified {
+        llama_memory_seq_cp(m.0, 1, 2, 0, 2);
+    }
+    scramble(&m, seed);
+    m
+}
+
+fn seq_blob_ext(m: &Mem, seq: i32, flags: u32) -> Vec<u8> {
+    let n = llama_memory_state_seq_get_size_ext(m.0, seq, flags);
+    assert!(n > 0, "{}", last_error());
+    let mut b = vec![0u8; n];
+    assert_eq!(
+        llama_memory_state_seq_get_data_ext(m.0, b.as_mut_ptr(), n, seq, flags),
+        n,
+        "{}",
+        last_error()
+    );
+    b
+}
+
+fn whole(m: &Mem) -> Vec<u8> {
+    let n = llama_memory_state_get_size(m.0);
+    let mut b = vec![0u8; n];
+    assert_eq!(llama_memory_state_get_data(m.0, b.as_mut_ptr(), n), n);
+    b
+}
+
+/// Truncations and corrupted counts in every configuration, blob and reader paths alike.
+#[test]
+fn truncated_at_every_byte_in_every_configuration() {
+    for (unified, v_trans) in CONFIGS {
+        let m = populated_cfg(unified, v_trans, 7);
+        for src in 0..N_SEQ {
+            let b = seq_blob(&m, src);
+            for len in (0..b.len()).step_by(3) {
+                rejects(
+                    &m,
+                    &b[..len],
+                    (src + 1) % N_SEQ,
+                    LLAMA_MEMORY_ERR_INVALID_STATE,
+                );
+            }
+        }
+        let w = whole(&m);
+        for len in (0..w.len()).step_by(5) {
+            rejects_whole(&m, &w[..len], LLAMA_MEMORY_ERR_INVALID_STATE);
+        }
+    }
+    report("truncated_at_every_byte_in_every_configuration");
+}
+
+/// The caller-io path (llama.cpp's `llama_io_write_i`/`llama_io_read_i`, used by the drop-in
+/// adapters) writes exactly the blob's bytes and restores exactly what the blob path restores,
+/// tensor bytes included.
+#[test]
+fn io_path_matches_the_blob_path() {
+    let mut n = 0;
+    for (unified, v_trans) in CONFIGS {
+        for flags in [0, PARTIAL_ONLY] {
+            let cfg = format!("unified {unified}, v_trans {v_trans}, flags {flags}");
+            let m = populated_cfg(unified, v_trans, 11);
+            assert_eq!(io_write(&m, -1, flags).bytes, whole(&m), "{cfg}");
+            for seq in 0..N_SEQ {
+                assert_eq!(
+                    io_write(&m, seq, flags).bytes,
+                    seq_blob_ext(&m, seq, flags)[8..],
+                    "{cfg}, seq {seq}"
+                );
+            }
+            for src in 0..N_SEQ {
+                for dest in 0..N_SEQ {
+                    let by_blob = populated_cfg(unified, v_trans, 13);
+                    let by_io = populated_cfg(unified, v_trans, 13);
+                    let b = seq_blob_ext(&m, src, flags);
+                    assert_eq!(
+                        llama_memory_state_seq_set_data_ext(
+                            by_blob.0,
+                            b.as_ptr(),
+                            b.len(),
+                            dest,
+                            flags
+                        ),
+                        b.len(),
+                        "{}",
+                        last_error()
+                    );
+                    let (rc, used) = io_read(&by_io, &b[8..], dest, flags);
+                    assert_eq!(rc, LLAMA_MEMORY_OK, "{}", last_error());
+                    assert_eq!(used, b.len() - 8, "bytes consumed");
+                    assert!(
+                        snapshot(&by_io) == snapshot(&by_blob),
+                        "{cfg}: seq {src} -> {dest}"
+                    );
+                    n += 1;
+                }
+            }
+            // The whole state into a fresh memory and into a used one (the other rows zeroed),
+            // then a state of fewer cells into a used one.
+            let w = whole(&m);
+            let fewer = populated_cfg(unified, v_trans, 17);
+            assert!(llama_memory_seq_rm(fewer.0, 0, -1, -1));
+            let w2 = whole(&fewer);
+            for (state, fresh) in [(&w, true), (&w, false), (&w2, false)] {
+                let (by_blob, by_io) = if fresh {
+                    (
+                        mem(unified, v_trans, N_SEQ as u32),
+                        mem(unified, v_trans, N_SEQ as u32),
+                    )
+                } else {
+                    (
+                        populated_cfg(unified, v_trans, 19),
+                        populated_cfg(unified, v_trans, 19),
+                    )
+                };
+                assert_eq!(
+                    llama_memory_state_set_data(by_blob.0, state.as_ptr(), state.len()),
+                    state.len(),
+                    "{}",
+                    last_error()
+                );
+                let (rc, used) = io_read(&by_io, state, -1, flags);
+                assert_eq!(rc, LLAMA_MEMORY_OK, "{}", last_error());
+                assert_eq!(used, state.len());
+                assert!(snapshot(&by_io) == snapshot(&by_blob), "{cfg}: whole state");
+                assert_eq!(whole(&by_io), *state);
+                n += 1;
+            }
+        }
+    }
+    eprintln!("io_path_matches_the_blob_path: {n} restores compared");
+}
+
+/// The ranges a writer's `write_tensor` receives are llama.cpp's (`state_write_data`): per
+/// stream with cells, for each layer the K rows of each run of selected cells, then per layer
+/// the V rows of each run or, transposed, for each channel the elements of each run. The
+/// tensor is the whole one and the offset includes the stream's (llama.cpp passes the stream's
+/// view and the offset within it).
+#[test]
+fn write_tensor_gets_llama_cpps_ranges() {
+    const ROW: usize = GQA as usize * 2;
+    for (unified, v_trans) in CONFIGS {
+        let m = populated_cfg(unified, v_trans, 23);
+        let n_stream = llama_memory_kv_n_stream(m.0);
+        for seq in -1..N_SEQ {
+            let mut want = Vec::new();
+            for s in 0..n_stream {
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for c in 0..SIZE {
+                    let mut pos = 0;
+                    let mut bits = [0u64; 4];
+                    assert_eq!(
+                        llama_memory_kv_get_cell(
+                            m.0,
+                            s,
+                            c,
+                            &mut pos,
+                            std::ptr::null_mut(),
+                            bits.as_mut_ptr()
+                        ),
+                        LLAMA_MEMORY_OK
+                    );
+                    let hit = pos >= 0 && (seq == -1 || bits[0] >> seq & 1 == 1);
+                    let c = c as usize;
+                    match runs.last_mut() {
+                        Some((_, e)) if hit && *e == c => *e = c + 1,
+                        _ if hit => runs.push((c, c + 1)),
+                        _ => {}
+                    }
+                }
+                if runs.is_empty() {
+                    continue;
+                }
+                for il in 0..2 {
+                    let k = llama_memory_kv_get_k_tensor(m.0, il);
+                    // SAFETY: a live tensor of the memory.
+                    let base = s as usize * unsafe { (*k).nb[2] };
+                    for &(a, e) in &runs {
+                        want.push((k, base + a * ROW, (e - a) * ROW));
+                    }
+                }
+                for il in 0..2 {
+                    let v = llama_memory_kv_get_v_tensor(m.0, il);
+                    // SAFETY: as above.
+                    let base = s as usize * unsafe { (*v).nb[2] };
+                    if !v_trans {
+                        for &(a, e) in &runs {
+                            want.push((v, base + a * ROW, (e - a) * ROW));
+                        }
+                    } else {
+                        for j in 0..GQA as usize {
+                            for &(a, e) in &runs {
+                                want.push((v, base + (a + j * SIZE as usize) * 2, (e - a) * 2));
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(!want.is_empty());
+            assert_eq!(
+                io_write(&m, seq, 0).ranges,
+                want,
+                "unified {unified}, v_trans {v_trans}, seq {seq}"
+            );
+        }
+    }
+}
+
+fn tensor_bytes(t: *mut ggml_sys::ggml_tensor) -> Vec<u8> {
+    // SAFETY: a live tensor of the memory, read in full.
+    let n = unsafe { ggml_sys::ggml_nbytes(t) };
+    let mut d = vec![0u8; n];
+    unsafe { ggml_sys::ggml_backend_tensor_get(t, d.as_mut_ptr().cast(), 0, n) };
+    d
+}
+
+/// `llama_memory_kv_state_clear` (llama.cpp's `llama_kv_cache::state_clear`; compared with
+/// stock in tests/differential.rs): the sequence's cells go, the rows of those it held alone
+/// are zeroed, shared cells and every other byte stay.
+#[test]
+fn kv_state_clear_zeroes_what_the_sequence_held_alone() {
+    const ROW: usize = GQA as usize * 2;
+    for (unified, v_trans) in CONFIGS {
+        let m = populated_cfg(unified, v_trans, 29);
+        let n_stream = llama_memory_kv_n_stream(m.0);
+        let seq = 1;
+        let strm = if unified { 0 } else { seq as u32 };
+        // the cells of seq 1: held alone, or shared (with seq 2, in the unified cache)
+        let (mut alone, mut shared) = (Vec::new(), Vec::new());
+        for c in 0..SIZE {
+            let mut pos = 0;
+            let mut bits = [0u64; 4];
+            llama_memory_kv_get_cell(
+                m.0,
+                strm,
+                c,
+                &mut pos,
+                std::ptr::null_mut(),
+                bits.as_mut_ptr(),
+            );
+            if pos >= 0 && bits[0] >> seq & 1 == 1 {
+                if bits[0].count_ones() == 1 {
+                    alone.push(c as usize);
+                } else {
+                    shared.push(c as usize);
+                }
+            }
+        }
+        assert!(!alone.is_empty());
+        assert_eq!(shared.is_empty(), !unified);
+        let mut want = Vec::new();
+        for il in 0..2 {
+            let k = llama_memory_kv_get_k_tensor(m.0, il);
+            let v = llama_memory_kv_get_v_tensor(m.0, il);
+            // SAFETY: live tensors of the memory.
+            let (sk, sv) = unsafe { ((*k).nb[2], (*v).nb[2]) };
+            let (base_k, base_v) = (strm as usize * sk, strm as usize * sv);
+            let mut kb = tensor_bytes(k);
+            let mut vb = tensor_bytes(v);
+            for &c in &alone {
+                kb[base_k + c * ROW..base_k + (c + 1) * ROW].fill(0);
+                if v_trans {
+                    for j in 0..GQA as usize {
+                        let o = base_v + (j * SIZE as usize + c) * 2;
+                        vb[o..o + 2].fill(0);
+                    }
+                } else {
+                    vb[base_v + c * ROW..base_v + (c + 1) * ROW].fill(0);
+                }
+            }
+            want.push((k, kb));
+            want.push((v, vb));
+        }
+        let pos_2 = (
+            llama_memory_seq_pos_min(m.0, 2),
+            llama_memory_seq_pos_max(m.0, 2),
+        );
+        // invalid sequences change nothing
+        let before = snapshot(&m);
+        for bad in [-2, N_SEQ, 1000] {
+            assert_ne!(llama_memory_kv_state_clear(m.0, bad), LLAMA_MEMORY_OK);
+            assert_eq!(
+                llama_memory_last_error_code(),
+                LLAMA_MEMORY_ERR_INVALID_SEQ_ID
+            );
+            assert!(snapshot(&m) == before);
+        }
+        assert_eq!(llama_memory_kv_state_clear(m.0, seq), LLAMA_MEMORY_OK);
+        assert_eq!(llama_memory_seq_pos_max(m.0, seq), -1);
+        assert_eq!(
+            (
+                llama_memory_seq_pos_min(m.0, 2),
+                llama_memory_seq_pos_max(m.0, 2)
+            ),
+            pos_2
+        );
+        for (t, bytes) in &want {
+            assert!(
+                tensor_bytes(*t) == *bytes,
+                "unified {unified}, v_trans {v_trans}"
+            );
+        }
+        // -1: everything cleared and zeroed
+        assert_eq!(llama_memory_kv_state_clear(m.0, -1), LLAMA_MEMORY_OK);
+        for s in 0..n_stream {
+            assert_eq!(llama_memory_kv_n_used(m.0, s), 0);
+        }
+        for (t, _) in &want {
+            assert!(tensor_bytes(*t).iter().all(|&b| b == 0));
+        }
+    }
 }

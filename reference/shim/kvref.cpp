@@ -641,6 +641,10 @@ size_t kvref_state_write(const kvref * r, int32_t seq, uint32_t flags, uint8_t *
     }
 }
 
+void kvref_state_clear(kvref * r, int32_t seq) {
+    r->kv->state_clear(seq);
+}
+
 size_t kvref_state_read(kvref * r, int32_t seq, uint32_t flags, const uint8_t * buf, size_t size) {
     io_read_buf io(buf, size);
     try {

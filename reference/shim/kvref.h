@@ -166,6 +166,9 @@ size_t kvref_view(const kvref *r, bool v, int32_t il, uint32_t n_kv, uint32_t s0
 size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
 /* state_read(io, seq, flags) from buf. Returns bytes consumed, 0 on failure (exception caught). */
 size_t kvref_state_read(kvref *r, int32_t seq, uint32_t flags, const uint8_t *buf, size_t size);
+/* state_clear(seq): what a failed restore leaves (-1: clear(true); else seq_rm(seq) and zero the
+ * K/V rows of the cells seq held alone). */
+void kvref_state_clear(kvref *r, int32_t seq);
 
 /* ---------------------------------------------------------------------------------------------
  * kvref_ctx: a stock llama_context over a model file, driven through the public llama.h API only.

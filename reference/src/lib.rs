@@ -575,6 +575,7 @@ struct Api {
     pos_bucket: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
     state_write: unsafe extern "C" fn(KvPtr, i32, u32, *mut u8, usize) -> usize,
     state_read: unsafe extern "C" fn(KvPtr, i32, u32, *const u8, usize) -> usize,
+    state_clear: unsafe extern "C" fn(KvPtr, i32),
     write_model_ex: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
     ctx_default_params: unsafe extern "C" fn(*mut CtxParams),
     ctx_new: unsafe extern "C" fn(*const c_char, *const CtxParams) -> CtxPtr,
@@ -655,6 +656,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         pos_bucket: sym!("pos_bucket"),
         state_write: sym!("state_write"),
         state_read: sym!("state_read"),
+        state_clear: sym!("state_clear"),
         write_model_ex: sym!("write_model_ex"),
         ctx_default_params: sym!("ctx_default_params"),
         ctx_new: sym!("ctx_new"),
@@ -1238,6 +1240,13 @@ impl RefKv {
         // SAFETY: `buf` is readable for its length, which the shim respects.
         let n = unsafe { (api().state_read)(self.ptr, seq, flags, buf.as_ptr(), buf.len()) };
         (n != 0).then_some(n)
+    }
+
+    /// `state_clear(seq)`: `clear(true)` for -1, else `seq_rm(seq)` and the K/V rows of the
+    /// cells `seq` held alone zeroed. `seq` must be -1 or below `n_seq_max` (stock asserts).
+    pub fn state_clear(&mut self, seq: i32) {
+        // SAFETY: a live cache; the shim forwards to the stock method.
+        unsafe { (api().state_clear)(self.ptr, seq) }
     }
 }
 

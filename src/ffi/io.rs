@@ -115,7 +115,8 @@ impl IoRead for llama_memory_io_read {
 /// Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
 /// `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
 /// `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
-/// What was written before an error stays written. Supported by the recurrent memory.
+/// What was written before an error stays written. Supported by the KV cache and the
+/// recurrent memory.
 #[no_mangle]
 pub extern "C" fn llama_memory_state_write_io(
     mem: llama_memory_t,
@@ -143,7 +144,7 @@ pub extern "C" fn llama_memory_state_write_io(
 /// llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
 /// is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
 /// once may have changed the destination's rows (llama.cpp's caller erases the destination
-/// then). Supported by the recurrent memory.
+/// then). Supported by the KV cache and the recurrent memory.
 #[no_mangle]
 pub extern "C" fn llama_memory_state_read_io(
     mem: llama_memory_t,

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 
 use ggml_sys as g;
 
+use super::error::llama_memory_result;
 use super::memory::{
     llama_memory_kv_params, llama_memory_t, llama_seq_id, llama_token, MemoryHandle,
 };
 use crate::error::{err, Result};
 use crate::kv::KvMemory;
 use crate::kv::{KvCache, KvParams};
-use crate::memory::{find, find_for_layer};
+use crate::memory::{find, find_for_layer, find_mut};
 use crate::state;
 use crate::storage::{KvStorage, LayerSpec, StorageSpec};
 
@@ -237,6 +238,23 @@ pub extern "C" fn llama_memory_state_set_data(
         let m = try_mut!(mem, "mem");
         let inp = try_slice!(src, size, "src");
         try_or!(state::set_data(&mut *m.inner, inp))
+    })
+}
+
+/// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
+/// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
+/// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
+/// (cells shared with another sequence keep their bytes). KV caches only.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_state_clear(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let kv = try_or!(find_mut::<KvMemory>(&mut *m.inner));
+        try_or!(kv.state_clear(seq_id));
+        llama_memory_result::LLAMA_MEMORY_OK
     })
 }
 
