@@ -158,7 +158,9 @@ fn run(what: &str, cmd: &mut Command) {
 #[test]
 fn dropin_libllama_symbols_and_equivalence() {
     if env::var("LLAMA_MEMORY_DROPIN_TESTS").as_deref() == Ok("0") {
-        eprintln!("skipped (LLAMA_MEMORY_DROPIN_TESTS=0): the drop-in libllama is not built or tested");
+        eprintln!(
+            "skipped (LLAMA_MEMORY_DROPIN_TESTS=0): the drop-in libllama is not built or tested"
+        );
         return;
     }
     let repo = repo();

@@ -540,19 +540,3 @@ pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
         LLAMA_MEMORY_OK
     })
 }
-
-/// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
-/// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
-/// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_state_clear(
-    mem: llama_memory_t,
-    seq_id: llama_seq_id,
-) -> llama_memory_result {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        let k = try_or!(find_mut::<KvMemory>(&mut *m.inner));
-        try_or!(k.state_clear(seq_id));
-        LLAMA_MEMORY_OK
-    })
-}
