@@ -839,6 +839,15 @@ llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
                                             size_t n_ubatches,
                                             llama_memory_slots_t out);
 
+// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+// another error for invalid input (out empty).
+llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
+                                              const struct llama_memory_ubatch *ubatch,
+                                              bool cont,
+                                              llama_memory_slots_t out);
+
 // Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
 // from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
 // overwritten, and that sequence loses its positions up to the overwritten one, as upstream;

@@ -43,6 +43,7 @@ const COUNTERS: &[&str] = &[
     "prepare: slots compared",
     "prepare: 2+ ubatches",
     "prepare: no fit on both sides",
+    "find_slot: compared (cont and not)",
     "apply: prepared slot",
     "apply: caller-built slot",
     "apply: caller slot overwrote a used cell",
@@ -640,6 +641,9 @@ impl Pair {
         );
         let views: Vec<_> = ubs.iter().map(stock::Ubatch::view).collect();
         let cubs: Vec<llama_memory_ubatch> = views.iter().map(|v| c_ubatch(v.raw())).collect();
+        if self.rng.gen_bool(0.15) {
+            self.compare_find_slot(&views[0], &cubs[0]);
+        }
         let theirs = self.theirs.prepare(&views);
         let r = llama_memory_kv_prepare(self.mem, cubs.as_ptr(), cubs.len(), self.slots);
         self.step += 1;
@@ -696,6 +700,37 @@ impl Pair {
             self.compare_state();
             self.compare_inputs(&ubs[k], &infos[k], &theirs[k]);
         }
+    }
+
+    /// `find_slot(ubatch, cont)` on both sides (nothing changes).
+    fn compare_find_slot(&mut self, v: &stock::UbatchRef<'_>, cu: &llama_memory_ubatch) {
+        let cont = self.rng.gen_bool(0.5);
+        let theirs = self.theirs.find_slot(v, cont);
+        let r = llama_memory_kv_find_slot(self.mem, cu, cont, self.slots);
+        let ours = match r {
+            LLAMA_MEMORY_OK => {
+                assert_eq!(llama_memory_slots_count(self.slots), 1);
+                let mut info = OwnedSlot::new(0, 0, vec![0], vec![vec![0]]).view();
+                assert_eq!(
+                    llama_memory_slots_get(self.slots, 0, &mut info),
+                    LLAMA_MEMORY_OK
+                );
+                Some(read_view(&info))
+            }
+            LLAMA_MEMORY_ERR_NO_SLOT => {
+                assert_eq!(llama_memory_slots_count(self.slots), 0);
+                None
+            }
+            r => self.fail(format!("find_slot {r:?}: {}", last_error())),
+        };
+        if ours != theirs {
+            self.fail(format!(
+                "find_slot(cont {cont}) {ours:?} vs stock {theirs:?}"
+            ));
+        }
+        self.step += 1;
+        self.count("find_slot: compared (cont and not)");
+        self.compare_state();
     }
 
     /// A slot the caller builds (as llama.cpp's composites do): random cells of the right
@@ -1510,6 +1545,34 @@ fn slot_api_rejects_bad_input_and_changes_nothing() {
         );
         assert!(pair.theirs.prepare(&[big.view()]).is_none());
         assert_eq!(llama_memory_slots_count(pair.slots), 0);
+
+        // find_slot: the same refusals, and the list is emptied.
+        assert_eq!(
+            llama_memory_kv_find_slot(mem, &cu, true, pair.slots),
+            LLAMA_MEMORY_OK
+        );
+        assert_eq!(llama_memory_slots_count(pair.slots), 1);
+        expect(
+            "find_slot invalid ubatch",
+            llama_memory_kv_find_slot(mem, &bcu, false, pair.slots),
+            LLAMA_MEMORY_ERR_INVALID_SEQ_ID,
+        );
+        assert_eq!(llama_memory_slots_count(pair.slots), 0);
+        expect(
+            "find_slot no fit",
+            llama_memory_kv_find_slot(mem, &bigc, false, pair.slots),
+            LLAMA_MEMORY_ERR_NO_SLOT,
+        );
+        expect(
+            "find_slot out NULL",
+            llama_memory_kv_find_slot(mem, &cu, false, ptr::null_mut()),
+            LLAMA_MEMORY_ERR_NULL_ARGUMENT,
+        );
+        expect(
+            "find_slot ubatch NULL",
+            llama_memory_kv_find_slot(mem, ptr::null(), false, pair.slots),
+            LLAMA_MEMORY_ERR_NULL_ARGUMENT,
+        );
 
         // The slots list itself.
         let mut out = info;

@@ -298,6 +298,37 @@ pub extern "C" fn llama_memory_kv_prepare(
     })
 }
 
+/// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+/// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+/// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+/// another error for invalid input (out empty).
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_find_slot(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    cont: bool,
+    out: llama_memory_slots_t,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let o = try_mut!(out, "out");
+        o.set_valid(0);
+        if o.slots.is_empty() {
+            o.slots.push(SlotInfo::with_streams(0, 0));
+        }
+        let slot = &mut o.slots[0];
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
+            kv.validate_ubatch(ub)?;
+            if kv.find_slot_into(ub, cont, slot) {
+                Ok(())
+            } else {
+                Err(err!(NoSlot, "the ubatch does not fit in the cache"))
+            }
+        }));
+        o.set_valid(1);
+        LLAMA_MEMORY_OK
+    })
+}
+
 /// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
 /// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
 /// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
