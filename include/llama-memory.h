@@ -936,11 +936,6 @@ llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t m
                                                                 struct ggml_tensor *dst,
                                                                 const struct llama_memory_ubatch *ubatch);
 
-// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
-// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
-// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
-llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
-
 // Default storage parameters: F16 K and V, no layers.
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);
 

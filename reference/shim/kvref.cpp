@@ -628,10 +628,6 @@ size_t kvref_view(const kvref * r, bool v, int32_t il, uint32_t n_kv, uint32_t s
     return n;
 }
 
-void kvref_state_clear(kvref * r, int32_t seq) {
-    r->kv->state_clear(seq);
-}
-
 static ggml_tensor * layer_tensor(const kvref * r, bool v, int32_t il) {
     const auto it = r->kv->map_layer_ids.find(il);
     if (it == r->kv->map_layer_ids.end()) {

@@ -161,10 +161,6 @@ void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int
 size_t kvref_view(const kvref *r, bool v, int32_t il, uint32_t n_kv, uint32_t s0, uint32_t s1,
                   int64_t ne[4], size_t nb[4], size_t *offs, uint8_t *data, size_t cap);
 
-/* state_clear(seq): seq -1 clears everything (data too); otherwise seq_rm(seq, -1, -1) and the
- * K/V rows of the cells only seq held are zeroed. */
-void kvref_state_clear(kvref *r, int32_t seq);
-
 /* Raw bytes of the K (v = false) or V (v = true) tensor of layer il, all streams:
  * kvref_tensor_nbytes gives its size (0 for a layer or tensor the cache does not hold),
  * kvref_tensor_get/set copy n bytes at offset out of / into it (false if out of range). */

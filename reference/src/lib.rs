@@ -573,7 +573,6 @@ struct Api {
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     k_shift: unsafe extern "C" fn(KvPtr, *mut i32),
     pos_bucket: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
-    state_clear: unsafe extern "C" fn(KvPtr, i32),
     tensor_nbytes: unsafe extern "C" fn(KvPtr, bool, i32) -> usize,
     tensor_get: unsafe extern "C" fn(KvPtr, bool, i32, usize, *mut c_void, usize) -> bool,
     tensor_set: unsafe extern "C" fn(KvPtr, bool, i32, usize, *const c_void, usize) -> bool,
@@ -658,7 +657,6 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         v_idxs: sym!("v_idxs"),
         k_shift: sym!("k_shift"),
         pos_bucket: sym!("pos_bucket"),
-        state_clear: sym!("state_clear"),
         tensor_nbytes: sym!("tensor_nbytes"),
         tensor_get: sym!("tensor_get"),
         tensor_set: sym!("tensor_set"),
@@ -1225,13 +1223,6 @@ impl RefKv {
         assert_eq!(call(&mut out, &mut data), n);
         out.data = data;
         Some(out)
-    }
-
-    /// `state_clear(seq)`: `-1` clears everything, data included; otherwise the sequence's
-    /// cells are removed and the K/V rows of the cells only it held are zeroed.
-    pub fn state_clear(&mut self, seq: i32) {
-        // SAFETY: live kvref; the stock code takes any seq in [-1, n_seq_max).
-        unsafe { (api().state_clear)(self.ptr, seq) }
     }
 
     /// All bytes of the K (`v == false`) or V tensor of layer `il` (every stream); `None` when

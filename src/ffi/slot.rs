@@ -1,8 +1,9 @@
 //! The slot-level KV API: llama.cpp `llama_kv_cache`'s `prepare(ubatches)`,
-//! `apply_ubatch(sinfo, ubatch)`, `get_n_kv(sinfo)`, `set_input_*(dst, ubatch, sinfo)` and
-//! `state_clear(seq_id)`, for callers that keep their own slot infos and ubatches: llama.cpp's
-//! composite memories (iSWA, hybrid, DSA, DSV4...) over the drop-in adapter that stands in for
-//! `llama_kv_cache`.
+//! `find_slot(ubatch, cont)`, `apply_ubatch(sinfo, ubatch)`, `get_n_kv(sinfo)` and
+//! `set_input_*(dst, ubatch, sinfo)`, for callers that keep their own slot infos and ubatches:
+//! llama.cpp's composite memories (iSWA, hybrid, DSA, DSV4...) over the drop-in adapter that
+//! stands in for `llama_kv_cache`. (`state_clear(seq_id)` is `llama_memory_kv_state_clear`,
+//! with the state functions.)
 //!
 //! Slot infos cross the ABI in two ways:
 //! - **in**: a borrowed [`llama_memory_slot_info`] whose arrays the caller owns. An adapter
@@ -570,22 +571,6 @@ pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
         try_or!(with_ubatch(mem, ubatch, |kv, ub| pos_bucket_tensor(
             kv, ub, dst
         )));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
-/// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
-/// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_state_clear(
-    mem: llama_memory_t,
-    seq_id: llama_seq_id,
-) -> llama_memory_result {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        let k = try_or!(find_mut::<KvMemory>(&mut *m.inner));
-        try_or!(k.state_clear(seq_id));
         LLAMA_MEMORY_OK
     })
 }

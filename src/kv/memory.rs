@@ -68,63 +68,6 @@ impl KvMemory {
         Ok(KvMemory { cache, storage })
     }
 
-    /// `llama_kv_cache::state_clear(seq_id)`, what a composite calls after a failed restore:
-    /// `seq_id == -1` clears everything, data included; otherwise the sequence's cells are
-    /// removed (`seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are
-    /// zeroed, since attention may still read free cells. Ranges as upstream's.
-    pub fn state_clear(&mut self, seq_id: i32) -> Result<()> {
-        if seq_id == -1 {
-            Memory::clear(self, true);
-            return Ok(());
-        }
-        let mut sole = Vec::new();
-        let strm = self.cache.state_clear_cells(seq_id, &mut sole)?;
-        let Some(st) = self.storage.as_mut() else {
-            return Ok(());
-        };
-        // Runs of consecutive cells, each zeroed with one write per row block.
-        let mut runs: Vec<(u32, u32)> = Vec::new();
-        for &i in &sole {
-            match runs.last_mut() {
-                Some((a, n)) if *a + *n == i => *n += 1,
-                _ => runs.push((i, 1)),
-            }
-        }
-        let longest = runs.iter().map(|r| r.1 as usize).max().unwrap_or(0);
-        let (type_k, type_v, v_trans) = (st.spec().type_k, st.spec().type_v, st.spec().v_trans);
-        let size = self.cache.size() as usize;
-        let layers: Vec<StorageLayer> = st.layers().to_vec();
-        let mut zeros = Vec::new();
-        for l in &layers {
-            let row = row_size(type_k, l.n_embd_k_gqa)?;
-            let base = strm as usize * st.stream_stride(l.k)?;
-            zeros.resize(zeros.len().max(longest * row), 0u8);
-            for &(a, n) in &runs {
-                st.set(l.k, base + a as usize * row, &zeros[..n as usize * row])?;
-            }
-        }
-        for l in layers.iter().filter(|l| !l.v.is_null()) {
-            let base = strm as usize * st.stream_stride(l.v)?;
-            if !v_trans {
-                let row = row_size(type_v, l.n_embd_v_gqa)?;
-                zeros.resize(zeros.len().max(longest * row), 0u8);
-                for &(a, n) in &runs {
-                    st.set(l.v, base + a as usize * row, &zeros[..n as usize * row])?;
-                }
-            } else {
-                let el = type_size(type_v);
-                zeros.resize(zeros.len().max(longest * el), 0u8);
-                for j in 0..l.n_embd_v_gqa as usize {
-                    for &(a, n) in &runs {
-                        let off = base + (a as usize + j * size) * el;
-                        st.set(l.v, off, &zeros[..n as usize * el])?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn layers(&self) -> &[StorageLayer] {
         self.storage.as_ref().map_or(&[], |s| s.layers())
     }

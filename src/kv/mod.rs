@@ -814,26 +814,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Ends `seq_id`'s state (`state_clear`, used after a failed restore): removes all its
-    /// cells, and returns its stream and, in `sole`, the cells that only it held (ascending),
-    /// whose K/V rows the caller zeroes.
-    pub fn state_clear_cells(&mut self, seq_id: i32, sole: &mut Vec<u32>) -> Result<u32> {
-        self.check_seq(seq_id)?;
-        let strm = self.stream_of(seq_id);
-        sole.clear();
-        let cells = &self.cells[strm as usize];
-        // Every position, i32::MAX included (which the seq_rm below keeps, as upstream's does).
-        sole.extend(
-            cells
-                .seq_pos_iter(seq_id)
-                .map(|(_, i)| i)
-                .filter(|&i| cells.seq_count(i) == 1),
-        );
-        sole.sort_unstable();
-        self.seq_rm(seq_id, -1, -1)?;
-        Ok(strm)
-    }
-
     /// Finds slots for a sequence of validated ubatches, each placed as if the previous ones
     /// were, then rolls the cells back (`prepare`). `None` if one does not fit.
     ///
