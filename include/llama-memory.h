@@ -839,6 +839,15 @@ llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
                                             size_t n_ubatches,
                                             llama_memory_slots_t out);
 
+// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+// another error for invalid input (out empty).
+llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
+                                              const struct llama_memory_ubatch *ubatch,
+                                              bool cont,
+                                              llama_memory_slots_t out);
+
 // Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
 // from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
 // overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
@@ -926,11 +935,6 @@ llama_memory_result llama_memory_kv_set_input_pos_bucket(llama_memory_t mem,
 llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t mem,
                                                                 struct ggml_tensor *dst,
                                                                 const struct llama_memory_ubatch *ubatch);
-
-// `llama_kv_cache::state_clear(seq_id)`, for a composite whose restore failed: `seq_id = -1`
-// clears the whole cache, tensor data included; otherwise the sequence's cells are removed
-// (as `seq_rm(seq_id, -1, -1)`) and the K/V rows of the cells only it held are zeroed.
-llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
 // Default storage parameters: F16 K and V, no layers.
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);

@@ -17,6 +17,7 @@ use llama_memory::ffi::context::*;
 use llama_memory::ffi::kv::*;
 use llama_memory::ffi::memory::*;
 use llama_memory::ffi::recurrent::*;
+use llama_memory::ffi::slot::*;
 
 struct Counting;
 
@@ -164,6 +165,93 @@ fn steady_decode_step_allocations() {
     )
     .ok();
     assert_eq!(n, 0, "{n} allocations in {measured} steady decode steps");
+}
+
+/// The same decode step through the slot-level API, as llama.cpp's composites drive a KV
+/// leaf: prepare into a reused slots list, read the slot info, apply it, n_kv and the inputs
+/// for it. The slot info and ubatch read from C reuse per-thread buffers.
+#[test]
+fn steady_slot_level_decode_step_allocations() {
+    let mut p = llama_memory_kv_default_params();
+    p.size = 16384;
+    p.n_seq_max = N_SEQ as u32;
+    p.v_trans = true;
+    p.n_embd_v_gqa_max = 8;
+    let mem = llama_memory_kv_init(p);
+    assert!(!mem.is_null());
+    let slots = llama_memory_slots_init();
+    let tok = [7i32; N_SEQ];
+    let n_seq_id = [1i32; N_SEQ];
+    let seq: [i32; N_SEQ] = std::array::from_fn(|i| i as i32);
+    let mut mask = vec![0f32; 16384 * N_SEQ];
+    let mut k_idx = [0i64; N_SEQ];
+    let mut v_idx = [0i64; N_SEQ * 8];
+    let mut run = |t: i32| {
+        let pos = [t; N_SEQ];
+        let ptrs: [*const i32; N_SEQ] = std::array::from_fn(|i| &seq[i] as *const i32);
+        let ub = llama_memory_ubatch {
+            n_tokens: N_SEQ as u32,
+            n_seq_tokens: 1,
+            n_seqs: N_SEQ as u32,
+            n_seqs_unq: N_SEQ as u32,
+            n_pos: 1,
+            equal_seqs: 0,
+            token: tok.as_ptr(),
+            pos: pos.as_ptr(),
+            n_seq_id: n_seq_id.as_ptr(),
+            seq_id: ptrs.as_ptr(),
+            seq_id_unq: seq.as_ptr(),
+            seq_idx: std::ptr::null(),
+            output: std::ptr::null(),
+        };
+        assert_eq!(
+            llama_memory_kv_prepare(mem, &ub, 1, slots) as u32,
+            0,
+            "{}",
+            last_error()
+        );
+        let mut si = llama_memory_slot_info {
+            s0: 0,
+            s1: 0,
+            n_stream: 0,
+            size: 0,
+            strm: std::ptr::null(),
+            idxs: std::ptr::null(),
+        };
+        assert_eq!(llama_memory_slots_get(slots, 0, &mut si) as u32, 0);
+        assert_eq!(llama_memory_kv_apply_ubatch(mem, &si, &ub) as u32, 0);
+        let n_kv = llama_memory_kv_get_n_kv(mem, &si);
+        let n = n_kv as usize * N_SEQ;
+        let r = llama_memory_kv_set_input_kq_mask(
+            mem,
+            &ub,
+            true,
+            n_kv,
+            1,
+            false,
+            mask.as_mut_ptr().cast(),
+            n,
+        );
+        assert_eq!(r as u32, 0);
+        let r = llama_memory_kv_set_input_k_idxs(mem, &ub, &si, k_idx.as_mut_ptr(), N_SEQ);
+        assert_eq!(r as u32, 0);
+        let r = llama_memory_kv_set_input_v_idxs(mem, &ub, &si, v_idx.as_mut_ptr(), v_idx.len());
+        assert_eq!(r as u32, 0);
+    };
+    for t in 0..256 {
+        run(t);
+    }
+    let before = allocs();
+    for t in 256..512 {
+        run(t);
+    }
+    let n = allocs() - before;
+    llama_memory_slots_free(slots);
+    llama_memory_free(mem);
+    assert_eq!(
+        n, 0,
+        "{n} allocations in 256 steady slot-level decode steps"
+    );
 }
 
 /// The same cycle on a recurrent memory (16 sequences, one token each, an equal split):

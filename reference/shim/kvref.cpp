@@ -628,6 +628,38 @@ size_t kvref_view(const kvref * r, bool v, int32_t il, uint32_t n_kv, uint32_t s
     return n;
 }
 
+static ggml_tensor * layer_tensor(const kvref * r, bool v, int32_t il) {
+    const auto it = r->kv->map_layer_ids.find(il);
+    if (it == r->kv->map_layer_ids.end()) {
+        return nullptr;
+    }
+    const auto & layer = r->kv->layers[it->second];
+    return v ? layer.v : layer.k;
+}
+
+size_t kvref_tensor_nbytes(const kvref * r, bool v, int32_t il) {
+    ggml_tensor * t = layer_tensor(r, v, il);
+    return t ? ggml_nbytes(t) : 0;
+}
+
+bool kvref_tensor_get(const kvref * r, bool v, int32_t il, size_t offset, void * dst, size_t n) {
+    ggml_tensor * t = layer_tensor(r, v, il);
+    if (!t || offset > ggml_nbytes(t) || n > ggml_nbytes(t) - offset) {
+        return false;
+    }
+    ggml_backend_tensor_get(t, dst, offset, n);
+    return true;
+}
+
+bool kvref_tensor_set(kvref * r, bool v, int32_t il, size_t offset, const void * src, size_t n) {
+    ggml_tensor * t = layer_tensor(r, v, il);
+    if (!t || offset > ggml_nbytes(t) || n > ggml_nbytes(t) - offset) {
+        return false;
+    }
+    ggml_backend_tensor_set(t, src, offset, n);
+    return true;
+}
+
 size_t kvref_state_write(const kvref * r, int32_t seq, uint32_t flags, uint8_t * buf, size_t cap) {
     try {
         io_write_buf io(buf, cap);

@@ -161,6 +161,13 @@ void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int
 size_t kvref_view(const kvref *r, bool v, int32_t il, uint32_t n_kv, uint32_t s0, uint32_t s1,
                   int64_t ne[4], size_t nb[4], size_t *offs, uint8_t *data, size_t cap);
 
+/* Raw bytes of the K (v = false) or V (v = true) tensor of layer il, all streams:
+ * kvref_tensor_nbytes gives its size (0 for a layer or tensor the cache does not hold),
+ * kvref_tensor_get/set copy n bytes at offset out of / into it (false if out of range). */
+size_t kvref_tensor_nbytes(const kvref *r, bool v, int32_t il);
+bool kvref_tensor_get(const kvref *r, bool v, int32_t il, size_t offset, void *dst, size_t n);
+bool kvref_tensor_set(kvref *r, bool v, int32_t il, size_t offset, const void *src, size_t n);
+
 /* state_write(io, seq, flags) into buf (cap bytes). With buf == NULL returns the size only.
  * Returns bytes written, 0 on failure. */
 size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);

@@ -573,6 +573,9 @@ struct Api {
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     k_shift: unsafe extern "C" fn(KvPtr, *mut i32),
     pos_bucket: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
+    tensor_nbytes: unsafe extern "C" fn(KvPtr, bool, i32) -> usize,
+    tensor_get: unsafe extern "C" fn(KvPtr, bool, i32, usize, *mut c_void, usize) -> bool,
+    tensor_set: unsafe extern "C" fn(KvPtr, bool, i32, usize, *const c_void, usize) -> bool,
     state_write: unsafe extern "C" fn(KvPtr, i32, u32, *mut u8, usize) -> usize,
     state_read: unsafe extern "C" fn(KvPtr, i32, u32, *const u8, usize) -> usize,
     state_clear: unsafe extern "C" fn(KvPtr, i32),
@@ -654,6 +657,9 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         v_idxs: sym!("v_idxs"),
         k_shift: sym!("k_shift"),
         pos_bucket: sym!("pos_bucket"),
+        tensor_nbytes: sym!("tensor_nbytes"),
+        tensor_get: sym!("tensor_get"),
+        tensor_set: sym!("tensor_set"),
         state_write: sym!("state_write"),
         state_read: sym!("state_read"),
         state_clear: sym!("state_clear"),
@@ -1217,6 +1223,32 @@ impl RefKv {
         assert_eq!(call(&mut out, &mut data), n);
         out.data = data;
         Some(out)
+    }
+
+    /// All bytes of the K (`v == false`) or V tensor of layer `il` (every stream); `None` when
+    /// the cache holds no such tensor.
+    pub fn tensor_bytes(&self, v: bool, il: i32) -> Option<Vec<u8>> {
+        // SAFETY: live kvref.
+        let n = unsafe { (api().tensor_nbytes)(self.ptr, v, il) };
+        if n == 0 {
+            return None;
+        }
+        let mut out = vec![0u8; n];
+        // SAFETY: `out` is writable for n bytes, the tensor's size.
+        let ok = unsafe { (api().tensor_get)(self.ptr, v, il, 0, out.as_mut_ptr().cast(), n) };
+        ok.then_some(out)
+    }
+
+    /// Overwrites all bytes of the K (`v == false`) or V tensor of layer `il`; false when the
+    /// cache holds no such tensor or `data` is not its size.
+    pub fn set_tensor_bytes(&mut self, v: bool, il: i32, data: &[u8]) -> bool {
+        // SAFETY: live kvref.
+        let n = unsafe { (api().tensor_nbytes)(self.ptr, v, il) };
+        if n == 0 || n != data.len() {
+            return false;
+        }
+        // SAFETY: `data` is readable for n bytes, the tensor's size.
+        unsafe { (api().tensor_set)(self.ptr, v, il, 0, data.as_ptr().cast(), n) }
     }
 
     /// `state_write(seq, flags)` (`seq = -1`: whole cache).

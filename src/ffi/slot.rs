@@ -1,8 +1,9 @@
 //! The slot-level KV API: llama.cpp `llama_kv_cache`'s `prepare(ubatches)`,
-//! `apply_ubatch(sinfo, ubatch)`, `get_n_kv(sinfo)`, `set_input_*(dst, ubatch, sinfo)` and
-//! `state_clear(seq_id)`, for callers that keep their own slot infos and ubatches: llama.cpp's
-//! composite memories (iSWA, hybrid, DSA, DSV4...) over the drop-in adapter that stands in for
-//! `llama_kv_cache`.
+//! `find_slot(ubatch, cont)`, `apply_ubatch(sinfo, ubatch)`, `get_n_kv(sinfo)` and
+//! `set_input_*(dst, ubatch, sinfo)`, for callers that keep their own slot infos and ubatches:
+//! llama.cpp's composite memories (iSWA, hybrid, DSA, DSV4...) over the drop-in adapter that
+//! stands in for `llama_kv_cache`. (`state_clear(seq_id)` is `llama_memory_kv_state_clear`,
+//! with the state functions.)
 //!
 //! Slot infos cross the ABI in two ways:
 //! - **in**: a borrowed [`llama_memory_slot_info`] whose arrays the caller owns. An adapter
@@ -69,7 +70,10 @@ pub type llama_memory_slots_t = *mut llama_memory_slots;
 
 /// What a slots handle holds.
 pub(crate) struct SlotsHandle {
+    /// The slot infos; only the first `n` are valid (the rest keep their buffers for the next
+    /// prepare).
     slots: Vec<SlotInfo>,
+    n: usize,
     /// Per slot, where its index pointers start in `ptrs`.
     ptr_off: Vec<usize>,
     /// The `idxs[k].as_ptr()` of every slot, in order (the `idxs` arrays handed out).
@@ -77,11 +81,17 @@ pub(crate) struct SlotsHandle {
 }
 
 impl SlotsHandle {
-    /// Re-derives the pointer tables after `slots` changed.
-    fn rebuild(&mut self) {
+    /// The valid slot infos.
+    fn valid(&self) -> &[SlotInfo] {
+        &self.slots[..self.n]
+    }
+
+    /// Makes the first `n` slot infos the valid ones and re-derives the pointer tables.
+    fn set_valid(&mut self, n: usize) {
+        self.n = n.min(self.slots.len());
         self.ptr_off.clear();
         self.ptrs.clear();
-        for s in &self.slots {
+        for s in &self.slots[..self.n] {
             self.ptr_off.push(self.ptrs.len());
             self.ptrs.extend(s.idxs.iter().map(|v| v.as_ptr()));
         }
@@ -177,6 +187,7 @@ pub extern "C" fn llama_memory_slots_init() -> llama_memory_slots_t {
     ffi_boundary!({
         handle::to_boxed_mut_ptr(SlotsHandle {
             slots: Vec::new(),
+            n: 0,
             ptr_off: Vec::new(),
             ptrs: Vec::new(),
         })
@@ -197,7 +208,7 @@ pub extern "C" fn llama_memory_slots_free(slots: llama_memory_slots_t) {
 /// failed one); 0 for NULL.
 #[no_mangle]
 pub extern "C" fn llama_memory_slots_count(slots: llama_memory_slots_t) -> usize {
-    ffi_boundary!({ try_ref!(slots, "slots").slots.len() })
+    ffi_boundary!({ try_ref!(slots, "slots").n })
 }
 
 /// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
@@ -212,12 +223,8 @@ pub extern "C" fn llama_memory_slots_get(
     ffi_boundary!({
         let h = try_ref!(slots, "slots");
         try_or!(check_slice(out.cast_const(), 1, "out"));
-        let Some(s) = h.slots.get(i) else {
-            bail!(err!(
-                InvalidArgument,
-                "slot info {i} of a list of {}",
-                h.slots.len()
-            ));
+        let Some(s) = h.valid().get(i) else {
+            bail!(err!(InvalidArgument, "slot info {i} of a list of {}", h.n));
         };
         let info = llama_memory_slot_info {
             s0: s.s0,
@@ -253,8 +260,7 @@ pub extern "C" fn llama_memory_kv_prepare(
 ) -> llama_memory_result {
     ffi_boundary!({
         let o = try_mut!(out, "out");
-        o.slots.clear();
-        o.rebuild();
+        o.set_valid(0);
         let m = try_mut!(mem, "mem");
         if n_ubatches == 0 {
             bail!(err!(InvalidArgument, "n_ubatches is 0"));
@@ -287,11 +293,39 @@ pub extern "C" fn llama_memory_kv_prepare(
                 .collect::<Result<Vec<_>>>());
             prepare(kv, &views, &mut o.slots)
         };
-        if r.is_err() {
-            o.slots.clear();
-        }
-        o.rebuild();
         try_or!(r);
+        o.set_valid(n_ubatches);
+        LLAMA_MEMORY_OK
+    })
+}
+
+/// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+/// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+/// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+/// another error for invalid input (out empty).
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_find_slot(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    cont: bool,
+    out: llama_memory_slots_t,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let o = try_mut!(out, "out");
+        o.set_valid(0);
+        if o.slots.is_empty() {
+            o.slots.push(SlotInfo::with_streams(0, 0));
+        }
+        let slot = &mut o.slots[0];
+        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
+            kv.validate_ubatch(ub)?;
+            if kv.find_slot_into(ub, cont, slot) {
+                Ok(())
+            } else {
+                Err(err!(NoSlot, "the ubatch does not fit in the cache"))
+            }
+        }));
+        o.set_valid(1);
         LLAMA_MEMORY_OK
     })
 }
