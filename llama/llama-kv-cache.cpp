@@ -46,6 +46,25 @@ void check(llama_memory_result rc, const char * what) {
     }
 }
 
+// Copies the slot infos out of a list (its arrays are valid until its next use).
+llama_kv_cache::slot_info_vec_t read_slots(llama_memory_slots * slots) {
+    const size_t n = llama_memory_slots_count(slots);
+    llama_kv_cache::slot_info_vec_t res(n);
+    for (size_t k = 0; k < n; ++k) {
+        llama_memory_slot_info c = {};
+        check(llama_memory_slots_get(slots, k, &c), "slot infos");
+        auto & s = res[k];
+        s.s0 = c.s0;
+        s.s1 = c.s1;
+        s.resize(c.n_stream);
+        for (uint32_t j = 0; j < c.n_stream; ++j) {
+            s.strm[j] = c.strm[j];
+            s.idxs[j].assign(c.idxs[j], c.idxs[j] + c.size);
+        }
+    }
+    return res;
+}
+
 // An orthonormal Walsh-Hadamard matrix of size n (a power of 2), row-major: H(2m) is
 // [[H(m), H(m)], [H(m), -H(m)]] and H(1) = 1/sqrt(n), so that H * H = I.
 std::vector<float> hadamard(int64_t n) {
@@ -334,28 +353,20 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_
         return {};
     }
 
-    const size_t n = llama_memory_slots_count(slots);
-    slot_info_vec_t res(n);
-    for (size_t k = 0; k < n; ++k) {
-        llama_memory_slot_info c = {};
-        check(llama_memory_slots_get(slots, k, &c), "prepare");
-        auto & s = res[k];
-        s.s0 = c.s0;
-        s.s1 = c.s1;
-        s.resize(c.n_stream);
-        for (uint32_t j = 0; j < c.n_stream; ++j) {
-            s.strm[j] = c.strm[j];
-            s.idxs[j].assign(c.idxs[j], c.idxs[j] + c.size);
-        }
-    }
-    return res;
+    return read_slots(slots);
 }
 
 llama_kv_cache::slot_info llama_kv_cache::find_slot(const llama_ubatch & ubatch, bool cont) const {
-    // the library's search gives upstream's non-contiguous slot; prepare() puts the cells back
-    GGML_UNUSED(cont);
-    auto res = const_cast<llama_kv_cache *>(this)->prepare({ ubatch });
-    return res.empty() ? slot_info{} : res[0];
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
+    const llama_memory_result rc = llama_memory_kv_find_slot(mem, &ub, cont, slots);
+    if (rc != LLAMA_MEMORY_OK) {
+        if (rc != LLAMA_MEMORY_ERR_NO_SLOT) {
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_memory_last_error());
+        }
+        return {};
+    }
+    auto res = read_slots(slots);
+    return res.empty() ? slot_info{} : std::move(res[0]);
 }
 
 void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & ubatch) {
