@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 4] = [
+    let models: [(&str, Writer); 8] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -41,6 +41,34 @@ fn write_models_into(dir: &Path) {
                 64,
                 &llama_memory_reference::LFM2_HEAD_KV,
                 3,
+            )
+        }),
+        // lfm2 with a 16-token sliding window on its attention layers: llama_memory_hybrid_iswa
+        ("lfm2_swa", |p| {
+            llama_memory_reference::write_lfm2_model_ex(
+                p,
+                64,
+                &llama_memory_reference::LFM2_HEAD_KV,
+                3,
+                llama_memory_reference::LFM2_SWA,
+            )
+        }),
+        // mamba + attention layers: llama_memory_hybrid
+        ("jamba", |p| {
+            llama_memory_reference::write_jamba_model(p, 64, &llama_memory_reference::JAMBA_HEAD_KV)
+        }),
+        // two 16-token sliding-window layers and a full one: llama_kv_cache_iswa
+        ("gemma3", |p| {
+            let (n_layer, n_swa, pattern) = llama_memory_reference::GEMMA3_SWA;
+            llama_memory_reference::write_gemma3_model(p, n_layer, 64, n_swa, pattern)
+        }),
+        // M-RoPE (4 positions per token): no K-shift
+        ("qwen2vl", |p| {
+            llama_memory_reference::write_qwen2vl_model(
+                p,
+                2,
+                64,
+                &llama_memory_reference::QWEN2VL_SECTIONS,
             )
         }),
     ];

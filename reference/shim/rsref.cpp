@@ -1,5 +1,6 @@
 // rsref: the rsref.h interface implemented by forwarding to the pinned llama.cpp's own
-// llama_memory_recurrent, and the writers of the tiny mamba / lfm2 test models. Test-only code:
+// llama_memory_recurrent, and the writers of the tiny mamba / lfm2 / jamba / gemma3 / qwen2vl test
+// models. Test-only code:
 // see kvref.h and rsref.h for why it exists.
 
 #include <algorithm>
@@ -202,6 +203,11 @@ bool rsref_write_mamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u)
 
 bool rsref_write_lfm2(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const uint32_t * n_head_kv,
                       uint32_t l_cache) {
+    return rsref_write_lfm2_ex(path, n_layer_u, n_embd_u, n_head_kv, l_cache, 0);
+}
+
+bool rsref_write_lfm2_ex(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const uint32_t * n_head_kv,
+                         uint32_t l_cache, uint32_t n_swa) {
     init_once();
 
     const uint32_t n_head = 4;
@@ -256,6 +262,190 @@ bool rsref_write_lfm2(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, 
         gguf_set_val_f32(g, "lfm2.rope.freq_base", 10000.0f);
         gguf_set_val_u32(g, "lfm2.shortconv.l_cache", l_cache);
         gguf_set_val_u32(g, "lfm2.vocab_size", (uint32_t) n_vocab);
+        if (n_swa > 0) {
+            // every attention layer becomes SWA (llama_model_lfm2::load_arch_hparams)
+            gguf_set_val_u32(g, "lfm2.attention.sliding_window", n_swa);
+        }
+    }, specs);
+}
+
+bool rsref_write_jamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const uint32_t * n_head_kv) {
+    init_once();
+
+    const uint32_t n_head = 4;
+    bool ok = n_layer_u > 0 && n_embd_u > 0 && n_embd_u % n_head == 0 && n_head_kv;
+    for (uint32_t il = 0; ok && il < n_layer_u; ++il) {
+        ok = n_head_kv[il] == 0 || n_head % n_head_kv[il] == 0;
+    }
+    if (!ok) {
+        log_error("rsref_write_jamba", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head;
+    // llama.cpp only supports an expansion factor of 2 (GGML_ASSERT(2 * n_embd == d_inner))
+    const int64_t d_inner = 2*n_embd, d_state = 16, d_conv = 4, dt_rank = 4;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones("output_norm.weight", n_embd),
+        rnd("output.weight", n_embd, n_vocab),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        if (n_head_kv[il] == 0) {
+            specs.push_back(rnd(b + "ssm_in.weight", n_embd, 2*d_inner));
+            specs.push_back(rnd(b + "ssm_conv1d.weight", d_conv, d_inner));
+            specs.push_back(rnd(b + "ssm_conv1d.bias", d_inner));
+            specs.push_back(rnd(b + "ssm_x.weight", d_inner, dt_rank + 2*d_state));
+            specs.push_back(ones(b + "ssm_dt_norm.weight", dt_rank));
+            specs.push_back(rnd(b + "ssm_dt.weight", dt_rank, d_inner));
+            specs.push_back(rnd(b + "ssm_dt.bias", d_inner));
+            specs.push_back(ones(b + "ssm_b_norm.weight", d_state));
+            specs.push_back(ones(b + "ssm_c_norm.weight", d_state));
+            // A = -exp(A_log) in converted models: negative, so the state decays
+            specs.push_back({b + "ssm_a", d_state, d_inner, -1.0f, 1.0f});
+            specs.push_back(ones(b + "ssm_d", d_inner));
+            specs.push_back(rnd(b + "ssm_out.weight", d_inner, n_embd));
+        } else {
+            const int64_t n_embd_kv = (int64_t) n_head_kv[il]*head_dim;
+            specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        }
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+    }
+
+    std::vector<uint32_t> kv_heads(n_head_kv, n_head_kv + n_layer_u);
+    return write_gguf(path, "jamba", [&](gguf_context * g) {
+        gguf_set_val_u32(g, "jamba.context_length", 4096);
+        gguf_set_val_u32(g, "jamba.embedding_length", (uint32_t) n_embd);
+        gguf_set_val_u32(g, "jamba.block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "jamba.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "jamba.attention.head_count", n_head);
+        gguf_set_arr_data(g, "jamba.attention.head_count_kv", GGUF_TYPE_UINT32, kv_heads.data(), kv_heads.size());
+        gguf_set_val_u32(g, "jamba.ssm.conv_kernel", (uint32_t) d_conv);
+        gguf_set_val_u32(g, "jamba.ssm.inner_size", (uint32_t) d_inner);
+        gguf_set_val_u32(g, "jamba.ssm.state_size", (uint32_t) d_state);
+        gguf_set_val_u32(g, "jamba.ssm.time_step_rank", (uint32_t) dt_rank);
+        gguf_set_val_f32(g, "jamba.attention.layer_norm_rms_epsilon", 1e-5f);
+        gguf_set_val_u32(g, "jamba.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_gemma3(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, uint32_t n_swa,
+                        uint32_t swa_pattern) {
+    init_once();
+
+    const uint32_t n_head = 4, n_head_kv = 2;
+    if (n_layer_u == 0 || n_embd_u == 0 || n_embd_u % (2*n_head) != 0) {
+        log_error("rsref_write_gemma3", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head, n_embd_kv = n_head_kv*head_dim;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones("output_norm.weight", n_embd),
+        rnd("output.weight", n_embd, n_vocab),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+        specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+        specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+        specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        specs.push_back(ones(b + "post_attention_norm.weight", n_embd));
+        specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
+        specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(ones(b + "post_ffw_norm.weight", n_embd));
+    }
+
+    return write_gguf(path, "gemma3", [&](gguf_context * g) {
+        gguf_set_val_u32(g, "gemma3.context_length", 4096);
+        gguf_set_val_u32(g, "gemma3.embedding_length", (uint32_t) n_embd);
+        gguf_set_val_u32(g, "gemma3.block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "gemma3.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "gemma3.attention.head_count", n_head);
+        gguf_set_val_u32(g, "gemma3.attention.head_count_kv", n_head_kv);
+        gguf_set_val_f32(g, "gemma3.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_f32(g, "gemma3.rope.freq_base", 1000000.0f);
+        if (n_swa > 0) {
+            gguf_set_val_u32(g, "gemma3.attention.sliding_window", n_swa);
+            gguf_set_val_u32(g, "gemma3.attention.sliding_window_pattern", swa_pattern);
+            gguf_set_val_f32(g, "gemma3.rope.freq_base_swa", 10000.0f);
+        }
+        gguf_set_val_u32(g, "gemma3.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
+    init_once();
+
+    const uint32_t n_head = 4, n_head_kv = 2;
+    // ggml_rope_multi rotates n_rot/2 pairs split over the (at most) four sections
+    const int64_t head_dim = n_embd_u/n_head;
+    bool ok = n_layer_u > 0 && n_embd_u > 0 && n_embd_u % (2*n_head) == 0 && sections;
+    int64_t n_sect = 0;
+    for (int i = 0; ok && i < 4; ++i) {
+        ok = sections[i] >= 0;
+        n_sect += ok ? sections[i] : 0;
+    }
+    if (!ok || n_sect != head_dim/2) {
+        log_error("rsref_write_qwen2vl", "invalid model shape");
+        return false;
+    }
+
+    const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t n_embd_kv = n_head_kv*head_dim;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones("output_norm.weight", n_embd),
+        rnd("output.weight", n_embd, n_vocab),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+        specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+        specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+        // Qwen2 has Q/K/V biases
+        specs.push_back(rnd(b + "attn_q.bias", n_embd));
+        specs.push_back(rnd(b + "attn_k.bias", n_embd_kv));
+        specs.push_back(rnd(b + "attn_v.bias", n_embd_kv));
+        specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+    }
+
+    std::vector<int32_t> sect(sections, sections + 4);
+    return write_gguf(path, "qwen2vl", [&](gguf_context * g) {
+        gguf_set_val_u32(g, "qwen2vl.context_length", 4096);
+        gguf_set_val_u32(g, "qwen2vl.embedding_length", (uint32_t) n_embd);
+        gguf_set_val_u32(g, "qwen2vl.block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "qwen2vl.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "qwen2vl.attention.head_count", n_head);
+        gguf_set_val_u32(g, "qwen2vl.attention.head_count_kv", n_head_kv);
+        gguf_set_val_f32(g, "qwen2vl.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_f32(g, "qwen2vl.rope.freq_base", 1000000.0f);
+        gguf_set_arr_data(g, "qwen2vl.rope.dimension_sections", GGUF_TYPE_INT32, sect.data(), sect.size());
+        gguf_set_val_u32(g, "qwen2vl.vocab_size", (uint32_t) n_vocab);
     }, specs);
 }
 

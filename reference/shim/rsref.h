@@ -1,6 +1,7 @@
 /*
  * rsref: a thin C interface over the *stock* llama_memory_recurrent of the pinned llama.cpp,
- * plus writers of tiny random-weight recurrent (`mamba`) and hybrid (`lfm2`) models.
+ * plus writers of tiny random-weight recurrent (`mamba`), hybrid (`lfm2`, `jamba`), iSWA
+ * (`gemma3`) and M-RoPE (`qwen2vl`) models.
  *
  * Test-only, like kvref.h (same library, same logging rules, same model cache): every
  * function forwards to the pinned llama.cpp's own code. Where the stock code would abort
@@ -32,6 +33,33 @@ bool rsref_write_mamba(const char *path, uint32_t n_layer, uint32_t n_embd);
  * n_embd_r = n_embd*(l_cache-1), n_embd_s = 0. Returns true on success. */
 bool rsref_write_lfm2(const char *path, uint32_t n_layer, uint32_t n_embd, const uint32_t *n_head_kv,
                       uint32_t l_cache);
+
+/* rsref_write_lfm2 with a sliding window: n_swa > 0 writes lfm2.attention.sliding_window, which
+ * makes every attention layer SWA (standard) and the context memory llama_memory_hybrid_iswa;
+ * n_swa == 0 is rsref_write_lfm2, byte for byte. */
+bool rsref_write_lfm2_ex(const char *path, uint32_t n_layer, uint32_t n_embd, const uint32_t *n_head_kv,
+                         uint32_t l_cache, uint32_t n_swa);
+
+/* A `jamba` GGUF (hybrid: llama_memory_hybrid): n_layer layers of width n_embd (a multiple of 4),
+ * 4 query heads, n_head_kv[il] KV heads per layer (0 = mamba layer, else must divide 4; attention
+ * layers have no RoPE), feed-forward width 2*n_embd (dense, no MoE). Mamba layers as in
+ * rsref_write_mamba (d_inner = 2*n_embd, d_state 16, d_conv 4, dt_rank 4) plus unit dt/B/C norms.
+ * n_embd_r = 3*d_inner, n_embd_s = 16*d_inner. Returns true on success. */
+bool rsref_write_jamba(const char *path, uint32_t n_layer, uint32_t n_embd, const uint32_t *n_head_kv);
+
+/* A `gemma3` GGUF: n_layer layers of width n_embd (a multiple of 8), 4 query heads, 2 KV heads,
+ * feed-forward width 2*n_embd, Q/K norms and post-attention/post-FFN norms (all 1). n_swa > 0:
+ * standard sliding window of n_swa tokens with sliding_window_pattern swa_pattern (layer il is SWA
+ * unless il % swa_pattern == swa_pattern - 1; 0: every layer SWA), which makes the context
+ * memory llama_kv_cache_iswa; n_swa == 0: no SWA (llama_kv_cache). Returns true on success. */
+bool rsref_write_gemma3(const char *path, uint32_t n_layer, uint32_t n_embd, uint32_t n_swa, uint32_t swa_pattern);
+
+/* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
+ * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
+ * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text
+ * positions [p, p, p, 0]; the KV cache cannot shift (seq_add/seq_div assert). Returns true on
+ * success. */
+bool rsref_write_qwen2vl(const char *path, uint32_t n_layer, uint32_t n_embd, const int32_t *sections);
 
 /* --------------------------------------------------------------------------------------------
  * rsref: a standalone stock llama_memory_recurrent over a model file.

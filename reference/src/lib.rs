@@ -17,7 +17,9 @@
 //! and [`RefCtx`], a stock `llama_context` used only through the public `llama.h` API (decode,
 //! logits, sequence and whole-state save/restore), for compatibility tests and benchmarks of
 //! state blobs and files. Besides the tiny `llama` model of [`model_path`], tiny `mamba`
-//! ([`mamba_model_path`]) and `lfm2` ([`lfm2_model_path`]) models are written on demand.
+//! ([`mamba_model_path`]), `lfm2` ([`lfm2_model_path`], [`lfm2_swa_model_path`]), `jamba`
+//! ([`jamba_model_path`]), `gemma3` ([`gemma3_model_path`]) and `qwen2vl`
+//! ([`qwen2vl_model_path`]) models are written on demand.
 //!
 //! ```no_run
 //! use llama_memory_reference::{model_path, Params, RefKv, Ubatch};
@@ -40,8 +42,12 @@ use std::sync::{Mutex, OnceLock};
 
 mod recurrent;
 pub use recurrent::{
-    lfm2_model_path, lfm2_model_path_ex, mamba_model_path, mamba_model_path_ex, write_lfm2_model,
-    write_mamba_model, RefRs, RsCell, RsCtxInfo, RsParams, LFM2_HEAD_KV,
+    gemma3_model_path, gemma3_model_path_ex, jamba_model_path, jamba_model_path_ex,
+    lfm2_model_path, lfm2_model_path_ex, lfm2_swa_model_path, mamba_model_path,
+    mamba_model_path_ex, qwen2vl_model_path, qwen2vl_model_path_ex, write_gemma3_model,
+    write_jamba_model, write_lfm2_model, write_lfm2_model_ex, write_mamba_model,
+    write_qwen2vl_model, RefRs, RsCell, RsCtxInfo, RsParams, GEMMA3_SWA, JAMBA_HEAD_KV,
+    LFM2_HEAD_KV, LFM2_SWA, QWEN2VL_SECTIONS,
 };
 
 /// Highest number of sequences (and so of streams) of the stock cache (`LLAMA_MAX_SEQ`).

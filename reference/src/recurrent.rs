@@ -1,6 +1,6 @@
 //! The stock recurrent memory (`llama_memory_recurrent`) behind the `rsref_*` functions of
-//! `shim/rsref.h`, the tiny `mamba` and `lfm2` model writers, and the multi-sequence additions
-//! to [`RefCtx`].
+//! `shim/rsref.h`, the tiny `mamba`, `lfm2` (also with a sliding window), `jamba`, `gemma3`
+//! (iSWA) and `qwen2vl` (M-RoPE) model writers, and the multi-sequence additions to [`RefCtx`].
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -30,6 +30,10 @@ pub(crate) struct RsApi {
     sizeof: unsafe extern "C" fn(i32) -> usize,
     write_mamba: unsafe extern "C" fn(*const c_char, u32, u32) -> bool,
     write_lfm2: unsafe extern "C" fn(*const c_char, u32, u32, *const u32, u32) -> bool,
+    write_lfm2_ex: unsafe extern "C" fn(*const c_char, u32, u32, *const u32, u32, u32) -> bool,
+    write_jamba: unsafe extern "C" fn(*const c_char, u32, u32, *const u32) -> bool,
+    write_gemma3: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
+    write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
     clear: unsafe extern "C" fn(RsPtr, bool),
@@ -91,6 +95,10 @@ impl RsApi {
             sizeof: sym!("sizeof"),
             write_mamba: sym!("write_mamba"),
             write_lfm2: sym!("write_lfm2"),
+            write_lfm2_ex: sym!("write_lfm2_ex"),
+            write_jamba: sym!("write_jamba"),
+            write_gemma3: sym!("write_gemma3"),
+            write_qwen2vl: sym!("write_qwen2vl"),
             new: sym!("new"),
             free: sym!("free"),
             clear: sym!("clear"),
@@ -223,6 +231,155 @@ pub fn lfm2_model_path_ex(n_embd: u32, n_head_kv: &[u32], l_cache: u32) -> PathB
             layers.join("_")
         ),
         |p| write_lfm2_model(p, n_embd, n_head_kv, l_cache),
+    )
+}
+
+/// [`write_lfm2_model`] with a sliding window: `n_swa > 0` writes
+/// `lfm2.attention.sliding_window`, which makes every attention layer a (standard) SWA layer and
+/// the context memory a `llama_memory_hybrid_iswa` (whose full-attention cache has no layer);
+/// `n_swa == 0` writes the file of [`write_lfm2_model`] byte for byte.
+pub fn write_lfm2_model_ex(
+    path: &Path,
+    n_embd: u32,
+    n_head_kv: &[u32],
+    l_cache: u32,
+    n_swa: u32,
+) -> bool {
+    let p = c_path(path);
+    let n_layer = u32::try_from(n_head_kv.len()).expect("too many layers");
+    // SAFETY: `p` is a NUL-terminated path and `n_head_kv` holds `n_layer` entries.
+    unsafe {
+        (rs().write_lfm2_ex)(
+            p.as_ptr(),
+            n_layer,
+            n_embd,
+            n_head_kv.as_ptr(),
+            l_cache,
+            n_swa,
+        )
+    }
+}
+
+/// Sliding window of the default SWA `lfm2` model of [`lfm2_swa_model_path`].
+pub const LFM2_SWA: u32 = 16;
+
+/// Path of the tiny `lfm2` model of [`lfm2_model_path`] with a sliding window of [`LFM2_SWA`]
+/// tokens on its attention layers (see [`write_lfm2_model_ex`]), written once per process.
+pub fn lfm2_swa_model_path() -> PathBuf {
+    let layers: Vec<String> = LFM2_HEAD_KV.iter().map(u32::to_string).collect();
+    cached_model(
+        format!(
+            "kvref-lfm2-e64-kv{}-c3-swa{LFM2_SWA}-v1.gguf",
+            layers.join("_")
+        ),
+        |p| write_lfm2_model_ex(p, 64, &LFM2_HEAD_KV, 3, LFM2_SWA),
+    )
+}
+
+/// KV heads per layer of the default `jamba` model of [`jamba_model_path`]: layers 0 and 2 are
+/// mamba (recurrent), layers 1 and 3 attention.
+pub const JAMBA_HEAD_KV: [u32; 4] = [0, 2, 0, 2];
+
+/// Writes a tiny random-weight `jamba` GGUF (a hybrid: the context memory is a
+/// `llama_memory_hybrid`) to `path`: one layer per `n_head_kv` entry, width `n_embd` (a multiple
+/// of 4), 4 query heads, `n_head_kv[il]` KV heads (0 makes the layer a mamba layer; otherwise it
+/// must divide 4; attention layers use no RoPE), dense feed-forward of width `2 * n_embd`,
+/// vocabulary 32, F32 weights from a fixed seed. Mamba layers as [`write_mamba_model`]'s plus unit
+/// dt/B/C norms: `n_embd_r = 6 * n_embd`, `n_embd_s = 32 * n_embd`. `false` for an invalid shape
+/// or a failed write.
+pub fn write_jamba_model(path: &Path, n_embd: u32, n_head_kv: &[u32]) -> bool {
+    let p = c_path(path);
+    let n_layer = u32::try_from(n_head_kv.len()).expect("too many layers");
+    // SAFETY: `p` is a NUL-terminated path and `n_head_kv` holds `n_layer` entries.
+    unsafe { (rs().write_jamba)(p.as_ptr(), n_layer, n_embd, n_head_kv.as_ptr()) }
+}
+
+/// Path of the tiny `jamba` model: `n_embd` 64, layers [`JAMBA_HEAD_KV`], written once per
+/// process.
+pub fn jamba_model_path() -> PathBuf {
+    jamba_model_path_ex(64, &JAMBA_HEAD_KV)
+}
+
+/// Path of a tiny `jamba` model of the given shape (see [`write_jamba_model`]), written once per
+/// process and shape. Panics on an invalid shape.
+pub fn jamba_model_path_ex(n_embd: u32, n_head_kv: &[u32]) -> PathBuf {
+    let layers: Vec<String> = n_head_kv.iter().map(u32::to_string).collect();
+    cached_model(
+        format!("kvref-jamba-e{n_embd}-kv{}-v1.gguf", layers.join("_")),
+        |p| write_jamba_model(p, n_embd, n_head_kv),
+    )
+}
+
+/// `(n_layer, n_swa, swa_pattern)` of the default `gemma3` model of [`gemma3_model_path`]:
+/// layers 0 and 1 slide over 16 tokens, layer 2 attends to everything.
+pub const GEMMA3_SWA: (u32, u32, u32) = (3, 16, 3);
+
+/// Writes a tiny random-weight `gemma3` GGUF to `path`: `n_layer` layers of width `n_embd` (a
+/// multiple of 8), 4 query heads, 2 KV heads, feed-forward width `2 * n_embd`, unit Q/K and
+/// post-attention/post-FFN norms, vocabulary 32, F32 weights from a fixed seed. `n_swa > 0`: a
+/// standard sliding window of `n_swa` tokens on every layer but those with
+/// `il % swa_pattern == swa_pattern - 1` (`swa_pattern` 0: on every layer), so the context
+/// memory is a `llama_kv_cache_iswa`; `n_swa == 0`: no sliding window (a `llama_kv_cache`).
+/// `false` for an invalid shape or a failed write.
+pub fn write_gemma3_model(
+    path: &Path,
+    n_layer: u32,
+    n_embd: u32,
+    n_swa: u32,
+    swa_pattern: u32,
+) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_gemma3)(p.as_ptr(), n_layer, n_embd, n_swa, swa_pattern) }
+}
+
+/// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
+pub fn gemma3_model_path() -> PathBuf {
+    let (n_layer, n_swa, swa_pattern) = GEMMA3_SWA;
+    gemma3_model_path_ex(n_layer, 64, n_swa, swa_pattern)
+}
+
+/// Path of a tiny `gemma3` model of the given shape (see [`write_gemma3_model`]), written once
+/// per process and shape. Panics on an invalid shape.
+pub fn gemma3_model_path_ex(n_layer: u32, n_embd: u32, n_swa: u32, swa_pattern: u32) -> PathBuf {
+    cached_model(
+        format!("kvref-gemma3-l{n_layer}-e{n_embd}-swa{n_swa}-p{swa_pattern}-v1.gguf"),
+        |p| write_gemma3_model(p, n_layer, n_embd, n_swa, swa_pattern),
+    )
+}
+
+/// M-RoPE sections of the default `qwen2vl` model of [`qwen2vl_model_path`] (head size 16: the
+/// sections cover its 8 rotated pairs).
+pub const QWEN2VL_SECTIONS: [i32; 4] = [2, 3, 3, 0];
+
+/// Writes a tiny random-weight `qwen2vl` GGUF (M-RoPE: 4 positions per token; llama.cpp gives
+/// a token at position `p` the positions `[p, p, p, 0]`, and its KV cache cannot shift) to
+/// `path`: `n_layer` layers of width `n_embd` (a multiple of 8), 4 query heads, 2 KV heads, Q/K/V
+/// biases, feed-forward width `2 * n_embd`, `rope.dimension_sections = sections` (non-negative,
+/// summing to `n_embd / 8`), vocabulary 32, F32 weights from a fixed seed. `false` for an invalid
+/// shape or a failed write.
+pub fn write_qwen2vl_model(path: &Path, n_layer: u32, n_embd: u32, sections: &[i32; 4]) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path and `sections` holds 4 entries.
+    unsafe { (rs().write_qwen2vl)(p.as_ptr(), n_layer, n_embd, sections.as_ptr()) }
+}
+
+/// Path of the tiny `qwen2vl` model: 2 layers, `n_embd` 64, [`QWEN2VL_SECTIONS`], written once
+/// per process.
+pub fn qwen2vl_model_path() -> PathBuf {
+    qwen2vl_model_path_ex(2, 64, &QWEN2VL_SECTIONS)
+}
+
+/// Path of a tiny `qwen2vl` model of the given shape (see [`write_qwen2vl_model`]), written
+/// once per process and shape. Panics on an invalid shape.
+pub fn qwen2vl_model_path_ex(n_layer: u32, n_embd: u32, sections: &[i32; 4]) -> PathBuf {
+    let s: Vec<String> = sections.iter().map(i32::to_string).collect();
+    cached_model(
+        format!(
+            "kvref-qwen2vl-l{n_layer}-e{n_embd}-s{}-v1.gguf",
+            s.join("_")
+        ),
+        |p| write_qwen2vl_model(p, n_layer, n_embd, sections),
     )
 }
 
