@@ -319,7 +319,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -343,7 +343,26 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         "llama_streams|llama|--flash-attn 0 --kv-unified 0"
         "mamba|mamba|"
         "lfm2|lfm2|--flash-attn 0"
-        "lfm2_rs3|lfm2|--flash-attn 1 --n-rs-seq 3")
+        "lfm2_rs3|lfm2|--flash-attn 1 --n-rs-seq 3"
+        # gemma3: layers 0 and 1 slide over 16 tokens, layer 2 is full (llama_kv_cache_iswa).
+        # At n_ctx 512 the SWA cache is smaller than the base one: it wraps and can_shift is 0;
+        # with --swa-full 1 both hold 512 cells, can_shift is 1 and the K-shift runs on both.
+        "gemma3_fa_off|gemma3|--flash-attn 0 --n-ctx 512"
+        "gemma3_fa_on|gemma3|--flash-attn 1 --n-ctx 512"
+        "gemma3_swa_full_fa_off|gemma3|--flash-attn 0 --swa-full 1 --n-ctx 512"
+        "gemma3_swa_full_fa_on|gemma3|--flash-attn 1 --swa-full 1 --n-ctx 512"
+        "gemma3_streams|gemma3|--flash-attn 0 --kv-unified 0"
+        # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
+        "qwen2vl|qwen2vl|--flash-attn 0"
+        "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"
+        # llama_memory_hybrid: mamba layers 0 and 2, attention layers 1 and 3
+        "jamba|jamba|--flash-attn 0"
+        "jamba_fa_on_streams|jamba|--flash-attn 1 --kv-unified 0"
+        # lfm2 with a 16-token window (llama_memory_hybrid_iswa, no full-attention layer). Stock
+        # aborts in the empty full cache's K-shift whenever can_shift is 1, so n_ctx 512 (the
+        # SWA cache smaller, can_shift 0)
+        "lfm2_swa|lfm2_swa|--flash-attn 0 --n-ctx 512"
+        "lfm2_swa_rs3|lfm2_swa|--flash-attn 1 --n-ctx 512 --n-rs-seq 3")
     foreach(_config IN LISTS _configs)
         string(REPLACE "|" ";" _parts "${_config}")
         list(GET _parts 0 _name)

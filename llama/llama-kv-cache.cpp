@@ -207,7 +207,9 @@ llama_kv_cache::llama_kv_cache(
     p.use_alibi        = hparams.use_alibi;
     p.non_causal_type  = (int32_t) hparams.non_causal_type;
     p.v_trans          = v_trans;
-    p.n_embd_v_gqa_max = is_mla ? 0 : hparams.n_embd_v_gqa_max();
+    // 0: the widest V row of the layers this cache holds (llama.cpp pads to the model's
+    // widest; the same unless a filtered-out layer is wider, and a cache may hold no layer)
+    p.n_embd_v_gqa_max = 0;
     p.n_rel_attn_bkts  = hparams.n_rel_attn_bkts;
 
     llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
