@@ -276,15 +276,7 @@ llama_pos llama_kv_cache::seq_pos_max(llama_seq_id seq_id) const {
 }
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache::memory_breakdown() const {
-    std::map<ggml_backend_buffer_type_t, size_t> ret;
-    const size_t n = llama_memory_kv_memory_breakdown(mem, nullptr, nullptr, 0);
-    std::vector<ggml_backend_buffer_type_t> bufts(n);
-    std::vector<size_t> sizes(n);
-    const size_t got = llama_memory_kv_memory_breakdown(mem, bufts.data(), sizes.data(), n);
-    for (size_t i = 0; i < got && i < n; ++i) {
-        ret[bufts[i]] += sizes[i];
-    }
-    return ret;
+    return llama_memory_dropin_breakdown(mem, llama_memory_kv_memory_breakdown);
 }
 
 llama_memory_context_ptr llama_kv_cache::init_batch(

@@ -30,6 +30,23 @@
 
 #include <cstdint>
 #include <exception>
+#include <map>
+#include <vector>
+
+// llama_memory_i::memory_breakdown from one of the library's breakdown functions.
+inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdown(
+        llama_memory_dropin_t mem,
+        size_t (*breakdown)(llama_memory_dropin_t, ggml_backend_buffer_type **, size_t *, size_t)) {
+    std::map<ggml_backend_buffer_type_t, size_t> ret;
+    const size_t n = breakdown(mem, nullptr, nullptr, 0);
+    std::vector<ggml_backend_buffer_type_t> bufts(n);
+    std::vector<size_t> sizes(n);
+    const size_t got = breakdown(mem, bufts.data(), sizes.data(), n);
+    for (size_t i = 0; i < got && i < n; ++i) {
+        ret[bufts[i]] += sizes[i];
+    }
+    return ret;
+}
 
 // The library's view of a llama_ubatch: the same arrays, borrowed (no token data copied).
 inline llama_memory_ubatch llama_memory_dropin_ubatch(const llama_ubatch & ub) {
