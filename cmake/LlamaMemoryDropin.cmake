@@ -28,6 +28,13 @@
 #
 # Uses from the including scope: _src, _bin, _llama_cpp_dir, the ggml target.
 
+if(NOT BUILD_SHARED_LIBS)
+    # A static libllama.a would need this library's archive merged into it, and its system
+    # libraries in llama-config.cmake and llama.pc: not done yet.
+    message(FATAL_ERROR "llama_memory: LLAMA_MEMORY_DROPIN builds a shared libllama only for now "
+                        "(configure with -DBUILD_SHARED_LIBS=ON)")
+endif()
+
 set(_dropin_tree "${_llama_cpp_dir}")
 set(_dropin_stage "${CMAKE_BINARY_DIR}/dropin-src")
 set(_dropin_overlay "${_src}/llama")
