@@ -392,4 +392,34 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         set_tests_properties(dropin_equivalence_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
+
+    # An existing consumer switches by prefix alone (tests/dropin/consumer.cmake): the whole
+    # install into <build>/dropin-tests/consumer/prefix, tests/dropin/equivalence.c built
+    # unchanged against it with find_package(llama) (tests/dropin/consumer/) and with
+    # pkg-config, both loading the installed drop-in (ldd), both giving the stock harness's
+    # output byte for byte. The install needs every installed file: the test builds the Rust
+    # library (llama_memory_cargo) first when the tree does not have it yet.
+    if(BUILD_SHARED_LIBS AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
+        find_program(LLAMA_MEMORY_PKG_CONFIG NAMES pkg-config pkgconf)
+        add_test(NAME dropin_consumer
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DBUILD_DIR=${CMAKE_BINARY_DIR}"
+                    "-DRUST_LIBRARY=${LLAMA_MEMORY_LIBRARY}"
+                    -DRUST_TARGET=llama_memory_cargo
+                    "-DSTOCK=$<TARGET_FILE:dropin_equivalence_stock>"
+                    "-DSOURCE=${_src}/tests/dropin/equivalence.c"
+                    "-DCONSUMER_DIR=${_src}/tests/dropin/consumer"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/llama.gguf"
+                    "-DARGS=--flash-attn,0"
+                    "-DWORK=${_bin}/dropin-tests/consumer"
+                    "-DCC=${CMAKE_C_COMPILER}"
+                    "-DCXX=${CMAKE_CXX_COMPILER}"
+                    "-DGENERATOR=${CMAKE_GENERATOR}"
+                    "-DPKG_CONFIG=${LLAMA_MEMORY_PKG_CONFIG}"
+                    "-DNM=${LLAMA_MEMORY_NM}"
+                    -P "${_src}/tests/dropin/consumer.cmake")
+        # RUN_SERIAL: it may run cargo, and installs from the build tree.
+        set_tests_properties(dropin_consumer PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 1800 RUN_SERIAL ON)
+    endif()
 endif()
