@@ -94,6 +94,33 @@ fn write_models() {
     }
 }
 
+/// The end-to-end benchmark's models (scripts/bench-dropin.sh, tests/dropin/bench.c), written
+/// into `LLAMA_MEMORY_BENCH_MODELS=<dir>`: `llama.gguf` (2 layers, width 64, 4 heads, 2 KV
+/// heads: the equivalence tests' model) and `tiny1.gguf` (1 layer, width 32, 1 head), where
+/// the graph's compute is smallest next to the memory's part of a decode step.
+#[test]
+#[ignore = "run by scripts/bench-dropin.sh"]
+fn write_bench_models() {
+    let Some(dir) = env::var_os("LLAMA_MEMORY_BENCH_MODELS").filter(|d| !d.is_empty()) else {
+        eprintln!("LLAMA_MEMORY_BENCH_MODELS not set: nothing to write");
+        return;
+    };
+    let dir = Path::new(&dir);
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    for (name, shape) in [("llama", (2, 64, 4, 2)), ("tiny1", (1, 32, 1, 1))] {
+        let (n_layer, n_embd, n_head, n_head_kv) = shape;
+        let path = dir.join(format!("{name}.gguf"));
+        let tmp = dir.join(format!("{name}.gguf.{}", std::process::id()));
+        assert!(
+            llama_memory_reference::write_model_ex(&tmp, n_layer, n_embd, n_head, n_head_kv),
+            "cannot write the {name} model to {}",
+            tmp.display()
+        );
+        fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("cannot move {}: {e}", tmp.display()));
+        println!("wrote {}", path.display());
+    }
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
