@@ -18,9 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use llama_memory::ffi::context::*;
-use llama_memory::ffi::kv::*;
-use llama_memory::ffi::memory::*;
+use llama_memory::ffi::*;
 use llama_memory_reference as stock;
 
 const N_SEQ: usize = 16;

@@ -1,6 +1,7 @@
 /* The llama.h memory functions through the C ABI on a unified KV cache. Expected values follow
  * llama.cpp's documented semantics (shared cells move together, seq_div's shift sign, ...). */
 #include <math.h>
+#include <string.h>
 
 #include "common.h"
 
@@ -42,6 +43,28 @@ int main(void) {
     CHECK(test_place(mem, 2, 0, 2) == 0);
     CHECK(llama_memory_kv_get_cell(mem, 0, 4, &pos, NULL, seqs) == LLAMA_MEMORY_OK);
     CHECK(pos == 0 && seqs[0] == (1u << 2));
+
+    /* every cell in one call: the same positions and sequence sets as cell by cell (cells 0..3
+     * shared by seqs 0 and 1, 4..5 seq 2, the rest empty) */
+    {
+        static llama_pos all_pos[256];
+        static uint64_t all_bits[256 * 4];
+        llama_pos one_pos;
+        uint64_t one_bits[4];
+        CHECK(llama_memory_kv_get_cells(mem, 0, all_pos, all_bits, 256) == LLAMA_MEMORY_OK);
+        for (i = 0; i < 256; ++i) {
+            CHECK(llama_memory_kv_get_cell(mem, 0, (uint32_t) i, &one_pos, NULL, one_bits) == LLAMA_MEMORY_OK);
+            CHECK(all_pos[i] == one_pos && memcmp(&all_bits[4 * i], one_bits, sizeof(one_bits)) == 0);
+        }
+        CHECK(all_pos[0] == 0 && all_bits[0] == 3u && all_pos[5] == 1 && all_bits[4 * 5] == 4u);
+        CHECK(all_pos[6] == -1 && all_bits[4 * 6] == 0u);
+        /* positions alone; too small arrays, a bad stream and NULL are refused */
+        CHECK(llama_memory_kv_get_cells(mem, 0, all_pos, NULL, 256) == LLAMA_MEMORY_OK);
+        CHECK(llama_memory_kv_get_cells(mem, 0, all_pos, all_bits, 255) == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+        CHECK(llama_memory_kv_get_cells(mem, 1, all_pos, all_bits, 256) == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+        CHECK(llama_memory_kv_get_cells(mem, 0, NULL, all_bits, 256) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+        CHECK(llama_memory_kv_get_cells(NULL, 0, all_pos, all_bits, 256) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+    }
 
     /* shifting seq 1 moves the cells it shares with seq 0 */
     llama_memory_seq_add(mem, 1, 0, -1, 10);

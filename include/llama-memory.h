@@ -25,6 +25,15 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
+// Major version.
+#define LLAMA_MEMORY_VERSION_MAJOR 0
+
+// Minor version.
+#define LLAMA_MEMORY_VERSION_MINOR 1
+
+// Patch version.
+#define LLAMA_MEMORY_VERSION_PATCH 0
+
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -37,14 +46,14 @@ struct ggml_cgraph;
 // Context status: computing failed (`LLAMA_MEMORY_STATUS_FAILED_COMPUTE`).
 #define LLAMA_MEMORY_CTX_FAILED_COMPUTE 3
 
-// Major version.
-#define LLAMA_MEMORY_VERSION_MAJOR 0
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
+// a plain KV cache has none and writes its whole state, as llama.cpp.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
 
-// Minor version.
-#define LLAMA_MEMORY_VERSION_MINOR 1
-
-// Patch version.
-#define LLAMA_MEMORY_VERSION_PATCH 0
+// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
+// per source sequence, replaced by the next such save of that sequence); the blob holds only
+// the metadata. Restore it with the same flag on the same handle.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
 
 // No sliding window (`LLAMA_SWA_TYPE_NONE`).
 #define LLAMA_MEMORY_SWA_TYPE_NONE 0
@@ -66,15 +75,6 @@ struct ggml_cgraph;
 
 // Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 #define LLAMA_MEMORY_NON_CAUSAL_SWA_FULL 2
-
-// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
-// a plain KV cache has none and writes its whole state, as llama.cpp.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
-
-// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
-// per source sequence, replaced by the next such save of that sequence); the blob holds only
-// the metadata. Restore it with the same flag on the same handle.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
 
 // Result of the functions this library adds to llama.h's API. Values are stable and never
 // reused.
@@ -117,30 +117,55 @@ typedef uint32_t llama_memory_result;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// A memory context handle: the plan for one batch, a full reservation, or an update.
+// A memory context (llama.cpp's `llama_memory_context_i`): the plan for one batch
+// (`llama_memory_init_batch`), a reservation over the whole memory (`llama_memory_init_full`)
+// or the pending shifts and stream copies (`llama_memory_init_update`).
+//
+// The caller owns it and ends it with `llama_memory_ctx_free`; its memory must outlive it
+// (freeing it hands its buffers back to the memory for the next batch).
+//
+// Methods: `llama_memory_ctx_get_status`, `_next`, `_apply`, `_get_n_tokens`, and the inputs of
+// the current step of each kind (`llama_memory_ctx_get_n_kv`, `llama_memory_ctx_set_input_*`,
+// `llama_memory_ctx_get_n_rs`, ...).
+//
+// Threads: a context and its memory form one unit; calls on them must not overlap.
 typedef struct llama_memory_ctx llama_memory_ctx;
 
-// The memory behind a `llama_memory_t`, an opaque struct (llama.h's `struct llama_memory_i`).
-// The C pointer is thin; the trait object (a fat pointer) stays inside.
+// A memory (llama.h's `struct llama_memory_i`), whatever its kind: a KV cache, a recurrent
+// memory, or a composite of those.
+//
+// Made by one constructor per kind (`llama_memory_kv_init`, `llama_memory_kv_init_with_storage`,
+// `llama_memory_rs_init`); the caller owns it and ends it with `llama_memory_free`. Every
+// context made from it (`llama_memory_init_batch`, `_init_full`, `_init_update`) must be freed
+// before it; the tensors it hands out (`llama_memory_kv_get_k_tensor`, ...) die with it.
+//
+// Methods: llama.h's nine (`llama_memory_clear`, `_seq_rm`, `_seq_cp`, `_seq_keep`, `_seq_add`,
+// `_seq_div`, `_seq_pos_min`, `_seq_pos_max`, `_can_shift`), `llama_memory_n_seq_max`,
+// `llama_memory_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
+// functions of its kind (`llama_memory_kv_*`, `llama_memory_rs_*`).
+//
+// Threads: not safe for concurrent use. Calls on one memory (or on its contexts) must not
+// overlap; different memories are independent. Under the hood: a `Box` around a
+// `Box<dyn Memory>`, so the C pointer is thin.
 typedef struct llama_memory_i llama_memory_i;
 
 // Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
 typedef struct llama_memory_slots llama_memory_slots;
 
-// Handle to a memory context.
-typedef struct llama_memory_ctx *llama_memory_ctx_t;
-
 // Handle to a memory, the same typedef as llama.h's.
 typedef struct llama_memory_i *llama_memory_t;
 
-// `llama_token` of llama.h.
-typedef int32_t llama_token;
+// `llama_seq_id` of llama.h.
+typedef int32_t llama_seq_id;
 
 // `llama_pos` of llama.h.
 typedef int32_t llama_pos;
 
-// `llama_seq_id` of llama.h.
-typedef int32_t llama_seq_id;
+// Handle to a memory context.
+typedef struct llama_memory_ctx *llama_memory_ctx_t;
+
+// `llama_token` of llama.h.
+typedef int32_t llama_token;
 
 // A ubatch as llama.cpp's `llama_ubatch` describes it; the fields match its fields, so an
 // adapter fills it from a `llama_ubatch` without copying token data. Everything but the
@@ -174,29 +199,6 @@ typedef struct llama_memory_ubatch {
   // `[n_tokens]` output flags, or NULL.
   const int8_t *output;
 } llama_memory_ubatch;
-
-// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
-// from the model and the context parameters.
-typedef struct llama_memory_rope_params {
-  // Rotated dimensions (`n_rot(il)`).
-  int32_t n_rot;
-  // ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
-  int32_t mode;
-  // `n_ctx_orig_yarn`.
-  int32_t n_ctx_orig;
-  // Per-layer frequency base.
-  float freq_base;
-  // Per-layer frequency scale.
-  float freq_scale;
-  // `yarn_ext_factor`.
-  float ext_factor;
-  // `yarn_attn_factor`.
-  float attn_factor;
-  // `yarn_beta_fast`.
-  float beta_fast;
-  // `yarn_beta_slow`.
-  float beta_slow;
-} llama_memory_rope_params;
 
 // `llama_state_seq_flags` of llama.h.
 typedef uint32_t llama_state_seq_flags;
@@ -254,6 +256,88 @@ typedef struct llama_memory_kv_params {
   // Relative attention buckets (T5), for position buckets; 0 if unused.
   uint32_t n_rel_attn_bkts;
 } llama_memory_kv_params;
+
+// One model layer of a KV cache with tensors.
+typedef struct llama_memory_kv_layer {
+  // Model layer index (ascending over the layers that have their own tensors).
+  uint32_t il;
+  // K row width, `n_embd_k_gqa(il)`.
+  uint32_t n_embd_k_gqa;
+  // V row width, `n_embd_v_gqa(il)` (ignored for MLA caches).
+  uint32_t n_embd_v_gqa;
+  // -1: the layer has its own tensors; else the `il` of a layer whose tensors it uses
+  // (llama.cpp's `reuse` callback).
+  int32_t reuse;
+  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
+  struct ggml_backend_buffer_type *buft;
+} llama_memory_kv_layer;
+
+// K/V tensors of a KV cache; get the defaults from `llama_memory_kv_storage_default_params()`.
+// Layers llama.cpp's `filter` callback rejects are simply not listed.
+typedef struct llama_memory_kv_storage_params {
+  // K type, a `ggml_type`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, IQ4_NL, Q5_0 or Q5_1.
+  int32_t type_k;
+  // V type, as `type_k`; quantized types need `v_trans == false` in the cache parameters.
+  int32_t type_v;
+  // MLA cache: no V tensors.
+  bool is_mla;
+  // Attention-rotation size of K written into states (llama.cpp's `n_rot_k`; 0 when off).
+  uint32_t n_rot_k;
+  // Same for V.
+  uint32_t n_rot_v;
+  // The layers, `n_layers` of them.
+  const struct llama_memory_kv_layer *layers;
+  // Number of entries in `layers`.
+  size_t n_layers;
+} llama_memory_kv_storage_params;
+
+// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
+// from the model and the context parameters.
+typedef struct llama_memory_rope_params {
+  // Rotated dimensions (`n_rot(il)`).
+  int32_t n_rot;
+  // Values of each head before the rotated ones: `n_embd_head_k - n_rot` for MLA caches
+  // (llama.cpp: `n_lora_kv > 0`), else 0.
+  uint32_t n_embd_nope;
+  // ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
+  int32_t mode;
+  // `n_ctx_orig_yarn`.
+  int32_t n_ctx_orig;
+  // Per-layer frequency base.
+  float freq_base;
+  // Per-layer frequency scale.
+  float freq_scale;
+  // `yarn_ext_factor`.
+  float ext_factor;
+  // `yarn_attn_factor`.
+  float attn_factor;
+  // `yarn_beta_fast`.
+  float beta_fast;
+  // `yarn_beta_slow`.
+  float beta_slow;
+} llama_memory_rope_params;
+
+// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
+// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
+// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
+typedef struct llama_memory_slot_info {
+  // Lowest stream of the slot (`s0`).
+  uint32_t s0;
+  // Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
+  uint32_t s1;
+  // Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
+  uint32_t n_stream;
+  // Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
+  uint32_t size;
+  // `[n_stream]` the stream of each entry (`slot_info::strm`).
+  const llama_seq_id *strm;
+  // `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
+  const uint32_t *const *idxs;
+} llama_memory_slot_info;
+
+// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
+// `llama_memory_slots_free` ends it.
+typedef struct llama_memory_slots *llama_memory_slots_t;
 
 // One model layer of a recurrent memory with tensors.
 typedef struct llama_memory_rs_layer {
@@ -325,308 +409,16 @@ typedef struct llama_memory_rs_cell {
   uint32_t n_seq;
 } llama_memory_rs_cell;
 
-// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
-// `llama_memory_slots_free` ends it.
-typedef struct llama_memory_slots *llama_memory_slots_t;
-
-// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
-// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
-// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
-typedef struct llama_memory_slot_info {
-  // Lowest stream of the slot (`s0`).
-  uint32_t s0;
-  // Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
-  uint32_t s1;
-  // Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
-  uint32_t n_stream;
-  // Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
-  uint32_t size;
-  // `[n_stream]` the stream of each entry (`slot_info::strm`).
-  const llama_seq_id *strm;
-  // `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
-  const uint32_t *const *idxs;
-} llama_memory_slot_info;
-
-// One model layer of a KV cache with tensors.
-typedef struct llama_memory_kv_layer {
-  // Model layer index (ascending over the layers that have their own tensors).
-  uint32_t il;
-  // K row width, `n_embd_k_gqa(il)`.
-  uint32_t n_embd_k_gqa;
-  // V row width, `n_embd_v_gqa(il)` (ignored for MLA caches).
-  uint32_t n_embd_v_gqa;
-  // -1: the layer has its own tensors; else the `il` of a layer whose tensors it uses
-  // (llama.cpp's `reuse` callback).
-  int32_t reuse;
-  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
-  struct ggml_backend_buffer_type *buft;
-} llama_memory_kv_layer;
-
-// K/V tensors of a KV cache; get the defaults from `llama_memory_kv_storage_default_params()`.
-// Layers llama.cpp's `filter` callback rejects are simply not listed.
-typedef struct llama_memory_kv_storage_params {
-  // K type, a `ggml_type`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, IQ4_NL, Q5_0 or Q5_1.
-  int32_t type_k;
-  // V type, as `type_k`; quantized types need `v_trans == false` in the cache parameters.
-  int32_t type_v;
-  // MLA cache: no V tensors.
-  bool is_mla;
-  // Attention-rotation size of K written into states (llama.cpp's `n_rot_k`; 0 when off).
-  uint32_t n_rot_k;
-  // Same for V.
-  uint32_t n_rot_v;
-  // The layers, `n_layers` of them.
-  const struct llama_memory_kv_layer *layers;
-  // Number of entries in `layers`.
-  size_t n_layers;
-} llama_memory_kv_storage_params;
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
 
-// Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
-// split): finds cells for each as if the previous ones were placed, then rolls the cells back.
-// Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
-// memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
-// the last error set for invalid input. The memory must outlive the context. A steady decode
-// loop (init, apply, free, init...) reuses the freed context's allocations.
-llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
-                                           const struct llama_memory_ubatch *ubatches,
-                                           size_t n_ubatches);
-
-// A context covering the whole memory (`init_full`), for worst-case graph reservation.
-llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
-
-// Takes the pending K-shift and stream copies into an update context (`init_update`); its
-// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
-llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
-
-// Frees a context. NULL is accepted. Its memory must still be alive (the context hands its
-// buffers back to it for the next `llama_memory_init_batch`).
-void llama_memory_ctx_free(llama_memory_ctx_t ctx);
-
-// Status of a context (`LLAMA_MEMORY_CTX_*`); FAILED_PREPARE for NULL.
-int32_t llama_memory_ctx_get_status(llama_memory_ctx_t ctx);
-
-// Moves a batch context to its next ubatch; false when there is none.
-bool llama_memory_ctx_next(llama_memory_ctx_t ctx);
-
-// Applies the context's current step to its memory: places the current ubatch (batch
-// context), or applies the K-shift and stream copies (update context). Fails, changing
-// nothing, if the memory changed since the plan so that a planned cell is no longer free.
-llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
-
-// Number of tokens of the current ubatch, 0 if none.
-uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_clear`.
-void llama_memory_dropin_clear(llama_memory_t mem, bool data);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_rm`.
-bool llama_memory_dropin_seq_rm(llama_memory_t mem,
-                                llama_seq_id seq_id,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_cp`.
-void llama_memory_dropin_seq_cp(llama_memory_t mem,
-                                llama_seq_id seq_id_src,
-                                llama_seq_id seq_id_dst,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_keep`.
-void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_add`.
-void llama_memory_dropin_seq_add(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 llama_pos delta);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_div`.
-void llama_memory_dropin_seq_div(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 int d);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_min`.
-llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_max`.
-llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_can_shift`.
-bool llama_memory_dropin_can_shift(llama_memory_t mem);
-#endif
-
-// The message of this thread's last failure, or NULL if there was none since the last
-// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
-// until the next failing call or clear on this thread.
-const char *llama_memory_last_error(void);
-
-// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
-llama_memory_result llama_memory_last_error_code(void);
-
-// Forgets this thread's last error.
-void llama_memory_clear_last_error(void);
-
-// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
-// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
-struct ggml_tensor *llama_memory_kv_view_k(llama_memory_t mem,
-                                           struct ggml_context *ctx,
-                                           uint32_t il,
-                                           uint32_t n_kv,
-                                           uint32_t s0,
-                                           uint32_t s1,
-                                           uint32_t n_embd_head_k);
-
-// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
-// `[n_kv, n_head_kv, n_embd_head_v, ns]`.
-struct ggml_tensor *llama_memory_kv_view_v(llama_memory_t mem,
-                                           struct ggml_context *ctx,
-                                           uint32_t il,
-                                           uint32_t n_kv,
-                                           uint32_t s0,
-                                           uint32_t s1,
-                                           uint32_t n_embd_head_v);
-
-// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
-// `llama_memory_ctx_set_input_k_idxs`).
-struct ggml_tensor *llama_memory_kv_cpy_k(llama_memory_t mem,
-                                          struct ggml_context *ctx,
-                                          uint32_t il,
-                                          struct ggml_tensor *k_cur,
-                                          struct ggml_tensor *k_idxs);
-
-// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
-struct ggml_tensor *llama_memory_kv_cpy_v(llama_memory_t mem,
-                                          struct ggml_context *ctx,
-                                          uint32_t il,
-                                          struct ggml_tensor *v_cur,
-                                          struct ggml_tensor *v_idxs);
-
-// The K-shift node of layer `il` (RoPE of the cached K by `k_shift`, in place), with the
-// layer's rope parameters and optional `rope_factors`. F32/F16/BF16 K only.
-struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
-                                                  struct ggml_context *ctx,
-                                                  uint32_t il,
-                                                  uint32_t n_embd_head_k,
-                                                  struct ggml_tensor *k_shift,
-                                                  struct ggml_tensor *rope_factors,
-                                                  const struct llama_memory_rope_params *rope);
-
-// Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
-// `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
-// `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
-// What was written before an error stays written. Supported by the KV cache and the
-// recurrent memory.
-llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
-                                                llama_seq_id seq_id,
-                                                llama_state_seq_flags flags,
-                                                const struct llama_memory_io_write *io);
-
-// Restores the memory's state into `seq_id` (-1: replace everything) from `io`, as
-// llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
-// is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
-// once may have changed the destination's rows (llama.cpp's caller erases the destination
-// then). Supported by the KV cache and the recurrent memory.
-llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
-                                               llama_seq_id seq_id,
-                                               llama_state_seq_flags flags,
-                                               const struct llama_memory_io_read *io);
-
-// Number of cells the attention sees for the current ubatch (valid after apply), 0 on error.
-uint32_t llama_memory_ctx_get_n_kv(llama_memory_ctx_t ctx);
-
-// Writes the K row of each token of the current ubatch (`set_input_k_idxs`) into `dst`
-// (`n` elements, at least n_tokens).
-llama_memory_result llama_memory_ctx_set_input_k_idxs(llama_memory_ctx_t ctx,
-                                                      int64_t *dst,
-                                                      size_t n);
-
-// Writes the V destinations of the current ubatch (`set_input_v_idxs`) into `dst` (`n`
-// elements: n_tokens, or n_tokens * n_embd_v_gqa_max with a transposed V).
-llama_memory_result llama_memory_ctx_set_input_v_idxs(llama_memory_ctx_t ctx,
-                                                      int64_t *dst,
-                                                      size_t n);
-
-// Writes the KQ mask of the current ubatch over `n_kv` cells (`set_input_kq_mask`) into `dst`:
-// `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when `f16`; `n_stream` mask
-// streams (1 for a unified cache, the ubatch's sequence count otherwise).
-llama_memory_result llama_memory_ctx_set_input_kq_mask(llama_memory_ctx_t ctx,
-                                                       bool causal_attn,
-                                                       uint32_t n_kv,
-                                                       uint32_t n_stream,
-                                                       bool f16,
-                                                       void *dst,
-                                                       size_t n);
-
-// Writes T5 relative position buckets of the current ubatch over `n_kv` cells
-// (`set_input_pos_bucket`) into `dst` (`n_kv * n_tokens` elements).
-llama_memory_result llama_memory_ctx_set_input_pos_bucket(llama_memory_ctx_t ctx,
-                                                          uint32_t n_kv,
-                                                          int32_t *dst,
-                                                          size_t n);
-
-// Writes the pending shift of every cell (`set_input_k_shift`) into `dst`
-// (`size * n_stream` elements).
-llama_memory_result llama_memory_kv_set_input_k_shift(llama_memory_t mem, int32_t *dst, size_t n);
-
-// `llama_memory_ctx_set_input_kq_mask` into a host tensor, as llama.cpp's graph builds it:
-// F32 or F16, `ne = [n_kv, n_tokens / n_stream, 1, n_stream]`.
-llama_memory_result llama_memory_ctx_set_input_kq_mask_tensor(llama_memory_ctx_t ctx,
-                                                              struct ggml_tensor *dst,
-                                                              bool causal_attn);
-
-// `llama_memory_ctx_set_input_k_idxs` into a host I64 tensor of `n_tokens` elements.
-llama_memory_result llama_memory_ctx_set_input_k_idxs_tensor(llama_memory_ctx_t ctx,
-                                                             struct ggml_tensor *dst);
-
-// `llama_memory_ctx_set_input_v_idxs` into a host I64 tensor.
-llama_memory_result llama_memory_ctx_set_input_v_idxs_tensor(llama_memory_ctx_t ctx,
-                                                             struct ggml_tensor *dst);
-
-// `llama_memory_ctx_set_input_pos_bucket` into a host I32 tensor, `ne = [n_kv, n_tokens]`.
-llama_memory_result llama_memory_ctx_set_input_pos_bucket_tensor(llama_memory_ctx_t ctx,
-                                                                 struct ggml_tensor *dst);
-
-// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.
-llama_memory_result llama_memory_kv_set_input_k_shift_tensor(llama_memory_t mem,
-                                                             struct ggml_tensor *dst);
-
 // This library's version, "MAJOR.MINOR.PATCH" (static string).
 const char *llama_memory_version(void);
 
-// Default KV cache parameters: 256 cells, 1 sequence, unified, no sliding window, text
-// positions, transposed V.
-struct llama_memory_kv_params llama_memory_kv_default_params(void);
-
-// Creates a KV cache. Returns NULL (and sets the last error) for invalid parameters.
-// Free it with `llama_memory_free`.
-llama_memory_t llama_memory_kv_init(struct llama_memory_kv_params params);
-
-// Frees a memory. NULL is accepted. Contexts made from it must be freed first.
+// Frees a memory made by any constructor (`llama_memory_kv_init`,
+// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
+// made from it must be freed first; its tensors end with it.
 void llama_memory_free(llama_memory_t mem);
 
 #if !defined(LLAMA_MEMORY_DROPIN)
@@ -694,6 +486,175 @@ bool llama_memory_can_shift(llama_memory_t mem);
 // Number of sequences of the memory, 0 for NULL.
 uint32_t llama_memory_n_seq_max(llama_memory_t mem);
 
+// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
+// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
+// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
+// tensors, and on error (last error set).
+size_t llama_memory_breakdown(llama_memory_t mem,
+                              struct ggml_backend_buffer_type **bufts,
+                              size_t *sizes,
+                              size_t cap);
+
+// The message of this thread's last failure, or NULL if there was none since the last
+// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
+// until the next failing call or clear on this thread.
+const char *llama_memory_last_error(void);
+
+// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
+llama_memory_result llama_memory_last_error_code(void);
+
+// Forgets this thread's last error.
+void llama_memory_clear_last_error(void);
+
+// Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
+// split): finds cells for each as if the previous ones were placed, then rolls the cells back.
+// Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
+// memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
+// the last error set for invalid input. The memory must outlive the context. A steady decode
+// loop (init, apply, free, init...) reuses the freed context's allocations.
+llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
+                                           const struct llama_memory_ubatch *ubatches,
+                                           size_t n_ubatches);
+
+// A context covering the whole memory (`init_full`), for worst-case graph reservation.
+llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
+
+// Takes the pending K-shift and stream copies into an update context (`init_update`); its
+// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
+
+// Frees a context. NULL is accepted. Its memory must still be alive (the context hands its
+// buffers back to it for the next `llama_memory_init_batch`).
+void llama_memory_ctx_free(llama_memory_ctx_t ctx);
+
+// Status of a context (`LLAMA_MEMORY_CTX_*`); FAILED_PREPARE for NULL.
+int32_t llama_memory_ctx_get_status(llama_memory_ctx_t ctx);
+
+// Moves a batch context to its next ubatch; false when there is none.
+bool llama_memory_ctx_next(llama_memory_ctx_t ctx);
+
+// Applies the context's current step to its memory: places the current ubatch (batch
+// context), or applies the K-shift and stream copies (update context). Fails, changing
+// nothing, if the memory changed since the plan so that a planned cell is no longer free.
+llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
+
+// Number of tokens of the current ubatch, 0 if none.
+uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
+
+// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
+// 0 on error.
+size_t llama_memory_state_get_size(llama_memory_t mem);
+
+// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
+// (too small a buffer included).
+size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
+
+// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
+// unchanged (llama.cpp leaves it cleared or half-restored).
+size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
+
+// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
+size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
+
+// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
+// bytes written, 0 on error.
+size_t llama_memory_state_seq_get_data(llama_memory_t mem,
+                                       uint8_t *dst,
+                                       size_t size,
+                                       llama_seq_id seq_id);
+
+// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
+// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
+// erases the destination sequence).
+size_t llama_memory_state_seq_set_data(llama_memory_t mem,
+                                       const uint8_t *src,
+                                       size_t size,
+                                       llama_seq_id dest_seq_id);
+
+// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
+size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_get_data_ext`.
+size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
+                                           uint8_t *dst,
+                                           size_t size,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_set_data_ext`.
+size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
+                                           const uint8_t *src,
+                                           size_t size,
+                                           llama_seq_id dest_seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
+// tokens, then the sequence's state). Returns the file size, 0 on error.
+size_t llama_memory_state_seq_save_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id seq_id,
+                                        const llama_token *tokens,
+                                        size_t n_token_count);
+
+// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
+// `tokens_out == NULL` only the header is checked: the token count goes to
+// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
+// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
+// file offset after the state, 0 on error with the memory unchanged.
+size_t llama_memory_state_seq_load_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id dest_seq_id,
+                                        llama_token *tokens_out,
+                                        size_t n_token_capacity,
+                                        size_t *n_token_count_out);
+
+// Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
+// `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
+// `write_tensor` (an `ON_DEVICE` writer keeps them), `flags` as the memory kind uses them.
+// What was written before an error stays written. Supported by the KV cache and the
+// recurrent memory.
+llama_memory_result llama_memory_state_write_io(llama_memory_t mem,
+                                                llama_seq_id seq_id,
+                                                llama_state_seq_flags flags,
+                                                const struct llama_memory_io_write *io);
+
+// Restores the memory's state into `seq_id` (-1: replace everything) from `io`, as
+// llama.cpp's `llama_memory_i::state_read(io, seq_id, flags)`. The input is validated as it
+// is read; on an error the cells are unchanged, but a reader whose `read_tensor` writes at
+// once may have changed the destination's rows (llama.cpp's caller erases the destination
+// then). Supported by the KV cache and the recurrent memory.
+llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
+                                               llama_seq_id seq_id,
+                                               llama_state_seq_flags flags,
+                                               const struct llama_memory_io_read *io);
+
+// Default KV cache parameters: 256 cells, 1 sequence, unified, no sliding window, text
+// positions, transposed V.
+struct llama_memory_kv_params llama_memory_kv_default_params(void);
+
+// Creates a KV cache. Returns NULL (and sets the last error) for invalid parameters.
+// Free it with `llama_memory_free`.
+llama_memory_t llama_memory_kv_init(struct llama_memory_kv_params params);
+
+// Default storage parameters: F16 K and V, no layers.
+struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);
+
+// Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
+// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
+// (and sets the last error) for invalid parameters or a failed allocation.
+llama_memory_t llama_memory_kv_init_with_storage(struct llama_memory_kv_params params,
+                                                 const struct llama_memory_kv_storage_params *storage);
+
+// The K tensor of model layer `il` (`[n_embd_k_gqa, size, n_stream]`, named `cache_k_l<il>`),
+// owned by the memory; NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_kv_get_k_tensor(llama_memory_t mem, uint32_t il);
+
+// The V tensor of model layer `il` (`[E_v, size, n_stream]`, transposed per stream when the
+// cache has `v_trans`); NULL (last error set) if there is none (MLA, or no such layer).
+struct ggml_tensor *llama_memory_kv_get_v_tensor(llama_memory_t mem, uint32_t il);
+
 // Cells per stream of a KV cache, 0 on error.
 uint32_t llama_memory_kv_size(llama_memory_t mem);
 
@@ -713,157 +674,131 @@ llama_memory_result llama_memory_kv_get_cell(llama_memory_t mem,
                                              llama_pos *shift,
                                              uint64_t *seq_bits);
 
-// Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
-// and S, no layers.
-struct llama_memory_rs_params llama_memory_rs_default_params(void);
+// Reads every cell of stream `stream` in one call (the cells llama.cpp's `get_cells`
+// returns): `pos[i]` gets cell `i`'s position (-1 when empty) and, if `seq_bits` is not NULL,
+// `seq_bits[4 * i .. 4 * i + 4]` its sequence set as in `llama_memory_kv_get_cell`. `n` is the
+// number of cells the arrays have room for: at least `llama_memory_kv_size`. Nothing is
+// written on error.
+llama_memory_result llama_memory_kv_get_cells(llama_memory_t mem,
+                                              uint32_t stream,
+                                              llama_pos *pos,
+                                              uint64_t *seq_bits,
+                                              size_t n);
 
-// Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
-// (and sets the last error) for invalid parameters or a failed allocation.
-llama_memory_t llama_memory_rs_init(struct llama_memory_rs_params params);
+// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
+// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
+// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
+// (cells shared with another sequence keep their bytes). KV caches only.
+llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
-// The R tensor of model layer `il` (`[n_embd_r, size * (1 + n_rs_seq)]`, `cache_r_l<il>`),
-// owned by the memory; NULL (last error set) if there is none.
-struct ggml_tensor *llama_memory_rs_get_r_tensor(llama_memory_t mem, uint32_t il);
+// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
+// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
+struct ggml_tensor *llama_memory_kv_view_k(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_k);
 
-// The S tensor of model layer `il` (`[n_embd_s, size * (1 + n_rs_seq)]`, `cache_s_l<il>`);
-// NULL (last error set) if there is none.
-struct ggml_tensor *llama_memory_rs_get_s_tensor(llama_memory_t mem, uint32_t il);
+// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
+// `[n_kv, n_head_kv, n_embd_head_v, ns]`.
+struct ggml_tensor *llama_memory_kv_view_v(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_v);
 
-// The PLE conv-history tensor of model layer `il` (`cache_ple_r_l<il>`); NULL (last error
-// set) for a layer without one.
-struct ggml_tensor *llama_memory_rs_get_p_tensor(llama_memory_t mem, uint32_t il);
+// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
+// `llama_memory_ctx_set_input_k_idxs`).
+struct ggml_tensor *llama_memory_kv_cpy_k(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *k_cur,
+                                          struct ggml_tensor *k_idxs);
 
-// Memory breakdown of the recurrent tensors: writes up to `cap` (buffer type, bytes) pairs
-// and returns how many there are (call with `cap = 0` to size the arrays). 0 without tensors
-// or on error.
-size_t llama_memory_rs_memory_breakdown(llama_memory_t mem,
-                                        struct ggml_backend_buffer_type **bufts,
-                                        size_t *sizes,
-                                        size_t cap);
+// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
+struct ggml_tensor *llama_memory_kv_cpy_v(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *v_cur,
+                                          struct ggml_tensor *v_idxs);
 
-// Reads the bookkeeping of a recurrent memory into `out`.
-llama_memory_result llama_memory_rs_get_info(llama_memory_t mem, struct llama_memory_rs_info *out);
+// The K-shift node of layer `il` (`build_graph_shift`'s per-layer node): RoPE of the cached
+// K by `k_shift` (I32 `[size * n_stream]`, from `llama_memory_kv_set_input_k_shift`) with the
+// layer's rope parameters and optional F32 `rope_factors`. An F32/F16/BF16 K is rotated in
+// place; a quantized K goes through F32 with llama.cpp's Hadamard rotation `k_rot` (F32
+// `[n_rot_k, n_rot_k]`, the `attn_inp_k_rot` input) undone before the RoPE and redone after
+// it. NULL (last error set) on bad arguments or a context without room for the nodes.
+struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
+                                                  struct ggml_context *ctx,
+                                                  uint32_t il,
+                                                  uint32_t n_embd_head_k,
+                                                  struct ggml_tensor *k_shift,
+                                                  struct ggml_tensor *k_rot,
+                                                  struct ggml_tensor *rope_factors,
+                                                  const struct llama_memory_rope_params *rope);
 
-// Reads cell `i` into `out` and its sequence ids (ascending) into `seqs` (up to `cap`; the
-// count is `out->n_seq`).
-llama_memory_result llama_memory_rs_get_cell(llama_memory_t mem,
-                                             uint32_t i,
-                                             struct llama_memory_rs_cell *out,
-                                             int32_t *seqs,
-                                             size_t cap);
+// Number of cells the attention sees for the current ubatch (valid after apply), 0 on error.
+uint32_t llama_memory_ctx_get_n_kv(llama_memory_ctx_t ctx);
 
-// Simulates placing `ubatches` in turn (`llama_memory_recurrent::prepare`, which the hybrid
-// memories call for their recurrent part) and leaves the cells as they were. True when all
-// of them fit; false when one does not, or (last error set) on invalid input.
-bool llama_memory_rs_prepare(llama_memory_t mem,
-                             const struct llama_memory_ubatch *ubatches,
-                             size_t n_ubatches);
-
-// Places `ubatch` (`llama_memory_recurrent::find_slot`, what a context's `apply` does): the
-// cells, `head`, `n` and `rs_z` the graph inputs read afterwards. False (last error set)
-// when it does not fit or is invalid; the cells are then unchanged.
-bool llama_memory_rs_find_slot(llama_memory_t mem, const struct llama_memory_ubatch *ubatch);
-
-// `s_copy(i)` of the last placement (`llama_memory_recurrent_context::s_copy`): the row the
-// state of cell `head + i` is read from, in its first sequence's pending rollback plane,
-// which this consumes, as upstream does. -1 (last error set) outside the cells.
-int32_t llama_memory_rs_s_copy(llama_memory_t mem, uint32_t i);
-
-// Rows the graph gathers for the current ubatch (`get_n_rs`; the whole memory for a full
-// context), 0 on error.
-uint32_t llama_memory_ctx_get_n_rs(llama_memory_ctx_t ctx);
-
-// First state row of the current ubatch (`get_head`; 0 for a full context), 0 on error.
-uint32_t llama_memory_ctx_get_rs_head(llama_memory_ctx_t ctx);
-
-// The row the graph zeroes for new sequences (`get_rs_z`; -1 for none, 0 for a full
-// context); -1 on error.
-int32_t llama_memory_ctx_get_rs_z(llama_memory_ctx_t ctx);
-
-// Writes `s_copy` for the current ubatch (`llm_graph_input_rs::set_input`): `n_rs` source
-// rows into `dst` (`n` elements, at least `n_rs`). With rollback planes, reading it consumes
-// the pending rollbacks of the sequences it covers, as in llama.cpp.
-llama_memory_result llama_memory_ctx_set_input_s_copy(llama_memory_ctx_t ctx,
-                                                      int32_t *dst,
+// Writes the K row of each token of the current ubatch (`set_input_k_idxs`) into `dst`
+// (`n` elements, at least n_tokens).
+llama_memory_result llama_memory_ctx_set_input_k_idxs(llama_memory_ctx_t ctx,
+                                                      int64_t *dst,
                                                       size_t n);
 
-// `llama_memory_ctx_set_input_s_copy` into a contiguous host I32 tensor of at least `n_rs`
-// elements.
-llama_memory_result llama_memory_ctx_set_input_s_copy_tensor(llama_memory_ctx_t ctx,
+// Writes the V destinations of the current ubatch (`set_input_v_idxs`) into `dst` (`n`
+// elements: n_tokens, or n_tokens * n_embd_v_gqa_max with a transposed V).
+llama_memory_result llama_memory_ctx_set_input_v_idxs(llama_memory_ctx_t ctx,
+                                                      int64_t *dst,
+                                                      size_t n);
+
+// `llama_memory_ctx_set_input_k_idxs` into a host I64 tensor of `n_tokens` elements.
+llama_memory_result llama_memory_ctx_set_input_k_idxs_tensor(llama_memory_ctx_t ctx,
                                                              struct ggml_tensor *dst);
 
-// `build_rs` of the current ubatch over layer `il`'s R (`which` 0), S (1) or PLE (2) tensor,
-// in the caller's `gctx`/`gf`: zeroes the context's `rs_z` row, gathers the rows `s_copy`
-// names (an I32 input tensor of `n_rs` elements, filled by
-// `llama_memory_ctx_set_input_s_copy_tensor`), returns the `[state_size, n_seqs]` states the
-// ubatch reads, and adds the copy of the other gathered rows back to rows `head + n_seqs ..`
-// to `gf`. NULL (last error set) on bad arguments, a full context or a full graph.
-struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
-                                              struct ggml_context *gctx,
-                                              struct ggml_cgraph *gf,
-                                              uint32_t il,
-                                              uint32_t which,
-                                              struct ggml_tensor *s_copy,
-                                              uint32_t state_size,
-                                              uint32_t n_seqs);
+// `llama_memory_ctx_set_input_v_idxs` into a host I64 tensor.
+llama_memory_result llama_memory_ctx_set_input_v_idxs_tensor(llama_memory_ctx_t ctx,
+                                                             struct ggml_tensor *dst);
 
-// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
-// `llama_memory_slots_free`; one handle can serve every `prepare` call.
-llama_memory_slots_t llama_memory_slots_init(void);
+// Writes the KQ mask of the current ubatch over `n_kv` cells (`set_input_kq_mask`) into `dst`:
+// `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when `f16`; `n_stream` mask
+// streams (1 for a unified cache, the ubatch's sequence count otherwise).
+llama_memory_result llama_memory_ctx_set_input_kq_mask(llama_memory_ctx_t ctx,
+                                                       bool causal_attn,
+                                                       uint32_t n_kv,
+                                                       uint32_t n_stream,
+                                                       bool f16,
+                                                       void *dst,
+                                                       size_t n);
 
-// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
-void llama_memory_slots_free(llama_memory_slots_t slots);
+// `llama_memory_ctx_set_input_kq_mask` into a host tensor, as llama.cpp's graph builds it:
+// F32 or F16, `ne = [n_kv, n_tokens / n_stream, 1, n_stream]`.
+llama_memory_result llama_memory_ctx_set_input_kq_mask_tensor(llama_memory_ctx_t ctx,
+                                                              struct ggml_tensor *dst,
+                                                              bool causal_attn);
 
-// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
-// failed one); 0 for NULL.
-size_t llama_memory_slots_count(llama_memory_slots_t slots);
+// Writes T5 relative position buckets of the current ubatch over `n_kv` cells
+// (`set_input_pos_bucket`) into `dst` (`n_kv * n_tokens` elements).
+llama_memory_result llama_memory_ctx_set_input_pos_bucket(llama_memory_ctx_t ctx,
+                                                          uint32_t n_kv,
+                                                          int32_t *dst,
+                                                          size_t n);
 
-// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
-// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
-// copy them (into a `slot_info`) before that.
-llama_memory_result llama_memory_slots_get(llama_memory_slots_t slots,
-                                           size_t i,
-                                           struct llama_memory_slot_info *out);
+// `llama_memory_ctx_set_input_pos_bucket` into a host I32 tensor, `ne = [n_kv, n_tokens]`.
+llama_memory_result llama_memory_ctx_set_input_pos_bucket_tensor(llama_memory_ctx_t ctx,
+                                                                 struct ggml_tensor *dst);
 
-// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
-// cells as if the ones before it were, then every cell and search head is rolled back (cells
-// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
-// `llama_memory_slots_init`, receives one slot info per ubatch.
-//
-// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
-// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
-// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
-// cache, equal split with one sequence per token group otherwise).
-llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
-                                            const struct llama_memory_ubatch *ubatches,
-                                            size_t n_ubatches,
-                                            llama_memory_slots_t out);
+// Writes the pending shift of every cell (`set_input_k_shift`) into `dst`
+// (`size * n_stream` elements).
+llama_memory_result llama_memory_kv_set_input_k_shift(llama_memory_t mem, int32_t *dst, size_t n);
 
-// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
-// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
-// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
-// another error for invalid input (out empty).
-llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
-                                              const struct llama_memory_ubatch *ubatch,
-                                              bool cont,
-                                              llama_memory_slots_t out);
-
-// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
-// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
-// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
-// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
-//
-// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
-// token count differs from the ubatch's, a token group in a stream that does not hold its
-// sequences, a cell listed twice or a cell shared by several sequences.
-llama_memory_result llama_memory_kv_apply_ubatch(llama_memory_t mem,
-                                                 const struct llama_memory_slot_info *sinfo,
-                                                 const struct llama_memory_ubatch *ubatch);
-
-// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
-// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
-// them. 0 on error.
-uint32_t llama_memory_kv_get_n_kv(llama_memory_t mem, const struct llama_memory_slot_info *sinfo);
+// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.
+llama_memory_result llama_memory_kv_set_input_k_shift_tensor(llama_memory_t mem,
+                                                             struct ggml_tensor *dst);
 
 // Writes the K row of each token of `ubatch` placed by `sinfo`
 // (`llama_kv_cache::set_input_k_idxs`): `strm[k] * size + idxs[k][i]`, into `dst` (`n`
@@ -936,105 +871,63 @@ llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t m
                                                                 struct ggml_tensor *dst,
                                                                 const struct llama_memory_ubatch *ubatch);
 
-// Default storage parameters: F16 K and V, no layers.
-struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);
+// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
+// `llama_memory_slots_free`; one handle can serve every `prepare` call.
+llama_memory_slots_t llama_memory_slots_init(void);
 
-// Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
-// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
-// (and sets the last error) for invalid parameters or a failed allocation.
-llama_memory_t llama_memory_kv_init_with_storage(struct llama_memory_kv_params params,
-                                                 const struct llama_memory_kv_storage_params *storage);
+// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
+void llama_memory_slots_free(llama_memory_slots_t slots);
 
-// The K tensor of model layer `il` (`[n_embd_k_gqa, size, n_stream]`, named `cache_k_l<il>`),
-// owned by the memory; NULL (last error set) if there is none.
-struct ggml_tensor *llama_memory_kv_get_k_tensor(llama_memory_t mem, uint32_t il);
+// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
+// failed one); 0 for NULL.
+size_t llama_memory_slots_count(llama_memory_slots_t slots);
 
-// The V tensor of model layer `il` (`[E_v, size, n_stream]`, transposed per stream when the
-// cache has `v_trans`); NULL (last error set) if there is none (MLA, or no such layer).
-struct ggml_tensor *llama_memory_kv_get_v_tensor(llama_memory_t mem, uint32_t il);
+// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
+// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
+// copy them (into a `slot_info`) before that.
+llama_memory_result llama_memory_slots_get(llama_memory_slots_t slots,
+                                           size_t i,
+                                           struct llama_memory_slot_info *out);
 
-// Memory breakdown (`memory_breakdown`): writes up to `cap` (buffer type, bytes) pairs and
-// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
-// tensors or on error.
-size_t llama_memory_kv_memory_breakdown(llama_memory_t mem,
-                                        struct ggml_backend_buffer_type **bufts,
-                                        size_t *sizes,
-                                        size_t cap);
+// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
+// cells as if the ones before it were, then every cell and search head is rolled back (cells
+// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
+// `llama_memory_slots_init`, receives one slot info per ubatch.
+//
+// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
+// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
+// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
+// cache, equal split with one sequence per token group otherwise).
+llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
+                                            const struct llama_memory_ubatch *ubatches,
+                                            size_t n_ubatches,
+                                            llama_memory_slots_t out);
 
-// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
-// 0 on error.
-size_t llama_memory_state_get_size(llama_memory_t mem);
+// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+// another error for invalid input (out empty).
+llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
+                                              const struct llama_memory_ubatch *ubatch,
+                                              bool cont,
+                                              llama_memory_slots_t out);
 
-// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
-// (too small a buffer included).
-size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
+// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
+// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
+// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
+// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
+//
+// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
+// token count differs from the ubatch's, a token group in a stream that does not hold its
+// sequences, a cell listed twice or a cell shared by several sequences.
+llama_memory_result llama_memory_kv_apply_ubatch(llama_memory_t mem,
+                                                 const struct llama_memory_slot_info *sinfo,
+                                                 const struct llama_memory_ubatch *ubatch);
 
-// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
-// unchanged (llama.cpp leaves it cleared or half-restored).
-size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
-
-// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
-// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
-// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
-// (cells shared with another sequence keep their bytes). KV caches only.
-llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
-
-// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
-size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
-
-// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
-// bytes written, 0 on error.
-size_t llama_memory_state_seq_get_data(llama_memory_t mem,
-                                       uint8_t *dst,
-                                       size_t size,
-                                       llama_seq_id seq_id);
-
-// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
-// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
-// erases the destination sequence).
-size_t llama_memory_state_seq_set_data(llama_memory_t mem,
-                                       const uint8_t *src,
-                                       size_t size,
-                                       llama_seq_id dest_seq_id);
-
-// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
-size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
-
-// `llama_state_seq_get_data_ext`.
-size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
-                                           uint8_t *dst,
-                                           size_t size,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
-
-// `llama_state_seq_set_data_ext`.
-size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
-                                           const uint8_t *src,
-                                           size_t size,
-                                           llama_seq_id dest_seq_id,
-                                           llama_state_seq_flags flags);
-
-// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
-// tokens, then the sequence's state). Returns the file size, 0 on error.
-size_t llama_memory_state_seq_save_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id seq_id,
-                                        const llama_token *tokens,
-                                        size_t n_token_count);
-
-// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
-// `tokens_out == NULL` only the header is checked: the token count goes to
-// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
-// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
-// file offset after the state, 0 on error with the memory unchanged.
-size_t llama_memory_state_seq_load_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id dest_seq_id,
-                                        llama_token *tokens_out,
-                                        size_t n_token_capacity,
-                                        size_t *n_token_count_out);
+// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
+// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
+// them. 0 on error.
+uint32_t llama_memory_kv_get_n_kv(llama_memory_t mem, const struct llama_memory_slot_info *sinfo);
 
 // True when a position shift (`seq_add`/`seq_div`) is waiting for the K-shift
 // (`get_has_shift`); false for NULL or a memory that is not a KV cache (last error set).
@@ -1062,6 +955,152 @@ llama_memory_result llama_memory_kv_reset_shift(llama_memory_t mem);
 // `n_seq_max` by llama.cpp's batch allocator before they get here). Off by default, where
 // such ids are refused as invalid. No effect on a cache with several streams.
 llama_memory_result llama_memory_kv_set_stock_seq_ids(llama_memory_t mem, bool on);
+
+// Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
+// and S, no layers.
+struct llama_memory_rs_params llama_memory_rs_default_params(void);
+
+// Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
+// (and sets the last error) for invalid parameters or a failed allocation.
+llama_memory_t llama_memory_rs_init(struct llama_memory_rs_params params);
+
+// The R tensor of model layer `il` (`[n_embd_r, size * (1 + n_rs_seq)]`, `cache_r_l<il>`),
+// owned by the memory; NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_rs_get_r_tensor(llama_memory_t mem, uint32_t il);
+
+// The S tensor of model layer `il` (`[n_embd_s, size * (1 + n_rs_seq)]`, `cache_s_l<il>`);
+// NULL (last error set) if there is none.
+struct ggml_tensor *llama_memory_rs_get_s_tensor(llama_memory_t mem, uint32_t il);
+
+// The PLE conv-history tensor of model layer `il` (`cache_ple_r_l<il>`); NULL (last error
+// set) for a layer without one.
+struct ggml_tensor *llama_memory_rs_get_p_tensor(llama_memory_t mem, uint32_t il);
+
+// Reads the bookkeeping of a recurrent memory into `out`.
+llama_memory_result llama_memory_rs_get_info(llama_memory_t mem, struct llama_memory_rs_info *out);
+
+// Reads cell `i` into `out` and its sequence ids (ascending) into `seqs` (up to `cap`; the
+// count is `out->n_seq`).
+llama_memory_result llama_memory_rs_get_cell(llama_memory_t mem,
+                                             uint32_t i,
+                                             struct llama_memory_rs_cell *out,
+                                             int32_t *seqs,
+                                             size_t cap);
+
+// Simulates placing `ubatches` in turn (`llama_memory_recurrent::prepare`, which the hybrid
+// memories call for their recurrent part) and leaves the cells as they were. True when all
+// of them fit; false when one does not, or (last error set) on invalid input.
+bool llama_memory_rs_prepare(llama_memory_t mem,
+                             const struct llama_memory_ubatch *ubatches,
+                             size_t n_ubatches);
+
+// Places `ubatch` (`llama_memory_recurrent::find_slot`, what a context's `apply` does): the
+// cells, `head`, `n` and `rs_z` the graph inputs read afterwards. False (last error set)
+// when it does not fit or is invalid; the cells are then unchanged.
+bool llama_memory_rs_find_slot(llama_memory_t mem, const struct llama_memory_ubatch *ubatch);
+
+// `s_copy(i)` of the last placement (`llama_memory_recurrent_context::s_copy`): the row the
+// state of cell `head + i` is read from, in its first sequence's pending rollback plane,
+// which this consumes, as upstream does. -1 (last error set) outside the cells.
+int32_t llama_memory_rs_s_copy(llama_memory_t mem, uint32_t i);
+
+// Rows the graph gathers for the current ubatch (`get_n_rs`; the whole memory for a full
+// context), 0 on error.
+uint32_t llama_memory_ctx_get_n_rs(llama_memory_ctx_t ctx);
+
+// First state row of the current ubatch (`get_head`; 0 for a full context), 0 on error.
+uint32_t llama_memory_ctx_get_rs_head(llama_memory_ctx_t ctx);
+
+// The row the graph zeroes for new sequences (`get_rs_z`; -1 for none, 0 for a full
+// context); -1 on error.
+int32_t llama_memory_ctx_get_rs_z(llama_memory_ctx_t ctx);
+
+// Writes `s_copy` for the current ubatch (`llm_graph_input_rs::set_input`): `n_rs` source
+// rows into `dst` (`n` elements, at least `n_rs`). With rollback planes, reading it consumes
+// the pending rollbacks of the sequences it covers, as in llama.cpp.
+llama_memory_result llama_memory_ctx_set_input_s_copy(llama_memory_ctx_t ctx,
+                                                      int32_t *dst,
+                                                      size_t n);
+
+// `llama_memory_ctx_set_input_s_copy` into a contiguous host I32 tensor of at least `n_rs`
+// elements.
+llama_memory_result llama_memory_ctx_set_input_s_copy_tensor(llama_memory_ctx_t ctx,
+                                                             struct ggml_tensor *dst);
+
+// `build_rs` of the current ubatch over layer `il`'s R (`which` 0), S (1) or PLE (2) tensor,
+// in the caller's `gctx`/`gf`: zeroes the context's `rs_z` row, gathers the rows `s_copy`
+// names (an I32 input tensor of `n_rs` elements, filled by
+// `llama_memory_ctx_set_input_s_copy_tensor`), returns the `[state_size, n_seqs]` states the
+// ubatch reads, and adds the copy of the other gathered rows back to rows `head + n_seqs ..`
+// to `gf`. NULL (last error set) on bad arguments, a full context or a full graph.
+struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
+                                              struct ggml_context *gctx,
+                                              struct ggml_cgraph *gf,
+                                              uint32_t il,
+                                              uint32_t which,
+                                              struct ggml_tensor *s_copy,
+                                              uint32_t state_size,
+                                              uint32_t n_seqs);
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_clear`.
+void llama_memory_dropin_clear(llama_memory_t mem, bool data);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_rm`.
+bool llama_memory_dropin_seq_rm(llama_memory_t mem,
+                                llama_seq_id seq_id,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_cp`.
+void llama_memory_dropin_seq_cp(llama_memory_t mem,
+                                llama_seq_id seq_id_src,
+                                llama_seq_id seq_id_dst,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_keep`.
+void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_add`.
+void llama_memory_dropin_seq_add(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 llama_pos delta);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_div`.
+void llama_memory_dropin_seq_div(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 int d);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_min`.
+llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_max`.
+llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_can_shift`.
+bool llama_memory_dropin_can_shift(llama_memory_t mem);
+#endif
 
 #ifdef __cplusplus
 }  // extern "C"

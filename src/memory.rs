@@ -31,6 +31,9 @@ use crate::error::{err, Result};
 use crate::state::io::{IoRead, StateIn, StateOut};
 use crate::ubatch::Ubatch;
 
+/// A ggml buffer type, as [`Memory::memory_breakdown`] reports it (never dereferenced here).
+pub type BufferType = ggml_sys::ggml_backend_buffer_type_t;
+
 /// Status of a memory context (`llama_memory_status`); the values are llama.cpp's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
@@ -112,6 +115,20 @@ pub trait Memory: Any + Send {
 
     /// Whether model layer `il` keeps its tensors in this memory (or in one of its parts).
     fn has_layer(&self, il: u32) -> bool;
+    /// Bytes of tensor buffers per buffer type (`llama_memory_i::memory_breakdown`), each
+    /// buffer type once; a composite adds up its parts'. Empty for a memory without tensors.
+    fn memory_breakdown(&self) -> Vec<(BufferType, usize)> {
+        let mut out: Vec<(BufferType, usize)> = Vec::new();
+        for (_, part) in (0..self.n_parts()).filter_map(|i| self.part(i)) {
+            for (bt, n) in part.memory_breakdown() {
+                match out.iter_mut().find(|(b, _)| *b == bt) {
+                    Some((_, v)) => *v += n,
+                    None => out.push((bt, n)),
+                }
+            }
+        }
+        out
+    }
     /// Number of parts of a composite memory; 0 for a leaf.
     fn n_parts(&self) -> usize {
         0

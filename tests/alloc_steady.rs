@@ -13,11 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use llama_memory::ffi::context::*;
-use llama_memory::ffi::kv::*;
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::recurrent::*;
-use llama_memory::ffi::slot::*;
+use llama_memory::ffi::*;
 
 struct Counting;
 

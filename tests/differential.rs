@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use ggml_sys as g;
 use half::f16;
 use llama_memory::state::io::{IoRead, IoWrite, Sink, StateOut};
-use llama_memory::storage::graph::llama_memory_rope_params;
+use llama_memory::storage::graph::RopeParams;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{
     state, KvCache, KvMemory, KvParams, MaskOut, Memory, NonCausalType, SlotInfo, SwaType,
@@ -1196,8 +1196,9 @@ impl Pair {
     /// stock context resolves it).
     fn run_k_shift(&mut self, ks: &[i32]) {
         let st = self.ours.storage.as_ref().unwrap();
-        let rope = llama_memory_rope_params {
+        let rope = RopeParams {
             n_rot: 16,
+            n_embd_nope: 0,
             mode: 0,
             n_ctx_orig: 4096,
             freq_base: 10000.0,
@@ -1226,7 +1227,15 @@ impl Pair {
             let gf = g::ggml_new_graph(ctx);
             for il in 0..2 {
                 let node = st
-                    .k_shift(ctx, il, 16, input, std::ptr::null_mut(), &rope)
+                    .k_shift(
+                        ctx,
+                        il,
+                        16,
+                        input,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        &rope,
+                    )
                     .unwrap();
                 g::ggml_build_forward_expand(gf, node);
             }

@@ -6,11 +6,9 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ggml_sys as g;
-use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::llama_memory_clear_last_error;
 use llama_memory::ffi::error::llama_memory_result::{self, *};
-use llama_memory::ffi::kv::*;
-use llama_memory::ffi::memory::*;
+use llama_memory::ffi::*;
 use llama_memory_reference as stock;
 
 /// A ggml context holding host tensors in a CPU backend buffer.

@@ -10,7 +10,7 @@
 use ggml_sys as g;
 use half::f16;
 use llama_memory::state::io::{Sink, StateIn, StateOut};
-use llama_memory::storage::graph::llama_memory_rope_params;
+use llama_memory::storage::graph::RopeParams;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, MemoryContext, UbatchBuf};
 use llama_memory_reference::{Params, RefKv, Ubatch};
@@ -196,8 +196,9 @@ fn k_shift_matches_stock() {
         }
         // The tiny llama: rope NORM over the whole head, base 10000, no YaRN (llama.cpp's
         // context defaults resolve ext_factor to 0 and attn_factor to 1).
-        let rope = llama_memory_rope_params {
+        let rope = RopeParams {
             n_rot: HEAD as i32,
+            n_embd_nope: 0,
             mode: 0,
             n_ctx_orig: 4096,
             freq_base: 10000.0,
@@ -210,8 +211,18 @@ fn k_shift_matches_stock() {
         let st = m.storage.as_ref().unwrap();
         let nodes: Vec<_> = (0..2)
             .map(|il| {
-                unsafe { st.k_shift(gr.ctx, il, HEAD, k_shift, std::ptr::null_mut(), &rope) }
-                    .unwrap()
+                unsafe {
+                    st.k_shift(
+                        gr.ctx,
+                        il,
+                        HEAD,
+                        k_shift,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        &rope,
+                    )
+                }
+                .unwrap()
             })
             .collect();
         gr.compute(&nodes);

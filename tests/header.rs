@@ -38,7 +38,7 @@ fn header_version_matches_cargo_toml() {
         env!("CARGO_PKG_VERSION")
     );
     assert!(header.contains(&want), "header lacks `{want}`");
-    use llama_memory::ffi::memory::*;
+    use llama_memory::ffi::*;
     let parts = [
         LLAMA_MEMORY_VERSION_MAJOR,
         LLAMA_MEMORY_VERSION_MINOR,

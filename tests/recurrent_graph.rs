@@ -4,9 +4,7 @@
 //! row `s_copy[k]`, the gathered rows past `n_seqs` written back at `head + n_seqs ..`).
 
 use ggml_sys as g;
-use llama_memory::ffi::context::*;
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::recurrent::*;
+use llama_memory::ffi::*;
 
 const W: usize = 8; // S row width
 

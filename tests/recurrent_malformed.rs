@@ -12,14 +12,11 @@
 
 use std::ffi::CStr;
 
-use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::{
     llama_memory_clear_last_error, llama_memory_last_error, llama_memory_last_error_code,
     llama_memory_result,
 };
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::recurrent::*;
-use llama_memory::ffi::state::*;
+use llama_memory::ffi::*;
 
 use llama_memory_result::*;
 

@@ -21,14 +21,12 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ggml_sys as g;
-use llama_memory::ffi::context::llama_memory_ubatch;
 use llama_memory::ffi::error::llama_memory_result::{self, *};
 use llama_memory::ffi::error::{
     llama_memory_clear_last_error, llama_memory_last_error, llama_memory_last_error_code,
 };
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::slot::*;
-use llama_memory::ffi::state::*;
+use llama_memory::ffi::llama_memory_ubatch;
+use llama_memory::ffi::*;
 use llama_memory_reference as stock;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;

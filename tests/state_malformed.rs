@@ -12,12 +12,10 @@
 
 use std::ffi::{CStr, CString};
 
-use llama_memory::ffi::context::*;
 use llama_memory::ffi::error::{
     llama_memory_last_error, llama_memory_last_error_code, llama_memory_result,
 };
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::state::*;
+use llama_memory::ffi::*;
 
 const F16: i32 = 1;
 const SIZE: u32 = 32;

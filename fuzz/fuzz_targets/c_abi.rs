@@ -4,10 +4,7 @@
 //! memory's state unchanged; nothing may crash.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llama_memory::ffi::context::*;
-use llama_memory::ffi::kv::*;
-use llama_memory::ffi::memory::*;
-use llama_memory::ffi::state::*;
+use llama_memory::ffi::*;
 
 struct Bytes<'a>(&'a [u8]);
 impl Bytes<'_> {

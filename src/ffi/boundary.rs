@@ -184,6 +184,23 @@ pub(crate) fn check_slice<T>(p: *const T, n: usize, what: &str) -> crate::error:
     Ok(())
 }
 
+/// A caller's writable buffer of `n` elements as a slice (see [`check_slice`]).
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` writable elements that nothing else accesses for `'a`.
+pub(crate) unsafe fn buf_mut<'a, T>(
+    p: *mut T,
+    n: usize,
+    what: &str,
+) -> crate::error::Result<&'a mut [T]> {
+    check_slice(p.cast_const(), n, what)?;
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: the caller's contract; check_slice refused NULL, misaligned and oversized buffers.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+}
+
 /// Builds a slice from a caller pointer and element count, or records an error and returns
 /// the failure value (see [`check_slice`]).
 macro_rules! try_slice {

@@ -6,8 +6,8 @@
 //! names out and exports these instead, so the two cannot clash or interpose; the adapters
 //! (`llama/`) reach them through `llama/llama-memory-abi.h`. Same signatures, same behaviour.
 
+use super::handle::{llama_memory_t, llama_pos, llama_seq_id};
 use super::memory;
-use super::memory::{llama_memory_t, llama_pos, llama_seq_id};
 use std::ffi::c_int;
 
 /// `llama_memory_clear`.

@@ -1,6 +1,156 @@
 //! Typed handles, in the manner of rustls-ffi's `Castable`: each opaque C handle type names the
 //! Rust type behind it and how the C side holds it, so a pointer is only ever turned into the
 //! one type it was made from, and only a boxed handle can be freed.
+//!
+//! The generic handles every family uses live here too (the memory and its contexts, with
+//! llama.h's typedefs), so that the modules of `src/ffi/` only import downwards: every family
+//! imports this module, this module imports no family.
+
+use crate::error::{err, Result};
+use crate::memory::{find_ctx, Memory, MemoryContext};
+
+/// `llama_pos` of llama.h.
+#[allow(non_camel_case_types)]
+pub type llama_pos = i32;
+/// `llama_seq_id` of llama.h.
+#[allow(non_camel_case_types)]
+pub type llama_seq_id = i32;
+/// `llama_token` of llama.h.
+#[allow(non_camel_case_types)]
+pub type llama_token = i32;
+
+/// A memory (llama.h's `struct llama_memory_i`), whatever its kind: a KV cache, a recurrent
+/// memory, or a composite of those.
+///
+/// Made by one constructor per kind (`llama_memory_kv_init`, `llama_memory_kv_init_with_storage`,
+/// `llama_memory_rs_init`); the caller owns it and ends it with `llama_memory_free`. Every
+/// context made from it (`llama_memory_init_batch`, `_init_full`, `_init_update`) must be freed
+/// before it; the tensors it hands out (`llama_memory_kv_get_k_tensor`, ...) die with it.
+///
+/// Methods: llama.h's nine (`llama_memory_clear`, `_seq_rm`, `_seq_cp`, `_seq_keep`, `_seq_add`,
+/// `_seq_div`, `_seq_pos_min`, `_seq_pos_max`, `_can_shift`), `llama_memory_n_seq_max`,
+/// `llama_memory_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
+/// functions of its kind (`llama_memory_kv_*`, `llama_memory_rs_*`).
+///
+/// Threads: not safe for concurrent use. Calls on one memory (or on its contexts) must not
+/// overlap; different memories are independent. Under the hood: a `Box` around a
+/// `Box<dyn Memory>`, so the C pointer is thin.
+#[allow(non_camel_case_types)]
+pub struct llama_memory_i {
+    _private: [u8; 0],
+}
+
+impl Castable for llama_memory_i {
+    type Ownership = OwnershipBox;
+    type RustType = MemoryHandle;
+}
+
+/// Handle to a memory, the same typedef as llama.h's.
+#[allow(non_camel_case_types)]
+pub type llama_memory_t = *mut llama_memory_i;
+
+/// What a memory handle holds.
+pub(crate) struct MemoryHandle {
+    pub(crate) inner: Box<dyn Memory>,
+    /// Tensor bytes of `ON_DEVICE` sequence states, per source sequence.
+    pub(crate) stash: crate::state::Stash,
+    /// The last freed context, kept so the next `init_batch` reuses its allocations.
+    pub(crate) spare_ctx: Option<Box<ContextHandle>>,
+    /// Sequence ids of the ubatches being read from C.
+    pub(crate) scratch: UbatchScratch,
+}
+
+impl MemoryHandle {
+    /// A new handle owning `inner`.
+    pub(crate) fn boxed(inner: Box<dyn Memory>) -> llama_memory_t {
+        to_boxed_mut_ptr(MemoryHandle {
+            inner,
+            stash: Default::default(),
+            spare_ctx: None,
+            scratch: Default::default(),
+        })
+    }
+}
+
+/// Flattened sequence ids of the ubatches of one call, kept in the memory handle so that
+/// reading a ubatch from C does not allocate once the buffers have grown (filled by
+/// `super::ubatch`).
+#[derive(Debug, Default)]
+pub(crate) struct UbatchScratch {
+    pub(crate) seq_off: Vec<u32>,
+    pub(crate) seq_ids: Vec<i32>,
+    /// Per ubatch, its ranges in `seq_off` and `seq_ids`.
+    pub(crate) spans: Vec<(usize, usize, usize, usize)>,
+}
+
+impl UbatchScratch {
+    /// Forgets the ubatches read before.
+    pub(crate) fn reset(&mut self) {
+        self.seq_off.clear();
+        self.seq_ids.clear();
+        self.spans.clear();
+    }
+}
+
+/// A memory context (llama.cpp's `llama_memory_context_i`): the plan for one batch
+/// (`llama_memory_init_batch`), a reservation over the whole memory (`llama_memory_init_full`)
+/// or the pending shifts and stream copies (`llama_memory_init_update`).
+///
+/// The caller owns it and ends it with `llama_memory_ctx_free`; its memory must outlive it
+/// (freeing it hands its buffers back to the memory for the next batch).
+///
+/// Methods: `llama_memory_ctx_get_status`, `_next`, `_apply`, `_get_n_tokens`, and the inputs of
+/// the current step of each kind (`llama_memory_ctx_get_n_kv`, `llama_memory_ctx_set_input_*`,
+/// `llama_memory_ctx_get_n_rs`, ...).
+///
+/// Threads: a context and its memory form one unit; calls on them must not overlap.
+#[allow(non_camel_case_types)]
+pub struct llama_memory_ctx {
+    _private: [u8; 0],
+}
+
+impl Castable for llama_memory_ctx {
+    type Ownership = OwnershipBox;
+    type RustType = ContextHandle;
+}
+
+/// Handle to a memory context.
+#[allow(non_camel_case_types)]
+pub type llama_memory_ctx_t = *mut llama_memory_ctx;
+
+/// What a context handle holds: the plan of any memory kind, and the memory it belongs to.
+pub(crate) struct ContextHandle {
+    pub(crate) mem: llama_memory_t,
+    /// Always `Some` in a live handle; taken out while the allocation waits for reuse.
+    pub(crate) inner: Option<Box<dyn MemoryContext>>,
+}
+
+impl ContextHandle {
+    /// The context itself.
+    pub(crate) fn ctx(&self) -> Result<&dyn MemoryContext> {
+        self.inner
+            .as_deref()
+            .ok_or_else(|| err!(InvalidArgument, "the context was freed"))
+    }
+
+    /// The context of kind `T`: this one, or its only sub-context of that kind.
+    pub(crate) fn find<T: MemoryContext>(&self) -> Result<&T> {
+        find_ctx::<T>(self.ctx()?)
+    }
+
+    /// The memory the context was made from, as the raw handle (for the inputs whose
+    /// reading changes the memory: the recurrent `s_copy` consumes pending rollbacks).
+    pub(crate) fn memory_ptr(&self) -> llama_memory_t {
+        self.mem
+    }
+
+    /// The memory the context was made from.
+    pub(crate) fn memory(&self) -> Result<&MemoryHandle> {
+        // SAFETY: the context's memory outlives it (header rule) and is not mutated while the
+        // caller is inside a function that only reads it.
+        unsafe { try_from(self.mem) }.ok_or_else(|| err!(NullArgument, "context has no memory"))
+    }
+}
 
 /// A C handle type: an opaque, never-constructed struct whose pointers stand for a
 /// `RustType`.

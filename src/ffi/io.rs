@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_void};
 use ggml_sys as g;
 
 use super::error::llama_memory_result;
-use super::memory::{llama_memory_t, llama_seq_id};
+use super::handle::{llama_memory_t, llama_seq_id};
 use super::state::llama_state_seq_flags;
 use crate::error::{err, Result};
 use crate::state::io::{IoRead, IoWrite, Sink, StateOut};

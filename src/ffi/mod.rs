@@ -3,6 +3,12 @@
 //! Every entry point runs inside [`ffi_boundary!`], so a panic becomes the function's failure
 //! value and a last-error message instead of unwinding into C. Pointer arguments are checked
 //! for NULL before use; a NULL or invalid argument sets the last error and changes nothing.
+//!
+//! One module per handle family, declared in the order the generated header presents them
+//! (cbindgen follows this order): the memory, errors, contexts and their ubatches, states and
+//! their io callbacks, then one module per memory kind (`kv/`, `recurrent`), then the drop-in's
+//! names. Arrows point down: every family uses [`handle`] (the handle structs and llama.h's
+//! typedefs), [`boundary`] and [`error`]; the generic families never import a kind's module.
 
 // Entry points take raw pointers from C, which cannot see an `unsafe` qualifier; the header
 // states each pointer's contract and every dereference is checked for NULL first.
@@ -10,16 +16,30 @@
 
 #[macro_use]
 mod boundary;
+mod handle;
+
 pub mod context;
 #[cfg(feature = "dropin")]
 pub mod dropin;
 pub mod error;
-pub mod graph;
-mod handle;
 pub mod io;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;
-pub mod slot;
 pub mod state;
-pub mod update;
+pub mod ubatch;
+
+pub use handle::{
+    llama_memory_ctx, llama_memory_ctx_t, llama_memory_i, llama_memory_t, llama_pos, llama_seq_id,
+    llama_token,
+};
+
+// One flat path for Rust callers (`llama_memory::ffi::*`), as C sees one header.
+pub use context::*;
+pub use error::*;
+pub use io::*;
+pub use kv::{graph::*, inputs::*, slot::*, update::*, *};
+pub use memory::*;
+pub use recurrent::*;
+pub use state::*;
+pub use ubatch::*;

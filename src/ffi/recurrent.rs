@@ -4,9 +4,9 @@
 
 use ggml_sys as g;
 
-use super::context::{llama_memory_ctx_t, llama_memory_ubatch, ubatch_views, ContextHandle};
 use super::error::llama_memory_result;
-use super::memory::{llama_memory_t, llama_pos, MemoryHandle};
+use super::handle::{llama_memory_ctx_t, llama_memory_t, llama_pos, ContextHandle, MemoryHandle};
+use super::ubatch::{llama_memory_ubatch, ubatch_views};
 use crate::error::{err, Result};
 use crate::memory::{find, find_for_layer, find_mut};
 use crate::recurrent::{RecurrentMemory, RsCache, RsContext, RsParams};
@@ -182,31 +182,6 @@ pub extern "C" fn llama_memory_rs_get_p_tensor(
     il: u32,
 ) -> *mut g::ggml_tensor {
     ffi_boundary!({ layer_tensor(mem, il, Which::P) })
-}
-
-/// Memory breakdown of the recurrent tensors: writes up to `cap` (buffer type, bytes) pairs
-/// and returns how many there are (call with `cap = 0` to size the arrays). 0 without tensors
-/// or on error.
-#[no_mangle]
-pub extern "C" fn llama_memory_rs_memory_breakdown(
-    mem: llama_memory_t,
-    bufts: *mut *mut g::ggml_backend_buffer_type,
-    sizes: *mut usize,
-    cap: usize,
-) -> usize {
-    ffi_boundary!({
-        let m = try_ref!(mem, "mem");
-        let rs = try_or!(find::<RecurrentMemory>(&*m.inner));
-        let Some(st) = &rs.storage else {
-            return 0;
-        };
-        try_or!(super::boundary::write_breakdown(
-            &st.memory_breakdown(),
-            bufts,
-            sizes,
-            cap
-        ))
-    })
 }
 
 /// What `llama_memory_rs_get_info` reports of a recurrent memory.

@@ -23,6 +23,7 @@
 
 mod context;
 pub mod memory;
+mod state;
 
 pub use context::RsContext;
 pub use memory::RecurrentMemory;

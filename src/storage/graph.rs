@@ -9,12 +9,12 @@ use crate::error::{err, Result};
 
 /// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
 /// from the model and the context parameters.
-#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[allow(non_camel_case_types)]
-pub struct llama_memory_rope_params {
+pub struct RopeParams {
     /// Rotated dimensions (`n_rot(il)`).
     pub n_rot: i32,
+    /// Values of each head before the rotated ones (MLA: `n_embd_head_k - n_rot`; else 0).
+    pub n_embd_nope: u32,
     /// ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
     pub mode: i32,
     /// `n_ctx_orig_yarn`.
@@ -373,26 +373,34 @@ impl KvStorage {
     }
 
     /// The K-shift of layer `il` (`build_graph_shift`): RoPE by `k_shift` (I32,
-    /// `[size * n_stream]`, from `set_input_k_shift`) over the first `rope.n_rot` dimensions of
-    /// every head of every cell, in place. Quantized K needs llama.cpp's Hadamard input and is
-    /// not supported here. `k_shift` must be an I32 vector, `rope_factors` NULL or F32 with at
-    /// least `n_rot / 2` values, `rope.mode` normal or NEOX.
+    /// `[size * n_stream]`, from `set_input_k_shift`) over `rope.n_rot` dimensions of every
+    /// head of every cell, starting `rope.n_embd_nope` values into the head. F32/F16/BF16 K is
+    /// rotated in place; a quantized K goes through F32 with llama.cpp's Hadamard rotation
+    /// `k_rot` (F32 `[n_rot_k, n_rot_k]`, its own inverse) undone before the RoPE and redone
+    /// after it, then is copied back. `k_shift` must be an I32 vector, `rope_factors` NULL or
+    /// F32 with at least `n_rot / 2` values, `rope.mode` normal or NEOX.
     ///
     /// # Safety
     /// `ctx` must be NULL or a valid ggml context, and each tensor NULL or a valid tensor.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn k_shift(
         &self,
         ctx: *mut g::ggml_context,
         il: u32,
         n_embd_head_k: u32,
         k_shift: *mut g::ggml_tensor,
+        k_rot: *mut g::ggml_tensor,
         rope_factors: *mut g::ggml_tensor,
-        rope: &llama_memory_rope_params,
+        rope: &RopeParams,
     ) -> Result<*mut g::ggml_tensor> {
-        // SAFETY: forwarded contract.
-        unsafe { check_ctx(ctx, 2) }?;
         let l = self.layer_or_err(il)?;
         let t = self.spec.type_k;
+        // SAFETY: a checked ggml type (the storage's own).
+        let quantized = unsafe { g::ggml_is_quantized(t) };
+        // A plain K: a view and the in-place RoPE. A quantized K: view, cast, 2 x (reshape,
+        // mul_mat, reshape), RoPE, cpy.
+        // SAFETY: forwarded contract.
+        unsafe { check_ctx(ctx, if quantized { 10 } else { 2 }) }?;
         let n_head = Self::heads(t, l.n_embd_k_gqa, n_embd_head_k)?;
         if !SHIFT_ROPE_MODES.contains(&rope.mode) {
             return Err(err!(
@@ -416,23 +424,41 @@ impl KvStorage {
                 }
             }
         }
-        // SAFETY: valid type.
-        if unsafe { g::ggml_is_quantized(t) } {
-            return Err(err!(
-                Unsupported,
-                "K-shift of a quantized K cache (needs the Hadamard rotation input)"
-            ));
-        }
-        if rope.n_rot <= 0 || rope.n_rot as u32 > n_embd_head_k {
+        if rope.n_rot <= 0 || (rope.n_rot as u64) + (rope.n_embd_nope as u64) > n_embd_head_k as u64
+        {
             return Err(err!(
                 InvalidArgument,
-                "n_rot {} outside 1..={n_embd_head_k}",
-                rope.n_rot
+                "n_rot {} after {} values outside a head of {n_embd_head_k}",
+                rope.n_rot,
+                rope.n_embd_nope
             ));
         }
         let cells = self.spec.size as i64 * self.spec.n_stream as i64;
-        // SAFETY: the view covers n_rot of n_embd_head_k values of each head of each cell,
-        // inside l.k; k_shift is a caller tensor whose length ggml checks against ne[2].
+        let n_rot = rope.n_rot as i64;
+        if quantized {
+            // SAFETY: forwarded contract (NULL is refused by check_type).
+            unsafe { check_type(k_rot, &[g::GGML_TYPE_F32], "k_rot") }?;
+            // SAFETY: k_rot is a valid tensor (checked above).
+            let rot_ne = unsafe { (*k_rot).ne };
+            // The rotation works on blocks of rot_ne[0] values of the n_rot * n_head * cells
+            // rotated ones.
+            if rot_ne[0] <= 0
+                || rot_ne[1] != rot_ne[0]
+                || rot_ne[2] != 1
+                || rot_ne[3] != 1
+                || (n_rot * n_head) % rot_ne[0] != 0
+            {
+                return Err(err!(
+                    InvalidArgument,
+                    "k_rot has ne = {rot_ne:?}, expected a square matrix whose size divides \
+                     n_rot * n_head_kv = {}",
+                    n_rot * n_head
+                ));
+            }
+        }
+        // SAFETY: the view covers n_rot values, from n_embd_nope on, of each head of each
+        // cell, inside l.k (checked above: n_embd_nope + n_rot <= n_embd_head_k and the heads
+        // fill a row); k_shift is a caller tensor whose length is checked against the cells.
         unsafe {
             if !is_vector_of(k_shift, cells) {
                 return Err(err!(
@@ -445,33 +471,82 @@ impl KvStorage {
                 g::ggml_view_3d(
                     ctx,
                     l.k,
-                    rope.n_rot as i64,
+                    n_rot,
                     n_head,
                     cells,
                     g::ggml_row_size(t, n_embd_head_k as i64),
                     g::ggml_row_size(t, l.n_embd_k_gqa as i64),
-                    0,
+                    g::ggml_row_size(t, rope.n_embd_nope as i64),
                 ),
                 "the K-shift view",
             )?;
-            non_null(
-                g::ggml_rope_ext_inplace(
-                    ctx,
-                    view,
-                    k_shift,
-                    rope_factors,
-                    rope.n_rot,
-                    rope.mode,
-                    rope.n_ctx_orig,
-                    rope.freq_base,
-                    rope.freq_scale,
-                    rope.ext_factor,
-                    rope.attn_factor,
-                    rope.beta_fast,
-                    rope.beta_slow,
-                ),
-                "the K-shift rope",
-            )
+            let rope_of = |x: *mut g::ggml_tensor, inplace: bool| {
+                let f = if inplace {
+                    g::ggml_rope_ext_inplace
+                } else {
+                    g::ggml_rope_ext
+                };
+                non_null(
+                    f(
+                        ctx,
+                        x,
+                        k_shift,
+                        rope_factors,
+                        rope.n_rot,
+                        rope.mode,
+                        rope.n_ctx_orig,
+                        rope.freq_base,
+                        rope.freq_scale,
+                        rope.ext_factor,
+                        rope.attn_factor,
+                        rope.beta_fast,
+                        rope.beta_slow,
+                    ),
+                    "the K-shift rope",
+                )
+            };
+            if !quantized {
+                return rope_of(view, true);
+            }
+            let mut cur = non_null(
+                g::ggml_cast(ctx, view, g::GGML_TYPE_F32),
+                "the K-shift cast",
+            )?;
+            cur = hadamard(ctx, cur, k_rot)?;
+            cur = rope_of(cur, false)?;
+            cur = hadamard(ctx, cur, k_rot)?;
+            non_null(g::ggml_cpy(ctx, cur, view), "the K-shift copy")
         }
+    }
+}
+
+/// `rot * x` over blocks of `rot->ne[0]` values of `x`, shaped back as `x` (llama.cpp's
+/// `llama_mul_mat_hadamard`, with ggml's Hadamard hint).
+///
+/// # Safety
+/// `ctx` must be a valid context with room for 3 nodes (checked by the caller), `x` a valid
+/// F32 tensor whose element count `rot->ne[0]` divides, `rot` a valid square F32 matrix.
+unsafe fn hadamard(
+    ctx: *mut g::ggml_context,
+    x: *mut g::ggml_tensor,
+    rot: *mut g::ggml_tensor,
+) -> Result<*mut g::ggml_tensor> {
+    // SAFETY: the caller's contract: valid tensors and context, divisible sizes.
+    unsafe {
+        let n = (*rot).ne[0];
+        let ne = (*x).ne;
+        let rows = g::ggml_nelements(x) / n;
+        let flat = if g::ggml_is_contiguous(x) {
+            g::ggml_reshape_2d(ctx, x, n, rows)
+        } else {
+            g::ggml_cont_2d(ctx, x, n, rows)
+        };
+        let flat = non_null(flat, "the rotation's reshape")?;
+        let res = non_null(g::ggml_mul_mat(ctx, rot, flat), "the rotation")?;
+        g::ggml_mul_mat_set_hint(res, g::GGML_HINT_SRC0_IS_HADAMARD);
+        non_null(
+            g::ggml_reshape_4d(ctx, res, ne[0], ne[1], ne[2], ne[3]),
+            "the rotation's reshape",
+        )
     }
 }

@@ -4,11 +4,11 @@
 //! ranges and records them.
 
 use llama_memory::ffi::error::llama_memory_result;
-use llama_memory::ffi::io::{
+use llama_memory::ffi::llama_memory_t;
+use llama_memory::ffi::{
     llama_memory_io_read, llama_memory_io_write, llama_memory_state_read_io,
     llama_memory_state_write_io,
 };
-use llama_memory::ffi::memory::llama_memory_t;
 
 /// A reader over `bytes` that defers its tensor writes until it is done, as llama.cpp's host
 /// reader: `finish` applies them (call it only after a successful read).

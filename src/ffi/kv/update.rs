@@ -4,9 +4,9 @@
 //! `llama_memory_ctx_apply` of an update context cannot give. Also llama.cpp's sequence-id
 //! rule for unified caches.
 
-use super::error::llama_memory_result;
-use super::memory::{llama_memory_t, MemoryHandle};
 use crate::error::{err, Result};
+use crate::ffi::error::llama_memory_result;
+use crate::ffi::handle::{llama_memory_t, MemoryHandle};
 use crate::kv::KvMemory;
 use crate::memory::{find, find_mut};
 

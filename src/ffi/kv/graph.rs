@@ -3,12 +3,58 @@
 
 use ggml_sys as g;
 
-use super::memory::llama_memory_t;
 use crate::error::{err, Result};
+use crate::ffi::handle::llama_memory_t;
 use crate::kv::KvMemory;
 use crate::memory::find_for_layer;
-use crate::storage::graph::llama_memory_rope_params;
+use crate::storage::graph::RopeParams;
 use crate::storage::KvStorage;
+
+/// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
+/// from the model and the context parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[allow(non_camel_case_types)]
+pub struct llama_memory_rope_params {
+    /// Rotated dimensions (`n_rot(il)`).
+    pub n_rot: i32,
+    /// Values of each head before the rotated ones: `n_embd_head_k - n_rot` for MLA caches
+    /// (llama.cpp: `n_lora_kv > 0`), else 0.
+    pub n_embd_nope: u32,
+    /// ggml rope mode (NEOX for M-RoPE models, as llama.cpp).
+    pub mode: i32,
+    /// `n_ctx_orig_yarn`.
+    pub n_ctx_orig: i32,
+    /// Per-layer frequency base.
+    pub freq_base: f32,
+    /// Per-layer frequency scale.
+    pub freq_scale: f32,
+    /// `yarn_ext_factor`.
+    pub ext_factor: f32,
+    /// `yarn_attn_factor`.
+    pub attn_factor: f32,
+    /// `yarn_beta_fast`.
+    pub beta_fast: f32,
+    /// `yarn_beta_slow`.
+    pub beta_slow: f32,
+}
+
+impl From<llama_memory_rope_params> for RopeParams {
+    fn from(p: llama_memory_rope_params) -> RopeParams {
+        RopeParams {
+            n_rot: p.n_rot,
+            n_embd_nope: p.n_embd_nope,
+            mode: p.mode,
+            n_ctx_orig: p.n_ctx_orig,
+            freq_base: p.freq_base,
+            freq_scale: p.freq_scale,
+            ext_factor: p.ext_factor,
+            attn_factor: p.attn_factor,
+            beta_fast: p.beta_fast,
+            beta_slow: p.beta_slow,
+        }
+    }
+}
 
 /// Runs `f` on the tensors of the KV memory (or KV part) that owns layer `il`.
 fn with_storage(
@@ -100,8 +146,12 @@ pub extern "C" fn llama_memory_kv_cpy_v(
     })
 }
 
-/// The K-shift node of layer `il` (RoPE of the cached K by `k_shift`, in place), with the
-/// layer's rope parameters and optional `rope_factors`. F32/F16/BF16 K only.
+/// The K-shift node of layer `il` (`build_graph_shift`'s per-layer node): RoPE of the cached
+/// K by `k_shift` (I32 `[size * n_stream]`, from `llama_memory_kv_set_input_k_shift`) with the
+/// layer's rope parameters and optional F32 `rope_factors`. An F32/F16/BF16 K is rotated in
+/// place; a quantized K goes through F32 with llama.cpp's Hadamard rotation `k_rot` (F32
+/// `[n_rot_k, n_rot_k]`, the `attn_inp_k_rot` input) undone before the RoPE and redone after
+/// it. NULL (last error set) on bad arguments or a context without room for the nodes.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_build_k_shift(
     mem: llama_memory_t,
@@ -109,14 +159,15 @@ pub extern "C" fn llama_memory_kv_build_k_shift(
     il: u32,
     n_embd_head_k: u32,
     k_shift: *mut g::ggml_tensor,
+    k_rot: *mut g::ggml_tensor,
     rope_factors: *mut g::ggml_tensor,
     rope: *const llama_memory_rope_params,
 ) -> *mut g::ggml_tensor {
     ffi_boundary!({
-        let r = *try_arg!(rope, "rope");
+        let r = RopeParams::from(*try_arg!(rope, "rope"));
         with_storage(mem, il, |st| {
             // SAFETY: the header requires ctx and the tensors to be NULL or valid.
-            unsafe { st.k_shift(ctx, il, n_embd_head_k, k_shift, rope_factors, &r) }
+            unsafe { st.k_shift(ctx, il, n_embd_head_k, k_shift, k_rot, rope_factors, &r) }
         })
     })
 }

@@ -14,17 +14,16 @@
 //!   reads one slot info as a [`llama_memory_slot_info`] whose arrays belong to the handle.
 
 use std::cell::Cell;
-use std::ffi::c_void;
 
-use super::boundary::check_slice;
-use super::context::UbatchScratch;
-use super::context::{llama_memory_ubatch, read_one_ubatch, read_ubatch, ubatch_view};
-use super::error::llama_memory_result;
-use super::handle::{self, Castable, OwnershipBox};
-use super::kv::{idxs_tensor, kq_mask_tensor, mask_buf, pos_bucket_tensor, SlotIdxs};
-use super::memory::{kv_of, llama_memory_t, llama_seq_id};
+use super::kv_of;
 use crate::cells::MAX_SEQ;
 use crate::error::{err, Result};
+use crate::ffi::boundary::{check_slice, null_arg};
+use crate::ffi::error::llama_memory_result;
+use crate::ffi::handle::{
+    self, llama_memory_t, llama_seq_id, Castable, OwnershipBox, UbatchScratch,
+};
+use crate::ffi::ubatch::{llama_memory_ubatch, read_one_ubatch, read_ubatch, ubatch_view};
 use crate::kv::{KvCache, KvMemory, SlotInfo};
 use crate::memory::find_mut;
 use crate::ubatch::Ubatch;
@@ -100,9 +99,9 @@ impl SlotsHandle {
 
 /// Per-thread buffers for reading one slot info and one ubatch from C without allocating once
 /// they have grown (the slot-level inputs are called for every ubatch).
-struct Scratch {
-    slot: SlotInfo,
-    ub: UbatchScratch,
+pub(super) struct Scratch {
+    pub(super) slot: SlotInfo,
+    pub(super) ub: UbatchScratch,
 }
 
 impl Default for Scratch {
@@ -119,7 +118,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch (a fresh one when thread-local storage is gone).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let mut s = SCRATCH.try_with(Cell::take).unwrap_or_default();
     let r = f(&mut s);
     let _ = SCRATCH.try_with(|c| c.set(s));
@@ -127,7 +126,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 /// The caller's ubatch description behind `p`.
-fn ubatch_desc<'a>(p: *const llama_memory_ubatch) -> Result<&'a llama_memory_ubatch> {
+pub(super) fn ubatch_desc<'a>(p: *const llama_memory_ubatch) -> Result<&'a llama_memory_ubatch> {
     check_slice(p, 1, "ubatch")?;
     // SAFETY: non-NULL and aligned (checked above); the header requires a valid description
     // that stays unchanged during the call.
@@ -136,7 +135,11 @@ fn ubatch_desc<'a>(p: *const llama_memory_ubatch) -> Result<&'a llama_memory_uba
 
 /// Reads the caller's slot info into `out` and checks it against `kv`
 /// ([`KvCache::check_slot_info`]).
-fn read_slot(p: *const llama_memory_slot_info, kv: &KvCache, out: &mut SlotInfo) -> Result<()> {
+pub(super) fn read_slot(
+    p: *const llama_memory_slot_info,
+    kv: &KvCache,
+    out: &mut SlotInfo,
+) -> Result<()> {
     check_slice(p, 1, "sinfo")?;
     // SAFETY: non-NULL and aligned (checked above); the header requires a valid struct.
     let d = unsafe { &*p };
@@ -375,202 +378,19 @@ pub extern "C" fn llama_memory_kv_get_n_kv(
     })
 }
 
-/// Runs `write` on the slot `sinfo` after checking that it places `ubatch`'s tokens (only the
-/// ubatch's `n_tokens` is read, as upstream's `set_input_{k,v}_idxs` assert).
-fn with_slot(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-    write: impl FnOnce(&KvCache, &SlotInfo) -> Result<()>,
-) -> Result<()> {
-    // SAFETY: as in try_ref!: a non-NULL handle from this library's constructors, not used
-    // from another thread during the call (header rules).
-    let m = unsafe { handle::try_from(mem) }.ok_or_else(|| super::boundary::null_arg("mem"))?;
-    let kv = kv_of(m)?;
-    let n_tokens = ubatch_desc(ubatch)?.n_tokens;
-    with_scratch(|sc| {
-        read_slot(sinfo, kv, &mut sc.slot)?;
-        if sc.slot.n_tokens() != n_tokens as usize {
-            return Err(err!(
-                InvalidArgument,
-                "slot holds {} tokens, the ubatch {n_tokens}",
-                sc.slot.n_tokens()
-            ));
-        }
-        write(kv, &sc.slot)
-    })
-}
-
 /// Runs `f` on the memory's KV cache and the caller's ubatch.
 fn with_ubatch(
     mem: llama_memory_t,
     ubatch: *const llama_memory_ubatch,
     f: impl FnOnce(&KvCache, &Ubatch<'_>) -> Result<()>,
 ) -> Result<()> {
-    // SAFETY: as in with_slot.
-    let m = unsafe { handle::try_from(mem) }.ok_or_else(|| super::boundary::null_arg("mem"))?;
+    // SAFETY: as in try_ref!: a non-NULL handle from this library's constructors, not used
+    // from another thread during the call (header rules).
+    let m = unsafe { handle::try_from(mem) }.ok_or_else(|| null_arg("mem"))?;
     let kv = kv_of(m)?;
     let d = ubatch_desc(ubatch)?;
     with_scratch(|sc| {
         let ub = read_one_ubatch(d, &mut sc.ub)?;
         f(kv, &ub)
-    })
-}
-
-/// Writes the K row of each token of `ubatch` placed by `sinfo`
-/// (`llama_kv_cache::set_input_k_idxs`): `strm[k] * size + idxs[k][i]`, into `dst` (`n`
-/// elements, at least `n_tokens`).
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_k_idxs(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-    dst: *mut i64,
-    n: usize,
-) -> llama_memory_result {
-    ffi_boundary!({ idxs_into_buf(mem, ubatch, sinfo, dst, n, KvCache::set_input_k_idxs) })
-}
-
-/// Writes the V destinations of each token of `ubatch` placed by `sinfo`
-/// (`llama_kv_cache::set_input_v_idxs`) into `dst` (`n` elements: `n_tokens`, or
-/// `n_tokens * n_embd_v_gqa_max` with a transposed V, whose index of token `t`, channel `j` is
-/// `strm * size * n_embd_v_gqa_max + j * size + cell`).
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_v_idxs(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-    dst: *mut i64,
-    n: usize,
-) -> llama_memory_result {
-    ffi_boundary!({ idxs_into_buf(mem, ubatch, sinfo, dst, n, KvCache::set_input_v_idxs) })
-}
-
-fn idxs_into_buf(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-    dst: *mut i64,
-    n: usize,
-    write: SlotIdxs,
-) -> llama_memory_result {
-    let out = try_slice_mut!(dst, n, "dst");
-    try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| write(
-        kv, slot, out
-    )));
-    LLAMA_MEMORY_OK
-}
-
-/// `llama_memory_kv_set_input_k_idxs` into a host I64 tensor (llama.cpp's
-/// `attn_inp_k_idxs`, `n_tokens` elements), as `llama_kv_cache::set_input_k_idxs(dst, ubatch,
-/// sinfo)`.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_k_idxs_tensor(
-    mem: llama_memory_t,
-    dst: *mut ggml_sys::ggml_tensor,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-) -> llama_memory_result {
-    ffi_boundary!({
-        try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| {
-            idxs_tensor(kv, slot, dst, KvCache::set_input_k_idxs)
-        }));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// `llama_memory_kv_set_input_v_idxs` into a host I64 tensor (llama.cpp's
-/// `attn_inp_v_idxs`), as `llama_kv_cache::set_input_v_idxs(dst, ubatch, sinfo)`.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_v_idxs_tensor(
-    mem: llama_memory_t,
-    dst: *mut ggml_sys::ggml_tensor,
-    ubatch: *const llama_memory_ubatch,
-    sinfo: *const llama_memory_slot_info,
-) -> llama_memory_result {
-    ffi_boundary!({
-        try_or!(with_slot(mem, ubatch, sinfo, |kv, slot| {
-            idxs_tensor(kv, slot, dst, KvCache::set_input_v_idxs)
-        }));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// Writes the KQ mask of a caller's `ubatch` over the first `n_kv` cells into `dst`
-/// (`llama_kv_cache::set_input_kq_mask(dst, ubatch, causal_attn)` with `dst->ne[0] = n_kv`,
-/// `dst->ne[3] = n_stream`): `n_kv * n_tokens` elements, f32, or IEEE half bit patterns when
-/// `f16`. The mask reads the cells as they are now (after the ubatch's apply), with the
-/// cache's sliding window, ALiBi and non-causal type.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_kq_mask(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    causal_attn: bool,
-    n_kv: u32,
-    n_stream: u32,
-    f16: bool,
-    dst: *mut c_void,
-    n: usize,
-) -> llama_memory_result {
-    ffi_boundary!({
-        let out = try_or!(mask_buf(dst, n, f16));
-        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
-            kv.set_input_kq_mask(ub, causal_attn, n_kv, n_stream, out)
-        }));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// `llama_memory_kv_set_input_kq_mask` into a host F32 or F16 tensor of llama.cpp's shape
-/// `[n_kv, n_tokens / n_stream, 1, n_stream]`, as `llama_kv_cache::set_input_kq_mask(dst,
-/// ubatch, causal_attn)`.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_kq_mask_tensor(
-    mem: llama_memory_t,
-    dst: *mut ggml_sys::ggml_tensor,
-    ubatch: *const llama_memory_ubatch,
-    causal_attn: bool,
-) -> llama_memory_result {
-    ffi_boundary!({
-        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
-            kq_mask_tensor(kv, ub, dst, causal_attn)
-        }));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// Writes T5 relative position buckets of a caller's `ubatch` over the first `n_kv` cells
-/// (`llama_kv_cache::set_input_pos_bucket`) into `dst` (`n_kv * n_tokens` elements). Needs a
-/// unified cache and a ubatch from a simple split, as upstream.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_pos_bucket(
-    mem: llama_memory_t,
-    ubatch: *const llama_memory_ubatch,
-    n_kv: u32,
-    dst: *mut i32,
-    n: usize,
-) -> llama_memory_result {
-    ffi_boundary!({
-        let out = try_slice_mut!(dst, n, "dst");
-        try_or!(with_ubatch(mem, ubatch, |kv, ub| {
-            kv.set_input_pos_bucket(ub, n_kv, out)
-        }));
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// `llama_memory_kv_set_input_pos_bucket` into a host I32 tensor `[n_kv, n_tokens]`, as
-/// `llama_kv_cache::set_input_pos_bucket(dst, ubatch)`.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
-    mem: llama_memory_t,
-    dst: *mut ggml_sys::ggml_tensor,
-    ubatch: *const llama_memory_ubatch,
-) -> llama_memory_result {
-    ffi_boundary!({
-        try_or!(with_ubatch(mem, ubatch, |kv, ub| pos_bucket_tensor(
-            kv, ub, dst
-        )));
-        LLAMA_MEMORY_OK
     })
 }
