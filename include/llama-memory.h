@@ -25,15 +25,6 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
-// Major version.
-#define LLAMA_MEMORY_VERSION_MAJOR 0
-
-// Minor version.
-#define LLAMA_MEMORY_VERSION_MINOR 1
-
-// Patch version.
-#define LLAMA_MEMORY_VERSION_PATCH 0
-
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -45,15 +36,6 @@ struct ggml_cgraph;
 
 // Context status: computing failed (`LLAMA_MEMORY_STATUS_FAILED_COMPUTE`).
 #define LLAMA_MEMORY_CTX_FAILED_COMPUTE 3
-
-// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
-// a plain KV cache has none and writes its whole state, as llama.cpp.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
-
-// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
-// per source sequence, replaced by the next such save of that sequence); the blob holds only
-// the metadata. Restore it with the same flag on the same handle.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
 
 // No sliding window (`LLAMA_SWA_TYPE_NONE`).
 #define LLAMA_MEMORY_SWA_TYPE_NONE 0
@@ -75,6 +57,24 @@ struct ggml_cgraph;
 
 // Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 #define LLAMA_MEMORY_NON_CAUSAL_SWA_FULL 2
+
+// Major version.
+#define LLAMA_MEMORY_VERSION_MAJOR 0
+
+// Minor version.
+#define LLAMA_MEMORY_VERSION_MINOR 1
+
+// Patch version.
+#define LLAMA_MEMORY_VERSION_PATCH 0
+
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
+// a plain KV cache has none and writes its whole state, as llama.cpp.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
+
+// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
+// per source sequence, replaced by the next such save of that sequence); the blob holds only
+// the metadata. Restore it with the same flag on the same handle.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
 
 // Result of the functions this library adds to llama.h's API. Values are stable and never
 // reused.
@@ -152,20 +152,20 @@ typedef struct llama_memory_i llama_memory_i;
 // Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
 typedef struct llama_memory_slots llama_memory_slots;
 
+// Handle to a memory context.
+typedef struct llama_memory_ctx *llama_memory_ctx_t;
+
 // Handle to a memory, the same typedef as llama.h's.
 typedef struct llama_memory_i *llama_memory_t;
 
-// `llama_seq_id` of llama.h.
-typedef int32_t llama_seq_id;
+// `llama_token` of llama.h.
+typedef int32_t llama_token;
 
 // `llama_pos` of llama.h.
 typedef int32_t llama_pos;
 
-// Handle to a memory context.
-typedef struct llama_memory_ctx *llama_memory_ctx_t;
-
-// `llama_token` of llama.h.
-typedef int32_t llama_token;
+// `llama_seq_id` of llama.h.
+typedef int32_t llama_seq_id;
 
 // A ubatch as llama.cpp's `llama_ubatch` describes it; the fields match its fields, so an
 // adapter fills it from a `llama_ubatch` without copying token data. Everything but the
@@ -413,99 +413,6 @@ typedef struct llama_memory_rs_cell {
 extern "C" {
 #endif // __cplusplus
 
-// This library's version, "MAJOR.MINOR.PATCH" (static string).
-const char *llama_memory_version(void);
-
-// Frees a memory made by any constructor (`llama_memory_kv_init`,
-// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
-// made from it must be freed first; its tensors end with it.
-void llama_memory_free(llama_memory_t mem);
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
-void llama_memory_clear(llama_memory_t mem, bool data);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
-// Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
-// the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
-bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
-// partial range between streams (llama.cpp aborts on both), sets the last error and changes
-// nothing.
-void llama_memory_seq_cp(llama_memory_t mem,
-                         llama_seq_id seq_id_src,
-                         llama_seq_id seq_id_dst,
-                         llama_pos p0,
-                         llama_pos p1);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Removes every token that does not belong to `seq_id` (in its stream).
-void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
-void llama_memory_seq_add(llama_memory_t mem,
-                          llama_seq_id seq_id,
-                          llama_pos p0,
-                          llama_pos p1,
-                          llama_pos delta);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
-// sets the last error and changes nothing; `d == 1` is a no-op.
-void llama_memory_seq_div(llama_memory_t mem,
-                          llama_seq_id seq_id,
-                          llama_pos p0,
-                          llama_pos p1,
-                          int d);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
-llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
-llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Whether the memory supports position shifts; false for NULL.
-bool llama_memory_can_shift(llama_memory_t mem);
-#endif
-
-// Number of sequences of the memory, 0 for NULL.
-uint32_t llama_memory_n_seq_max(llama_memory_t mem);
-
-// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
-// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
-// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
-// tensors, and on error (last error set).
-size_t llama_memory_breakdown(llama_memory_t mem,
-                              struct ggml_backend_buffer_type **bufts,
-                              size_t *sizes,
-                              size_t cap);
-
-// The message of this thread's last failure, or NULL if there was none since the last
-// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
-// until the next failing call or clear on this thread.
-const char *llama_memory_last_error(void);
-
-// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
-llama_memory_result llama_memory_last_error_code(void);
-
-// Forgets this thread's last error.
-void llama_memory_clear_last_error(void);
-
 // Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
 // split): finds cells for each as if the previous ones were placed, then rolls the cells back.
 // Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
@@ -541,74 +448,76 @@ llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
 // Number of tokens of the current ubatch, 0 if none.
 uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
 
-// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
-// 0 on error.
-size_t llama_memory_state_get_size(llama_memory_t mem);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_clear`.
+void llama_memory_dropin_clear(llama_memory_t mem, bool data);
+#endif
 
-// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
-// (too small a buffer included).
-size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_rm`.
+bool llama_memory_dropin_seq_rm(llama_memory_t mem,
+                                llama_seq_id seq_id,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
 
-// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
-// unchanged (llama.cpp leaves it cleared or half-restored).
-size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_cp`.
+void llama_memory_dropin_seq_cp(llama_memory_t mem,
+                                llama_seq_id seq_id_src,
+                                llama_seq_id seq_id_dst,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
 
-// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
-size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_keep`.
+void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
-// bytes written, 0 on error.
-size_t llama_memory_state_seq_get_data(llama_memory_t mem,
-                                       uint8_t *dst,
-                                       size_t size,
-                                       llama_seq_id seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_add`.
+void llama_memory_dropin_seq_add(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 llama_pos delta);
+#endif
 
-// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
-// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
-// erases the destination sequence).
-size_t llama_memory_state_seq_set_data(llama_memory_t mem,
-                                       const uint8_t *src,
-                                       size_t size,
-                                       llama_seq_id dest_seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_div`.
+void llama_memory_dropin_seq_div(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 int d);
+#endif
 
-// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
-size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_min`.
+llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_get_data_ext`.
-size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
-                                           uint8_t *dst,
-                                           size_t size,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_max`.
+llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_set_data_ext`.
-size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
-                                           const uint8_t *src,
-                                           size_t size,
-                                           llama_seq_id dest_seq_id,
-                                           llama_state_seq_flags flags);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_can_shift`.
+bool llama_memory_dropin_can_shift(llama_memory_t mem);
+#endif
 
-// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
-// tokens, then the sequence's state). Returns the file size, 0 on error.
-size_t llama_memory_state_seq_save_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id seq_id,
-                                        const llama_token *tokens,
-                                        size_t n_token_count);
+// The message of this thread's last failure, or NULL if there was none since the last
+// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
+// until the next failing call or clear on this thread.
+const char *llama_memory_last_error(void);
 
-// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
-// `tokens_out == NULL` only the header is checked: the token count goes to
-// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
-// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
-// file offset after the state, 0 on error with the memory unchanged.
-size_t llama_memory_state_seq_load_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id dest_seq_id,
-                                        llama_token *tokens_out,
-                                        size_t n_token_capacity,
-                                        size_t *n_token_count_out);
+// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
+llama_memory_result llama_memory_last_error_code(void);
+
+// Forgets this thread's last error.
+void llama_memory_clear_last_error(void);
 
 // Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
 // `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
@@ -950,11 +859,102 @@ llama_memory_result llama_memory_kv_copy_stream(llama_memory_t mem, uint32_t src
 // RoPE to shift), as the end of llama.cpp's `update`.
 llama_memory_result llama_memory_kv_reset_shift(llama_memory_t mem);
 
-// With `on`, a unified cache accepts sequence ids in `[n_seq_max, 256)` in its sequence
-// operations and sequence states, as llama.cpp does (its ubatches are checked against
-// `n_seq_max` by llama.cpp's batch allocator before they get here). Off by default, where
-// such ids are refused as invalid. No effect on a cache with several streams.
-llama_memory_result llama_memory_kv_set_stock_seq_ids(llama_memory_t mem, bool on);
+// This library's version, "MAJOR.MINOR.PATCH" (static string).
+const char *llama_memory_version(void);
+
+// Frees a memory made by any constructor (`llama_memory_kv_init`,
+// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
+// made from it must be freed first; its tensors end with it.
+void llama_memory_free(llama_memory_t mem);
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
+void llama_memory_clear(llama_memory_t mem, bool data);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
+// Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
+// the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
+bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
+// partial range between streams (llama.cpp aborts on both), sets the last error and changes
+// nothing.
+void llama_memory_seq_cp(llama_memory_t mem,
+                         llama_seq_id seq_id_src,
+                         llama_seq_id seq_id_dst,
+                         llama_pos p0,
+                         llama_pos p1);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Removes every token that does not belong to `seq_id` (in its stream).
+void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
+void llama_memory_seq_add(llama_memory_t mem,
+                          llama_seq_id seq_id,
+                          llama_pos p0,
+                          llama_pos p1,
+                          llama_pos delta);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
+// sets the last error and changes nothing; `d == 1` is a no-op.
+void llama_memory_seq_div(llama_memory_t mem,
+                          llama_seq_id seq_id,
+                          llama_pos p0,
+                          llama_pos p1,
+                          int d);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Whether the memory supports position shifts; false for NULL.
+bool llama_memory_can_shift(llama_memory_t mem);
+#endif
+
+// Number of sequences of the memory, 0 for NULL.
+uint32_t llama_memory_n_seq_max(llama_memory_t mem);
+
+// Stock-compatible mode, for a caller that must behave exactly as llama.cpp (the drop-in
+// libllama turns it on for every memory it creates). With `on`:
+// - a unified KV cache accepts sequence ids in `[n_seq_max, 256)` in its sequence operations
+//   and sequence states, as llama.cpp does (its batch allocator checks ubatch ids against
+//   `n_seq_max` before they get here);
+// - a failed restore (`llama_memory_state_*set_data*`, `_load_file`, `_read_io`) has
+//   llama.cpp's effect instead of none: a KV cache erases the destination sequence (removed,
+//   the rows it held alone zeroed) once the failure is past the stream count and inside a
+//   stream, and clears the whole cache for a whole restore that got past the stream count; a
+//   recurrent memory erases the destination (or clears everything) once the cell count was
+//   read. No stream is ever left half restored, where llama.cpp may leave one.
+//
+// Off by default. Returns OK, or an error for NULL.
+llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
+
+// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
+// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
+// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
+// tensors, and on error (last error set).
+size_t llama_memory_breakdown(llama_memory_t mem,
+                              struct ggml_backend_buffer_type **bufts,
+                              size_t *sizes,
+                              size_t cap);
 
 // Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
 // and S, no layers.
@@ -1042,65 +1042,74 @@ struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
                                               uint32_t state_size,
                                               uint32_t n_seqs);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_clear`.
-void llama_memory_dropin_clear(llama_memory_t mem, bool data);
-#endif
+// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
+// 0 on error.
+size_t llama_memory_state_get_size(llama_memory_t mem);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_rm`.
-bool llama_memory_dropin_seq_rm(llama_memory_t mem,
-                                llama_seq_id seq_id,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
+// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
+// (too small a buffer included).
+size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_cp`.
-void llama_memory_dropin_seq_cp(llama_memory_t mem,
-                                llama_seq_id seq_id_src,
-                                llama_seq_id seq_id_dst,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
+// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
+// unchanged (llama.cpp leaves it cleared or half-restored).
+size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_keep`.
-void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
+size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_add`.
-void llama_memory_dropin_seq_add(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 llama_pos delta);
-#endif
+// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
+// bytes written, 0 on error.
+size_t llama_memory_state_seq_get_data(llama_memory_t mem,
+                                       uint8_t *dst,
+                                       size_t size,
+                                       llama_seq_id seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_div`.
-void llama_memory_dropin_seq_div(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 int d);
-#endif
+// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
+// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
+// erases the destination sequence).
+size_t llama_memory_state_seq_set_data(llama_memory_t mem,
+                                       const uint8_t *src,
+                                       size_t size,
+                                       llama_seq_id dest_seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_min`.
-llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
+size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_max`.
-llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_data_ext`.
+size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
+                                           uint8_t *dst,
+                                           size_t size,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_can_shift`.
-bool llama_memory_dropin_can_shift(llama_memory_t mem);
-#endif
+// `llama_state_seq_set_data_ext`.
+size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
+                                           const uint8_t *src,
+                                           size_t size,
+                                           llama_seq_id dest_seq_id,
+                                           llama_state_seq_flags flags);
+
+// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
+// tokens, then the sequence's state). Returns the file size, 0 on error.
+size_t llama_memory_state_seq_save_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id seq_id,
+                                        const llama_token *tokens,
+                                        size_t n_token_count);
+
+// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
+// `tokens_out == NULL` only the header is checked: the token count goes to
+// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
+// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
+// file offset after the state, 0 on error with the memory unchanged.
+size_t llama_memory_state_seq_load_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id dest_seq_id,
+                                        llama_token *tokens_out,
+                                        size_t n_token_capacity,
+                                        size_t *n_token_count_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -225,7 +225,7 @@ llama_kv_cache::llama_kv_cache(
     if (!mem) {
         llama_memory_dropin_throw("failed to create the KV cache");
     }
-    check(llama_memory_kv_set_stock_seq_ids(mem, true), "KV cache");
+    check(llama_memory_set_stock_compat(mem, true), "KV cache");
 
     slots = llama_memory_slots_init();
     if (!slots) {
@@ -276,7 +276,7 @@ llama_pos llama_kv_cache::seq_pos_max(llama_seq_id seq_id) const {
 }
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache::memory_breakdown() const {
-    return llama_memory_dropin_breakdown(mem, llama_memory_kv_memory_breakdown);
+    return llama_memory_dropin_breakdown(mem);
 }
 
 llama_memory_context_ptr llama_kv_cache::init_batch(
@@ -455,19 +455,17 @@ const llama_kv_cells & llama_kv_cache::get_cells(llama_seq_id seq_id) const {
     auto & cells = cells_mirror[strm];
     cells.reset();
     cells.resize(kv_size);
+    cells_pos.resize(kv_size);
+    cells_bits.resize((size_t) kv_size * 4);
+    check(llama_memory_kv_get_cells(mem, strm, cells_pos.data(), cells_bits.data(), kv_size), "get_cells");
     for (uint32_t i = 0; i < kv_size; ++i) {
-        llama_pos pos = -1;
-        uint64_t bits[4] = {};
-        check(llama_memory_kv_get_cell(mem, strm, i, &pos, nullptr, bits), "get_cells");
-        if (pos < 0) {
+        if (cells_pos[i] < 0) {
             continue;
         }
-        cells.pos_set(i, pos);
+        cells.pos_set(i, cells_pos[i]);
         for (int w = 0; w < 4; ++w) {
-            for (int b = 0; b < 64; ++b) {
-                if (bits[w] >> b & 1) {
-                    cells.seq_add(i, w*64 + b);
-                }
+            for (uint64_t bits = cells_bits[(size_t) i*4 + w]; bits; bits &= bits - 1) {
+                cells.seq_add(i, w*64 + __builtin_ctzll(bits));
             }
         }
     }
@@ -614,12 +612,8 @@ const slot_info_vec_t *   sinfos_in) {
     if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
         return;
     }
-    // The library changed no cell. llama.cpp erases the destination once it got past the
-    // stream count (the whole cache for seq_id -1): do the same, so that every later llama.h
-    // call returns what it returns on stock.
-    if (r.n_read > 4) {
-        state_clear(seq_id);
-    }
+    // In stock-compatible mode the library has given the failure llama.cpp's effect on the
+    // cache (the destination erased where stock erases it).
     if (r.error) {
         std::rethrow_exception(r.error);
     }
@@ -680,43 +674,23 @@ ggml_cgraph * llama_kv_cache::build_graph_shift(llm_graph_result * res, llama_co
             continue;
         }
 
-        ggml_tensor * k_all = llama_memory_kv_get_k_tensor(mem, il);
-        if (!k_all) {
-            llama_memory_dropin_throw("K-shift");
-        }
-
-        const int64_t n_head_kv     = hparams.n_head_kv(il);
-        const int64_t n_embd_k_gqa  = hparams.n_embd_k_gqa(il);
-        const int64_t n_rot         = hparams.n_rot(il);
-        const int64_t n_embd_head_k = hparams.n_embd_head_k(il);
+        llama_memory_rope_params rope = {};
+        rope.n_rot       = (int32_t) hparams.n_rot(il);
         // MLA keeps the rotated part after the non-rotated one
-        const int64_t n_embd_nope   = hparams.n_lora_kv > 0 ? n_embd_head_k - n_rot : 0;
+        rope.n_embd_nope = hparams.n_lora_kv > 0 ? hparams.n_embd_head_k(il) - hparams.n_rot(il) : 0;
+        rope.mode        = rope_type;
+        rope.n_ctx_orig  = (int32_t) cparams.n_ctx_orig_yarn;
+        rope.freq_base   = model.get_rope_freq_base (cparams, il);
+        rope.freq_scale  = model.get_rope_freq_scale(cparams, il);
+        rope.ext_factor  = cparams.yarn_ext_factor;
+        rope.attn_factor = cparams.yarn_attn_factor;
+        rope.beta_fast   = cparams.yarn_beta_fast;
+        rope.beta_slow   = cparams.yarn_beta_slow;
 
-        const float freq_base  = model.get_rope_freq_base (cparams, il);
-        const float freq_scale = model.get_rope_freq_scale(cparams, il);
-
-        ggml_tensor * factors = model.get_rope_factors(cparams, il);
-
-        ggml_tensor * k = ggml_view_3d(ctx, k_all,
-                n_rot, n_head_kv, (int64_t) kv_size*n_stream,
-                ggml_row_size(k_all->type, n_embd_head_k),
-                ggml_row_size(k_all->type, n_embd_k_gqa),
-                ggml_row_size(k_all->type, n_embd_nope));
-
-        ggml_tensor * cur;
-        if (ggml_is_quantized(k->type)) {
-            // through F32: undo the rotation, RoPE, rotate again, store
-            cur = ggml_cast(ctx, k, GGML_TYPE_F32);
-            cur = llama_mul_mat_hadamard(ctx, cur, inp->k_rot);
-            cur = ggml_rope_ext(ctx, cur, inp->k_shift, factors, n_rot, rope_type, cparams.n_ctx_orig_yarn,
-                    freq_base, freq_scale, cparams.yarn_ext_factor, cparams.yarn_attn_factor,
-                    cparams.yarn_beta_fast, cparams.yarn_beta_slow);
-            cur = llama_mul_mat_hadamard(ctx, cur, inp->k_rot);
-            cur = ggml_cpy(ctx, cur, k);
-        } else {
-            cur = ggml_rope_ext_inplace(ctx, k, inp->k_shift, factors, n_rot, rope_type, cparams.n_ctx_orig_yarn,
-                    freq_base, freq_scale, cparams.yarn_ext_factor, cparams.yarn_attn_factor,
-                    cparams.yarn_beta_fast, cparams.yarn_beta_slow);
+        ggml_tensor * cur = llama_memory_kv_build_k_shift(mem, ctx, il, hparams.n_embd_head_k(il), inp->k_shift,
+                inp->k_rot, model.get_rope_factors(cparams, il), &rope);
+        if (!cur) {
+            llama_memory_dropin_throw("K-shift");
         }
 
         ggml_build_forward_expand(gf, cur);

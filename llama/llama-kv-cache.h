@@ -269,6 +269,8 @@ private:
     std::unordered_map<int64_t, std::vector<float>> attn_rot_hadamard;
 
     mutable std::vector<llama_kv_cells> cells_mirror;
+    mutable std::vector<llama_pos>      cells_pos;  // get_cells' buffers, kept between calls
+    mutable std::vector<uint64_t>       cells_bits;
 
     ggml_cgraph * build_graph_shift(llm_graph_result * res, llama_context * lctx) const;
 };

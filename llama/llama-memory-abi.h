@@ -33,15 +33,13 @@
 #include <map>
 #include <vector>
 
-// llama_memory_i::memory_breakdown from one of the library's breakdown functions.
-inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdown(
-        llama_memory_dropin_t mem,
-        size_t (*breakdown)(llama_memory_dropin_t, ggml_backend_buffer_type **, size_t *, size_t)) {
+// llama_memory_i::memory_breakdown through the library's llama_memory_breakdown.
+inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdown(llama_memory_dropin_t mem) {
     std::map<ggml_backend_buffer_type_t, size_t> ret;
-    const size_t n = breakdown(mem, nullptr, nullptr, 0);
+    const size_t n = llama_memory_breakdown(mem, nullptr, nullptr, 0);
     std::vector<ggml_backend_buffer_type_t> bufts(n);
     std::vector<size_t> sizes(n);
-    const size_t got = breakdown(mem, bufts.data(), sizes.data(), n);
+    const size_t got = llama_memory_breakdown(mem, bufts.data(), sizes.data(), n);
     for (size_t i = 0; i < got && i < n; ++i) {
         ret[bufts[i]] += sizes[i];
     }
@@ -97,14 +95,12 @@ struct llama_memory_dropin_writer {
 
 struct llama_memory_dropin_reader {
     llama_io_read_i & io;
-    size_t n_read = 0;            // bytes the callbacks delivered
     std::exception_ptr error;     // what the io threw, rethrown by the adapter
 
     static int read(void * user, void * dst, size_t n) {
         auto * self = static_cast<llama_memory_dropin_reader *>(user);
         try {
             self->io.read(dst, n);
-            self->n_read += n;
             return 0;
         } catch (...) {
             self->error = std::current_exception();
@@ -116,7 +112,6 @@ struct llama_memory_dropin_reader {
         auto * self = static_cast<llama_memory_dropin_reader *>(user);
         try {
             self->io.read_tensor(t, offset, n);
-            self->n_read += n;
             return 0;
         } catch (...) {
             self->error = std::current_exception();

@@ -63,6 +63,10 @@ llama_memory_recurrent::llama_memory_recurrent(
     if (!mem) {
         llama_memory_dropin_throw("failed to create the recurrent memory");
     }
+    if (llama_memory_set_stock_compat(mem, true) != LLAMA_MEMORY_OK) {
+        llama_memory_free(mem);
+        llama_memory_dropin_throw("failed to create the recurrent memory");
+    }
 
     r_l.assign(n_layer, nullptr);
     s_l.assign(n_layer, nullptr);
@@ -119,7 +123,7 @@ llama_pos llama_memory_recurrent::seq_pos_max(llama_seq_id seq_id) const {
 }
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_memory_recurrent::memory_breakdown() const {
-    return llama_memory_dropin_breakdown(mem, llama_memory_rs_memory_breakdown);
+    return llama_memory_dropin_breakdown(mem);
 }
 
 llama_memory_context_ptr llama_memory_recurrent::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
@@ -196,16 +200,8 @@ void llama_memory_recurrent::state_read(llama_io_read_i & io, llama_seq_id seq_i
     if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
         return;
     }
-    // The library changed no cell. llama.cpp erases the destination once it got past the
-    // cell count (the whole memory for seq_id -1); do the same, so that every later llama.h
-    // call returns what it returns on stock.
-    if (r.n_read > 0 || !r.error) {
-        if (seq_id == -1) {
-            llama_memory_dropin_clear(mem, true);
-        } else {
-            llama_memory_dropin_seq_rm(mem, seq_id, -1, -1);
-        }
-    }
+    // In stock-compatible mode the library has given the failure llama.cpp's effect (the
+    // destination erased once the cell count was read).
     if (r.error) {
         std::rethrow_exception(r.error);
     }

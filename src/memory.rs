@@ -48,6 +48,20 @@ pub enum Status {
     FailedCompute = 3,
 }
 
+/// How far a failed restore got, which decides llama.cpp's effect of the failure (what a
+/// memory in stock-compatible mode reproduces, [`Memory::set_stock_compat`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadStage {
+    /// Before the input's first count was read and checked: llama.cpp changes nothing.
+    #[default]
+    Header,
+    /// Reading a KV stream's cell count: llama.cpp's reader throws before that stream's
+    /// restore begins.
+    Count,
+    /// Inside a stream's cells or tensor data: llama.cpp erases the destination.
+    Stream,
+}
+
 /// What a part plays in its composite memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -113,6 +127,18 @@ pub trait Memory: Any + Send {
         ))
     }
 
+    /// llama.cpp compatibility for a caller that must behave exactly as stock llama.cpp (the
+    /// drop-in libllama): with `on`, the memory accepts what llama.cpp accepts where this
+    /// library is stricter (a unified KV cache takes sequence ids in `[n_seq_max, 256)`), and
+    /// a failed restore has llama.cpp's effect on the memory instead of none (see the kind's
+    /// `state_read`). Off by default. A composite passes it to its parts.
+    fn set_stock_compat(&mut self, on: bool) {
+        for i in 0..self.n_parts() {
+            if let Some((_, part)) = self.part_mut(i) {
+                part.set_stock_compat(on);
+            }
+        }
+    }
     /// Whether model layer `il` keeps its tensors in this memory (or in one of its parts).
     fn has_layer(&self, il: u32) -> bool;
     /// Bytes of tensor buffers per buffer type (`llama_memory_i::memory_breakdown`), each

@@ -132,6 +132,31 @@ pub extern "C" fn llama_memory_n_seq_max(mem: llama_memory_t) -> u32 {
     })
 }
 
+/// Stock-compatible mode, for a caller that must behave exactly as llama.cpp (the drop-in
+/// libllama turns it on for every memory it creates). With `on`:
+/// - a unified KV cache accepts sequence ids in `[n_seq_max, 256)` in its sequence operations
+///   and sequence states, as llama.cpp does (its batch allocator checks ubatch ids against
+///   `n_seq_max` before they get here);
+/// - a failed restore (`llama_memory_state_*set_data*`, `_load_file`, `_read_io`) has
+///   llama.cpp's effect instead of none: a KV cache erases the destination sequence (removed,
+///   the rows it held alone zeroed) once the failure is past the stream count and inside a
+///   stream, and clears the whole cache for a whole restore that got past the stream count; a
+///   recurrent memory erases the destination (or clears everything) once the cell count was
+///   read. No stream is ever left half restored, where llama.cpp may leave one.
+///
+/// Off by default. Returns OK, or an error for NULL.
+#[no_mangle]
+pub extern "C" fn llama_memory_set_stock_compat(
+    mem: llama_memory_t,
+    on: bool,
+) -> super::error::llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        m.inner.set_stock_compat(on);
+        super::error::llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
 /// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
 /// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
 /// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without

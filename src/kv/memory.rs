@@ -2,10 +2,11 @@
 //! Its state layout and restore live in [`super::state`].
 
 use std::any::Any;
+use std::cell::Cell;
 
 use super::{KvCache, KvContext};
 use crate::error::{err, Result};
-use crate::memory::{Memory, MemoryContext};
+use crate::memory::{Memory, MemoryContext, ReadStage};
 use crate::state::io::{IoRead, StateIn, StateOut};
 use crate::storage::KvStorage;
 use crate::ubatch::Ubatch;
@@ -17,6 +18,10 @@ pub struct KvMemory {
     pub cache: KvCache,
     /// The tensors; `None` for a cells-only cache (its states have zero layers).
     pub storage: Option<KvStorage>,
+    /// A failed restore has llama.cpp's effect ([`Memory::set_stock_compat`]).
+    pub(super) stock_failure: bool,
+    /// How far the current restore got (see [`ReadStage`]).
+    pub(super) stage: Cell<ReadStage>,
 }
 
 impl KvMemory {
@@ -46,7 +51,12 @@ impl KvMemory {
                 ));
             }
         }
-        Ok(KvMemory { cache, storage })
+        Ok(KvMemory {
+            cache,
+            storage,
+            stock_failure: false,
+            stage: Cell::new(ReadStage::Header),
+        })
     }
 }
 
@@ -114,6 +124,10 @@ impl Memory for KvMemory {
     }
     fn state_read_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
         KvMemory::state_read_io(self, seq, io)
+    }
+    fn set_stock_compat(&mut self, on: bool) {
+        self.cache.set_stock_seq_ids(on);
+        self.stock_failure = on;
     }
     fn has_layer(&self, il: u32) -> bool {
         self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())

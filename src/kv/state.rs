@@ -23,7 +23,7 @@ use super::{is_masked_swa, SlotInfo};
 use crate::cells::CellExt;
 use crate::error::{err, Result};
 use crate::failpoint;
-use crate::memory::Memory;
+use crate::memory::{Memory, ReadStage};
 use crate::state::io::{FieldSource, IoRead, StateIn, StateOut};
 use crate::storage::{row_size, type_size, KvStorage, StorageLayer};
 use crate::ubatch::UbatchBuf;
@@ -245,6 +245,7 @@ impl KvMemory {
                 "the state has {got} streams, this cache {n_stream}"
             ));
         }
+        self.stage.set(ReadStage::Count);
         Ok(())
     }
 
@@ -257,10 +258,12 @@ impl KvMemory {
         inp: &mut (impl FieldSource + ?Sized),
     ) -> Result<u32> {
         let size = self.cache.params().size;
+        self.stage.set(ReadStage::Count);
         let cell_count = inp.u32("cell_count")?;
         if cell_count == 0 {
             return Ok(0);
         }
+        self.stage.set(ReadStage::Stream);
         if cell_count > size {
             return Err(err!(
                 InvalidState,
@@ -469,8 +472,37 @@ impl KvMemory {
     }
 
     /// Restores a state written by [`KvMemory::state_write`] or llama.cpp into `seq` (-1: the
-    /// whole cache, replacing everything). On error nothing was changed.
+    /// whole cache, replacing everything). On error nothing was changed, or, in
+    /// stock-compatible mode, llama.cpp's effect applies (described below).
     pub fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        let r = self.read_blob(seq, inp);
+        self.stock_failure(seq, &r);
+        r
+    }
+
+    /// llama.cpp's effect of a failed `state_read` (`llama_kv_cache::state_read_sinfo`), in
+    /// stock-compatible mode only: nothing when the stream count was missing or wrong; the
+    /// whole cache cleared and zeroed for a whole restore that got further (llama.cpp clears
+    /// it before reading the streams); for a sequence, nothing when a cell count could not be
+    /// read, else the destination erased (`state_clear`: removed, its rows zeroed). Unlike
+    /// llama.cpp, no stream is ever left half restored.
+    fn stock_failure(&mut self, seq: i32, r: &Result<()>) {
+        if r.is_ok() || !self.stock_failure {
+            return;
+        }
+        match (seq, self.stage.get()) {
+            (_, ReadStage::Header) => {}
+            (-1, _) => Memory::clear(self, true),
+            (_, ReadStage::Count) => {}
+            // an invalid destination failed before the header (check_dest), so this succeeds
+            (_, ReadStage::Stream) => {
+                let _ = self.state_clear(seq);
+            }
+        }
+    }
+
+    fn read_blob(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.check_dest(seq)?;
         let plans = self.parse(seq, inp)?;
         if let Some(st) = &inp.stash {
@@ -505,8 +537,16 @@ impl KvMemory {
     /// writes tensor bytes at once (not at the end, as llama.cpp's readers do) may have
     /// changed rows of the destination's slot by then, which llama.cpp's caller erases.
     /// A whole restore (`seq` -1) zeroes every row it does not restore, as llama.cpp's
-    /// `clear(true)`.
+    /// `clear(true)`. In stock-compatible mode a failure has llama.cpp's effect instead (see
+    /// [`KvMemory::state_read`]).
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        let r = self.read_io(seq, io);
+        self.stock_failure(seq, &r);
+        r
+    }
+
+    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.check_dest(seq)?;
         self.parse_n_stream(io)?;
         let n_stream = self.cache.n_stream();

@@ -2,10 +2,11 @@
 //! [`Memory`] interface. Its state layout and restore live in [`super::state`].
 
 use std::any::Any;
+use std::cell::Cell;
 
 use super::{RsCache, RsContext};
 use crate::error::{err, Result};
-use crate::memory::{Memory, MemoryContext};
+use crate::memory::{Memory, MemoryContext, ReadStage};
 use crate::state::io::{IoRead, StateIn, StateOut};
 use crate::storage::recurrent::RsStorage;
 use crate::ubatch::Ubatch;
@@ -19,6 +20,10 @@ pub struct RecurrentMemory {
     pub storage: Option<RsStorage>,
     /// Layers of the model (`hparams.n_layer()`), written into and checked against states.
     pub(super) n_layer: u32,
+    /// A failed restore has llama.cpp's effect ([`Memory::set_stock_compat`]).
+    pub(super) stock_failure: bool,
+    /// How far the current restore got (see [`ReadStage`]).
+    pub(super) stage: Cell<ReadStage>,
 }
 
 impl RecurrentMemory {
@@ -52,6 +57,8 @@ impl RecurrentMemory {
             cache,
             storage,
             n_layer,
+            stock_failure: false,
+            stage: Cell::new(ReadStage::Header),
         })
     }
 
@@ -130,6 +137,9 @@ impl Memory for RecurrentMemory {
     }
     fn state_read_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
         RecurrentMemory::state_read_io(self, seq, io)
+    }
+    fn set_stock_compat(&mut self, on: bool) {
+        self.stock_failure = on;
     }
     fn has_layer(&self, il: u32) -> bool {
         self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())

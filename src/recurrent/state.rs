@@ -13,6 +13,7 @@
 //! restore, everything) and zeroes its rows.
 
 use super::memory::RecurrentMemory;
+use crate::memory::{Memory, ReadStage};
 use super::RsCache;
 use crate::cells::SeqSet;
 use crate::error::{err, Result};
@@ -144,6 +145,7 @@ impl RecurrentMemory {
     ) -> Result<Vec<(i32, SeqSet)>> {
         let c = &self.cache;
         let count = inp.u32("cell_count")?;
+        self.stage.set(ReadStage::Stream);
         if count > c.size() {
             return Err(err!(
                 InvalidState,
@@ -296,6 +298,27 @@ impl RecurrentMemory {
     /// are as they were; a reader that writes tensor bytes at once (a file) may have changed
     /// the destination's rows by then, which llama.cpp's caller erases.
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        let r = self.read_io(seq, io);
+        self.stock_failure(seq, &r);
+        r
+    }
+
+    /// llama.cpp's effect of a failed `state_read` (`llama_memory_recurrent::state_read`), in
+    /// stock-compatible mode only: nothing when the cell count could not be read; else the
+    /// destination erased (`seq_rm`), or everything cleared for a whole restore.
+    fn stock_failure(&mut self, seq: i32, r: &Result<()>) {
+        if r.is_err() && self.stock_failure && self.stage.get() != ReadStage::Header {
+            if seq == -1 {
+                Memory::clear(self, true);
+            } else {
+                // the destination was checked before the count was read
+                let _ = Memory::seq_rm(self, seq, -1, -1);
+            }
+        }
+    }
+
+    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.check_dest(seq)?;
         let cells = self.parse_meta(seq, io)?;
         let (next, head) = self.restored_cache(seq, &cells)?;
@@ -323,6 +346,13 @@ impl RecurrentMemory {
 
     /// Restores a state into `seq` (-1: replace everything). On error nothing changed.
     pub fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        let r = self.read_blob(seq, inp);
+        self.stock_failure(seq, &r);
+        r
+    }
+
+    fn read_blob(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.check_dest(seq)?;
         let plan = self.parse(seq, inp)?;
         // an ON_DEVICE stash holds exactly the rows of its state: more is another state's

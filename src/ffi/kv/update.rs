@@ -1,8 +1,7 @@
 //! The pieces of llama.cpp's `llama_kv_cache::update` a caller orchestrates itself: the
 //! drop-in adapter keeps upstream's order (synchronize, copy streams, compute the K-shift
 //! graph through llama_context's scheduler, then reset the shifts), which the one-call
-//! `llama_memory_ctx_apply` of an update context cannot give. Also llama.cpp's sequence-id
-//! rule for unified caches.
+//! `llama_memory_ctx_apply` of an update context cannot give.
 
 use crate::error::{err, Result};
 use crate::ffi::error::llama_memory_result;
@@ -86,22 +85,6 @@ pub extern "C" fn llama_memory_kv_reset_shift(mem: llama_memory_t) -> llama_memo
     ffi_boundary!({
         let m = try_mut!(mem, "mem");
         try_or!(kv_mut(m)).cache.reset_shifts();
-        LLAMA_MEMORY_OK
-    })
-}
-
-/// With `on`, a unified cache accepts sequence ids in `[n_seq_max, 256)` in its sequence
-/// operations and sequence states, as llama.cpp does (its ubatches are checked against
-/// `n_seq_max` by llama.cpp's batch allocator before they get here). Off by default, where
-/// such ids are refused as invalid. No effect on a cache with several streams.
-#[no_mangle]
-pub extern "C" fn llama_memory_kv_set_stock_seq_ids(
-    mem: llama_memory_t,
-    on: bool,
-) -> llama_memory_result {
-    ffi_boundary!({
-        let m = try_mut!(mem, "mem");
-        try_or!(kv_mut(m)).cache.set_stock_seq_ids(on);
         LLAMA_MEMORY_OK
     })
 }
