@@ -46,10 +46,8 @@ unsafe extern "C" fn dr_read_tensor(
         return -1;
     }
     // SAFETY: a live tensor of the memory.
-    assert!(
-        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
-        "range outside the tensor"
-    );
+    let nbytes = unsafe { ggml_sys::ggml_nbytes(t) };
+    assert!(off + n <= nbytes, "range outside the tensor");
     r.pending.push((t, off, r.pos, n));
     r.pos += n;
     0
@@ -113,10 +111,8 @@ unsafe extern "C" fn w_write_tensor(
     // SAFETY: as in w_write.
     let w = unsafe { &mut *user.cast::<Writer>() };
     // SAFETY: a live tensor of the memory.
-    assert!(
-        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
-        "range outside the tensor"
-    );
+    let nbytes = unsafe { ggml_sys::ggml_nbytes(t) };
+    assert!(off + n <= nbytes, "range outside the tensor");
     let at = w.bytes.len();
     w.bytes.resize(at + n, 0);
     // SAFETY: a live tensor of the memory with off + n within it (checked above); the
