@@ -13,11 +13,11 @@
 //! (the KV cache, its contexts and its state layout); [`recurrent`] (the recurrent memory, its
 //! contexts and its state layout); [`state`] (llama.cpp's blob and file formats over any
 //! memory); [`ffi`] (the C ABI). `unsafe` lives only in `storage` and `ffi`.
-#![deny(unsafe_op_in_unsafe_fn)]
+// `unsafe_op_in_unsafe_fn` and `clippy::undocumented_unsafe_blocks` (every unsafe block says why
+// it is sound) come from the workspace's [workspace.lints] in Cargo.toml, shared by every crate;
+// the safe layers (cells, ubatch, memory, kv, recurrent, state) forbid unsafe code outright, so
+// it can only live in `ffi` and `storage`. The public-API documentation rule is this crate's.
 #![warn(missing_docs)]
-// Every unsafe block says why it is sound; the safe layers (cells, ubatch, memory, kv, recurrent, state)
-// forbid unsafe code outright, so it can only live in `ffi` and `storage`.
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cells;
 pub mod error;

@@ -89,6 +89,7 @@ impl IoWrite for CopyWriter {
         // SAFETY: a live tensor of the memory; the range was checked against it by the caller
         // and again here.
         assert!(offset + n <= unsafe { g::ggml_nbytes(t) });
+        // SAFETY: as above; the destination is the n bytes just appended to `self.0`.
         unsafe { g::ggml_backend_tensor_get(t, self.0[at..].as_mut_ptr().cast(), offset, n) };
         Ok(())
     }

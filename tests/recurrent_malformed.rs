@@ -153,6 +153,7 @@ fn tensor_bytes(t: *mut ggml_sys::ggml_tensor) -> Vec<u8> {
     // SAFETY: a live tensor of the memory, in a host buffer, read in full.
     let n = unsafe { ggml_sys::ggml_nbytes(t) };
     let mut d = vec![0u8; n];
+    // SAFETY: as above; `d` holds the n bytes read.
     unsafe { ggml_sys::ggml_backend_tensor_get(t, d.as_mut_ptr().cast(), 0, n) };
     d
 }

@@ -16,6 +16,7 @@ impl Context {
         // SAFETY: plain getters without preconditions.
         let mut mem_size = unsafe { ggml_tensor_overhead() } * max_tensors;
         if with_graph {
+            // SAFETY: a size getter, like ggml_tensor_overhead: no arguments, no preconditions.
             mem_size += unsafe { ggml_graph_overhead() };
         }
         let params = ggml_init_params {

@@ -123,6 +123,36 @@ bool write_gguf(const char * path, const char * arch, const std::function<void(g
 
 constexpr uint32_t TINY_VOCAB = 32;
 
+// The tensors every writer starts with: token embeddings, the final norm (named `norm`) and the
+// output projection.
+std::vector<wspec> head_specs(int64_t n_embd, int64_t n_vocab, const char * norm = "output_norm.weight") {
+    return {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        ones(norm, n_embd),
+        rnd("output.weight", n_embd, n_vocab),
+    };
+}
+
+// "blk.<il>.", the prefix of layer il's tensor names.
+std::string blk(int64_t il) {
+    return "blk." + std::to_string(il) + ".";
+}
+
+// The Q, K and V projections of an attention layer, in that order.
+void push_qkv(std::vector<wspec> & specs, const std::string & b, int64_t n_embd, int64_t n_embd_kv) {
+    specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+    specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+    specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+}
+
+// "<arch>.context_length" (4096), "<arch>.embedding_length" and "<arch>.block_count", the first
+// keys of every writer.
+void set_shape_kv(gguf_context * g, const std::string & arch, int64_t n_embd, int64_t n_layer) {
+    gguf_set_val_u32(g, (arch + ".context_length").c_str(), 4096);
+    gguf_set_val_u32(g, (arch + ".embedding_length").c_str(), (uint32_t) n_embd);
+    gguf_set_val_u32(g, (arch + ".block_count").c_str(), (uint32_t) n_layer);
+}
+
 } // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -168,13 +198,9 @@ bool rsref_write_mamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u)
     const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB;
     const int64_t d_inner = 2*n_embd, d_state = 16, d_conv = 4, dt_rank = 4;
 
-    std::vector<wspec> specs = {
-        rnd("token_embd.weight", n_embd, n_vocab),
-        ones("output_norm.weight", n_embd),
-        rnd("output.weight", n_embd, n_vocab),
-    };
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
     for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = "blk." + std::to_string(il) + ".";
+        const std::string b = blk(il);
         specs.push_back(ones(b + "attn_norm.weight", n_embd));
         specs.push_back(rnd(b + "ssm_in.weight", n_embd, 2*d_inner));
         specs.push_back(rnd(b + "ssm_conv1d.weight", d_conv, d_inner));
@@ -189,9 +215,7 @@ bool rsref_write_mamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u)
     }
 
     return write_gguf(path, "mamba", [&](gguf_context * g) {
-        gguf_set_val_u32(g, "mamba.context_length", 4096);
-        gguf_set_val_u32(g, "mamba.embedding_length", (uint32_t) n_embd);
-        gguf_set_val_u32(g, "mamba.block_count", (uint32_t) n_layer);
+        set_shape_kv(g, "mamba", n_embd, n_layer);
         gguf_set_val_u32(g, "mamba.ssm.conv_kernel", (uint32_t) d_conv);
         gguf_set_val_u32(g, "mamba.ssm.inner_size", (uint32_t) d_inner);
         gguf_set_val_u32(g, "mamba.ssm.state_size", (uint32_t) d_state);
@@ -223,13 +247,10 @@ bool rsref_write_lfm2_ex(const char * path, uint32_t n_layer_u, uint32_t n_embd_
     const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
     const int64_t head_dim = n_embd/n_head;
 
-    std::vector<wspec> specs = {
-        rnd("token_embd.weight", n_embd, n_vocab),
-        ones("token_embd_norm.weight", n_embd), // LLM_TENSOR_OUTPUT_NORM_LFM2
-        rnd("output.weight", n_embd, n_vocab),
-    };
+    // the final norm is LLM_TENSOR_OUTPUT_NORM_LFM2
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab, "token_embd_norm.weight");
     for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = "blk." + std::to_string(il) + ".";
+        const std::string b = blk(il);
         specs.push_back(ones(b + "ffn_norm.weight", n_embd));
         specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
         specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
@@ -239,9 +260,7 @@ bool rsref_write_lfm2_ex(const char * path, uint32_t n_layer_u, uint32_t n_embd_
             const int64_t n_embd_kv = (int64_t) n_head_kv[il]*head_dim;
             specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
             specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
-            specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
-            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
-            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            push_qkv(specs, b, n_embd, n_embd_kv);
             specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
         } else {
             specs.push_back(rnd(b + "shortconv.conv.weight", l_cache, n_embd));
@@ -252,9 +271,7 @@ bool rsref_write_lfm2_ex(const char * path, uint32_t n_layer_u, uint32_t n_embd_
 
     std::vector<uint32_t> kv_heads(n_head_kv, n_head_kv + n_layer_u);
     return write_gguf(path, "lfm2", [&](gguf_context * g) {
-        gguf_set_val_u32(g, "lfm2.context_length", 4096);
-        gguf_set_val_u32(g, "lfm2.embedding_length", (uint32_t) n_embd);
-        gguf_set_val_u32(g, "lfm2.block_count", (uint32_t) n_layer);
+        set_shape_kv(g, "lfm2", n_embd, n_layer);
         gguf_set_val_u32(g, "lfm2.feed_forward_length", (uint32_t) n_ff);
         gguf_set_val_u32(g, "lfm2.attention.head_count", n_head);
         gguf_set_arr_data(g, "lfm2.attention.head_count_kv", GGUF_TYPE_UINT32, kv_heads.data(), kv_heads.size());
@@ -287,13 +304,9 @@ bool rsref_write_jamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u,
     // llama.cpp only supports an expansion factor of 2 (GGML_ASSERT(2 * n_embd == d_inner))
     const int64_t d_inner = 2*n_embd, d_state = 16, d_conv = 4, dt_rank = 4;
 
-    std::vector<wspec> specs = {
-        rnd("token_embd.weight", n_embd, n_vocab),
-        ones("output_norm.weight", n_embd),
-        rnd("output.weight", n_embd, n_vocab),
-    };
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
     for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = "blk." + std::to_string(il) + ".";
+        const std::string b = blk(il);
         specs.push_back(ones(b + "attn_norm.weight", n_embd));
         if (n_head_kv[il] == 0) {
             specs.push_back(rnd(b + "ssm_in.weight", n_embd, 2*d_inner));
@@ -311,9 +324,7 @@ bool rsref_write_jamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u,
             specs.push_back(rnd(b + "ssm_out.weight", d_inner, n_embd));
         } else {
             const int64_t n_embd_kv = (int64_t) n_head_kv[il]*head_dim;
-            specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
-            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
-            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            push_qkv(specs, b, n_embd, n_embd_kv);
             specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
         }
         specs.push_back(ones(b + "ffn_norm.weight", n_embd));
@@ -324,9 +335,7 @@ bool rsref_write_jamba(const char * path, uint32_t n_layer_u, uint32_t n_embd_u,
 
     std::vector<uint32_t> kv_heads(n_head_kv, n_head_kv + n_layer_u);
     return write_gguf(path, "jamba", [&](gguf_context * g) {
-        gguf_set_val_u32(g, "jamba.context_length", 4096);
-        gguf_set_val_u32(g, "jamba.embedding_length", (uint32_t) n_embd);
-        gguf_set_val_u32(g, "jamba.block_count", (uint32_t) n_layer);
+        set_shape_kv(g, "jamba", n_embd, n_layer);
         gguf_set_val_u32(g, "jamba.feed_forward_length", (uint32_t) n_ff);
         gguf_set_val_u32(g, "jamba.attention.head_count", n_head);
         gguf_set_arr_data(g, "jamba.attention.head_count_kv", GGUF_TYPE_UINT32, kv_heads.data(), kv_heads.size());
@@ -352,17 +361,11 @@ bool rsref_write_gemma3(const char * path, uint32_t n_layer_u, uint32_t n_embd_u
     const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
     const int64_t head_dim = n_embd/n_head, n_embd_kv = n_head_kv*head_dim;
 
-    std::vector<wspec> specs = {
-        rnd("token_embd.weight", n_embd, n_vocab),
-        ones("output_norm.weight", n_embd),
-        rnd("output.weight", n_embd, n_vocab),
-    };
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
     for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = "blk." + std::to_string(il) + ".";
+        const std::string b = blk(il);
         specs.push_back(ones(b + "attn_norm.weight", n_embd));
-        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
-        specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
-        specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+        push_qkv(specs, b, n_embd, n_embd_kv);
         specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
         specs.push_back(ones(b + "post_attention_norm.weight", n_embd));
         specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
@@ -375,9 +378,7 @@ bool rsref_write_gemma3(const char * path, uint32_t n_layer_u, uint32_t n_embd_u
     }
 
     return write_gguf(path, "gemma3", [&](gguf_context * g) {
-        gguf_set_val_u32(g, "gemma3.context_length", 4096);
-        gguf_set_val_u32(g, "gemma3.embedding_length", (uint32_t) n_embd);
-        gguf_set_val_u32(g, "gemma3.block_count", (uint32_t) n_layer);
+        set_shape_kv(g, "gemma3", n_embd, n_layer);
         gguf_set_val_u32(g, "gemma3.feed_forward_length", (uint32_t) n_ff);
         gguf_set_val_u32(g, "gemma3.attention.head_count", n_head);
         gguf_set_val_u32(g, "gemma3.attention.head_count_kv", n_head_kv);
@@ -412,17 +413,11 @@ bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_
     const int64_t n_embd = n_embd_u, n_layer = n_layer_u, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
     const int64_t n_embd_kv = n_head_kv*head_dim;
 
-    std::vector<wspec> specs = {
-        rnd("token_embd.weight", n_embd, n_vocab),
-        ones("output_norm.weight", n_embd),
-        rnd("output.weight", n_embd, n_vocab),
-    };
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
     for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = "blk." + std::to_string(il) + ".";
+        const std::string b = blk(il);
         specs.push_back(ones(b + "attn_norm.weight", n_embd));
-        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
-        specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
-        specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+        push_qkv(specs, b, n_embd, n_embd_kv);
         // Qwen2 has Q/K/V biases
         specs.push_back(rnd(b + "attn_q.bias", n_embd));
         specs.push_back(rnd(b + "attn_k.bias", n_embd_kv));
@@ -436,9 +431,7 @@ bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_
 
     std::vector<int32_t> sect(sections, sections + 4);
     return write_gguf(path, "qwen2vl", [&](gguf_context * g) {
-        gguf_set_val_u32(g, "qwen2vl.context_length", 4096);
-        gguf_set_val_u32(g, "qwen2vl.embedding_length", (uint32_t) n_embd);
-        gguf_set_val_u32(g, "qwen2vl.block_count", (uint32_t) n_layer);
+        set_shape_kv(g, "qwen2vl", n_embd, n_layer);
         gguf_set_val_u32(g, "qwen2vl.feed_forward_length", (uint32_t) n_ff);
         gguf_set_val_u32(g, "qwen2vl.attention.head_count", n_head);
         gguf_set_val_u32(g, "qwen2vl.attention.head_count_kv", n_head_kv);

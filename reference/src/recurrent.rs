@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::{Mutex, OnceLock};
 
-use crate::{api, c_path, ggml_type, CtxPtr, RawUbatch, RefCtx, UbatchRef};
+use crate::ctx::CtxPtr;
+use crate::{api, c_path, ggml_type, RawUbatch, RefCtx, UbatchRef};
 
 type RsPtr = *mut c_void;
 
@@ -83,51 +84,47 @@ pub(crate) struct RsApi {
 
 impl RsApi {
     pub(crate) fn load(lib: &libloading::os::unix::Library) -> Result<RsApi, libloading::Error> {
-        macro_rules! sym {
-            ($name:literal) => {
-                // SAFETY: the symbol is the rsref.h function of that name; its Rust type above
-                // is transcribed from the C prototype. The crate keeps `lib` loaded (in the same
-                // static `Api`) until the process ends.
-                unsafe { *lib.get(concat!("rsref_", $name, "\0").as_bytes())? }
-            };
-        }
-        Ok(RsApi {
-            sizeof: sym!("sizeof"),
-            write_mamba: sym!("write_mamba"),
-            write_lfm2: sym!("write_lfm2"),
-            write_lfm2_ex: sym!("write_lfm2_ex"),
-            write_jamba: sym!("write_jamba"),
-            write_gemma3: sym!("write_gemma3"),
-            write_qwen2vl: sym!("write_qwen2vl"),
-            new: sym!("new"),
-            free: sym!("free"),
-            clear: sym!("clear"),
-            seq_rm: sym!("seq_rm"),
-            seq_cp: sym!("seq_cp"),
-            seq_keep: sym!("seq_keep"),
-            seq_add: sym!("seq_add"),
-            seq_div: sym!("seq_div"),
-            seq_pos_min: sym!("seq_pos_min"),
-            seq_pos_max: sym!("seq_pos_max"),
-            can_shift: sym!("can_shift"),
-            find_slot: sym!("find_slot"),
-            prepare: sym!("prepare"),
-            cells: sym!("cells"),
-            info: sym!("info"),
-            rs_idx: sym!("rs_idx"),
-            ctx_info: sym!("ctx_info"),
-            s_copy: sym!("s_copy"),
-            state_write: sym!("state_write"),
-            state_read: sym!("state_read"),
-            n_layer: sym!("n_layer"),
-            n_embd_r: sym!("n_embd_r"),
-            n_embd_s: sym!("n_embd_s"),
-            has_tensor: sym!("has_tensor"),
-            tensor_get: sym!("tensor_get"),
-            tensor_set: sym!("tensor_set"),
-            ctx_decode_batch: sym!("ctx_decode_batch"),
-            ctx_logits_ith: sym!("ctx_logits_ith"),
-        })
+        Ok(resolve!(
+            lib,
+            "rsref_",
+            RsApi {
+                sizeof,
+                write_mamba,
+                write_lfm2,
+                write_lfm2_ex,
+                write_jamba,
+                write_gemma3,
+                write_qwen2vl,
+                new,
+                free,
+                clear,
+                seq_rm,
+                seq_cp,
+                seq_keep,
+                seq_add,
+                seq_div,
+                seq_pos_min,
+                seq_pos_max,
+                can_shift,
+                find_slot,
+                prepare,
+                cells,
+                info,
+                rs_idx,
+                ctx_info,
+                s_copy,
+                state_write,
+                state_read,
+                n_layer,
+                n_embd_r,
+                n_embd_s,
+                has_tensor,
+                tensor_get,
+                tensor_set,
+                ctx_decode_batch,
+                ctx_logits_ith,
+            }
+        ))
     }
 
     /// The structs are shared by layout alone: refuse a library built from another rsref.h.
@@ -527,58 +524,35 @@ impl RefRs {
         &self.params
     }
 
-    /// `clear(data)`.
-    pub fn clear(&mut self, data: bool) {
-        // SAFETY: `ptr` is a live rsref (here and in every method below).
-        unsafe { (rs().clear)(self.ptr, data) }
-    }
+    forward! {
+        rs();
 
-    /// `seq_rm(seq, p0, p1)`.
-    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_rm)(self.ptr, seq, p0, p1) }
-    }
+        /// `clear(data)`.
+        fn clear(&mut self, data: bool);
 
-    /// `seq_cp(src, dst, p0, p1)` (the range is ignored by the stock code).
-    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_cp)(self.ptr, src, dst, p0, p1) }
-    }
+        /// `seq_rm(seq, p0, p1)`.
+        fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool;
 
-    /// `seq_keep(seq)`.
-    pub fn seq_keep(&mut self, seq: i32) {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_keep)(self.ptr, seq) }
-    }
+        /// `seq_cp(src, dst, p0, p1)` (the range is ignored by the stock code).
+        fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32);
 
-    /// `seq_add(seq, p0, p1, delta)`.
-    pub fn seq_add(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_add)(self.ptr, seq, p0, p1, delta) }
-    }
+        /// `seq_keep(seq)`.
+        fn seq_keep(&mut self, seq: i32);
 
-    /// `seq_div(seq, p0, p1, d)`.
-    pub fn seq_div(&mut self, seq: i32, p0: i32, p1: i32, d: i32) {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_div)(self.ptr, seq, p0, p1, d) }
-    }
+        /// `seq_add(seq, p0, p1, delta)`.
+        fn seq_add(&mut self, seq: i32, p0: i32, p1: i32, delta: i32);
 
-    /// `seq_pos_min(seq)`, -1 if the sequence is in no cell.
-    pub fn seq_pos_min(&self, seq: i32) -> i32 {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_pos_min)(self.ptr, seq) }
-    }
+        /// `seq_div(seq, p0, p1, d)`.
+        fn seq_div(&mut self, seq: i32, p0: i32, p1: i32, d: i32);
 
-    /// `seq_pos_max(seq)`, -1 if the sequence is in no cell.
-    pub fn seq_pos_max(&self, seq: i32) -> i32 {
-        // SAFETY: live rsref.
-        unsafe { (rs().seq_pos_max)(self.ptr, seq) }
-    }
+        /// `seq_pos_min(seq)`, -1 if the sequence is in no cell.
+        fn seq_pos_min(&self, seq: i32) -> i32;
 
-    /// `get_can_shift()` (always true for the recurrent memory).
-    pub fn can_shift(&self) -> bool {
-        // SAFETY: live rsref.
-        unsafe { (rs().can_shift)(self.ptr) }
+        /// `seq_pos_max(seq)`, -1 if the sequence is in no cell.
+        fn seq_pos_max(&self, seq: i32) -> i32;
+
+        /// `get_can_shift()` (always true for the recurrent memory).
+        fn can_shift(&self) -> bool;
     }
 
     /// The mutating stock `find_slot(ubatch)`. The ubatch's `equal_seqs` flag is passed as
@@ -726,7 +700,7 @@ impl RefRs {
     /// `n_rs_seq > 0`). Side effect as in stock: it resets `rs_idx[q]` to 0. Panics if
     /// `head + i >= size` (the stock code would read out of bounds).
     pub fn s_copy(&mut self, i: u32) -> i32 {
-        // SAFETY: live rsref; the shim bounds-checks `i`.
+        // SAFETY: `self.ptr` is the live rsref this value owns; the shim bounds-checks `i`.
         let v = unsafe { (rs().s_copy)(self.ptr, i) };
         assert!(v != i32::MIN, "s_copy({i}) reads past the last cell");
         v
@@ -781,27 +755,22 @@ impl RefRs {
         (ok, consumed)
     }
 
-    /// `hparams.n_layer()`: all model layers, recurrent or not.
-    pub fn n_layer(&self) -> u32 {
-        // SAFETY: live rsref.
-        unsafe { (rs().n_layer)(self.ptr) }
-    }
+    forward! {
+        rs();
 
-    /// `hparams.n_embd_r()`: elements of an R (conv state) row.
-    pub fn n_embd_r(&self) -> u32 {
-        // SAFETY: live rsref.
-        unsafe { (rs().n_embd_r)(self.ptr) }
-    }
+        /// `hparams.n_layer()`: all model layers, recurrent or not.
+        fn n_layer(&self) -> u32;
 
-    /// `hparams.n_embd_s()`: elements of an S (ssm state) row (0 for `lfm2`).
-    pub fn n_embd_s(&self) -> u32 {
-        // SAFETY: live rsref.
-        unsafe { (rs().n_embd_s)(self.ptr) }
+        /// `hparams.n_embd_r()`: elements of an R (conv state) row.
+        fn n_embd_r(&self) -> u32;
+
+        /// `hparams.n_embd_s()`: elements of an S (ssm state) row (0 for `lfm2`).
+        fn n_embd_s(&self) -> u32;
     }
 
     fn has(&self, w: Which, il: u32) -> bool {
         let il = i32::try_from(il).expect("layer index");
-        // SAFETY: live rsref; the shim bounds-checks `il`.
+        // SAFETY: `self.ptr` is the live rsref this value owns; the shim bounds-checks `il`.
         unsafe { (rs().has_tensor)(self.ptr, w as i32, il) }
     }
 
@@ -894,8 +863,8 @@ impl RefCtx {
         let seq_ptrs: Vec<*const i32> = seq_ids.iter().map(|s| s.as_ptr()).collect();
         let logits: Option<Vec<i8>> = output.map(|o| o.iter().map(|&b| i8::from(b)).collect());
         let n = u32::try_from(n).expect("too many tokens");
-        // SAFETY: live kvref_ctx; every array holds `n` entries and each `seq_ptrs[i]` points
-        // to `n_seq_id[i]` ids, all alive for the call.
+        // SAFETY: `self.ptr` is the live kvref_ctx this value owns; every array holds `n` entries
+        // and each `seq_ptrs[i]` points to `n_seq_id[i]` ids, all alive for the call.
         unsafe {
             (rs().ctx_decode_batch)(
                 self.ptr,
@@ -913,7 +882,8 @@ impl RefCtx {
     /// `None` if there are none or `i` is not an output of the last batch.
     pub fn logits_ith(&mut self, i: i32) -> Option<Vec<f32>> {
         let mut out = vec![0f32; self.n_vocab() as usize];
-        // SAFETY: live kvref_ctx; `out` holds n_vocab floats, what the shim copies.
+        // SAFETY: `self.ptr` is the live kvref_ctx this value owns; `out` holds n_vocab floats,
+        // what the shim copies.
         let ok = unsafe { (rs().ctx_logits_ith)(self.ptr, i, out.as_mut_ptr()) };
         ok.then_some(out)
     }

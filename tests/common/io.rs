@@ -46,10 +46,8 @@ unsafe extern "C" fn dr_read_tensor(
         return -1;
     }
     // SAFETY: a live tensor of the memory.
-    assert!(
-        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
-        "range outside the tensor"
-    );
+    let nbytes = unsafe { ggml_sys::ggml_nbytes(t) };
+    assert!(off + n <= nbytes, "range outside the tensor");
     r.pending.push((t, off, r.pos, n));
     r.pos += n;
     0
@@ -98,6 +96,7 @@ unsafe extern "C" fn w_write(
 ) -> i32 {
     // SAFETY: user is the Writer passed by io_write; src holds n bytes.
     let w = unsafe { &mut *user.cast::<Writer>() };
+    // SAFETY: the library passes a source of n readable bytes, alive for the call.
     w.bytes
         .extend_from_slice(unsafe { std::slice::from_raw_parts(src.cast::<u8>(), n) });
     0
@@ -112,12 +111,12 @@ unsafe extern "C" fn w_write_tensor(
     // SAFETY: as in w_write.
     let w = unsafe { &mut *user.cast::<Writer>() };
     // SAFETY: a live tensor of the memory.
-    assert!(
-        off + n <= unsafe { ggml_sys::ggml_nbytes(t) },
-        "range outside the tensor"
-    );
+    let nbytes = unsafe { ggml_sys::ggml_nbytes(t) };
+    assert!(off + n <= nbytes, "range outside the tensor");
     let at = w.bytes.len();
     w.bytes.resize(at + n, 0);
+    // SAFETY: a live tensor of the memory with off + n within it (checked above); the
+    // destination is the n bytes just appended to w.bytes.
     unsafe { ggml_sys::ggml_backend_tensor_get(t, w.bytes[at..].as_mut_ptr().cast(), off, n) };
     w.ranges.push((t, off, n));
     0
