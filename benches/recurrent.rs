@@ -90,7 +90,7 @@ impl Both {
                 n_embd_r: theirs.n_embd_r(),
                 n_embd_s: theirs.n_embd_s(),
                 n_embd_p: 0,
-                buft: std::ptr::null_mut(),
+                buft: llama_memory::storage::Buft::CPU,
             })
             .collect();
         let cache = RsCache::new(

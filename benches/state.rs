@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
-use llama_memory::state::io::{Sink, StateIn, StateOut};
+use llama_memory::io::{Sink, StateIn, StateOut};
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, UbatchBuf};
 use llama_memory_reference as stock;

@@ -268,7 +268,8 @@ typedef struct llama_memory_kv_layer {
   // -1: the layer has its own tensors; else the `il` of a layer whose tensors it uses
   // (llama.cpp's `reuse` callback).
   int32_t reuse;
-  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
+  // Buffer type of the layer's tensors; NULL for the CPU buffer type. It must stay valid
+  // while the memory is alive.
   struct ggml_backend_buffer_type *buft;
 } llama_memory_kv_layer;
 
@@ -349,7 +350,8 @@ typedef struct llama_memory_rs_layer {
   uint32_t n_embd_s;
   // PLE conv-history row width (`hparams.ple_conv_state()` on PLE layers), 0 for none.
   uint32_t n_embd_p;
-  // Buffer type of the layer's tensors; NULL for the CPU buffer type.
+  // Buffer type of the layer's tensors; NULL for the CPU buffer type. It must stay valid
+  // while the memory is alive.
   struct ggml_backend_buffer_type *buft;
 } llama_memory_rs_layer;
 

@@ -1,13 +1,15 @@
-//! llama-memory: llama.cpp's memory subsystem (the KV cache and the recurrent memory today;
-//! sliding-window and hybrid memories to follow) reimplemented in Rust behind a C ABI.
+//! llama-memory: llama.cpp's memory subsystem (the KV cache and the recurrent memory; the
+//! composites, sliding-window pairs and hybrids, are llama.cpp's own on top of them in the
+//! drop-in libllama for now) reimplemented in Rust behind a C ABI.
 //!
 //! The reference for every behaviour is llama.cpp as shipped in the crates.io package
 //! `llama-cpp-sys-2` at exactly `=0.1.161`. The C ABI (`include/llama-memory.h`) mirrors
 //! llama.h's memory functions with their exact names and semantics, except that input llama.cpp
 //! would abort on returns a failure value, sets a last-error message and changes nothing.
 //!
-//! Layers, bottom up (each uses only those before it): [`cells`] (per-stream cell
-//! bookkeeping) and [`ubatch`]; `state::io` (bounds-checked byte readers and sinks);
+//! Layers, bottom up (each uses only those before it): [`error`]; [`cells`] (per-stream cell
+//! bookkeeping) and [`ubatch`]; [`io`] (bounds-checked byte readers and sinks of the state
+//! format);
 //! [`memory`] (the traits every memory kind implements, and how to find a kind among a
 //! composite's parts); [`storage`] (K/V and recurrent R/S tensors in ggml buffers); [`kv`]
 //! (the KV cache, its contexts and its state layout); [`recurrent`] (the recurrent memory, its
@@ -22,6 +24,7 @@
 pub mod cells;
 pub mod error;
 mod failpoint;
+pub mod io;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;

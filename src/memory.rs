@@ -28,7 +28,7 @@
 use std::any::Any;
 
 use crate::error::{err, Result};
-use crate::state::io::{IoRead, StateIn, StateOut};
+use crate::io::{IoRead, StateIn, StateOut};
 use crate::ubatch::Ubatch;
 
 /// A ggml buffer type, as [`Memory::memory_breakdown`] reports it (never dereferenced here).

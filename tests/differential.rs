@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use ggml_sys as g;
 use half::f16;
-use llama_memory::state::io::{IoRead, IoWrite, Sink, StateOut};
+use llama_memory::io::{IoRead, IoWrite, Sink, StateOut};
 use llama_memory::storage::graph::RopeParams;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{

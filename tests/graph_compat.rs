@@ -9,7 +9,7 @@
 
 use ggml_sys as g;
 use half::f16;
-use llama_memory::state::io::{Sink, StateIn, StateOut};
+use llama_memory::io::{Sink, StateIn, StateOut};
 use llama_memory::storage::graph::RopeParams;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, MemoryContext, UbatchBuf};

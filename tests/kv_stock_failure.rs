@@ -12,7 +12,7 @@
 
 use ggml_sys as g;
 use half::f16;
-use llama_memory::state::io::{Sink, StateIn, StateOut};
+use llama_memory::io::{Sink, StateIn, StateOut};
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, Memory};
 use llama_memory_reference::{Params, RefKv, Ubatch};
@@ -213,7 +213,10 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
                 assert_eq!(ok_ours, ok_stock, "{what}: success differs");
                 let (ours_now, stock_now) = (observe_ours(&m), observe_stock(&r));
                 assert!(ours_now.0 == stock_now.0, "{what}: cells differ from stock");
-                assert!(ours_now.1 == stock_now.1, "{what}: state bytes differ from stock");
+                assert!(
+                    ours_now.1 == stock_now.1,
+                    "{what}: state bytes differ from stock"
+                );
                 compared += 1;
                 if !ok_ours {
                     failures += 1;
@@ -228,7 +231,10 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
         "{compared} restores compared with stock: {failures} failed, {erased} of them erased; \
          {skipped} inputs that stock restores in part not compared"
     );
-    assert!(erased > 1000 && failures > erased, "both effects (erase, nothing) exercised");
+    assert!(
+        erased > 1000 && failures > erased,
+        "both effects (erase, nothing) exercised"
+    );
 }
 
 #[test]
@@ -250,7 +256,10 @@ fn without_stock_compatible_mode_a_failed_restore_changes_nothing() {
         for dest in [1, -1] {
             for cut in 0..blob.len() {
                 assert!(!read(&mut m, dest, &blob[..cut]));
-                assert!(write(&m, -1) == base, "cut at {cut} into {dest} changed the cache");
+                assert!(
+                    write(&m, -1) == base,
+                    "cut at {cut} into {dest} changed the cache"
+                );
             }
         }
     }

@@ -24,7 +24,7 @@ fn ours_like(model: &std::path::Path, n_seq: u32, n_rs_seq: u32) -> RecurrentMem
             n_embd_r: r.n_embd_r(),
             n_embd_s: r.n_embd_s(),
             n_embd_p: 0,
-            buft: std::ptr::null_mut(),
+            buft: llama_memory::storage::Buft::CPU,
         })
         .collect();
     let p = RsParams {

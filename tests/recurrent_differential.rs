@@ -158,7 +158,7 @@ impl Pair {
                 n_embd_r: theirs.n_embd_r(),
                 n_embd_s: theirs.n_embd_s(),
                 n_embd_p: 0,
-                buft: std::ptr::null_mut(),
+                buft: llama_memory::storage::Buft::CPU,
             })
             .collect();
         let p = RsParams {

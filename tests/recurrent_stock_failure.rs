@@ -10,8 +10,8 @@
 //! cleared the memory, then its reader threw); this library clears the memory instead. Those
 //! inputs are not compared.
 
+use llama_memory::io::{Sink, StateIn, StateOut};
 use llama_memory::recurrent::{RecurrentMemory, RsCache, RsParams};
-use llama_memory::state::io::{Sink, StateIn, StateOut};
 use llama_memory::storage::recurrent::{RsLayerSpec, RsStorage, RsStorageSpec};
 use llama_memory::{Memory, UbatchBuf};
 use llama_memory_reference as stock;
@@ -32,7 +32,7 @@ fn pair() -> (RecurrentMemory, stock::RefRs) {
             n_embd_r: r.n_embd_r(),
             n_embd_s: r.n_embd_s(),
             n_embd_p: 0,
-            buft: std::ptr::null_mut(),
+            buft: llama_memory::storage::Buft::CPU,
         })
         .collect();
     let p = RsParams {
@@ -160,8 +160,14 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
         );
         assert_eq!(ok_ours, ok_stock, "{what}: success differs");
         let (ours_now, stock_now) = (observe_ours(&m), observe_stock(&r));
-        assert_eq!(ours_now.1, stock_now.1, "{what}: positions differ from stock");
-        assert!(ours_now.0 == stock_now.0, "{what}: state bytes differ from stock");
+        assert_eq!(
+            ours_now.1, stock_now.1,
+            "{what}: positions differ from stock"
+        );
+        assert!(
+            ours_now.0 == stock_now.0,
+            "{what}: state bytes differ from stock"
+        );
         compared += 1;
         if !ok_ours {
             failures += 1;
@@ -174,7 +180,10 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
         "{compared} restores compared with stock: {failures} failed, {erased} of them erased; \
          {skipped} inputs that stock restores in part not compared"
     );
-    assert!(erased > 100 && failures > erased, "both effects (erase, nothing) exercised");
+    assert!(
+        erased > 100 && failures > erased,
+        "both effects (erase, nothing) exercised"
+    );
 }
 
 #[test]
@@ -185,7 +194,10 @@ fn without_stock_compatible_mode_a_failed_restore_changes_nothing() {
     for dest in [1, -1] {
         for cut in 0..blob.len() {
             assert!(!read(&mut m, dest, &blob[..cut]));
-            assert!(write(&m, -1) == base, "cut at {cut} into {dest} changed the memory");
+            assert!(
+                write(&m, -1) == base,
+                "cut at {cut} into {dest} changed the memory"
+            );
         }
     }
 }

@@ -336,7 +336,7 @@ fn round_trip_into_another_sequence_keeps_cells_and_bytes() {
                 let stride = st.stream_stride(t).unwrap();
                 let cells_x_row = stride; // bytes per stream
                 let row = cells_x_row / 256;
-                let el = llama_memory::storage::type_size(cfg.type_v as u32);
+                let el = llama_memory::storage::type_size(cfg.type_v as u32).unwrap();
                 for (&(_, a0), &(_, a1)) in c0.iter().zip(&c1) {
                     let (mut x, mut y) = (vec![0u8; row], vec![0u8; row]);
                     if t == l.v && !cfg.flash_attn {

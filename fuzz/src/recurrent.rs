@@ -130,7 +130,7 @@ pub fn rs_memory(cfg: u8) -> RecurrentMemory {
                     n_embd_r: r,
                     n_embd_s: s,
                     n_embd_p: p,
-                    buft: std::ptr::null_mut(),
+                    buft: llama_memory::storage::Buft::CPU,
                 })
                 .collect(),
         })

@@ -11,7 +11,7 @@ use super::error::llama_memory_result;
 use super::handle::{llama_memory_t, llama_seq_id};
 use super::state::llama_state_seq_flags;
 use crate::error::{err, Result};
-use crate::state::io::{IoRead, IoWrite, Sink, StateOut};
+use crate::io::{IoRead, IoWrite, Sink, StateOut};
 
 /// A caller's state writer. Each callback returns 0 on success; anything else stops the
 /// write with an error. The callbacks must not unwind (a C++ caller catches its exceptions

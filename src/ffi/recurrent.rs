@@ -27,7 +27,8 @@ pub struct llama_memory_rs_layer {
     pub n_embd_s: u32,
     /// PLE conv-history row width (`hparams.ple_conv_state()` on PLE layers), 0 for none.
     pub n_embd_p: u32,
-    /// Buffer type of the layer's tensors; NULL for the CPU buffer type.
+    /// Buffer type of the layer's tensors; NULL for the CPU buffer type. It must stay valid
+    /// while the memory is alive.
     pub buft: *mut g::ggml_backend_buffer_type,
 }
 
@@ -119,7 +120,9 @@ fn new_memory(
                     n_embd_r: l.n_embd_r,
                     n_embd_s: l.n_embd_s,
                     n_embd_p: l.n_embd_p,
-                    buft: l.buft,
+                    // SAFETY: the header requires each layer's buft to be NULL or a live ggml buffer
+                    // type that outlives the memory.
+                    buft: unsafe { crate::storage::Buft::from_raw(l.buft) },
                 })
                 .collect(),
         })?)

@@ -6,8 +6,8 @@ use std::cell::Cell;
 
 use super::{KvCache, KvContext};
 use crate::error::{err, Result};
+use crate::io::{IoRead, StateIn, StateOut};
 use crate::memory::{Memory, MemoryContext, ReadStage};
-use crate::state::io::{IoRead, StateIn, StateOut};
 use crate::storage::KvStorage;
 use crate::ubatch::Ubatch;
 

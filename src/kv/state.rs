@@ -23,8 +23,8 @@ use super::{is_masked_swa, SlotInfo};
 use crate::cells::CellExt;
 use crate::error::{err, Result};
 use crate::failpoint;
+use crate::io::{FieldSource, IoRead, StateIn, StateOut};
 use crate::memory::{Memory, ReadStage};
-use crate::state::io::{FieldSource, IoRead, StateIn, StateOut};
 use crate::storage::{row_size, type_size, KvStorage, StorageLayer};
 use crate::ubatch::UbatchBuf;
 
@@ -101,7 +101,7 @@ impl KvMemory {
                     hdr: Header::VTrans,
                     il: l.il,
                     t: l.v,
-                    row: type_size(sp.type_v),
+                    row: type_size(sp.type_v)?,
                     chans: l.n_embd_v_gqa,
                 }
             } else {
@@ -1138,7 +1138,7 @@ mod tests {
         pending: Vec<(*mut ggml_sys::ggml_tensor, usize, usize, usize)>,
     }
 
-    impl crate::state::io::IoRead for Deferred<'_> {
+    impl crate::io::IoRead for Deferred<'_> {
         fn read(&mut self, dst: &mut [u8]) -> Result<()> {
             let src = self
                 .bytes

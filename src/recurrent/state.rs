@@ -13,11 +13,11 @@
 //! restore, everything) and zeroes its rows.
 
 use super::memory::RecurrentMemory;
-use crate::memory::{Memory, ReadStage};
 use super::RsCache;
 use crate::cells::SeqSet;
 use crate::error::{err, Result};
-use crate::state::io::{FieldSource, IoRead, StateIn, StateOut, FLAG_ON_DEVICE};
+use crate::io::{FieldSource, IoRead, StateIn, StateOut, FLAG_ON_DEVICE};
+use crate::memory::{Memory, ReadStage};
 
 /// A parsed state, not yet applied.
 struct Plan<'a> {

@@ -13,13 +13,11 @@
 
 #![forbid(unsafe_code)]
 
-pub mod io;
-
 use std::path::Path;
 
 use crate::error::{err, Result};
+use crate::io::{Reader, Sink, StateIn, StateOut};
 use crate::memory::Memory;
-use io::{Reader, Sink, StateIn, StateOut};
 
 /// `LLAMA_STATE_SEQ_MAGIC` ('ggsq').
 pub const STATE_SEQ_MAGIC: u32 = 0x6767_7371;
@@ -27,7 +25,7 @@ pub const STATE_SEQ_MAGIC: u32 = 0x6767_7371;
 pub const STATE_SEQ_VERSION: u32 = 4;
 /// The first word of an in-memory sequence blob (llama-context.cpp's io magic).
 pub const SEQ_BLOB_MAGIC: u32 = 0xaf14_3cd8;
-pub use io::{FLAG_ON_DEVICE, FLAG_PARTIAL_ONLY};
+pub use crate::io::{FLAG_ON_DEVICE, FLAG_PARTIAL_ONLY};
 
 fn check_flags(flags: u32) -> Result<()> {
     if flags & !(FLAG_PARTIAL_ONLY | FLAG_ON_DEVICE) != 0 {

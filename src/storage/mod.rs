@@ -37,6 +37,41 @@ pub const KV_TYPES: [GgmlType; 9] = [
     g::GGML_TYPE_Q5_1,
 ];
 
+/// A ggml buffer type the storage allocates its tensors from. Safe code can only name the CPU
+/// buffer type ([`Buft::CPU`]); any other comes from [`Buft::from_raw`], whose caller vouches
+/// that ggml may allocate from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buft(g::ggml_backend_buffer_type_t);
+
+impl Buft {
+    /// The CPU buffer type (ggml's `ggml_backend_cpu_buffer_type()`).
+    pub const CPU: Buft = Buft(std::ptr::null_mut());
+
+    /// A buffer type from ggml; NULL stands for the CPU one.
+    ///
+    /// # Safety
+    /// A non-NULL `p` must be a ggml buffer type (`ggml_backend_buffer_type_t`) that stays
+    /// valid while any storage made with it is alive.
+    pub unsafe fn from_raw(p: g::ggml_backend_buffer_type_t) -> Buft {
+        Buft(p)
+    }
+
+    /// The ggml buffer type, the CPU one for [`Buft::CPU`].
+    pub fn as_raw(self) -> g::ggml_backend_buffer_type_t {
+        if self.0.is_null() {
+            cpu_buffer_type()
+        } else {
+            self.0
+        }
+    }
+}
+
+impl Default for Buft {
+    fn default() -> Buft {
+        Buft::CPU
+    }
+}
+
 /// One model layer as the cache sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerSpec {
@@ -48,8 +83,8 @@ pub struct LayerSpec {
     pub n_embd_v_gqa: u32,
     /// `Some(src)`: this layer uses the tensors of layer `src` (llama.cpp's `reuse` callback).
     pub reuse: Option<u32>,
-    /// Buffer type of this layer's tensors; NULL means the CPU buffer type.
-    pub buft: g::ggml_backend_buffer_type_t,
+    /// Buffer type of this layer's tensors.
+    pub buft: Buft,
 }
 
 impl LayerSpec {
@@ -62,7 +97,7 @@ impl LayerSpec {
                 n_embd_k_gqa,
                 n_embd_v_gqa,
                 reuse: None,
-                buft: std::ptr::null_mut(),
+                buft: Buft::CPU,
             })
             .collect()
     }
@@ -160,10 +195,17 @@ pub fn row_size(t: GgmlType, n: u32) -> Result<usize> {
     usize::try_from(n as u64 / blck * ts).map_err(|_| err!(InvalidArgument, "row size overflows"))
 }
 
-/// `ggml_type_size(t)` of a KV type.
-pub fn type_size(t: GgmlType) -> usize {
-    // SAFETY: callers pass types already checked by `row_size`/`KvStorage::new`.
-    unsafe { g::ggml_type_size(t) }
+/// `ggml_type_size(t)` (bytes per block) of a KV type; an error for any other type.
+pub fn type_size(t: GgmlType) -> Result<usize> {
+    if !is_kv_type(t) {
+        return Err(err!(
+            InvalidArgument,
+            "{} is not a KV cache type",
+            type_name(t)
+        ));
+    }
+    // SAFETY: `t` is one of the valid ggml types checked above.
+    Ok(unsafe { g::ggml_type_size(t) })
 }
 
 /// The CPU buffer type.
@@ -593,12 +635,11 @@ impl Drop for Buffers {
 /// one buffer per group, as llama.cpp's constructors make them.
 pub(crate) fn group_by_buft<T>(
     items: impl IntoIterator<Item = T>,
-    buft_of: impl Fn(&T) -> g::ggml_backend_buffer_type_t,
+    buft_of: impl Fn(&T) -> Buft,
 ) -> Vec<(g::ggml_backend_buffer_type_t, Vec<T>)> {
     let mut groups: Vec<(g::ggml_backend_buffer_type_t, Vec<T>)> = Vec::new();
     for it in items {
-        let b = buft_of(&it);
-        let buft = if b.is_null() { cpu_buffer_type() } else { b };
+        let buft = buft_of(&it).as_raw();
         match groups.iter_mut().find(|(x, _)| *x == buft) {
             Some((_, v)) => v.push(it),
             None => groups.push((buft, vec![it])),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use ggml_sys as g;
 
-use super::{group_by_buft, row_size, set_name, type_name, Buffers, GgmlType, KV_TYPES};
+use super::{group_by_buft, row_size, set_name, type_name, Buffers, Buft, GgmlType, KV_TYPES};
 use crate::error::{err, Result};
 
 /// One model layer of a recurrent memory.
@@ -22,8 +22,8 @@ pub struct RsLayerSpec {
     pub n_embd_s: u32,
     /// Width of the PLE conv-history row (`ple_conv_state()`), 0 for a layer without one.
     pub n_embd_p: u32,
-    /// Buffer type of this layer's tensors; NULL means the CPU buffer type.
-    pub buft: g::ggml_backend_buffer_type_t,
+    /// Buffer type of this layer's tensors.
+    pub buft: Buft,
 }
 
 /// What a recurrent memory's storage holds.

@@ -159,7 +159,8 @@ pub struct llama_memory_kv_layer {
     /// -1: the layer has its own tensors; else the `il` of a layer whose tensors it uses
     /// (llama.cpp's `reuse` callback).
     pub reuse: i32,
-    /// Buffer type of the layer's tensors; NULL for the CPU buffer type.
+    /// Buffer type of the layer's tensors; NULL for the CPU buffer type. It must stay valid
+    /// while the memory is alive.
     pub buft: *mut g::ggml_backend_buffer_type,
 }
 
@@ -227,7 +228,9 @@ pub extern "C" fn llama_memory_kv_init_with_storage(
                 n_embd_k_gqa: l.n_embd_k_gqa,
                 n_embd_v_gqa: l.n_embd_v_gqa,
                 reuse,
-                buft: l.buft,
+                // SAFETY: the header requires each layer's buft to be NULL or a live ggml buffer
+                // type that outlives the memory.
+                buft: unsafe { crate::storage::Buft::from_raw(l.buft) },
             });
         }
         let type_k = try_or!(ggml_type_of(sp.type_k));
