@@ -249,11 +249,11 @@ static int null_handles_and_pointers(void) {
     EXPECT_ERR(LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
     CHECK(llama_memory_rs_get_p_tensor(mem, 0) == NULL); /* no PLE row in layer 0 */
     EXPECT_ERR(LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
-    CHECK(llama_memory_breakdown(NULL, bt, sz, 2) == 0);
+    CHECK(llama_memory_get_breakdown(NULL, bt, sz, 2) == 0);
     EXPECT_ERR(LLAMA_MEMORY_ERR_NULL_ARGUMENT);
-    CHECK(llama_memory_breakdown(mem, NULL, NULL, 2) == 0);
+    CHECK(llama_memory_get_breakdown(mem, NULL, NULL, 2) == 0);
     EXPECT_ERR(LLAMA_MEMORY_ERR_NULL_ARGUMENT);
-    CHECK(llama_memory_breakdown(mem, NULL, NULL, 0) == 1);
+    CHECK(llama_memory_get_breakdown(mem, NULL, NULL, 0) == 1);
 
     /* context functions */
     CHECK(llama_memory_ctx_get_n_rs(NULL) == 0);

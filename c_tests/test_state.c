@@ -46,7 +46,7 @@ int main(void) {
     {
         struct ggml_backend_buffer_type *bt[2];
         size_t sz[2];
-        CHECK(llama_memory_breakdown(mem, bt, sz, 2) == 1);
+        CHECK(llama_memory_get_breakdown(mem, bt, sz, 2) == 1);
         /* 2 layers x (K + V) x 64 cells x 16 f16 */
         CHECK(sz[0] >= 2 * 2 * 64 * 16 * 2);
     }

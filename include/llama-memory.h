@@ -141,7 +141,7 @@ typedef struct llama_memory_ctx llama_memory_ctx;
 //
 // Methods: llama.h's nine (`llama_memory_clear`, `_seq_rm`, `_seq_cp`, `_seq_keep`, `_seq_add`,
 // `_seq_div`, `_seq_pos_min`, `_seq_pos_max`, `_can_shift`), `llama_memory_n_seq_max`,
-// `llama_memory_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
+// `llama_memory_get_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
 // functions of its kind (`llama_memory_kv_*`, `llama_memory_rs_*`).
 //
 // Threads: not safe for concurrent use. Calls on one memory (or on its contexts) must not
@@ -949,14 +949,15 @@ uint32_t llama_memory_n_seq_max(llama_memory_t mem);
 // Off by default. Returns OK, or an error for NULL.
 llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
 
-// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
+// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
+// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
 // (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
 // returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
 // tensors, and on error (last error set).
-size_t llama_memory_breakdown(llama_memory_t mem,
-                              struct ggml_backend_buffer_type **bufts,
-                              size_t *sizes,
-                              size_t cap);
+size_t llama_memory_get_breakdown(llama_memory_t mem,
+                                  struct ggml_backend_buffer_type **bufts,
+                                  size_t *sizes,
+                                  size_t cap);
 
 // Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
 // and S, no layers.

@@ -36,10 +36,10 @@
 // llama_memory_i::memory_breakdown through the library's llama_memory_breakdown.
 inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdown(llama_memory_dropin_t mem) {
     std::map<ggml_backend_buffer_type_t, size_t> ret;
-    const size_t n = llama_memory_breakdown(mem, nullptr, nullptr, 0);
+    const size_t n = llama_memory_get_breakdown(mem, nullptr, nullptr, 0);
     std::vector<ggml_backend_buffer_type_t> bufts(n);
     std::vector<size_t> sizes(n);
-    const size_t got = llama_memory_breakdown(mem, bufts.data(), sizes.data(), n);
+    const size_t got = llama_memory_get_breakdown(mem, bufts.data(), sizes.data(), n);
     for (size_t i = 0; i < got && i < n; ++i) {
         ret[bufts[i]] += sizes[i];
     }

@@ -29,7 +29,7 @@ pub type llama_token = i32;
 ///
 /// Methods: llama.h's nine (`llama_memory_clear`, `_seq_rm`, `_seq_cp`, `_seq_keep`, `_seq_add`,
 /// `_seq_div`, `_seq_pos_min`, `_seq_pos_max`, `_can_shift`), `llama_memory_n_seq_max`,
-/// `llama_memory_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
+/// `llama_memory_get_breakdown`, the contexts, the `llama_memory_state_*` functions, and the
 /// functions of its kind (`llama_memory_kv_*`, `llama_memory_rs_*`).
 ///
 /// Threads: not safe for concurrent use. Calls on one memory (or on its contexts) must not

@@ -157,12 +157,13 @@ pub extern "C" fn llama_memory_set_stock_compat(
     })
 }
 
-/// Memory breakdown (`llama_memory_i::memory_breakdown`) of any memory: writes up to `cap`
+/// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
+/// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
 /// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
 /// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
 /// tensors, and on error (last error set).
 #[no_mangle]
-pub extern "C" fn llama_memory_breakdown(
+pub extern "C" fn llama_memory_get_breakdown(
     mem: llama_memory_t,
     bufts: *mut *mut ggml_sys::ggml_backend_buffer_type,
     sizes: *mut usize,
