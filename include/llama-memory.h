@@ -5,7 +5,29 @@
  * Functions named as in llama.h keep llama.h's signatures and return conventions. Where
  * llama.cpp would abort on bad input, these return their failure value, set the thread's
  * last error (llama_memory_last_error) and leave the memory unchanged.
- * Handles are not thread-safe: do not use one handle from two threads at once.
+ *
+ * The families, in the order they appear below:
+ *   memory     llama_memory_t (struct llama_memory_i): one per model context. Made by a kind's
+ *              constructor (llama_memory_kv_init, llama_memory_kv_init_with_storage,
+ *              llama_memory_rs_init), ended by llama_memory_free. llama.h's nine functions,
+ *              llama_memory_n_seq_max, llama_memory_get_breakdown, llama_memory_set_stock_compat.
+ *   errors     llama_memory_result codes; the thread's last error (llama_memory_last_error...).
+ *   contexts   llama_memory_ctx_t: the plan of one batch (llama_memory_init_batch over
+ *              llama_memory_ubatch descriptions), a full reservation or an update. Ended by
+ *              llama_memory_ctx_free, before its memory.
+ *   states     llama_memory_state_*: llama.cpp's state blobs and sequence files, and the same
+ *              through caller io callbacks (llama_memory_io_write / llama_memory_io_read).
+ *   KV cache   llama_memory_kv_*: parameters, constructors, cells, tensors; the slot-level API
+ *              over llama_memory_slots_t (llama_memory_slots_init / llama_memory_slots_free);
+ *              graph inputs (llama_memory_ctx_set_input_* of a context, llama_memory_kv_set_input_*
+ *              of a caller's ubatch and slot); graph nodes; the steps of an update.
+ *   recurrent  llama_memory_rs_*: parameters, constructor, tensors, cells, the s_copy input.
+ *   drop-in    llama_memory_dropin_*: llama.h's nine under other names (LLAMA_MEMORY_DROPIN builds).
+ *
+ * Ownership: a handle a function returns is the caller's until the free function its
+ * documentation names; tensors and strings a function returns belong to the library.
+ * Threads: handles are not thread-safe: calls on one memory (and its contexts) must not
+ * overlap; different memories may be used from different threads at once.
  */
 
 #ifndef LLAMA_MEMORY_H
@@ -25,6 +47,15 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
+// Major version.
+#define LLAMA_MEMORY_VERSION_MAJOR 0
+
+// Minor version.
+#define LLAMA_MEMORY_VERSION_MINOR 1
+
+// Patch version.
+#define LLAMA_MEMORY_VERSION_PATCH 0
+
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -36,6 +67,15 @@ struct ggml_cgraph;
 
 // Context status: computing failed (`LLAMA_MEMORY_STATUS_FAILED_COMPUTE`).
 #define LLAMA_MEMORY_CTX_FAILED_COMPUTE 3
+
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
+// a plain KV cache has none and writes its whole state, as llama.cpp.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
+
+// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
+// per source sequence, replaced by the next such save of that sequence); the blob holds only
+// the metadata. Restore it with the same flag on the same handle.
+#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
 
 // No sliding window (`LLAMA_SWA_TYPE_NONE`).
 #define LLAMA_MEMORY_SWA_TYPE_NONE 0
@@ -58,26 +98,14 @@ struct ggml_cgraph;
 // Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 #define LLAMA_MEMORY_NON_CAUSAL_SWA_FULL 2
 
-// Major version.
-#define LLAMA_MEMORY_VERSION_MAJOR 0
-
-// Minor version.
-#define LLAMA_MEMORY_VERSION_MINOR 1
-
-// Patch version.
-#define LLAMA_MEMORY_VERSION_PATCH 0
-
-// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: only the partial (SWA, recurrent) parts of a memory;
-// a plain KV cache has none and writes its whole state, as llama.cpp.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_PARTIAL_ONLY 1
-
-// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: the tensor bytes stay with the memory handle (one stash
-// per source sequence, replaced by the next such save of that sequence); the blob holds only
-// the metadata. Restore it with the same flag on the same handle.
-#define LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE 2
-
 // Result of the functions this library adds to llama.h's API. Values are stable and never
 // reused.
+//
+// The error family: a failing call also sets the calling thread's last error, read with
+// `llama_memory_last_error` (a message owned by the library, valid until the thread's next
+// failing call) and `llama_memory_last_error_code`, reset with
+// `llama_memory_clear_last_error`. Functions that mirror llama.h return llama.h's values
+// and set the last error too.
 enum llama_memory_result
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t
@@ -149,23 +177,33 @@ typedef struct llama_memory_ctx llama_memory_ctx;
 // `Box<dyn Memory>`, so the C pointer is thin.
 typedef struct llama_memory_i llama_memory_i;
 
-// Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
+// A list of slot infos (llama.cpp's `slot_info_vec_t`), filled by `llama_memory_kv_prepare`
+// and `llama_memory_kv_find_slot`.
+//
+// Made by `llama_memory_slots_init`; the caller owns it and ends it with
+// `llama_memory_slots_free`. It belongs to no memory: one list can serve every call on any
+// KV cache, and keeps its buffers between calls (no allocation once they have grown).
+//
+// Methods: `llama_memory_slots_count`, `llama_memory_slots_get` (a view whose arrays stay
+// valid until the list is next filled or freed).
+//
+// Threads: not safe for concurrent use; calls on one list must not overlap.
 typedef struct llama_memory_slots llama_memory_slots;
-
-// Handle to a memory context.
-typedef struct llama_memory_ctx *llama_memory_ctx_t;
 
 // Handle to a memory, the same typedef as llama.h's.
 typedef struct llama_memory_i *llama_memory_t;
 
-// `llama_token` of llama.h.
-typedef int32_t llama_token;
+// `llama_seq_id` of llama.h.
+typedef int32_t llama_seq_id;
 
 // `llama_pos` of llama.h.
 typedef int32_t llama_pos;
 
-// `llama_seq_id` of llama.h.
-typedef int32_t llama_seq_id;
+// Handle to a memory context.
+typedef struct llama_memory_ctx *llama_memory_ctx_t;
+
+// `llama_token` of llama.h.
+typedef int32_t llama_token;
 
 // A ubatch as llama.cpp's `llama_ubatch` describes it; the fields match its fields, so an
 // adapter fills it from a `llama_ubatch` without copying token data. Everything but the
@@ -200,7 +238,13 @@ typedef struct llama_memory_ubatch {
   const int8_t *output;
 } llama_memory_ubatch;
 
-// `llama_state_seq_flags` of llama.h.
+// `llama_state_seq_flags` of llama.h, the first type of the state family.
+//
+// The family: `llama_memory_state_*` save and restore any memory in llama.cpp's byte layouts
+// (whole state, sequence blobs with and without flags, sequence files), into and from caller
+// buffers and paths; `llama_memory_state_write_io` / `_read_io` do the same through caller
+// callbacks. A failed restore leaves the memory unchanged (or, in stock-compatible mode,
+// as llama.cpp leaves it). The `ON_DEVICE` stash lives in the memory handle.
 typedef uint32_t llama_state_seq_flags;
 
 // A caller's state writer. Each callback returns 0 on success; anything else stops the
@@ -227,7 +271,16 @@ typedef struct llama_memory_io_read {
   int (*read_tensor)(void *user, struct ggml_tensor *tensor, size_t offset, size_t n);
 } llama_memory_io_read;
 
-// Parameters of a KV cache; get the defaults from `llama_memory_kv_default_params()`.
+// Parameters of a KV cache (llama.cpp's `llama_kv_cache`), the first type of the KV family;
+// get the defaults from `llama_memory_kv_default_params()`.
+//
+// The family: `llama_memory_kv_init` (cells only) and `llama_memory_kv_init_with_storage` (with
+// K/V tensors) make a `llama_memory_t` ended by `llama_memory_free`; `llama_memory_kv_*` read
+// its cells and tensors; `llama_memory_slots_t` carries the slot-level API; the graph inputs
+// come through a context (`llama_memory_ctx_set_input_*`) or a caller's ubatch and slot
+// (`llama_memory_kv_set_input_*`); graph nodes and the update steps follow. Tensors the
+// family returns belong to the memory. Functions on a memory that is not a KV cache (nor has
+// exactly one KV part) fail with the last error set.
 typedef struct llama_memory_kv_params {
   // Cells per stream (llama.cpp: `n_ctx_seq`, a multiple of 256 there).
   uint32_t size;
@@ -292,6 +345,28 @@ typedef struct llama_memory_kv_storage_params {
   size_t n_layers;
 } llama_memory_kv_storage_params;
 
+// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
+// `llama_memory_slots_free` ends it.
+typedef struct llama_memory_slots *llama_memory_slots_t;
+
+// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
+// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
+// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
+typedef struct llama_memory_slot_info {
+  // Lowest stream of the slot (`s0`).
+  uint32_t s0;
+  // Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
+  uint32_t s1;
+  // Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
+  uint32_t n_stream;
+  // Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
+  uint32_t size;
+  // `[n_stream]` the stream of each entry (`slot_info::strm`).
+  const llama_seq_id *strm;
+  // `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
+  const uint32_t *const *idxs;
+} llama_memory_slot_info;
+
 // RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
 // from the model and the context parameters.
 typedef struct llama_memory_rope_params {
@@ -318,28 +393,6 @@ typedef struct llama_memory_rope_params {
   float beta_slow;
 } llama_memory_rope_params;
 
-// A slot info (`llama_kv_cache::slot_info`): where the tokens of a ubatch go. Token
-// `k * size + i` goes to cell `idxs[k][i]` of stream `strm[k]`. The arrays are borrowed: the
-// caller's for an input, the handle's for an output of `llama_memory_slots_get`.
-typedef struct llama_memory_slot_info {
-  // Lowest stream of the slot (`s0`).
-  uint32_t s0;
-  // Highest stream of the slot (`s1`); `s0 <= strm[k] <= s1 < n_stream of the cache`.
-  uint32_t s1;
-  // Entries of `strm` and `idxs` (`slot_info::n_stream()`), 1..=256.
-  uint32_t n_stream;
-  // Cells per entry (`slot_info::size()`), at least 1 and at most the cache size.
-  uint32_t size;
-  // `[n_stream]` the stream of each entry (`slot_info::strm`).
-  const llama_seq_id *strm;
-  // `[n_stream]` pointers to `size` cell indices each (`slot_info::idxs[k].data()`).
-  const uint32_t *const *idxs;
-} llama_memory_slot_info;
-
-// Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
-// `llama_memory_slots_free` ends it.
-typedef struct llama_memory_slots *llama_memory_slots_t;
-
 // One model layer of a recurrent memory with tensors.
 typedef struct llama_memory_rs_layer {
   // Model layer index (ascending over the listed layers).
@@ -355,7 +408,13 @@ typedef struct llama_memory_rs_layer {
   struct ggml_backend_buffer_type *buft;
 } llama_memory_rs_layer;
 
-// Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
+// Parameters of a recurrent memory (llama.cpp's `llama_memory_recurrent`), the first type of
+// the recurrent family; get the defaults from `llama_memory_rs_default_params()`.
+//
+// The family: `llama_memory_rs_init` makes a `llama_memory_t` ended by `llama_memory_free`;
+// `llama_memory_rs_*` read its tensors (owned by the memory), cells and slots; a context gives
+// the recurrent inputs (`llama_memory_ctx_get_n_rs`, `_set_input_s_copy`, ...). llama.h's
+// functions, contexts and states are the generic ones.
 // Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
 // memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (a
 // partial `seq_rm` only moves the position back; no rollback plane is used).
@@ -415,21 +474,135 @@ typedef struct llama_memory_rs_cell {
 extern "C" {
 #endif // __cplusplus
 
+// This library's version, "MAJOR.MINOR.PATCH" (static string).
+const char *llama_memory_version(void);
+
+// Frees a memory made by any constructor (`llama_memory_kv_init`,
+// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
+// made from it must be freed first; its tensors end with it.
+void llama_memory_free(llama_memory_t mem);
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
+void llama_memory_clear(llama_memory_t mem, bool data);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
+// Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
+// the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
+bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
+// partial range between streams (llama.cpp aborts on both), sets the last error and changes
+// nothing.
+void llama_memory_seq_cp(llama_memory_t mem,
+                         llama_seq_id seq_id_src,
+                         llama_seq_id seq_id_dst,
+                         llama_pos p0,
+                         llama_pos p1);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Removes every token that does not belong to `seq_id` (in its stream).
+void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
+void llama_memory_seq_add(llama_memory_t mem,
+                          llama_seq_id seq_id,
+                          llama_pos p0,
+                          llama_pos p1,
+                          llama_pos delta);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
+// sets the last error and changes nothing; `d == 1` is a no-op.
+void llama_memory_seq_div(llama_memory_t mem,
+                          llama_seq_id seq_id,
+                          llama_pos p0,
+                          llama_pos p1,
+                          int d);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
+llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
+
+#if !defined(LLAMA_MEMORY_DROPIN)
+// Whether the memory supports position shifts; false for NULL.
+bool llama_memory_can_shift(llama_memory_t mem);
+#endif
+
+// Number of sequences of the memory, 0 for NULL.
+uint32_t llama_memory_n_seq_max(llama_memory_t mem);
+
+// Stock-compatible mode, for a caller that must behave exactly as llama.cpp (the drop-in
+// libllama turns it on for every memory it creates). With `on`:
+// - a unified KV cache accepts sequence ids in `[n_seq_max, 256)` in its sequence operations
+//   and sequence states, as llama.cpp does (its batch allocator checks ubatch ids against
+//   `n_seq_max` before they get here);
+// - a failed restore (`llama_memory_state_*set_data*`, `_load_file`, `_read_io`) has
+//   llama.cpp's effect instead of none: a KV cache erases the destination sequence (removed,
+//   the rows it held alone zeroed) once the failure is past the stream count and inside a
+//   stream, and clears the whole cache for a whole restore that got past the stream count; a
+//   recurrent memory erases the destination (or clears everything) once the cell count was
+//   read. No stream is ever left half restored, where llama.cpp may leave one.
+//
+// Off by default. Returns OK, or an error for NULL.
+llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
+
+// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
+// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
+// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
+// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
+// tensors, and on error (last error set).
+size_t llama_memory_get_breakdown(llama_memory_t mem,
+                                  struct ggml_backend_buffer_type **bufts,
+                                  size_t *sizes,
+                                  size_t cap);
+
+// The message of this thread's last failure, or NULL if there was none since the last
+// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
+// until the next failing call or clear on this thread.
+const char *llama_memory_last_error(void);
+
+// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
+llama_memory_result llama_memory_last_error_code(void);
+
+// Forgets this thread's last error.
+void llama_memory_clear_last_error(void);
+
 // Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
 // split): finds cells for each as if the previous ones were placed, then rolls the cells back.
 // Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
 // memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
-// the last error set for invalid input. The memory must outlive the context. A steady decode
-// loop (init, apply, free, init...) reuses the freed context's allocations.
+// the last error set for invalid input. The caller owns the context and frees it with
+// `llama_memory_ctx_free`; the memory must outlive it. A steady decode loop (init, apply,
+// free, init...) reuses the freed context's allocations.
 llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
                                            const struct llama_memory_ubatch *ubatches,
                                            size_t n_ubatches);
 
-// A context covering the whole memory (`init_full`), for worst-case graph reservation.
+// A context covering the whole memory (`init_full`), for worst-case graph reservation; NULL
+// (last error set) on error. The caller owns it and frees it with `llama_memory_ctx_free`;
+// the memory must outlive it.
 llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
 
 // Takes the pending K-shift and stream copies into an update context (`init_update`); its
 // status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+// NULL (last error set) on error. The caller owns it and frees it with
+// `llama_memory_ctx_free`; the memory must outlive it.
 llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
 
 // Frees a context. NULL is accepted. Its memory must still be alive (the context hands its
@@ -450,76 +623,74 @@ llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
 // Number of tokens of the current ubatch, 0 if none.
 uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_clear`.
-void llama_memory_dropin_clear(llama_memory_t mem, bool data);
-#endif
+// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
+// 0 on error.
+size_t llama_memory_state_get_size(llama_memory_t mem);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_rm`.
-bool llama_memory_dropin_seq_rm(llama_memory_t mem,
-                                llama_seq_id seq_id,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
+// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
+// (too small a buffer included).
+size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_cp`.
-void llama_memory_dropin_seq_cp(llama_memory_t mem,
-                                llama_seq_id seq_id_src,
-                                llama_seq_id seq_id_dst,
-                                llama_pos p0,
-                                llama_pos p1);
-#endif
+// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
+// unchanged (llama.cpp leaves it cleared or half-restored).
+size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_keep`.
-void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
+size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_add`.
-void llama_memory_dropin_seq_add(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 llama_pos delta);
-#endif
+// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
+// bytes written, 0 on error.
+size_t llama_memory_state_seq_get_data(llama_memory_t mem,
+                                       uint8_t *dst,
+                                       size_t size,
+                                       llama_seq_id seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_div`.
-void llama_memory_dropin_seq_div(llama_memory_t mem,
-                                 llama_seq_id seq_id,
-                                 llama_pos p0,
-                                 llama_pos p1,
-                                 int d);
-#endif
+// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
+// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
+// erases the destination sequence).
+size_t llama_memory_state_seq_set_data(llama_memory_t mem,
+                                       const uint8_t *src,
+                                       size_t size,
+                                       llama_seq_id dest_seq_id);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_min`.
-llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
+size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_seq_pos_max`.
-llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
-#endif
+// `llama_state_seq_get_data_ext`.
+size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
+                                           uint8_t *dst,
+                                           size_t size,
+                                           llama_seq_id seq_id,
+                                           llama_state_seq_flags flags);
 
-#if defined(LLAMA_MEMORY_DROPIN)
-// `llama_memory_can_shift`.
-bool llama_memory_dropin_can_shift(llama_memory_t mem);
-#endif
+// `llama_state_seq_set_data_ext`.
+size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
+                                           const uint8_t *src,
+                                           size_t size,
+                                           llama_seq_id dest_seq_id,
+                                           llama_state_seq_flags flags);
 
-// The message of this thread's last failure, or NULL if there was none since the last
-// `llama_memory_clear_last_error`. Successful calls do not clear it. The string stays valid
-// until the next failing call or clear on this thread.
-const char *llama_memory_last_error(void);
+// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
+// tokens, then the sequence's state). Returns the file size, 0 on error.
+size_t llama_memory_state_seq_save_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id seq_id,
+                                        const llama_token *tokens,
+                                        size_t n_token_count);
 
-// The result code of this thread's last failure, `LLAMA_MEMORY_OK` if none.
-llama_memory_result llama_memory_last_error_code(void);
-
-// Forgets this thread's last error.
-void llama_memory_clear_last_error(void);
+// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
+// `tokens_out == NULL` only the header is checked: the token count goes to
+// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
+// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
+// file offset after the state, 0 on error with the memory unchanged.
+size_t llama_memory_state_seq_load_file(llama_memory_t mem,
+                                        const char *filepath,
+                                        llama_seq_id dest_seq_id,
+                                        llama_token *tokens_out,
+                                        size_t n_token_capacity,
+                                        size_t *n_token_count_out);
 
 // Writes the memory's state of `seq_id` (-1: all) through `io`, as llama.cpp's
 // `llama_memory_i::state_write(io, seq_id, flags)`: no blob header, tensor ranges through
@@ -545,8 +716,9 @@ llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
 // positions, transposed V.
 struct llama_memory_kv_params llama_memory_kv_default_params(void);
 
-// Creates a KV cache. Returns NULL (and sets the last error) for invalid parameters.
-// Free it with `llama_memory_free`.
+// Creates a KV cache of cells only (no tensors; its states have zero layers). Returns NULL
+// (and sets the last error) for invalid parameters. The caller owns the memory and frees it
+// with `llama_memory_free`.
 llama_memory_t llama_memory_kv_init(struct llama_memory_kv_params params);
 
 // Default storage parameters: F16 K and V, no layers.
@@ -554,7 +726,8 @@ struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(voi
 
 // Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
 // `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
-// (and sets the last error) for invalid parameters or a failed allocation.
+// (and sets the last error) for invalid parameters or a failed allocation. The caller owns the
+// memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive it.
 llama_memory_t llama_memory_kv_init_with_storage(struct llama_memory_kv_params params,
                                                  const struct llama_memory_kv_storage_params *storage);
 
@@ -602,55 +775,63 @@ llama_memory_result llama_memory_kv_get_cells(llama_memory_t mem,
 // (cells shared with another sequence keep their bytes). KV caches only.
 llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
-// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
-// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
-struct ggml_tensor *llama_memory_kv_view_k(llama_memory_t mem,
-                                           struct ggml_context *ctx,
-                                           uint32_t il,
-                                           uint32_t n_kv,
-                                           uint32_t s0,
-                                           uint32_t s1,
-                                           uint32_t n_embd_head_k);
+// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
+// `llama_memory_slots_free`; one handle can serve every `prepare` call.
+llama_memory_slots_t llama_memory_slots_init(void);
 
-// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
-// `[n_kv, n_head_kv, n_embd_head_v, ns]`.
-struct ggml_tensor *llama_memory_kv_view_v(llama_memory_t mem,
-                                           struct ggml_context *ctx,
-                                           uint32_t il,
-                                           uint32_t n_kv,
-                                           uint32_t s0,
-                                           uint32_t s1,
-                                           uint32_t n_embd_head_v);
+// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
+void llama_memory_slots_free(llama_memory_slots_t slots);
 
-// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
-// `llama_memory_ctx_set_input_k_idxs`).
-struct ggml_tensor *llama_memory_kv_cpy_k(llama_memory_t mem,
-                                          struct ggml_context *ctx,
-                                          uint32_t il,
-                                          struct ggml_tensor *k_cur,
-                                          struct ggml_tensor *k_idxs);
+// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
+// failed one); 0 for NULL.
+size_t llama_memory_slots_count(llama_memory_slots_t slots);
 
-// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
-struct ggml_tensor *llama_memory_kv_cpy_v(llama_memory_t mem,
-                                          struct ggml_context *ctx,
-                                          uint32_t il,
-                                          struct ggml_tensor *v_cur,
-                                          struct ggml_tensor *v_idxs);
+// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
+// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
+// copy them (into a `slot_info`) before that.
+llama_memory_result llama_memory_slots_get(llama_memory_slots_t slots,
+                                           size_t i,
+                                           struct llama_memory_slot_info *out);
 
-// The K-shift node of layer `il` (`build_graph_shift`'s per-layer node): RoPE of the cached
-// K by `k_shift` (I32 `[size * n_stream]`, from `llama_memory_kv_set_input_k_shift`) with the
-// layer's rope parameters and optional F32 `rope_factors`. An F32/F16/BF16 K is rotated in
-// place; a quantized K goes through F32 with llama.cpp's Hadamard rotation `k_rot` (F32
-// `[n_rot_k, n_rot_k]`, the `attn_inp_k_rot` input) undone before the RoPE and redone after
-// it. NULL (last error set) on bad arguments or a context without room for the nodes.
-struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
-                                                  struct ggml_context *ctx,
-                                                  uint32_t il,
-                                                  uint32_t n_embd_head_k,
-                                                  struct ggml_tensor *k_shift,
-                                                  struct ggml_tensor *k_rot,
-                                                  struct ggml_tensor *rope_factors,
-                                                  const struct llama_memory_rope_params *rope);
+// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
+// cells as if the ones before it were, then every cell and search head is rolled back (cells
+// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
+// `llama_memory_slots_init`, receives one slot info per ubatch.
+//
+// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
+// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
+// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
+// cache, equal split with one sequence per token group otherwise).
+llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
+                                            const struct llama_memory_ubatch *ubatches,
+                                            size_t n_ubatches,
+                                            llama_memory_slots_t out);
+
+// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
+// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
+// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
+// another error for invalid input (out empty).
+llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
+                                              const struct llama_memory_ubatch *ubatch,
+                                              bool cont,
+                                              llama_memory_slots_t out);
+
+// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
+// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
+// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
+// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
+//
+// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
+// token count differs from the ubatch's, a token group in a stream that does not hold its
+// sequences, a cell listed twice or a cell shared by several sequences.
+llama_memory_result llama_memory_kv_apply_ubatch(llama_memory_t mem,
+                                                 const struct llama_memory_slot_info *sinfo,
+                                                 const struct llama_memory_ubatch *ubatch);
+
+// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
+// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
+// them. 0 on error.
+uint32_t llama_memory_kv_get_n_kv(llama_memory_t mem, const struct llama_memory_slot_info *sinfo);
 
 // Number of cells the attention sees for the current ubatch (valid after apply), 0 on error.
 uint32_t llama_memory_ctx_get_n_kv(llama_memory_ctx_t ctx);
@@ -782,63 +963,55 @@ llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t m
                                                                 struct ggml_tensor *dst,
                                                                 const struct llama_memory_ubatch *ubatch);
 
-// A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
-// `llama_memory_slots_free`; one handle can serve every `prepare` call.
-llama_memory_slots_t llama_memory_slots_init(void);
+// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
+// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
+struct ggml_tensor *llama_memory_kv_view_k(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_k);
 
-// Frees a list of slot infos (NULL is accepted). Views read from it become invalid.
-void llama_memory_slots_free(llama_memory_slots_t slots);
+// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
+// `[n_kv, n_head_kv, n_embd_head_v, ns]`.
+struct ggml_tensor *llama_memory_kv_view_v(llama_memory_t mem,
+                                           struct ggml_context *ctx,
+                                           uint32_t il,
+                                           uint32_t n_kv,
+                                           uint32_t s0,
+                                           uint32_t s1,
+                                           uint32_t n_embd_head_v);
 
-// Number of slot infos in the list (one per ubatch after a successful prepare, 0 after a
-// failed one); 0 for NULL.
-size_t llama_memory_slots_count(llama_memory_slots_t slots);
+// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
+// `llama_memory_ctx_set_input_k_idxs`).
+struct ggml_tensor *llama_memory_kv_cpy_k(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *k_cur,
+                                          struct ggml_tensor *k_idxs);
 
-// Reads slot info `i` of the list into `*out`. Its `strm` and `idxs` arrays belong to the
-// list and stay valid until the list is next passed to `llama_memory_kv_prepare` or freed;
-// copy them (into a `slot_info`) before that.
-llama_memory_result llama_memory_slots_get(llama_memory_slots_t slots,
-                                           size_t i,
-                                           struct llama_memory_slot_info *out);
+// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
+struct ggml_tensor *llama_memory_kv_cpy_v(llama_memory_t mem,
+                                          struct ggml_context *ctx,
+                                          uint32_t il,
+                                          struct ggml_tensor *v_cur,
+                                          struct ggml_tensor *v_idxs);
 
-// Finds slots for `n_ubatches` ubatches (`llama_kv_cache::prepare`): each is placed in the
-// cells as if the ones before it were, then every cell and search head is rolled back (cells
-// the sliding window purged while simulating stay purged, as upstream). `out`, a list from
-// `llama_memory_slots_init`, receives one slot info per ubatch.
-//
-// Returns OK; `LLAMA_MEMORY_ERR_NO_SLOT` when the ubatches do not fit (upstream's empty
-// result: `out` is empty); another error for invalid input (`out` empty, memory unchanged).
-// Ubatches are split as llama.cpp splits them for this cache (simple split for a unified
-// cache, equal split with one sequence per token group otherwise).
-llama_memory_result llama_memory_kv_prepare(llama_memory_t mem,
-                                            const struct llama_memory_ubatch *ubatches,
-                                            size_t n_ubatches,
-                                            llama_memory_slots_t out);
-
-// Finds cells for one ubatch without changing anything (`llama_kv_cache::find_slot(ubatch,
-// cont)`; `cont` asks for the cells of each stream to be consecutive). On success `out` holds
-// that one slot info; `LLAMA_MEMORY_ERR_NO_SLOT` (out empty) when the ubatch does not fit;
-// another error for invalid input (out empty).
-llama_memory_result llama_memory_kv_find_slot(llama_memory_t mem,
-                                              const struct llama_memory_ubatch *ubatch,
-                                              bool cont,
-                                              llama_memory_slots_t out);
-
-// Places `ubatch` into the cells of `sinfo` (`llama_kv_cache::apply_ubatch`): a slot info
-// from `llama_memory_kv_prepare`, or one the caller built. Cells held by one sequence are
-// overwritten, and that sequence loses its positions up to the overwritten one, as upstream;
-// positions, sequences, M-RoPE ext and token ids, used range and search head are updated.
-//
-// Fails, changing nothing, for an invalid ubatch, a slot outside the cache, a slot whose
-// token count differs from the ubatch's, a token group in a stream that does not hold its
-// sequences, a cell listed twice or a cell shared by several sequences.
-llama_memory_result llama_memory_kv_apply_ubatch(llama_memory_t mem,
-                                                 const struct llama_memory_slot_info *sinfo,
-                                                 const struct llama_memory_ubatch *ubatch);
-
-// Cells the attention looks at for `sinfo` (`llama_kv_cache::get_n_kv`): per stream of the
-// slot the used range, padded to `max(n_pad, 256)` and capped at the size; the largest of
-// them. 0 on error.
-uint32_t llama_memory_kv_get_n_kv(llama_memory_t mem, const struct llama_memory_slot_info *sinfo);
+// The K-shift node of layer `il` (`build_graph_shift`'s per-layer node): RoPE of the cached
+// K by `k_shift` (I32 `[size * n_stream]`, from `llama_memory_kv_set_input_k_shift`) with the
+// layer's rope parameters and optional F32 `rope_factors`. An F32/F16/BF16 K is rotated in
+// place; a quantized K goes through F32 with llama.cpp's Hadamard rotation `k_rot` (F32
+// `[n_rot_k, n_rot_k]`, the `attn_inp_k_rot` input) undone before the RoPE and redone after
+// it. NULL (last error set) on bad arguments or a context without room for the nodes.
+struct ggml_tensor *llama_memory_kv_build_k_shift(llama_memory_t mem,
+                                                  struct ggml_context *ctx,
+                                                  uint32_t il,
+                                                  uint32_t n_embd_head_k,
+                                                  struct ggml_tensor *k_shift,
+                                                  struct ggml_tensor *k_rot,
+                                                  struct ggml_tensor *rope_factors,
+                                                  const struct llama_memory_rope_params *rope);
 
 // True when a position shift (`seq_add`/`seq_div`) is waiting for the K-shift
 // (`get_has_shift`); false for NULL or a memory that is not a KV cache (last error set).
@@ -861,110 +1034,14 @@ llama_memory_result llama_memory_kv_copy_stream(llama_memory_t mem, uint32_t src
 // RoPE to shift), as the end of llama.cpp's `update`.
 llama_memory_result llama_memory_kv_reset_shift(llama_memory_t mem);
 
-// This library's version, "MAJOR.MINOR.PATCH" (static string).
-const char *llama_memory_version(void);
-
-// Frees a memory made by any constructor (`llama_memory_kv_init`,
-// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
-// made from it must be freed first; its tensors end with it.
-void llama_memory_free(llama_memory_t mem);
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Clears the memory contents; `data` also clears the tensor buffers. NULL: no-op.
-void llama_memory_clear(llama_memory_t mem, bool data);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Removes the tokens of `seq_id` (any sequence when -1) with positions in `[p0, p1)`.
-// Returns true on success, as llama.h (also for NULL `mem`, as llama.h). Returns false with
-// the last error set for a `seq_id` outside `[-1, n_seq_max)` (llama.cpp aborts there).
-bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Copies the tokens of `seq_id_src` in `[p0, p1)` to `seq_id_dst`. On invalid ids, or a
-// partial range between streams (llama.cpp aborts on both), sets the last error and changes
-// nothing.
-void llama_memory_seq_cp(llama_memory_t mem,
-                         llama_seq_id seq_id_src,
-                         llama_seq_id seq_id_dst,
-                         llama_pos p0,
-                         llama_pos p1);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Removes every token that does not belong to `seq_id` (in its stream).
-void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Adds `delta` to the positions of `seq_id` in `[p0, p1)`.
-void llama_memory_seq_add(llama_memory_t mem,
-                          llama_seq_id seq_id,
-                          llama_pos p0,
-                          llama_pos p1,
-                          llama_pos delta);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Divides the positions of `seq_id` in `[p0, p1)` by `d`. `d <= 0` (undefined in llama.cpp)
-// sets the last error and changes nothing; `d == 1` is a no-op.
-void llama_memory_seq_div(llama_memory_t mem,
-                          llama_seq_id seq_id,
-                          llama_pos p0,
-                          llama_pos p1,
-                          int d);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Smallest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
-llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Largest position of `seq_id`, -1 if empty, NULL `mem` or invalid `seq_id` (last error set).
-llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
-#endif
-
-#if !defined(LLAMA_MEMORY_DROPIN)
-// Whether the memory supports position shifts; false for NULL.
-bool llama_memory_can_shift(llama_memory_t mem);
-#endif
-
-// Number of sequences of the memory, 0 for NULL.
-uint32_t llama_memory_n_seq_max(llama_memory_t mem);
-
-// Stock-compatible mode, for a caller that must behave exactly as llama.cpp (the drop-in
-// libllama turns it on for every memory it creates). With `on`:
-// - a unified KV cache accepts sequence ids in `[n_seq_max, 256)` in its sequence operations
-//   and sequence states, as llama.cpp does (its batch allocator checks ubatch ids against
-//   `n_seq_max` before they get here);
-// - a failed restore (`llama_memory_state_*set_data*`, `_load_file`, `_read_io`) has
-//   llama.cpp's effect instead of none: a KV cache erases the destination sequence (removed,
-//   the rows it held alone zeroed) once the failure is past the stream count and inside a
-//   stream, and clears the whole cache for a whole restore that got past the stream count; a
-//   recurrent memory erases the destination (or clears everything) once the cell count was
-//   read. No stream is ever left half restored, where llama.cpp may leave one.
-//
-// Off by default. Returns OK, or an error for NULL.
-llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
-
-// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
-// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
-// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
-// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
-// tensors, and on error (last error set).
-size_t llama_memory_get_breakdown(llama_memory_t mem,
-                                  struct ggml_backend_buffer_type **bufts,
-                                  size_t *sizes,
-                                  size_t cap);
-
 // Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
 // and S, no layers.
 struct llama_memory_rs_params llama_memory_rs_default_params(void);
 
 // Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
-// (and sets the last error) for invalid parameters or a failed allocation.
+// (and sets the last error) for invalid parameters or a failed allocation. The caller owns
+// the memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive
+// it.
 llama_memory_t llama_memory_rs_init(struct llama_memory_rs_params params);
 
 // The R tensor of model layer `il` (`[n_embd_r, size * (1 + n_rs_seq)]`, `cache_r_l<il>`),
@@ -1045,74 +1122,65 @@ struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
                                               uint32_t state_size,
                                               uint32_t n_seqs);
 
-// Size of the memory's whole state (`llama_state_get_size` without the architecture name),
-// 0 on error.
-size_t llama_memory_state_get_size(llama_memory_t mem);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_clear`.
+void llama_memory_dropin_clear(llama_memory_t mem, bool data);
+#endif
 
-// Writes the whole state into `dst` (`size` bytes). Returns the bytes written, 0 on error
-// (too small a buffer included).
-size_t llama_memory_state_get_data(llama_memory_t mem, uint8_t *dst, size_t size);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_rm`.
+bool llama_memory_dropin_seq_rm(llama_memory_t mem,
+                                llama_seq_id seq_id,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
 
-// Replaces the whole memory with a state. Returns the bytes read; 0 on error, with the memory
-// unchanged (llama.cpp leaves it cleared or half-restored).
-size_t llama_memory_state_set_data(llama_memory_t mem, const uint8_t *src, size_t size);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_cp`.
+void llama_memory_dropin_seq_cp(llama_memory_t mem,
+                                llama_seq_id seq_id_src,
+                                llama_seq_id seq_id_dst,
+                                llama_pos p0,
+                                llama_pos p1);
+#endif
 
-// `llama_state_seq_get_size`: bytes of `seq_id`'s blob, 0 on error.
-size_t llama_memory_state_seq_get_size(llama_memory_t mem, llama_seq_id seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_keep`.
+void llama_memory_dropin_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_get_data`: writes `seq_id`'s blob (the bytes llama.cpp writes). Returns the
-// bytes written, 0 on error.
-size_t llama_memory_state_seq_get_data(llama_memory_t mem,
-                                       uint8_t *dst,
-                                       size_t size,
-                                       llama_seq_id seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_add`.
+void llama_memory_dropin_seq_add(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 llama_pos delta);
+#endif
 
-// `llama_state_seq_set_data`: restores a blob into `dest_seq_id` (-1: the whole memory).
-// Returns the bytes read, 0 on error. On error the memory is unchanged (llama.cpp instead
-// erases the destination sequence).
-size_t llama_memory_state_seq_set_data(llama_memory_t mem,
-                                       const uint8_t *src,
-                                       size_t size,
-                                       llama_seq_id dest_seq_id);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_div`.
+void llama_memory_dropin_seq_div(llama_memory_t mem,
+                                 llama_seq_id seq_id,
+                                 llama_pos p0,
+                                 llama_pos p1,
+                                 int d);
+#endif
 
-// `llama_state_seq_get_size_ext`; with `ON_DEVICE` the tensor bytes are not counted.
-size_t llama_memory_state_seq_get_size_ext(llama_memory_t mem,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_min`.
+llama_pos llama_memory_dropin_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_get_data_ext`.
-size_t llama_memory_state_seq_get_data_ext(llama_memory_t mem,
-                                           uint8_t *dst,
-                                           size_t size,
-                                           llama_seq_id seq_id,
-                                           llama_state_seq_flags flags);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_seq_pos_max`.
+llama_pos llama_memory_dropin_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+#endif
 
-// `llama_state_seq_set_data_ext`.
-size_t llama_memory_state_seq_set_data_ext(llama_memory_t mem,
-                                           const uint8_t *src,
-                                           size_t size,
-                                           llama_seq_id dest_seq_id,
-                                           llama_state_seq_flags flags);
-
-// `llama_state_seq_save_file`: writes a sequence-state file (magic 'ggsq', version 4, the
-// tokens, then the sequence's state). Returns the file size, 0 on error.
-size_t llama_memory_state_seq_save_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id seq_id,
-                                        const llama_token *tokens,
-                                        size_t n_token_count);
-
-// `llama_state_seq_load_file`: reads a sequence-state file into `dest_seq_id`. With
-// `tokens_out == NULL` only the header is checked: the token count goes to
-// `*n_token_count_out` and 12 is returned, nothing is loaded (as llama.cpp). Otherwise the
-// tokens (at most `n_token_capacity`) are copied out and the state restored; returns the
-// file offset after the state, 0 on error with the memory unchanged.
-size_t llama_memory_state_seq_load_file(llama_memory_t mem,
-                                        const char *filepath,
-                                        llama_seq_id dest_seq_id,
-                                        llama_token *tokens_out,
-                                        size_t n_token_capacity,
-                                        size_t *n_token_count_out);
+#if defined(LLAMA_MEMORY_DROPIN)
+// `llama_memory_can_shift`.
+bool llama_memory_dropin_can_shift(llama_memory_t mem);
+#endif
 
 #ifdef __cplusplus
 }  // extern "C"

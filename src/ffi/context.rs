@@ -41,8 +41,9 @@ fn new_ctx(
 /// split): finds cells for each as if the previous ones were placed, then rolls the cells back.
 /// Returns a context whose status is SUCCESS or FAILED_PREPARE (the batch does not fit: the
 /// memory is as before, except SWA cells the simulation purged, as in llama.cpp), or NULL with
-/// the last error set for invalid input. The memory must outlive the context. A steady decode
-/// loop (init, apply, free, init...) reuses the freed context's allocations.
+/// the last error set for invalid input. The caller owns the context and frees it with
+/// `llama_memory_ctx_free`; the memory must outlive it. A steady decode loop (init, apply,
+/// free, init...) reuses the freed context's allocations.
 #[no_mangle]
 pub extern "C" fn llama_memory_init_batch(
     mem: llama_memory_t,
@@ -79,7 +80,9 @@ pub extern "C" fn llama_memory_init_batch(
     })
 }
 
-/// A context covering the whole memory (`init_full`), for worst-case graph reservation.
+/// A context covering the whole memory (`init_full`), for worst-case graph reservation; NULL
+/// (last error set) on error. The caller owns it and frees it with `llama_memory_ctx_free`;
+/// the memory must outlive it.
 #[no_mangle]
 pub extern "C" fn llama_memory_init_full(mem: llama_memory_t) -> llama_memory_ctx_t {
     ffi_boundary!({
@@ -91,6 +94,8 @@ pub extern "C" fn llama_memory_init_full(mem: llama_memory_t) -> llama_memory_ct
 
 /// Takes the pending K-shift and stream copies into an update context (`init_update`); its
 /// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+/// NULL (last error set) on error. The caller owns it and frees it with
+/// `llama_memory_ctx_free`; the memory must outlive it.
 #[no_mangle]
 pub extern "C" fn llama_memory_init_update(
     mem: llama_memory_t,

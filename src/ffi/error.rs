@@ -7,6 +7,12 @@ use crate::error::{Error, ErrorKind};
 
 /// Result of the functions this library adds to llama.h's API. Values are stable and never
 /// reused.
+///
+/// The error family: a failing call also sets the calling thread's last error, read with
+/// `llama_memory_last_error` (a message owned by the library, valid until the thread's next
+/// failing call) and `llama_memory_last_error_code`, reset with
+/// `llama_memory_clear_last_error`. Functions that mirror llama.h return llama.h's values
+/// and set the last error too.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(non_camel_case_types)]

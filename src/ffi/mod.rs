@@ -18,21 +18,25 @@
 mod boundary;
 mod handle;
 
+// The families, in header order (the comments keep rustfmt from sorting these lines).
+// The memory handle and what every memory offers:
+pub mod memory;
+// Error codes and the thread's last error:
+pub mod error;
+// Memory contexts, and the ubatches they plan:
 pub mod context;
+pub mod ubatch;
+// States (blobs, files) and the caller io callbacks:
+pub mod state;
+// (the io callbacks after the states they carry)
+pub mod io;
+// The KV cache:
+pub mod kv;
+// The recurrent memory:
+pub mod recurrent;
+// The drop-in build's names for llama.h's nine:
 #[cfg(feature = "dropin")]
 pub mod dropin;
-pub mod error;
-pub mod io;
-pub mod kv;
-pub mod memory;
-pub mod recurrent;
-pub mod state;
-pub mod ubatch;
-
-pub use handle::{
-    llama_memory_ctx, llama_memory_ctx_t, llama_memory_i, llama_memory_t, llama_pos, llama_seq_id,
-    llama_token,
-};
 
 // One flat path for Rust callers (`llama_memory::ffi::*`), as C sees one header.
 pub use context::*;

@@ -32,7 +32,13 @@ pub struct llama_memory_rs_layer {
     pub buft: *mut g::ggml_backend_buffer_type,
 }
 
-/// Parameters of a recurrent memory; get the defaults from `llama_memory_rs_default_params()`.
+/// Parameters of a recurrent memory (llama.cpp's `llama_memory_recurrent`), the first type of
+/// the recurrent family; get the defaults from `llama_memory_rs_default_params()`.
+///
+/// The family: `llama_memory_rs_init` makes a `llama_memory_t` ended by `llama_memory_free`;
+/// `llama_memory_rs_*` read its tensors (owned by the memory), cells and slots; a context gives
+/// the recurrent inputs (`llama_memory_ctx_get_n_rs`, `_set_input_s_copy`, ...). llama.h's
+/// functions, contexts and states are the generic ones.
 /// Layers llama.cpp's `filter` callback rejects are simply not listed; with no layer the
 /// memory holds cells only and behaves as llama.cpp's does when its filter keeps no layer (a
 /// partial `seq_rm` only moves the position back; no rollback plane is used).
@@ -76,7 +82,9 @@ pub extern "C" fn llama_memory_rs_default_params() -> llama_memory_rs_params {
 }
 
 /// Creates a recurrent memory (`llama_memory_recurrent`), its tensors zeroed. Returns NULL
-/// (and sets the last error) for invalid parameters or a failed allocation.
+/// (and sets the last error) for invalid parameters or a failed allocation. The caller owns
+/// the memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive
+/// it.
 #[no_mangle]
 pub extern "C" fn llama_memory_rs_init(params: llama_memory_rs_params) -> llama_memory_t {
     ffi_boundary!({

@@ -8,7 +8,13 @@ use super::handle::{llama_memory_t, llama_seq_id, llama_token};
 use crate::error::{err, Result};
 use crate::state;
 
-/// `llama_state_seq_flags` of llama.h.
+/// `llama_state_seq_flags` of llama.h, the first type of the state family.
+///
+/// The family: `llama_memory_state_*` save and restore any memory in llama.cpp's byte layouts
+/// (whole state, sequence blobs with and without flags, sequence files), into and from caller
+/// buffers and paths; `llama_memory_state_write_io` / `_read_io` do the same through caller
+/// callbacks. A failed restore leaves the memory unchanged (or, in stock-compatible mode,
+/// as llama.cpp leaves it). The `ON_DEVICE` stash lives in the memory handle.
 #[allow(non_camel_case_types)]
 pub type llama_state_seq_flags = u32;
 

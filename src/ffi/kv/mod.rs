@@ -44,7 +44,16 @@ pub const LLAMA_MEMORY_NON_CAUSAL_SWA_ONLY: i32 = 1;
 /// Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 pub const LLAMA_MEMORY_NON_CAUSAL_SWA_FULL: i32 = 2;
 
-/// Parameters of a KV cache; get the defaults from `llama_memory_kv_default_params()`.
+/// Parameters of a KV cache (llama.cpp's `llama_kv_cache`), the first type of the KV family;
+/// get the defaults from `llama_memory_kv_default_params()`.
+///
+/// The family: `llama_memory_kv_init` (cells only) and `llama_memory_kv_init_with_storage` (with
+/// K/V tensors) make a `llama_memory_t` ended by `llama_memory_free`; `llama_memory_kv_*` read
+/// its cells and tensors; `llama_memory_slots_t` carries the slot-level API; the graph inputs
+/// come through a context (`llama_memory_ctx_set_input_*`) or a caller's ubatch and slot
+/// (`llama_memory_kv_set_input_*`); graph nodes and the update steps follow. Tensors the
+/// family returns belong to the memory. Functions on a memory that is not a KV cache (nor has
+/// exactly one KV part) fail with the last error set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 #[allow(non_camel_case_types)]
@@ -133,8 +142,9 @@ pub extern "C" fn llama_memory_kv_default_params() -> llama_memory_kv_params {
     KvParams::default().into()
 }
 
-/// Creates a KV cache. Returns NULL (and sets the last error) for invalid parameters.
-/// Free it with `llama_memory_free`.
+/// Creates a KV cache of cells only (no tensors; its states have zero layers). Returns NULL
+/// (and sets the last error) for invalid parameters. The caller owns the memory and frees it
+/// with `llama_memory_free`.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_init(params: llama_memory_kv_params) -> llama_memory_t {
     ffi_boundary!({
@@ -206,7 +216,8 @@ fn ggml_type_of(v: i32) -> Result<g::ggml_type> {
 
 /// Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
 /// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
-/// (and sets the last error) for invalid parameters or a failed allocation.
+/// (and sets the last error) for invalid parameters or a failed allocation. The caller owns the
+/// memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive it.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_init_with_storage(
     params: llama_memory_kv_params,
@@ -435,7 +446,11 @@ pub extern "C" fn llama_memory_kv_state_clear(
     })
 }
 
-pub mod graph;
-pub mod inputs;
+// In header order (the comments keep rustfmt from sorting these lines): the slot-level API,
 pub mod slot;
+// the graph inputs,
+pub mod inputs;
+// the graph nodes,
+pub mod graph;
+// and the update steps.
 pub mod update;

@@ -51,7 +51,17 @@ pub struct llama_memory_slot_info {
     pub idxs: *const *const u32,
 }
 
-/// Slot infos returned by `llama_memory_kv_prepare` (a `slot_info_vec_t`).
+/// A list of slot infos (llama.cpp's `slot_info_vec_t`), filled by `llama_memory_kv_prepare`
+/// and `llama_memory_kv_find_slot`.
+///
+/// Made by `llama_memory_slots_init`; the caller owns it and ends it with
+/// `llama_memory_slots_free`. It belongs to no memory: one list can serve every call on any
+/// KV cache, and keeps its buffers between calls (no allocation once they have grown).
+///
+/// Methods: `llama_memory_slots_count`, `llama_memory_slots_get` (a view whose arrays stay
+/// valid until the list is next filled or freed).
+///
+/// Threads: not safe for concurrent use; calls on one list must not overlap.
 #[allow(non_camel_case_types)]
 pub struct llama_memory_slots {
     _private: [u8; 0],
