@@ -243,41 +243,7 @@ llama_kv_cache::~llama_kv_cache() {
     llama_memory_free(mem);
 }
 
-void llama_kv_cache::clear(bool data) {
-    llama_memory_dropin_clear(mem, data);
-}
-
-bool llama_kv_cache::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    return llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);
-}
-
-void llama_kv_cache::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
-    llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);
-}
-
-void llama_kv_cache::seq_keep(llama_seq_id seq_id) {
-    llama_memory_dropin_seq_keep(mem, seq_id);
-}
-
-void llama_kv_cache::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
-    llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);
-}
-
-void llama_kv_cache::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
-    llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);
-}
-
-llama_pos llama_kv_cache::seq_pos_min(llama_seq_id seq_id) const {
-    return llama_memory_dropin_seq_pos_min(mem, seq_id);
-}
-
-llama_pos llama_kv_cache::seq_pos_max(llama_seq_id seq_id) const {
-    return llama_memory_dropin_seq_pos_max(mem, seq_id);
-}
-
-std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache::memory_breakdown() const {
-    return llama_memory_dropin_breakdown(mem);
-}
+LLAMA_MEMORY_DROPIN_FORWARDERS(llama_kv_cache)
 
 llama_memory_context_ptr llama_kv_cache::init_batch(
             llama_batch_allocr & balloc,

@@ -33,7 +33,7 @@
 #include <map>
 #include <vector>
 
-// llama_memory_i::memory_breakdown through the library's llama_memory_breakdown.
+// llama_memory_i::memory_breakdown through the library's llama_memory_get_breakdown.
 inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdown(llama_memory_dropin_t mem) {
     std::map<ggml_backend_buffer_type_t, size_t> ret;
     const size_t n = llama_memory_get_breakdown(mem, nullptr, nullptr, 0);
@@ -45,6 +45,34 @@ inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdow
     }
     return ret;
 }
+
+// The part of llama_memory_i every adapter implements the same way, over its library handle
+// `mem`: clear, the sequence functions, seq_pos_min/max and memory_breakdown (the library
+// gives each its llama.h semantics).
+#define LLAMA_MEMORY_DROPIN_FORWARDERS(cls)                                                         \
+    void cls::clear(bool data) { llama_memory_dropin_clear(mem, data); }                           \
+    bool cls::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {                            \
+        return llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);                                     \
+    }                                                                                               \
+    void cls::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) { \
+        llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);                            \
+    }                                                                                               \
+    void cls::seq_keep(llama_seq_id seq_id) { llama_memory_dropin_seq_keep(mem, seq_id); }          \
+    void cls::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {           \
+        llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);                                    \
+    }                                                                                               \
+    void cls::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {                     \
+        llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);                                        \
+    }                                                                                               \
+    llama_pos cls::seq_pos_min(llama_seq_id seq_id) const {                                         \
+        return llama_memory_dropin_seq_pos_min(mem, seq_id);                                        \
+    }                                                                                               \
+    llama_pos cls::seq_pos_max(llama_seq_id seq_id) const {                                         \
+        return llama_memory_dropin_seq_pos_max(mem, seq_id);                                        \
+    }                                                                                               \
+    std::map<ggml_backend_buffer_type_t, size_t> cls::memory_breakdown() const {                    \
+        return llama_memory_dropin_breakdown(mem);                                                  \
+    }
 
 // The library's view of a llama_ubatch: the same arrays, borrowed (no token data copied).
 inline llama_memory_ubatch llama_memory_dropin_ubatch(const llama_ubatch & ub) {

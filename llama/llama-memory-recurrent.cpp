@@ -90,41 +90,7 @@ llama_memory_recurrent::~llama_memory_recurrent() {
     llama_memory_free(mem);
 }
 
-void llama_memory_recurrent::clear(bool data) {
-    llama_memory_dropin_clear(mem, data);
-}
-
-bool llama_memory_recurrent::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    return llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);
-}
-
-void llama_memory_recurrent::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
-    llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);
-}
-
-void llama_memory_recurrent::seq_keep(llama_seq_id seq_id) {
-    llama_memory_dropin_seq_keep(mem, seq_id);
-}
-
-void llama_memory_recurrent::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
-    llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);
-}
-
-void llama_memory_recurrent::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
-    llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);
-}
-
-llama_pos llama_memory_recurrent::seq_pos_min(llama_seq_id seq_id) const {
-    return llama_memory_dropin_seq_pos_min(mem, seq_id);
-}
-
-llama_pos llama_memory_recurrent::seq_pos_max(llama_seq_id seq_id) const {
-    return llama_memory_dropin_seq_pos_max(mem, seq_id);
-}
-
-std::map<ggml_backend_buffer_type_t, size_t> llama_memory_recurrent::memory_breakdown() const {
-    return llama_memory_dropin_breakdown(mem);
-}
+LLAMA_MEMORY_DROPIN_FORWARDERS(llama_memory_recurrent)
 
 llama_memory_context_ptr llama_memory_recurrent::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     balloc.split_reset();
@@ -208,28 +174,26 @@ void llama_memory_recurrent::state_read(llama_io_read_i & io, llama_seq_id seq_i
     llama_memory_dropin_throw("failed to restore the recurrent state");
 }
 
+llama_memory_rs_info llama_memory_recurrent::info() const {
+    llama_memory_rs_info res = {};
+    llama_memory_rs_get_info(mem, &res);
+    return res;
+}
+
 uint32_t llama_memory_recurrent::get_size() const {
-    llama_memory_rs_info info = {};
-    llama_memory_rs_get_info(mem, &info);
-    return info.size;
+    return info().size;
 }
 
 uint32_t llama_memory_recurrent::get_head() const {
-    llama_memory_rs_info info = {};
-    llama_memory_rs_get_info(mem, &info);
-    return info.head;
+    return info().head;
 }
 
 uint32_t llama_memory_recurrent::get_n() const {
-    llama_memory_rs_info info = {};
-    llama_memory_rs_get_info(mem, &info);
-    return info.n;
+    return info().n;
 }
 
 int32_t llama_memory_recurrent::get_rs_z() const {
-    llama_memory_rs_info info = {};
-    llama_memory_rs_get_info(mem, &info);
-    return info.rs_z;
+    return info().rs_z;
 }
 
 ggml_tensor * llama_memory_recurrent::get_r_l(int32_t il) const {

@@ -91,6 +91,9 @@ public:
     int32_t s_copy(int i) const;
 
 private:
+    // the library's counters (size, head, n, rs_z) in one call
+    struct llama_memory_rs_info info() const;
+
     llama_memory_dropin_obj * mem = nullptr;
 
     // per model layer, nullptr where the layer has none (filtered out, or no PLE row)

@@ -174,6 +174,87 @@ pub trait Memory: Any + Send {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// The operations of a leaf memory (a cell table `cache` with `Result`-returning sequence
+/// operations, and optional tensors `storage` with `clear()`, `layer(il)` and
+/// `memory_breakdown()`), written once for the leaf kinds inside their `impl Memory` blocks:
+/// `clear` (the tensors too when asked), llama.h's sequence operations and `seq_pos_min/max`
+/// forwarded to the cell table, `has_layer` and `memory_breakdown` from the tensors, and the
+/// `Any` casts.
+macro_rules! leaf_memory_ops {
+    () => {
+        fn clear(&mut self, data: bool) {
+            self.cache.clear();
+            if data {
+                if let Some(st) = &mut self.storage {
+                    st.clear();
+                }
+            }
+        }
+        fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> $crate::error::Result<bool> {
+            self.cache.seq_rm(seq_id, p0, p1)
+        }
+        fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> $crate::error::Result<()> {
+            self.cache.seq_cp(src, dst, p0, p1)
+        }
+        fn seq_keep(&mut self, seq_id: i32) -> $crate::error::Result<()> {
+            self.cache.seq_keep(seq_id)
+        }
+        fn seq_add(
+            &mut self,
+            seq_id: i32,
+            p0: i32,
+            p1: i32,
+            delta: i32,
+        ) -> $crate::error::Result<()> {
+            self.cache.seq_add(seq_id, p0, p1, delta)
+        }
+        fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> $crate::error::Result<()> {
+            self.cache.seq_div(seq_id, p0, p1, d)
+        }
+        fn seq_pos_min(&self, seq_id: i32) -> $crate::error::Result<i32> {
+            self.cache.seq_pos_min(seq_id)
+        }
+        fn seq_pos_max(&self, seq_id: i32) -> $crate::error::Result<i32> {
+            self.cache.seq_pos_max(seq_id)
+        }
+        fn has_layer(&self, il: u32) -> bool {
+            self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())
+        }
+        fn memory_breakdown(&self) -> Vec<($crate::memory::BufferType, usize)> {
+            self.storage
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.memory_breakdown())
+        }
+        fn as_any(&self) -> &dyn ::std::any::Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn ::std::any::Any {
+            self
+        }
+    };
+}
+pub(crate) use leaf_memory_ops;
+
+/// A restore's destination: -1 (everything) or a sequence id below `limit`.
+pub(crate) fn check_dest(seq: i32, limit: u32) -> Result<()> {
+    if seq != -1 && (seq < 0 || seq as u32 >= limit) {
+        return Err(err!(InvalidSeqId, "seq_id {seq} outside [-1, {limit})"));
+    }
+    Ok(())
+}
+
+/// `seq_div`'s divisor rule, shared by the kinds: `d <= 0` (undefined in llama.cpp) is refused;
+/// `Ok(false)` for `d == 1`, which changes nothing.
+pub(crate) fn seq_div_changes(d: i32) -> Result<bool> {
+    if d <= 0 {
+        return Err(err!(
+            InvalidArgument,
+            "seq_div divisor must be > 0, got {d}"
+        ));
+    }
+    Ok(d != 1)
+}
+
 /// The memory of kind `T` in `mem`: `mem` itself, or its only part (at any depth) of that
 /// kind. An error when there is none, or more than one (ask for a layer's part then).
 pub fn find<T: Memory>(mem: &dyn Memory) -> Result<&T> {

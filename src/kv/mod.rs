@@ -478,13 +478,7 @@ impl KvCache {
     pub fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
         self.check_seq(seq_id)?;
         self.check_can_shift("seq_div")?;
-        if d <= 0 {
-            return Err(err!(
-                InvalidArgument,
-                "seq_div divisor must be > 0, got {d}"
-            ));
-        }
-        if d == 1 {
+        if !crate::memory::seq_div_changes(d)? {
             return Ok(());
         }
         self.for_seq_cells(seq_id, p0, p1, |c, i| {

@@ -40,14 +40,7 @@ impl KvMemory {
     }
 
     fn check_dest(&self, seq: i32) -> Result<()> {
-        if seq != -1 && (seq < 0 || seq as u32 >= self.cache.seq_limit()) {
-            return Err(err!(
-                InvalidSeqId,
-                "seq_id {seq} outside [-1, {})",
-                self.cache.seq_limit()
-            ));
-        }
-        Ok(())
+        crate::memory::check_dest(seq, self.cache.seq_limit())
     }
 
     /// The selected cells of stream `s` for `seq` (-1: all), ascending, as llama.cpp selects

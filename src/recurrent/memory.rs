@@ -1,7 +1,6 @@
 //! [`RecurrentMemory`]: the recurrent cells together with their state tensors, behind the
 //! [`Memory`] interface. Its state layout and restore live in [`super::state`].
 
-use std::any::Any;
 use std::cell::Cell;
 
 use super::{RsCache, RsContext};
@@ -69,35 +68,7 @@ impl RecurrentMemory {
 }
 
 impl Memory for RecurrentMemory {
-    fn clear(&mut self, data: bool) {
-        self.cache.clear();
-        if data {
-            if let Some(st) = &mut self.storage {
-                st.clear();
-            }
-        }
-    }
-    fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
-        self.cache.seq_rm(seq_id, p0, p1)
-    }
-    fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
-        self.cache.seq_cp(src, dst, p0, p1)
-    }
-    fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
-        self.cache.seq_keep(seq_id)
-    }
-    fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
-        self.cache.seq_add(seq_id, p0, p1, delta)
-    }
-    fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
-        self.cache.seq_div(seq_id, p0, p1, d)
-    }
-    fn seq_pos_min(&self, seq_id: i32) -> Result<i32> {
-        self.cache.seq_pos_min(seq_id)
-    }
-    fn seq_pos_max(&self, seq_id: i32) -> Result<i32> {
-        self.cache.seq_pos_max(seq_id)
-    }
+    crate::memory::leaf_memory_ops!();
     fn can_shift(&self) -> bool {
         // only positions move; llama.cpp reports true
         true
@@ -140,19 +111,5 @@ impl Memory for RecurrentMemory {
     }
     fn set_stock_compat(&mut self, on: bool) {
         self.stock_failure = on;
-    }
-    fn has_layer(&self, il: u32) -> bool {
-        self.storage.as_ref().is_some_and(|s| s.layer(il).is_some())
-    }
-    fn memory_breakdown(&self) -> Vec<(crate::memory::BufferType, usize)> {
-        self.storage
-            .as_ref()
-            .map_or_else(Vec::new, |s| s.memory_breakdown())
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }

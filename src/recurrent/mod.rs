@@ -397,13 +397,7 @@ impl RsCache {
     /// `seq_div`: only the position changes. `d <= 0` is refused.
     pub fn seq_div(&mut self, seq: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
         self.check_seq(seq)?;
-        if d <= 0 {
-            return Err(err!(
-                InvalidArgument,
-                "seq_div divisor must be > 0, got {d}"
-            ));
-        }
-        if d == 1 {
+        if !crate::memory::seq_div_changes(d)? {
             return Ok(());
         }
         if let Some(t) = self.tail_in_range(seq, p0, p1) {

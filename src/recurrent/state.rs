@@ -29,14 +29,7 @@ struct Plan<'a> {
 
 impl RecurrentMemory {
     fn check_dest(&self, seq: i32) -> Result<()> {
-        if seq != -1 && (seq < 0 || seq as u32 >= self.cache.n_seq_max()) {
-            return Err(err!(
-                InvalidSeqId,
-                "seq_id {seq} outside [-1, {})",
-                self.cache.n_seq_max()
-            ));
-        }
-        Ok(())
+        crate::memory::check_dest(seq, self.cache.n_seq_max())
     }
 
     /// Writes the state of `seq` (-1: every non-empty cell) in llama.cpp's layout.

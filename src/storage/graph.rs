@@ -4,7 +4,7 @@
 
 use ggml_sys as g;
 
-use super::KvStorage;
+use super::{GgmlType, KvStorage};
 use crate::error::{err, Result};
 
 /// RoPE parameters of one layer for the K-shift (`build_rope_shift`): what llama.cpp takes
@@ -144,6 +144,75 @@ impl KvStorage {
         Ok((width / head) as i64)
     }
 
+    /// The checks both views start with, and the layer's K (`v == false`) or V tensor with its
+    /// type and head count for heads of `head` values.
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid ggml context.
+    unsafe fn view_of(
+        &self,
+        ctx: *mut g::ggml_context,
+        il: u32,
+        n_kv: u32,
+        (s0, s1): (u32, u32),
+        head: u32,
+        v: bool,
+    ) -> Result<(*mut g::ggml_tensor, GgmlType, i64)> {
+        // SAFETY: forwarded contract.
+        unsafe { check_ctx(ctx, 1) }?;
+        self.check_streams(n_kv, s0, s1)?;
+        let l = self.layer_or_err(il)?;
+        let (t, ty, width) = if v {
+            (l.v, self.spec.type_v, l.n_embd_v_gqa)
+        } else {
+            (l.k, self.spec.type_k, l.n_embd_k_gqa)
+        };
+        if t.is_null() {
+            return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
+        }
+        Ok((t, ty, Self::heads(ty, width, head)?))
+    }
+
+    /// `[head, n_head, n_kv, s1 - s0 + 1]` over rows of `row` values of `t` (one of our
+    /// tensors of type `ty`, `size` rows per stream), from stream `s0` on.
+    ///
+    /// # Safety
+    /// `ctx` must be a valid ggml context with room for the view, `t` one of our live tensors
+    /// holding `row * size` values per stream for at least `s1 + 1` streams, `n_kv <= size`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_view(
+        &self,
+        ctx: *mut g::ggml_context,
+        (t, ty, n_head): (*mut g::ggml_tensor, GgmlType, i64),
+        head: u32,
+        row: i64,
+        n_kv: u32,
+        (s0, s1): (u32, u32),
+        what: &str,
+    ) -> Result<*mut g::ggml_tensor> {
+        // SAFETY: the caller's contract: every view lies inside t.
+        unsafe {
+            let nb1 = g::ggml_row_size(ty, head as i64);
+            let nb2 = g::ggml_row_size(ty, row);
+            let nb3 = g::ggml_row_size(ty, row * self.spec.size as i64);
+            non_null(
+                g::ggml_view_4d(
+                    ctx,
+                    t,
+                    head as i64,
+                    n_head,
+                    n_kv as i64,
+                    (s1 - s0 + 1) as i64,
+                    nb1,
+                    nb2,
+                    nb3,
+                    nb3 * s0 as usize,
+                ),
+                what,
+            )
+        }
+    }
+
     /// View of layer `il`'s K for the first `n_kv` cells of streams `s0..=s1`:
     /// `[head, n_head_kv, n_kv, ns]` (`get_k`).
     ///
@@ -159,33 +228,11 @@ impl KvStorage {
         n_embd_head_k: u32,
     ) -> Result<*mut g::ggml_tensor> {
         // SAFETY: forwarded contract.
-        unsafe { check_ctx(ctx, 1) }?;
-        self.check_streams(n_kv, s0, s1)?;
-        let l = self.layer_or_err(il)?;
-        let t = self.spec.type_k;
-        let n_head = Self::heads(t, l.n_embd_k_gqa, n_embd_head_k)?;
-        // SAFETY: ctx is a caller context (non-NULL); l.k is our live tensor; every view lies
-        // inside it because n_kv <= size and s1 < n_stream were checked.
-        unsafe {
-            let nb1 = g::ggml_row_size(t, n_embd_head_k as i64);
-            let nb2 = g::ggml_row_size(t, l.n_embd_k_gqa as i64);
-            let nb3 = g::ggml_row_size(t, l.n_embd_k_gqa as i64 * self.spec.size as i64);
-            non_null(
-                g::ggml_view_4d(
-                    ctx,
-                    l.k,
-                    n_embd_head_k as i64,
-                    n_head,
-                    n_kv as i64,
-                    (s1 - s0 + 1) as i64,
-                    nb1,
-                    nb2,
-                    nb3,
-                    nb3 * s0 as usize,
-                ),
-                "the K view",
-            )
-        }
+        let k = unsafe { self.view_of(ctx, il, n_kv, (s0, s1), n_embd_head_k, false) }?;
+        let width = self.layer_or_err(il)?.n_embd_k_gqa as i64;
+        // SAFETY: ctx is a caller context (non-NULL, checked); k is our live tensor of `width`
+        // values per row; n_kv <= size and s1 < n_stream were checked.
+        unsafe { self.rows_view(ctx, k, n_embd_head_k, width, n_kv, (s0, s1), "the K view") }
     }
 
     /// View of layer `il`'s V (`get_v`): `[head, n_head_kv, n_kv, ns]`, or for a transposed
@@ -203,46 +250,27 @@ impl KvStorage {
         n_embd_head_v: u32,
     ) -> Result<*mut g::ggml_tensor> {
         // SAFETY: forwarded contract.
-        unsafe { check_ctx(ctx, 1) }?;
-        self.check_streams(n_kv, s0, s1)?;
-        let l = self.layer_or_err(il)?;
-        if l.v.is_null() {
-            return Err(err!(InvalidArgument, "layer {il} has no V (MLA)"));
+        let v = unsafe { self.view_of(ctx, il, n_kv, (s0, s1), n_embd_head_v, true) }?;
+        let (l, t, n_head) = (v.0, v.1, v.2);
+        // SAFETY: l is our live V tensor (checked non-NULL).
+        let e_v = unsafe { (*l).ne[0] };
+        if !self.spec.v_trans {
+            // SAFETY: as in view_k, over rows of e_v values.
+            return unsafe {
+                self.rows_view(ctx, v, n_embd_head_v, e_v, n_kv, (s0, s1), "the V view")
+            };
         }
-        let t = self.spec.type_v;
-        let n_head = Self::heads(t, l.n_embd_v_gqa, n_embd_head_v)?;
         let size = self.spec.size as i64;
         let ns = (s1 - s0 + 1) as i64;
         // SAFETY: as in view_k; the transposed strides stay inside [E_v * size] per stream.
         unsafe {
-            let e_v = (*l.v).ne[0];
-            if !self.spec.v_trans {
-                let nb1 = g::ggml_row_size(t, n_embd_head_v as i64);
-                let nb2 = g::ggml_row_size(t, e_v);
-                let nb3 = g::ggml_row_size(t, e_v * size);
-                return non_null(
-                    g::ggml_view_4d(
-                        ctx,
-                        l.v,
-                        n_embd_head_v as i64,
-                        n_head,
-                        n_kv as i64,
-                        ns,
-                        nb1,
-                        nb2,
-                        nb3,
-                        nb3 * s0 as usize,
-                    ),
-                    "the V view",
-                );
-            }
             let nb1 = g::ggml_row_size(t, size * n_embd_head_v as i64);
             let nb2 = g::ggml_row_size(t, size);
             let nb3 = g::ggml_row_size(t, size * e_v);
             non_null(
                 g::ggml_view_4d(
                     ctx,
-                    l.v,
+                    l,
                     n_kv as i64,
                     n_head,
                     n_embd_head_v as i64,

@@ -71,6 +71,50 @@ fn with_storage(
     try_or!(f(st))
 }
 
+/// Which of a layer's tensors a node works on.
+#[derive(Clone, Copy)]
+enum Kv {
+    K,
+    V,
+}
+
+/// `get_k`/`get_v` of `KvStorage` behind both view doors.
+#[allow(clippy::too_many_arguments)]
+fn view(
+    which: Kv,
+    mem: llama_memory_t,
+    ctx: *mut g::ggml_context,
+    il: u32,
+    n_kv: u32,
+    s0: u32,
+    s1: u32,
+    head: u32,
+) -> *mut g::ggml_tensor {
+    with_storage(mem, il, |st| match which {
+        // SAFETY: the header requires ctx to be NULL or a valid ggml context.
+        Kv::K => unsafe { st.view_k(ctx, il, n_kv, s0, s1, head) },
+        // SAFETY: as above.
+        Kv::V => unsafe { st.view_v(ctx, il, n_kv, s0, s1, head) },
+    })
+}
+
+/// `cpy_k`/`cpy_v` of `KvStorage` behind both row-write doors.
+fn cpy(
+    which: Kv,
+    mem: llama_memory_t,
+    ctx: *mut g::ggml_context,
+    il: u32,
+    cur: *mut g::ggml_tensor,
+    idxs: *mut g::ggml_tensor,
+) -> *mut g::ggml_tensor {
+    with_storage(mem, il, |st| match which {
+        // SAFETY: the header requires ctx and the tensors to be NULL or valid.
+        Kv::K => unsafe { st.cpy_k(ctx, il, cur, idxs) },
+        // SAFETY: as above.
+        Kv::V => unsafe { st.cpy_v(ctx, il, cur, idxs) },
+    })
+}
+
 /// `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
 /// `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.
 #[no_mangle]
@@ -83,12 +127,7 @@ pub extern "C" fn llama_memory_kv_view_k(
     s1: u32,
     n_embd_head_k: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!({
-        with_storage(mem, il, |st| {
-            // SAFETY: the header requires ctx to be NULL or a valid ggml context.
-            unsafe { st.view_k(ctx, il, n_kv, s0, s1, n_embd_head_k) }
-        })
-    })
+    ffi_boundary!({ view(Kv::K, mem, ctx, il, n_kv, s0, s1, n_embd_head_k) })
 }
 
 /// `get_v`: as `llama_memory_kv_view_k`; a transposed cache gives
@@ -103,12 +142,7 @@ pub extern "C" fn llama_memory_kv_view_v(
     s1: u32,
     n_embd_head_v: u32,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!({
-        with_storage(mem, il, |st| {
-            // SAFETY: the header requires ctx to be NULL or a valid ggml context.
-            unsafe { st.view_v(ctx, il, n_kv, s0, s1, n_embd_head_v) }
-        })
-    })
+    ffi_boundary!({ view(Kv::V, mem, ctx, il, n_kv, s0, s1, n_embd_head_v) })
 }
 
 /// `cpy_k`: `ggml_set_rows` of `k_cur` into layer `il` at `k_idxs` (from
@@ -121,12 +155,7 @@ pub extern "C" fn llama_memory_kv_cpy_k(
     k_cur: *mut g::ggml_tensor,
     k_idxs: *mut g::ggml_tensor,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!({
-        with_storage(mem, il, |st| {
-            // SAFETY: the header requires ctx and the tensors to be NULL or valid.
-            unsafe { st.cpy_k(ctx, il, k_cur, k_idxs) }
-        })
-    })
+    ffi_boundary!({ cpy(Kv::K, mem, ctx, il, k_cur, k_idxs) })
 }
 
 /// `cpy_v`: as `llama_memory_kv_cpy_k`; a transposed cache takes per-scalar indices.
@@ -138,12 +167,7 @@ pub extern "C" fn llama_memory_kv_cpy_v(
     v_cur: *mut g::ggml_tensor,
     v_idxs: *mut g::ggml_tensor,
 ) -> *mut g::ggml_tensor {
-    ffi_boundary!({
-        with_storage(mem, il, |st| {
-            // SAFETY: the header requires ctx and the tensors to be NULL or valid.
-            unsafe { st.cpy_v(ctx, il, v_cur, v_idxs) }
-        })
-    })
+    ffi_boundary!({ cpy(Kv::V, mem, ctx, il, v_cur, v_idxs) })
 }
 
 /// The K-shift node of layer `il` (`build_graph_shift`'s per-layer node): RoPE of the cached
