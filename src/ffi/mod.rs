@@ -41,6 +41,10 @@ pub mod dropin;
 // One flat path for Rust callers (`llama_memory::ffi::*`), as C sees one header.
 pub use context::*;
 pub use error::*;
+pub use handle::{
+    llama_memory_ctx, llama_memory_ctx_t, llama_memory_i, llama_memory_t, llama_pos, llama_seq_id,
+    llama_token,
+};
 pub use io::*;
 pub use kv::{graph::*, inputs::*, slot::*, update::*, *};
 pub use memory::*;
