@@ -6,8 +6,12 @@
 use crate::error::{err, Result};
 
 /// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY` (a plain KV cache has no partial part and ignores it).
+///
+/// cbindgen:ignore
 pub const FLAG_PARTIAL_ONLY: u32 = 1;
 /// `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`: tensor bytes stay with the memory, not in the blob.
+///
+/// cbindgen:ignore
 pub const FLAG_ON_DEVICE: u32 = 2;
 
 /// Where a state goes: a byte count only, or a caller buffer that must be large enough.

@@ -21,27 +21,15 @@
 // it can only live in `ffi` and `storage`. The public-API documentation rule is this crate's.
 #![warn(missing_docs)]
 
-// The C header is generated from `ffi` alone: every other module is marked for cbindgen to
-// skip, so a new public item of the core can never leak into it.
-/// cbindgen:ignore
 pub mod cells;
-/// cbindgen:ignore
 pub mod error;
-/// cbindgen:ignore
 mod failpoint;
-/// cbindgen:ignore
 pub mod io;
-/// cbindgen:ignore
 pub mod kv;
-/// cbindgen:ignore
 pub mod memory;
-/// cbindgen:ignore
 pub mod recurrent;
-/// cbindgen:ignore
 pub mod state;
-/// cbindgen:ignore
 pub mod storage;
-/// cbindgen:ignore
 pub mod ubatch;
 
 pub mod ffi;

@@ -1,6 +1,7 @@
 //! The memory interface: llama.cpp's `llama_memory_i` and `llama_memory_context_i` as Rust
-//! traits, so every memory kind (the KV cache today; the sliding-window pair, recurrent and
-//! hybrid memories next) sits behind the same C handle.
+//! traits, so every memory kind (the KV cache and the recurrent memory; the composites,
+//! sliding-window pairs and hybrids, once they are written in Rust) sits behind the same C
+//! handle.
 //!
 //! A composite memory is described by its parts ([`Memory::part`]): each part is a memory
 //! itself, with a [`Role`] and the model layers it owns. Code that needs one kind (the KV
@@ -8,8 +9,8 @@
 //! [`find_for_layer`] instead of asking the memory to cast itself, so adding a kind adds no
 //! hook here.
 //!
-//! This module sits above the cell tables, the ubatch and the state byte I/O, and below every
-//! memory kind: the kinds implement these traits, nothing here names a kind.
+//! This module sits above the cell tables, the ubatch and the state byte I/O (`crate::io`),
+//! and below every memory kind: the kinds implement these traits, nothing here names a kind.
 //!
 //! # Adding a memory kind
 //! - The kind's own folder (e.g. `src/recurrent/`) holds its memory type and its context type,
@@ -19,9 +20,15 @@
 //!   contexts through [`MemoryContext::part`], and its `apply` hands each sub-context its part.
 //!   The KV functions of the C ABI then work on the part that owns the layer they are given
 //!   ([`find_for_layer`]), or on the only KV part ([`find`]), without a change.
-//! - `src/ffi/` gets one module for the kind's constructor, its parameter struct and its own
-//!   inputs (the recurrent `s_copy`, for one); the llama.h functions, the context functions and
-//!   the state functions are already generic over `Memory`.
+//! - The kind's state layout goes in its own `state.rs` beside its memory (`kv/state.rs`,
+//!   `recurrent/state.rs`), with llama.cpp's failure effect for stock-compatible mode
+//!   ([`Memory::set_stock_compat`], [`ReadStage`]).
+//! - A leaf kind writes its `impl Memory` with `leaf_memory_ops!` for the forwards every leaf
+//!   shares.
+//! - `src/ffi/` gets one module (or folder) for the kind's family: its constructor, its
+//!   parameter struct and its own inputs (`ffi/recurrent.rs`; `ffi/kv/` for the KV cache); the
+//!   llama.h functions, the context functions, the breakdown and the state functions are
+//!   already generic over `Memory`.
 
 #![forbid(unsafe_code)]
 

@@ -19,9 +19,13 @@ pub use index::Iter as SeqPosIter;
 use index::PosIndex;
 
 /// Largest number of sequences a memory can hold (`LLAMA_MAX_SEQ`).
+///
+/// cbindgen:ignore
 pub const MAX_SEQ: usize = 256;
 
 /// `LLAMA_TOKEN_NULL`.
+///
+/// cbindgen:ignore
 pub const TOKEN_NULL: i32 = -1;
 
 /// Set of sequence ids of one cell (`std::bitset<LLAMA_MAX_SEQ>` upstream).

@@ -1,14 +1,14 @@
 //! The C ABI (also callable from Rust): the only module with `extern "C"`, raw pointers and handle casts.
 //!
-//! Every entry point runs inside [`ffi_boundary!`], so a panic becomes the function's failure
+//! Every entry point runs inside `ffi_boundary!`, so a panic becomes the function's failure
 //! value and a last-error message instead of unwinding into C. Pointer arguments are checked
 //! for NULL before use; a NULL or invalid argument sets the last error and changes nothing.
 //!
 //! One module per handle family, declared in the order the generated header presents them
 //! (cbindgen follows this order): the memory, errors, contexts and their ubatches, states and
 //! their io callbacks, then one module per memory kind (`kv/`, `recurrent`), then the drop-in's
-//! names. Arrows point down: every family uses [`handle`] (the handle structs and llama.h's
-//! typedefs), [`boundary`] and [`error`]; the generic families never import a kind's module.
+//! names. Arrows point down: every family uses `handle` (the handle structs and llama.h's
+//! typedefs), `boundary` and [`error`]; the generic families never import a kind's module.
 
 // Entry points take raw pointers from C, which cannot see an `unsafe` qualifier; the header
 // states each pointer's contract and every dereference is checked for NULL first.

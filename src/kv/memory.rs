@@ -1,5 +1,5 @@
 //! [`KvMemory`]: the KV cache together with its K/V tensors, behind the [`Memory`] interface.
-//! Its state layout and restore live in [`super::state`].
+//! Its state layout and restore live in `super::state`.
 
 use std::cell::Cell;
 

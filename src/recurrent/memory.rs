@@ -1,5 +1,5 @@
 //! [`RecurrentMemory`]: the recurrent cells together with their state tensors, behind the
-//! [`Memory`] interface. Its state layout and restore live in [`super::state`].
+//! [`Memory`] interface. Its state layout and restore live in `super::state`.
 
 use std::cell::Cell;
 

@@ -20,10 +20,16 @@ use crate::io::{Reader, Sink, StateIn, StateOut};
 use crate::memory::Memory;
 
 /// `LLAMA_STATE_SEQ_MAGIC` ('ggsq').
+///
+/// cbindgen:ignore
 pub const STATE_SEQ_MAGIC: u32 = 0x6767_7371;
 /// `LLAMA_STATE_SEQ_VERSION`.
+///
+/// cbindgen:ignore
 pub const STATE_SEQ_VERSION: u32 = 4;
 /// The first word of an in-memory sequence blob (llama-context.cpp's io magic).
+///
+/// cbindgen:ignore
 pub const SEQ_BLOB_MAGIC: u32 = 0xaf14_3cd8;
 pub use crate::io::{FLAG_ON_DEVICE, FLAG_PARTIAL_ONLY};
 
@@ -35,6 +41,8 @@ fn check_flags(flags: u32) -> Result<()> {
 }
 
 /// Per-sequence stashes of tensor bytes for `ON_DEVICE` blobs (llama.cpp's `mem_storage`).
+///
+/// cbindgen:ignore
 pub type Stash = std::collections::BTreeMap<i32, Vec<u8>>;
 
 /// Size of the blob `seq_get_data` writes (without tensor bytes for `ON_DEVICE`).

@@ -22,9 +22,13 @@ use ggml_sys as g;
 use crate::error::{err, Result};
 
 /// A `ggml_type` value (`enum ggml_type` in C).
+///
+/// cbindgen:ignore
 pub type GgmlType = g::ggml_type;
 
 /// The K/V types llama.cpp accepts for its cache (`kv_cache_types` of common/arg.cpp).
+///
+/// cbindgen:ignore
 pub const KV_TYPES: [GgmlType; 9] = [
     g::GGML_TYPE_F32,
     g::GGML_TYPE_F16,

@@ -2,7 +2,7 @@
 //! buffers or host tensors.
 //!
 //! Each input is written by one function here. It reaches C through two doors that differ only
-//! in where the cells and tokens come from ([`Source`]):
+//! in where the cells and tokens come from (`Source`):
 //! - `llama_memory_ctx_set_input_*`: the current ubatch of a batch context and the slot it was
 //!   placed in;
 //! - `llama_memory_kv_set_input_*`: a caller's ubatch and slot info (the slot-level API of
