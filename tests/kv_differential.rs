@@ -1226,13 +1226,9 @@ fn kv_cache_matches_stock_llama_cpp() {
             t0.elapsed().as_secs_f64()
         );
         total += n;
-        for (k, v) in pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("differential: coverage {k:<46} {v:>8}\n");
-    }
+    diff::report_coverage(&mut report, "differential", &cov, 46, 8);
     report += &format!(
         "differential: seed {seed:#x}: {total} compared steps over {} configurations, 0 divergences\n",
         configs.len()

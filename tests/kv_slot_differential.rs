@@ -999,13 +999,9 @@ fn slot_api_matches_stock_llama_cpp() {
             t0.elapsed().as_secs_f64()
         );
         total += n;
-        for (k, v) in &pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("slot differential: coverage {k:<48} {v:>7}\n");
-    }
+    diff::report_coverage(&mut report, "slot differential", &cov, 48, 7);
     report += &format!(
         "slot differential: seed {seed:#x}: {total} compared steps over {} configurations\n",
         CONFIGS.len()

@@ -669,13 +669,9 @@ fn recurrent_memory_matches_stock_llama_cpp() {
         );
         total += pair.step;
         refused += pair.refused;
-        for (k, v) in pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("recurrent differential: coverage {k:<36} {v:>8}\n");
-    }
+    diff::report_coverage(&mut report, "recurrent differential", &cov, 36, 8);
     report += &format!(
         "recurrent differential: seed {seed:#x}: {total} compared steps over {} configurations, 0 divergences; {refused} whole states refused where llama.cpp aborts\n",
         CONFIGS.len()

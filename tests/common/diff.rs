@@ -43,6 +43,27 @@ pub fn write_summary(file: &str, report: &str) {
     std::fs::write(path, report).unwrap();
 }
 
+/// Adds one configuration's coverage counters (the same names) into the run's.
+pub fn add_coverage(cov: &mut BTreeMap<&'static str, u64>, pair: &BTreeMap<&'static str, u64>) {
+    for (k, v) in pair {
+        *cov.get_mut(k).unwrap() += v;
+    }
+}
+
+/// A report line per counter: `<suite>: coverage <name> <count>`, the name left-aligned in
+/// `name_width` columns and the count right-aligned in `count_width`.
+pub fn report_coverage(
+    report: &mut String,
+    suite: &str,
+    cov: &BTreeMap<&'static str, u64>,
+    name_width: usize,
+    count_width: usize,
+) {
+    for (k, v) in cov {
+        *report += &format!("{suite}: coverage {k:<name_width$} {v:>count_width$}\n");
+    }
+}
+
 /// The coverage counters that stayed at zero.
 pub fn never_reached(cov: &BTreeMap<&'static str, u64>) -> Vec<&'static str> {
     cov.iter()
