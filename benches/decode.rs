@@ -14,12 +14,16 @@
 //! Run: `cargo bench --bench decode`.
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use llama_memory::ffi::*;
 use llama_memory_reference as stock;
+
+mod common;
+use common::median_ns;
+#[path = "../tests/common/step.rs"]
+mod step;
+use step::decode_ubatch;
 
 const N_SEQ: usize = 16;
 
@@ -39,21 +43,7 @@ impl Ours {
     fn step(&mut self, p: i32) -> u32 {
         self.pos = [p; N_SEQ];
         let ptrs: [*const i32; N_SEQ] = std::array::from_fn(|i| &self.seq[i] as *const i32);
-        let ub = llama_memory_ubatch {
-            n_tokens: N_SEQ as u32,
-            n_seq_tokens: 1,
-            n_seqs: N_SEQ as u32,
-            n_seqs_unq: N_SEQ as u32,
-            n_pos: 1,
-            equal_seqs: 0,
-            token: self.tok.as_ptr(),
-            pos: self.pos.as_ptr(),
-            n_seq_id: self.n_seq_id.as_ptr(),
-            seq_id: ptrs.as_ptr(),
-            seq_id_unq: self.seq.as_ptr(),
-            seq_idx: std::ptr::null(),
-            output: std::ptr::null(),
-        };
+        let ub = decode_ubatch(&self.tok, &self.pos, &self.n_seq_id, &ptrs, &self.seq);
         let ctx = llama_memory_init_batch(self.mem, &ub, 1);
         assert_eq!(llama_memory_ctx_get_status(ctx), LLAMA_MEMORY_CTX_SUCCESS);
         assert_eq!(llama_memory_ctx_apply(ctx) as u32, 0);
@@ -168,19 +158,8 @@ fn timed(
     })
 }
 
-fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
 fn main() {
-    std::env::set_var("KVREF_QUIET", "1");
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(Duration::from_secs(1), 10);
     let mut names = Vec::new();
     for (size, ctx) in [(4096u32, 64i32), (32768, 1024)] {
         let name = format!("decode_step_16seq_{size}cells_ctx{ctx}");
@@ -213,8 +192,7 @@ fn main() {
         names.push(name);
     }
     c.final_summary();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.ancestors().nth(3).unwrap().join("criterion");
+    let dir = common::criterion_dir();
     println!(
         "\n| benchmark | stock llama.cpp (median) | llama-memory (median) | ratio (stock / ours) |"
     );

@@ -7,12 +7,14 @@
 //! Run: `cargo bench --bench kv` (add `-- <filter>` to select benchmarks).
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use llama_memory::{KvCache, KvParams, MaskOut, SwaType, UbatchBuf};
 use llama_memory_reference as stock;
+
+mod common;
+use common::{human, median_ns};
 
 /// Both caches, kept in the same state.
 struct Both {
@@ -301,47 +303,16 @@ fn bench_masks(c: &mut Criterion, names: &mut Vec<String>) {
     }
 }
 
-/// Median of one benchmark from criterion's own estimates, in nanoseconds.
-fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    // Only this run's estimates: a filtered run leaves older ones on disk.
-    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
-    if written < *RUN_START.get()? {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
-static RUN_START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
-
-fn human(ns: f64) -> String {
-    if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.1} µs", ns / 1e3)
-    } else {
-        format!("{ns:.0} ns")
-    }
-}
-
 fn main() {
-    std::env::set_var("KVREF_QUIET", "1");
-    RUN_START.set(std::time::SystemTime::now()).unwrap();
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
-        .configure_from_args();
+    common::start_run();
+    let mut c = common::criterion(Duration::from_secs(1), 10);
     let mut names = Vec::new();
     bench_placement(&mut c, &mut names);
     bench_seq_ops(&mut c, &mut names);
     bench_masks(&mut c, &mut names);
     c.final_summary();
 
-    // target/<profile>/deps/kv-<hash> -> target/criterion
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.ancestors().nth(3).unwrap().join("criterion");
+    let dir = common::criterion_dir();
     println!(
         "\n| benchmark | stock llama.cpp (median) | llama-memory (median) | ratio (stock / ours) |"
     );

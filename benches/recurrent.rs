@@ -29,7 +29,7 @@
 //!
 //! Run: `cargo bench --bench recurrent` (add `-- <filter>` to select benchmarks).
 
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::c_void;
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,6 +39,9 @@ use llama_memory::recurrent::{RecurrentMemory, RsCache, RsParams};
 use llama_memory::storage::recurrent::{RsLayerSpec, RsStorage, RsStorageSpec};
 use llama_memory::{state, Status, Ubatch, UbatchBuf};
 use llama_memory_reference as stock;
+
+mod common;
+use common::{human, median_ns};
 
 /// Steps of one placement cycle (ubatches made before timing).
 const CYCLE: usize = 256;
@@ -613,6 +616,58 @@ impl Refill {
         }
         both.place(&self.ub, what);
     }
+
+    /// The group `name`: `stock` and `ours` each time their op on the sequences of the chunk,
+    /// up to all of them a timed run, after putting the chunk back untimed; afterwards the
+    /// chunk is placed again on both sides.
+    fn bench(
+        &self,
+        c: &mut Criterion,
+        both: &mut Both,
+        name: &str,
+        mut stock_op: impl FnMut(&mut stock::RefRs, i32),
+        mut ours_op: impl FnMut(&mut RsCache, i32),
+    ) {
+        let per = CHUNK as u64;
+        let size = 64;
+        let mut g = c.benchmark_group(name);
+        {
+            let view = self.ub.theirs.view();
+            let mut out = vec![0i32; size];
+            g.bench_function("stock", |b| {
+                with_setup(
+                    b,
+                    &mut both.theirs,
+                    per,
+                    |t| self.stock(t, &view, &mut out),
+                    |t, n| {
+                        for &s in &self.chunk[..n as usize] {
+                            stock_op(t, s);
+                        }
+                    },
+                )
+            });
+        }
+        {
+            let view = self.ub.ours.view();
+            let mut out = vec![0i32; size];
+            g.bench_function("ours", |b| {
+                with_setup(
+                    b,
+                    &mut both.ours.cache,
+                    per,
+                    |o| self.ours(o, &view, &mut out),
+                    |o, n| {
+                        for &s in &self.chunk[..n as usize] {
+                            ours_op(o, s);
+                        }
+                    },
+                )
+            });
+        }
+        g.finish();
+        self.both(both, name);
+    }
 }
 
 fn bench_seq_ops(c: &mut Criterion, rows: &mut Vec<Row>) {
@@ -622,48 +677,21 @@ fn bench_seq_ops(c: &mut Criterion, rows: &mut Vec<Row>) {
     both.place(&Ub::at(&all, |s| 10 * s), "fill");
     let refill = Refill::new();
     refill.both(&mut both, "refill");
-    let per = CHUNK as u64;
     let size = 64;
 
     // seq_rm of a whole sequence (16 different ones per timed chunk)
     let name = "rs_seq_rm_whole_64seq";
-    let mut g = c.benchmark_group(name);
-    {
-        let view = refill.ub.theirs.view();
-        let mut out = vec![0i32; size];
-        g.bench_function("stock", |b| {
-            with_setup(
-                b,
-                &mut both.theirs,
-                per,
-                |t| refill.stock(t, &view, &mut out),
-                |t, n| {
-                    for &s in &refill.chunk[..n as usize] {
-                        black_box(t.seq_rm(s, -1, -1));
-                    }
-                },
-            )
-        });
-    }
-    {
-        let view = refill.ub.ours.view();
-        let mut out = vec![0i32; size];
-        g.bench_function("ours", |b| {
-            with_setup(
-                b,
-                &mut both.ours.cache,
-                per,
-                |o| refill.ours(o, &view, &mut out),
-                |o, n| {
-                    for &s in &refill.chunk[..n as usize] {
-                        black_box(o.seq_rm(s, -1, -1).unwrap());
-                    }
-                },
-            )
-        });
-    }
-    g.finish();
-    refill.both(&mut both, name);
+    refill.bench(
+        c,
+        &mut both,
+        name,
+        |t, s| {
+            black_box(t.seq_rm(s, -1, -1));
+        },
+        |o, s| {
+            black_box(o.seq_rm(s, -1, -1).unwrap());
+        },
+    );
     rows.push(Row::plain(name));
 
     // seq_rm of a whole sequence and its placement again (a finished request replaced by a
@@ -701,43 +729,13 @@ fn bench_seq_ops(c: &mut Criterion, rows: &mut Vec<Row>) {
     // seq_cp of a state to 16 sequences that hold their own (which they leave)
     let name = "rs_seq_cp_64seq";
     let src = 3;
-    let mut g = c.benchmark_group(name);
-    {
-        let view = refill.ub.theirs.view();
-        let mut out = vec![0i32; size];
-        g.bench_function("stock", |b| {
-            with_setup(
-                b,
-                &mut both.theirs,
-                per,
-                |t| refill.stock(t, &view, &mut out),
-                |t, n| {
-                    for &d in &refill.chunk[..n as usize] {
-                        t.seq_cp(src, d, -1, -1);
-                    }
-                },
-            )
-        });
-    }
-    {
-        let view = refill.ub.ours.view();
-        let mut out = vec![0i32; size];
-        g.bench_function("ours", |b| {
-            with_setup(
-                b,
-                &mut both.ours.cache,
-                per,
-                |o| refill.ours(o, &view, &mut out),
-                |o, n| {
-                    for &d in &refill.chunk[..n as usize] {
-                        o.seq_cp(src, d, -1, -1).unwrap();
-                    }
-                },
-            )
-        });
-    }
-    g.finish();
-    refill.both(&mut both, name);
+    refill.bench(
+        c,
+        &mut both,
+        name,
+        |t, d| t.seq_cp(src, d, -1, -1),
+        |o, d| o.seq_cp(src, d, -1, -1).unwrap(),
+    );
     rows.push(Row::plain(name));
 
     // seq_keep of one sequence; the 63 others placed again (new, position 0) untimed
@@ -844,14 +842,6 @@ fn bench_seq_ops(c: &mut Criterion, rows: &mut Vec<Row>) {
 // ---------------------------------------------------------------------------------------------
 // state
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-}
-
-const RTLD_NOW: c_int = 2;
-const RTLD_NOLOAD: c_int = 4;
-
 type RsStateWrite = unsafe extern "C" fn(*const c_void, i32, u32, *mut u8, usize) -> usize;
 
 /// `rsref_state_write` called directly into a caller buffer. `RefRs::state_write` returns a
@@ -865,28 +855,11 @@ struct StockWriter {
 
 impl StockWriter {
     fn new(rs: &stock::RefRs) -> StockWriter {
-        // The memory pointer is private to RefRs; its derived Debug output prints it.
-        let dbg = format!("{rs:?}");
-        let hex = dbg
-            .split("ptr: 0x")
-            .nth(1)
-            .expect("RefRs's Debug output shows its pointer");
-        let end = hex
-            .find(|c: char| !c.is_ascii_hexdigit())
-            .unwrap_or(hex.len());
-        let ptr = usize::from_str_radix(&hex[..end], 16).unwrap() as *const c_void;
-        let lib = CString::new(stock::KVREF_LIB).unwrap();
-        // SAFETY: dlopen/dlsym only look up the already loaded shim (RTLD_NOLOAD); the
-        // symbols are the rsref.h functions whose C prototypes the types below transcribe.
+        let ptr = common::debug_ptr(&format!("{rs:?}"), "RefRs");
+        let sym = common::shim_symbol;
+        // SAFETY: the symbols are the rsref.h functions whose C prototypes the types below
+        // transcribe.
         let w = unsafe {
-            let h = dlopen(lib.as_ptr(), RTLD_NOW | RTLD_NOLOAD);
-            assert!(!h.is_null(), "the stock shim is not loaded");
-            let sym = |name: &str| {
-                let c = CString::new(name).unwrap();
-                let p = dlsym(h, c.as_ptr());
-                assert!(!p.is_null(), "{name} not found");
-                p
-            };
             let n_layer: unsafe extern "C" fn(*const c_void) -> u32 =
                 std::mem::transmute(sym("rsref_n_layer"));
             assert_eq!(n_layer(ptr), rs.n_layer(), "not the stock memory's pointer");
@@ -1068,29 +1041,6 @@ fn bench_diag(c: &mut Criterion, diag: &mut Vec<String>) {
 // ---------------------------------------------------------------------------------------------
 // table
 
-static RUN_START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
-
-/// Median of one benchmark from criterion's own estimates of this run, in nanoseconds.
-fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
-    if written < *RUN_START.get()? {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
-fn human(ns: f64) -> String {
-    if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.1} µs", ns / 1e3)
-    } else {
-        format!("{ns:.0} ns")
-    }
-}
-
 fn human_bytes(b: usize) -> String {
     if b >= 1 << 20 {
         format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
@@ -1100,13 +1050,8 @@ fn human_bytes(b: usize) -> String {
 }
 
 fn main() {
-    std::env::set_var("KVREF_QUIET", "1");
-    RUN_START.set(std::time::SystemTime::now()).unwrap();
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-        .configure_from_args();
+    common::start_run();
+    let mut c = common::criterion(Duration::from_secs(2), 20);
     let mut rows = Vec::new();
     bench_placement(&mut c, &mut rows);
     bench_seq_ops(&mut c, &mut rows);
@@ -1115,9 +1060,7 @@ fn main() {
     bench_diag(&mut c, &mut diag);
     c.final_summary();
 
-    // target/<profile>/deps/recurrent-<hash> -> target/criterion
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.ancestors().nth(3).unwrap().join("criterion");
+    let dir = common::criterion_dir();
     println!(
         "\n| benchmark | bytes | stock llama.cpp (median) | llama-memory (median) \
          | ratio (stock / ours) | memcpy (median) | ours vs memcpy (memcpy / ours) |"

@@ -19,9 +19,8 @@
 //!
 //! Run: `cargo bench --bench state` (add `-- <filter>` to select benchmarks).
 
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::c_void;
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
@@ -29,6 +28,9 @@ use llama_memory::io::{Sink, StateIn, StateOut};
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, UbatchBuf};
 use llama_memory_reference as stock;
+
+mod common;
+use common::{human, median_ns};
 
 /// (n_layer, n_embd, n_head, n_head_kv): head size 32, 8 KV heads, K/V rows of 256 f16.
 const SHAPE: (u32, u32, u32, u32) = (4, 256, 8, 8);
@@ -44,38 +46,13 @@ struct StockWriter {
     write: unsafe extern "C" fn(*const c_void, i32, u32, *mut u8, usize) -> usize,
 }
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-}
-
-const RTLD_NOW: c_int = 2;
-const RTLD_NOLOAD: c_int = 4;
-
 impl StockWriter {
     fn new(kv: &stock::RefKv) -> StockWriter {
-        // The cache pointer is private to RefKv; its derived Debug output prints it.
-        let dbg = format!("{kv:?}");
-        let hex = dbg
-            .split("ptr: 0x")
-            .nth(1)
-            .expect("RefKv's Debug output shows its pointer");
-        let end = hex
-            .find(|c: char| !c.is_ascii_hexdigit())
-            .unwrap_or(hex.len());
-        let kv_ptr = usize::from_str_radix(&hex[..end], 16).unwrap() as *const c_void;
-        let lib = CString::new(stock::KVREF_LIB).unwrap();
-        // SAFETY: dlopen/dlsym only look up the already loaded shim (RTLD_NOLOAD); the
-        // symbols are the kvref.h functions whose C prototypes the types below transcribe.
+        let kv_ptr = common::debug_ptr(&format!("{kv:?}"), "RefKv");
+        let sym = common::shim_symbol;
+        // SAFETY: the symbols are the kvref.h functions whose C prototypes the types below
+        // transcribe.
         unsafe {
-            let h = dlopen(lib.as_ptr(), RTLD_NOW | RTLD_NOLOAD);
-            assert!(!h.is_null(), "the stock shim is not loaded");
-            let sym = |name: &str| {
-                let c = CString::new(name).unwrap();
-                let p = dlsym(h, c.as_ptr());
-                assert!(!p.is_null(), "{name} not found");
-                p
-            };
             let size: unsafe extern "C" fn(*const c_void) -> u32 =
                 std::mem::transmute(sym("kvref_size"));
             assert_eq!(size(kv_ptr), kv.size(), "not the stock cache's pointer");
@@ -383,34 +360,12 @@ fn bench_case(c: &mut Criterion, n: u32, fragmented: bool, v_trans: bool) -> Opt
     })
 }
 
-/// Median of one benchmark from criterion's own estimates, in nanoseconds.
-fn median_ns(dir: &Path, group: &str, id: &str) -> Option<f64> {
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
-fn human(ns: f64) -> String {
-    if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.1} µs", ns / 1e3)
-    } else {
-        format!("{ns:.0} ns")
-    }
-}
-
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn main() {
-    std::env::set_var("KVREF_QUIET", "1");
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(Duration::from_secs(1), 10);
     let mut cases = Vec::new();
     for n in [4096u32, 65_536] {
         for fragmented in [false, true] {
@@ -421,9 +376,7 @@ fn main() {
     }
     c.final_summary();
 
-    // target/<profile>/deps/state-<hash> -> target/criterion
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.ancestors().nth(3).unwrap().join("criterion");
+    let dir = common::criterion_dir();
     println!(
         "\n| case | op | bytes | memcpy (median) | llama-memory (median) | stock llama.cpp (median) | ours vs memcpy (memcpy / ours) | vs stock (stock / ours) |"
     );

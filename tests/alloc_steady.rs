@@ -15,6 +15,10 @@ use std::cell::Cell;
 
 use llama_memory::ffi::*;
 
+#[path = "common/step.rs"]
+mod step;
+use step::decode_ubatch;
+
 struct Counting;
 
 thread_local! {
@@ -70,21 +74,7 @@ impl Step {
     fn run(&mut self, mem: llama_memory_t, p: i32) {
         self.pos = [p; N_SEQ];
         let ptrs: [*const i32; N_SEQ] = std::array::from_fn(|i| &self.seq[i] as *const i32);
-        let ub = llama_memory_ubatch {
-            n_tokens: N_SEQ as u32,
-            n_seq_tokens: 1,
-            n_seqs: N_SEQ as u32,
-            n_seqs_unq: N_SEQ as u32,
-            n_pos: 1,
-            equal_seqs: 0,
-            token: self.tok.as_ptr(),
-            pos: self.pos.as_ptr(),
-            n_seq_id: self.n_seq_id.as_ptr(),
-            seq_id: ptrs.as_ptr(),
-            seq_id_unq: self.unq.as_ptr(),
-            seq_idx: std::ptr::null(),
-            output: std::ptr::null(),
-        };
+        let ub = decode_ubatch(&self.tok, &self.pos, &self.n_seq_id, &ptrs, &self.unq);
         let ctx = llama_memory_init_batch(mem, &ub, 1);
         assert!(!ctx.is_null(), "{:?}", last_error());
         assert_eq!(llama_memory_ctx_get_status(ctx), LLAMA_MEMORY_CTX_SUCCESS);

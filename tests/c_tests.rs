@@ -1,4 +1,4 @@
-//! Compiles every `c_tests/*.c` with the system C compiler (through the `cc` crate) against
+//! Compiles every `tests/c/*.c` with the system C compiler (through the `cc` crate) against
 //! the generated header and the shared library cargo just built, runs it, and checks that it
 //! passes. Also compiles the header on its own, included twice, as C11 and as C++17, and
 //! together with the pinned llama.h.
@@ -58,7 +58,7 @@ fn strict_flags(cmd: &mut Command, cpp: bool) {
         .arg("-I")
         .arg(root().join("include"))
         .arg("-I")
-        .arg(root().join("c_tests"));
+        .arg(root().join("tests/c"));
 }
 
 fn run(mut cmd: Command, what: &str) {
@@ -80,9 +80,9 @@ fn scratch() -> PathBuf {
     d
 }
 
-/// The `c_tests/*.c` sources, sorted.
+/// The `tests/c/*.c` sources, sorted.
 fn c_test_sources() -> Vec<PathBuf> {
-    let mut sources: Vec<_> = std::fs::read_dir(root().join("c_tests"))
+    let mut sources: Vec<_> = std::fs::read_dir(root().join("tests/c"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "c"))
@@ -90,7 +90,7 @@ fn c_test_sources() -> Vec<PathBuf> {
     sources.sort();
     assert!(
         sources.len() >= 3,
-        "expected the C tests in c_tests/, found {}",
+        "expected the C tests in tests/c/, found {}",
         sources.len()
     );
     sources

@@ -22,6 +22,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/diff.rs"]
+mod diff;
+
 #[derive(Clone, Copy, Debug)]
 enum Model {
     Mamba,
@@ -640,10 +643,7 @@ fn our_state_read(mem: &mut RecurrentMemory, dest: i32, raw: &[u8]) -> llama_mem
 #[test]
 fn recurrent_memory_matches_stock_llama_cpp() {
     std::env::set_var("KVREF_QUIET", "1");
-    let seed: u64 = std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_1234);
+    let seed = diff::seed(0x5eed_1234);
     let ops: Option<u64> = std::env::var("RS_DIFF_OPS")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -669,25 +669,14 @@ fn recurrent_memory_matches_stock_llama_cpp() {
         );
         total += pair.step;
         refused += pair.refused;
-        for (k, v) in pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("recurrent differential: coverage {k:<36} {v:>8}\n");
-    }
+    diff::report_coverage(&mut report, "recurrent differential", &cov, 36, 8);
     report += &format!(
         "recurrent differential: seed {seed:#x}: {total} compared steps over {} configurations, 0 divergences; {refused} whole states refused where llama.cpp aborts\n",
         CONFIGS.len()
     );
-    print!("{report}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("recurrent-differential-summary.txt");
-    std::fs::write(path, &report).unwrap();
-    let missing: Vec<_> = cov
-        .iter()
-        .filter(|(_, &v)| v == 0)
-        .map(|(k, _)| *k)
-        .collect();
+    diff::write_summary("recurrent-differential-summary.txt", &report);
+    let missing = diff::never_reached(&cov);
     assert!(missing.is_empty(), "the traces never produced: {missing:?}");
 }

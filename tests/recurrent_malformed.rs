@@ -779,7 +779,7 @@ fn invalid_destinations_and_flags() {
 }
 
 /// Trailing bytes after a state: the readers stop where the state ends and return the bytes
-/// they read, as llama.cpp (and the KV cache, tests/state_malformed.rs) does; the caller
+/// they read, as llama.cpp (and the KV cache, tests/kv_state_malformed.rs) does; the caller
 /// notices from the return value. The restore is the same as without them.
 #[test]
 fn trailing_bytes_are_ignored_and_not_counted() {

@@ -4,7 +4,7 @@
 #   tests/cmake/run.sh [build-root] [shared|static|all]
 #
 # For each variant (BUILD_SHARED_LIBS=ON / OFF; default: shared), in <build-root>/<variant>/:
-#   1. configure, build and ctest the project (c_tests/*.c and `cargo test`)
+#   1. configure, build and ctest the project (tests/c/*.c and `cargo test`)
 #   2. check the library: the llama.h memory functions are exported, nothing Rust-mangled is,
 #      no ggml is inside it, its RUNPATH
 #   3. cmake --install into a fresh prefix and check what was installed

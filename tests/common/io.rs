@@ -1,5 +1,5 @@
 //! A caller's state reader and writer for the `llama_memory_state_read_io`/`_write_io` tests
-//! (`tests/state_malformed.rs`, `tests/recurrent_malformed.rs`), shaped as llama.cpp's host
+//! (`tests/kv_state_malformed.rs`, `tests/recurrent_malformed.rs`), shaped as llama.cpp's host
 //! reader (tensor writes deferred until the read succeeded) and a writer that copies tensor
 //! ranges and records them.
 

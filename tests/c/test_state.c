@@ -1,6 +1,6 @@
 /* Sequence state through the C ABI on a KV cache with tensors: save, restore into another
  * sequence, whole-memory get/set, files, and malformed input (failure value, last error, memory
- * unchanged). Byte-level compatibility with llama.cpp is shown by tests/state_compat.rs. */
+ * unchanged). Byte-level compatibility with llama.cpp is shown by tests/kv_state_compat.rs. */
 #include <stdio.h>
 #include <stdlib.h>
 

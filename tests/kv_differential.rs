@@ -27,8 +27,12 @@ use llama_memory::{
 };
 use llama_memory_reference as stock;
 use rand::rngs::StdRng;
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+
+#[path = "common/diff.rs"]
+mod diff;
+#[path = "common/trace.rs"]
+mod trace;
 
 /// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`.
 const PARTIAL_ONLY: u32 = 1;
@@ -497,12 +501,7 @@ impl Pair {
         let ours = KvMemory::new(cache, Some(storage)).unwrap();
         assert_eq!(ours.cache.n_stream(), theirs.n_stream());
         assert_eq!(ours.cache.size(), theirs.size());
-        let mut rng = StdRng::seed_from_u64(
-            seed ^ cfg
-                .name
-                .bytes()
-                .fold(0u64, |h, b| h.wrapping_mul(31) ^ b as u64),
-        );
+        let mut rng = diff::rng(seed, cfg.name);
         let _: u64 = rng.gen();
         Pair {
             cfg,
@@ -634,120 +633,32 @@ impl Pair {
         }
     }
 
-    /// Positions for `n` new tokens of `seq`: usually continuing the sequence, sometimes
-    /// anywhere (gaps, repeats), as restored or multimodal inputs produce.
-    fn next_positions(&mut self, seq: i32, n: usize, cursor: &mut [i32]) -> Vec<i32> {
-        if cursor[seq as usize] == i32::MIN {
-            let max = self.kv().seq_pos_max(seq).unwrap();
-            cursor[seq as usize] = if max >= 0 && self.rng.gen_bool(0.9) {
-                max.saturating_add(1)
-            } else if self.cfg.near_max && self.rng.gen_bool(0.6) {
-                i32::MAX - self.rng.gen_range(0..600)
-            } else {
-                self.rng.gen_range(0..300)
-            };
-        }
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(cursor[seq as usize]);
-            // Images in M-RoPE models repeat a position over several tokens; a sequence that
-            // reached i32::MAX stays there.
-            if !(self.cfg.mrope && self.rng.gen_bool(0.3)) {
-                cursor[seq as usize] = cursor[seq as usize].saturating_add(1);
-            }
-        }
-        out
-    }
-
-    fn token_count(&mut self) -> usize {
-        if self.cfg.few_tokens && self.rng.gen_bool(0.8) {
-            return self.rng.gen_range(1..6);
-        }
-        match self.rng.gen_range(0..10) {
-            0 => self.rng.gen_range(64..=512),
-            1 | 2 => self.rng.gen_range(8..64),
-            _ => self.rng.gen_range(1..8),
+    /// What this configuration's traces look like.
+    fn trace_shape(&self) -> trace::Shape {
+        trace::Shape {
+            n_seq_max: self.cfg.n_seq_max,
+            unified: self.cfg.unified,
+            mrope: self.cfg.mrope,
+            near_max: self.cfg.near_max,
+            few_tokens: self.cfg.few_tokens,
+            ub_seqs: self.cfg.ub_seqs,
+            few_seqs: trace::FewSeqs::Drawn,
+            shared: trace::Shared::UpTo {
+                p: self.cfg.p_shared,
+                seqs: self.cfg.token_seqs,
+            },
+            large: 64..=512,
+            medium: 8..64,
         }
     }
 
     /// A ubatch shaped as llama.cpp's split for this cache would shape it.
     fn gen_ubatch(&mut self, cursor: &mut [i32]) -> stock::Ubatch {
-        let n_seq = self.cfg.n_seq_max as i32;
-        let mut ub = if self.cfg.unified {
-            let k = self.rng.gen_range(1..=n_seq.min(self.cfg.ub_seqs as i32)) as usize;
-            let seqs: Vec<i32> = if k > 3 {
-                let mut v: Vec<i32> = sample(&mut self.rng, n_seq as usize, k)
-                    .into_iter()
-                    .map(|s| s as i32)
-                    .collect();
-                v.sort_unstable();
-                v
-            } else {
-                (0..k).map(|_| self.seq()).collect()
-            };
-            // With many sequences every one of them gets at least one token.
-            let n = if k > 3 {
-                self.token_count().max(k)
-            } else {
-                self.token_count()
-            };
-            let mut seq_ids = Vec::with_capacity(n);
-            let mut pos = Vec::with_capacity(n);
-            for i in 0..n {
-                let s = if k > 3 && i < k {
-                    seqs[i]
-                } else {
-                    seqs[self.rng.gen_range(0..seqs.len())]
-                };
-                let mut ids = vec![s];
-                // A token shared by several sequences (a common prefix decoded once).
-                if n_seq > 1 && self.rng.gen_bool(self.cfg.p_shared) {
-                    let most = (self.cfg.token_seqs as i32).min(n_seq) - 1;
-                    let extra = self.rng.gen_range(1..=most);
-                    for _ in 0..extra {
-                        let other = (s + 1 + self.rng.gen_range(0..n_seq - 1)) % n_seq;
-                        if !ids.contains(&other) {
-                            ids.push(other);
-                        }
-                    }
-                }
-                pos.push(self.next_positions(s, 1, cursor)[0]);
-                seq_ids.push(ids);
-            }
-            let tokens = (0..n).map(|_| self.rng.gen_range(0..32)).collect();
-            stock::Ubatch::simple(tokens, pos, seq_ids)
-        } else {
-            let k = self.rng.gen_range(1..=n_seq);
-            let first = self.rng.gen_range(0..=n_seq - k);
-            let per = (self.token_count() / k as usize).max(1) as u32;
-            let mut sets = Vec::new();
-            let mut pos = Vec::new();
-            for s in first..first + k {
-                let p = self.next_positions(s, per as usize, cursor);
-                sets.push((s, p[0]));
-                pos.extend(p);
-            }
-            let mut ub = stock::Ubatch::equal(&sets, per);
-            ub.pos = pos;
-            ub.tokens = (0..ub.n_tokens())
-                .map(|_| self.rng.gen_range(0..32))
-                .collect();
-            ub
-        };
-        if self.cfg.mrope {
-            // Sections: y then x then an unused one (llama.cpp's M-RoPE layout).
-            let n = ub.n_tokens() as usize;
-            let mut pos = ub.pos.clone();
-            pos.extend((0..n).map(|_| self.rng.gen_range(0..4)));
-            pos.extend((0..n).map(|_| self.rng.gen_range(0..4)));
-            pos.extend(std::iter::repeat_n(0, n));
-            ub.pos = pos;
-            ub.n_pos = 4;
-        }
-        if self.rng.gen_bool(0.1) {
-            ub.tokens.clear(); // embeddings: no token ids, ext untouched unless 2-D
-        }
-        ub
+        let shape = self.trace_shape();
+        let kv = &self.ours.cache;
+        trace::gen_ubatch(&mut self.rng, &shape, cursor, |s| {
+            kv.seq_pos_max(s).unwrap()
+        })
     }
 
     fn to_ours(u: &stock::Ubatch) -> UbatchBuf {
@@ -1304,14 +1215,8 @@ impl Pair {
 fn kv_cache_matches_stock_llama_cpp() {
     // The traces hit expected stock failures (oversized ubatches); keep their logs out of CI.
     std::env::set_var("KVREF_QUIET", "1");
-    let seed: u64 = std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_1234);
-    let scale: f64 = std::env::var("DIFF_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(1.0, |n: f64| n / BASE.ops as f64);
+    let seed = diff::seed(0x5eed_1234);
+    let scale = diff::ops_scale(BASE.ops);
     let mut total = 0;
     let mut report = String::new();
     let mut cov: BTreeMap<&'static str, u64> = COUNTERS.iter().map(|&c| (c, 0)).collect();
@@ -1331,27 +1236,16 @@ fn kv_cache_matches_stock_llama_cpp() {
             t0.elapsed().as_secs_f64()
         );
         total += n;
-        for (k, v) in pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("differential: coverage {k:<46} {v:>8}\n");
-    }
+    diff::report_coverage(&mut report, "differential", &cov, 46, 8);
     report += &format!(
         "differential: seed {seed:#x}: {total} compared steps over {} configurations, 0 divergences\n",
         configs.len()
     );
-    print!("{report}");
-    // cargo captures a passing test's output; CI prints this file instead.
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("differential-summary.txt");
-    std::fs::write(path, &report).unwrap();
+    diff::write_summary("differential-summary.txt", &report);
     assert!(total > 0);
-    let missing: Vec<_> = cov
-        .iter()
-        .filter(|(_, &v)| v == 0)
-        .map(|(k, _)| *k)
-        .collect();
+    let missing = diff::never_reached(&cov);
     assert!(
         missing.is_empty() || only.is_some(),
         "the traces never produced: {missing:?} (a generator no longer reaches these cases)"

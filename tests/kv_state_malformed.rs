@@ -898,7 +898,7 @@ fn tensor_bytes(t: *mut ggml_sys::ggml_tensor) -> Vec<u8> {
 }
 
 /// `llama_memory_kv_state_clear` (llama.cpp's `llama_kv_cache::state_clear`; compared with
-/// stock in tests/differential.rs): the sequence's cells go, the rows of those it held alone
+/// stock in tests/kv_differential.rs): the sequence's cells go, the rows of those it held alone
 /// are zeroed, shared cells and every other byte stay.
 #[test]
 fn kv_state_clear_zeroes_what_the_sequence_held_alone() {

@@ -2,7 +2,6 @@
 //! llama.cpp's `set_input_*` write for the same cache state; and the tensor checks (type,
 //! shape, NULL) that guard those entry points.
 
-use std::ffi::c_void;
 use std::ptr;
 
 use ggml_sys as g;
@@ -11,72 +10,9 @@ use llama_memory::ffi::error::llama_memory_result::{self, *};
 use llama_memory::ffi::*;
 use llama_memory_reference as stock;
 
-/// A ggml context holding host tensors in a CPU backend buffer.
-struct Host {
-    ctx: *mut g::ggml_context,
-    buf: g::ggml_backend_buffer_t,
-}
-
-impl Host {
-    fn new(shapes: &[(g::ggml_type, [i64; 4])]) -> (Host, Vec<*mut g::ggml_tensor>) {
-        // SAFETY: plain ggml calls; the context is sized for the tensor headers it will hold
-        // and no_alloc leaves the data to the backend buffer allocated below.
-        unsafe {
-            let ctx = g::ggml_init(g::ggml_init_params {
-                mem_size: g::ggml_tensor_overhead() * (shapes.len() + 1),
-                mem_buffer: ptr::null_mut(),
-                no_alloc: true,
-            });
-            assert!(!ctx.is_null());
-            let ts = shapes
-                .iter()
-                .map(|&(ty, ne)| g::ggml_new_tensor_4d(ctx, ty, ne[0], ne[1], ne[2], ne[3]))
-                .collect();
-            let buf =
-                g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, g::ggml_backend_cpu_buffer_type());
-            assert!(!buf.is_null());
-            (Host { ctx, buf }, ts)
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        // SAFETY: both were created in Host::new and are freed once.
-        unsafe {
-            g::ggml_backend_buffer_free(self.buf);
-            g::ggml_free(self.ctx);
-        }
-    }
-}
-
-fn read<T: Copy + Default>(t: *mut g::ggml_tensor) -> Vec<T> {
-    // SAFETY: `t` is a live host tensor whose byte size is ggml_nbytes.
-    unsafe {
-        let n = g::ggml_nbytes(t) / std::mem::size_of::<T>();
-        let mut v = vec![T::default(); n];
-        g::ggml_backend_tensor_get(t, v.as_mut_ptr().cast::<c_void>(), 0, g::ggml_nbytes(t));
-        v
-    }
-}
-
-fn c_ubatch(r: &stock::RawUbatch) -> llama_memory_ubatch {
-    llama_memory_ubatch {
-        n_tokens: r.n_tokens,
-        n_seq_tokens: r.n_seq_tokens,
-        n_seqs: r.n_seqs,
-        n_seqs_unq: r.n_seqs_unq,
-        n_pos: r.n_pos,
-        equal_seqs: r.equal_seqs,
-        token: r.token,
-        pos: r.pos,
-        n_seq_id: r.n_seq_id,
-        seq_id: r.seq_id,
-        seq_id_unq: r.seq_id_unq,
-        seq_idx: std::ptr::null(),
-        output: std::ptr::null(),
-    }
-}
+#[path = "common/host.rs"]
+mod host;
+use host::{c_ubatch, tensor_read, Host};
 
 /// Places `ub` on both sides (ours through the C ABI); returns our applied context and
 /// stock's slot.
@@ -141,7 +77,10 @@ fn tensor_inputs_match_stock() {
         llama_memory_ctx_set_input_kq_mask_tensor(ctx, t[0], true),
         LLAMA_MEMORY_OK
     );
-    let got: Vec<u32> = read::<f32>(t[0]).iter().map(|x| x.to_bits()).collect();
+    let got: Vec<u32> = tensor_read::<f32>(t[0])
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
     let want: Vec<u32> = theirs
         .kq_mask_f32(&v, true, n_kv, 1)
         .iter()
@@ -153,7 +92,7 @@ fn tensor_inputs_match_stock() {
         LLAMA_MEMORY_OK
     );
     assert_eq!(
-        read::<u16>(t[1]),
+        tensor_read::<u16>(t[1]),
         theirs.kq_mask_f16(&v, false, n_kv, 1),
         "f16 mask"
     );
@@ -161,13 +100,13 @@ fn tensor_inputs_match_stock() {
         llama_memory_ctx_set_input_k_idxs_tensor(ctx, t[2]),
         LLAMA_MEMORY_OK
     );
-    assert_eq!(read::<i64>(t[2]), theirs.k_idxs(&v, &slot), "k_idxs");
+    assert_eq!(tensor_read::<i64>(t[2]), theirs.k_idxs(&v, &slot), "k_idxs");
     assert_eq!(
         llama_memory_ctx_set_input_v_idxs_tensor(ctx, t[3]),
         LLAMA_MEMORY_OK
     );
     assert_eq!(
-        read::<i64>(t[3]),
+        tensor_read::<i64>(t[3]),
         theirs.v_idxs(&v, &slot),
         "v_idxs (transposed)"
     );
@@ -176,7 +115,7 @@ fn tensor_inputs_match_stock() {
         LLAMA_MEMORY_OK
     );
     assert_eq!(
-        read::<i32>(t[4]),
+        tensor_read::<i32>(t[4]),
         theirs.pos_bucket(&v, n_kv),
         "pos buckets"
     );
@@ -184,7 +123,7 @@ fn tensor_inputs_match_stock() {
         llama_memory_kv_set_input_k_shift_tensor(mem, t[5]),
         LLAMA_MEMORY_OK
     );
-    let ks = read::<i32>(t[5]);
+    let ks = tensor_read::<i32>(t[5]);
     assert_eq!(ks, theirs.k_shift(), "k_shift");
     assert!(ks.contains(&3), "the trace leaves pending shifts");
 

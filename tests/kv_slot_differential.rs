@@ -17,7 +17,6 @@
 //! error and that the memory did not change.
 
 use std::collections::BTreeMap;
-use std::ffi::c_void;
 use std::ptr;
 
 use ggml_sys as g;
@@ -29,9 +28,8 @@ use llama_memory::ffi::llama_memory_ubatch;
 use llama_memory::ffi::*;
 use llama_memory_reference as stock;
 use rand::rngs::StdRng;
-use rand::seq::index::sample;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const N_REL_ATTN_BKTS: u32 = 32;
 const N_LAYERS: u32 = 2;
@@ -151,23 +149,14 @@ const CONFIGS: &[Config] = &[
     },
 ];
 
-fn c_ubatch(r: &stock::RawUbatch) -> llama_memory_ubatch {
-    llama_memory_ubatch {
-        n_tokens: r.n_tokens,
-        n_seq_tokens: r.n_seq_tokens,
-        n_seqs: r.n_seqs,
-        n_seqs_unq: r.n_seqs_unq,
-        n_pos: r.n_pos,
-        equal_seqs: r.equal_seqs,
-        token: r.token,
-        pos: r.pos,
-        n_seq_id: r.n_seq_id,
-        seq_id: r.seq_id,
-        seq_id_unq: r.seq_id_unq,
-        seq_idx: ptr::null(),
-        output: ptr::null(),
-    }
-}
+#[path = "common/host.rs"]
+mod host;
+use host::{c_ubatch, tensor_read, tensor_write, Host};
+
+#[path = "common/diff.rs"]
+mod diff;
+#[path = "common/trace.rs"]
+mod trace;
 
 /// A slot info the caller owns, with the C view over it.
 struct OwnedSlot {
@@ -228,63 +217,6 @@ fn read_view(v: &llama_memory_slot_info) -> stock::Slot {
             strm,
             idxs,
         }
-    }
-}
-
-/// A ggml context holding host tensors in a CPU backend buffer.
-struct Host {
-    ctx: *mut g::ggml_context,
-    buf: g::ggml_backend_buffer_t,
-}
-
-impl Host {
-    fn new(shapes: &[(g::ggml_type, [i64; 4])]) -> (Host, Vec<*mut g::ggml_tensor>) {
-        // SAFETY: plain ggml calls; the context is sized for the tensor headers it will hold
-        // and no_alloc leaves the data to the backend buffer allocated below.
-        unsafe {
-            let ctx = g::ggml_init(g::ggml_init_params {
-                mem_size: g::ggml_tensor_overhead() * (shapes.len() + 1),
-                mem_buffer: ptr::null_mut(),
-                no_alloc: true,
-            });
-            assert!(!ctx.is_null());
-            let ts = shapes
-                .iter()
-                .map(|&(ty, ne)| g::ggml_new_tensor_4d(ctx, ty, ne[0], ne[1], ne[2], ne[3]))
-                .collect();
-            let buf =
-                g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, g::ggml_backend_cpu_buffer_type());
-            assert!(!buf.is_null());
-            (Host { ctx, buf }, ts)
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        // SAFETY: both were created in Host::new and are freed once.
-        unsafe {
-            g::ggml_backend_buffer_free(self.buf);
-            g::ggml_free(self.ctx);
-        }
-    }
-}
-
-fn tensor_read<T: Copy + Default>(t: *mut g::ggml_tensor) -> Vec<T> {
-    // SAFETY: `t` is a live tensor whose byte size is ggml_nbytes.
-    unsafe {
-        let n = g::ggml_nbytes(t) / std::mem::size_of::<T>();
-        let mut v = vec![T::default(); n];
-        g::ggml_backend_tensor_get(t, v.as_mut_ptr().cast::<c_void>(), 0, g::ggml_nbytes(t));
-        v
-    }
-}
-
-fn tensor_write(t: *mut g::ggml_tensor, data: &[u8]) {
-    // SAFETY: `t` is a live tensor of exactly data.len() bytes (checked).
-    unsafe {
-        assert_eq!(g::ggml_nbytes(t), data.len());
-        g::ggml_backend_tensor_set(t, data.as_ptr().cast(), 0, data.len());
     }
 }
 
@@ -412,12 +344,7 @@ impl Pair {
         assert_eq!(llama_memory_kv_size(mem), theirs.size());
         let slots = llama_memory_slots_init();
         assert!(!slots.is_null());
-        let rng = StdRng::seed_from_u64(
-            seed ^ cfg
-                .name
-                .bytes()
-                .fold(0u64, |h, b| h.wrapping_mul(31) ^ b as u64),
-        );
+        let rng = diff::rng(seed, cfg.name);
         let mut p = Pair {
             cfg,
             mem,
@@ -530,89 +457,29 @@ impl Pair {
         }
     }
 
-    /// Positions for `n` new tokens of `seq`: usually continuing it, sometimes anywhere.
-    fn next_positions(&mut self, seq: i32, n: usize, cursor: &mut [i32]) -> Vec<i32> {
-        if cursor[seq as usize] == i32::MIN {
-            let max = llama_memory_seq_pos_max(self.mem, seq);
-            cursor[seq as usize] = if max >= 0 && self.rng.gen_bool(0.9) {
-                max + 1
-            } else {
-                self.rng.gen_range(0..300)
-            };
-        }
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(cursor[seq as usize]);
-            if !(self.cfg.mrope && self.rng.gen_bool(0.3)) {
-                cursor[seq as usize] += 1;
-            }
-        }
-        out
-    }
-
-    fn token_count(&mut self) -> usize {
-        match self.rng.gen_range(0..10) {
-            0 => self.rng.gen_range(32..=160),
-            1 | 2 => self.rng.gen_range(8..32),
-            _ => self.rng.gen_range(1..8),
+    /// What this configuration's traces look like.
+    fn trace_shape(&self) -> trace::Shape {
+        trace::Shape {
+            n_seq_max: self.cfg.n_seq_max,
+            unified: self.cfg.unified,
+            mrope: self.cfg.mrope,
+            near_max: false,
+            few_tokens: false,
+            ub_seqs: 3,
+            few_seqs: trace::FewSeqs::Distinct,
+            shared: trace::Shared::One { p: 0.05 },
+            large: 32..=160,
+            medium: 8..32,
         }
     }
 
     /// A ubatch shaped as llama.cpp's split for this cache shapes it.
     fn gen_ubatch(&mut self, cursor: &mut [i32]) -> stock::Ubatch {
-        let n_seq = self.cfg.n_seq_max as i32;
-        let mut ub = if self.cfg.unified {
-            let k = self.rng.gen_range(1..=n_seq.min(3)) as usize;
-            let seqs: Vec<i32> = sample(&mut self.rng, n_seq as usize, k)
-                .into_iter()
-                .map(|s| s as i32)
-                .collect();
-            let n = self.token_count();
-            let mut seq_ids = Vec::with_capacity(n);
-            let mut pos = Vec::with_capacity(n);
-            for _ in 0..n {
-                let s = seqs[self.rng.gen_range(0..seqs.len())];
-                let mut ids = vec![s];
-                if n_seq > 1 && self.rng.gen_bool(0.05) {
-                    let other = (s + 1 + self.rng.gen_range(0..n_seq - 1)) % n_seq;
-                    ids.push(other);
-                }
-                pos.push(self.next_positions(s, 1, cursor)[0]);
-                seq_ids.push(ids);
-            }
-            let tokens = (0..n).map(|_| self.rng.gen_range(0..32)).collect();
-            stock::Ubatch::simple(tokens, pos, seq_ids)
-        } else {
-            let k = self.rng.gen_range(1..=n_seq);
-            let first = self.rng.gen_range(0..=n_seq - k);
-            let per = (self.token_count() / k as usize).max(1) as u32;
-            let mut sets = Vec::new();
-            let mut pos = Vec::new();
-            for s in first..first + k {
-                let p = self.next_positions(s, per as usize, cursor);
-                sets.push((s, p[0]));
-                pos.extend(p);
-            }
-            let mut ub = stock::Ubatch::equal(&sets, per);
-            ub.pos = pos;
-            ub.tokens = (0..ub.n_tokens())
-                .map(|_| self.rng.gen_range(0..32))
-                .collect();
-            ub
-        };
-        if self.cfg.mrope {
-            let n = ub.n_tokens() as usize;
-            let mut pos = ub.pos.clone();
-            pos.extend((0..n).map(|_| self.rng.gen_range(0..4)));
-            pos.extend((0..n).map(|_| self.rng.gen_range(0..4)));
-            pos.extend(std::iter::repeat_n(0, n));
-            ub.pos = pos;
-            ub.n_pos = 4;
-        }
-        if self.rng.gen_bool(0.1) {
-            ub.tokens.clear();
-        }
-        ub
+        let shape = self.trace_shape();
+        let mem = self.mem;
+        trace::gen_ubatch(&mut self.rng, &shape, cursor, |s| {
+            llama_memory_seq_pos_max(mem, s)
+        })
     }
 
     fn n_stream_m(&self, ub: &stock::Ubatch) -> u32 {
@@ -1115,14 +982,8 @@ impl Pair {
 #[test]
 fn slot_api_matches_stock_llama_cpp() {
     std::env::set_var("KVREF_QUIET", "1");
-    let seed: u64 = std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5107_5eed);
-    let scale: f64 = std::env::var("DIFF_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(1.0, |n: f64| n / BASE.ops as f64);
+    let seed = diff::seed(0x5107_5eed);
+    let scale = diff::ops_scale(BASE.ops);
     let mut total = 0;
     let mut cov: BTreeMap<&'static str, u64> = COUNTERS.iter().map(|&c| (c, 0)).collect();
     let mut report = String::new();
@@ -1136,26 +997,15 @@ fn slot_api_matches_stock_llama_cpp() {
             t0.elapsed().as_secs_f64()
         );
         total += n;
-        for (k, v) in &pair.cov {
-            *cov.get_mut(k).unwrap() += v;
-        }
+        diff::add_coverage(&mut cov, &pair.cov);
     }
-    for (k, v) in &cov {
-        report += &format!("slot differential: coverage {k:<48} {v:>7}\n");
-    }
+    diff::report_coverage(&mut report, "slot differential", &cov, 48, 7);
     report += &format!(
         "slot differential: seed {seed:#x}: {total} compared steps over {} configurations\n",
         CONFIGS.len()
     );
-    print!("{report}");
-    let path =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("slot-differential-summary.txt");
-    std::fs::write(path, &report).unwrap();
-    let missing: Vec<_> = cov
-        .iter()
-        .filter(|(_, &v)| v == 0)
-        .map(|(k, _)| *k)
-        .collect();
+    diff::write_summary("slot-differential-summary.txt", &report);
+    let missing = diff::never_reached(&cov);
     assert!(missing.is_empty(), "the traces never produced: {missing:?}");
 }
 
