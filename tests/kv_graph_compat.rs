@@ -9,90 +9,21 @@
 
 use ggml_sys as g;
 use half::f16;
-use llama_memory::io::{Sink, StateIn, StateOut};
+use llama_memory::io::StateIn;
 use llama_memory::storage::graph::RopeParams;
-use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
-use llama_memory::{KvCache, KvMemory, KvParams, MemoryContext, UbatchBuf};
-use llama_memory_reference::{Params, RefKv, Ubatch};
-use rand::{Rng, SeedableRng};
+use llama_memory::{KvMemory, MemoryContext, UbatchBuf};
+use llama_memory_reference::{Params, RefKv};
 
-const SIZE: u32 = 256;
-const GQA: u32 = 32; // the tiny model: 2 KV heads of 16
-const HEAD: u32 = 16;
+#[path = "common/tiny_kv.rs"]
+mod tiny_kv;
+use tiny_kv::{place, randomize, state_bytes, GQA, HEAD, SIZE};
 
 fn ours(v_trans: bool) -> KvMemory {
-    let p = KvParams {
-        size: SIZE,
-        n_seq_max: 2,
-        v_trans,
-        n_embd_v_gqa_max: GQA,
-        ..KvParams::default()
-    };
-    let layers = LayerSpec::uniform(2, GQA, GQA);
-    let st = KvStorage::new(StorageSpec {
-        type_k: g::GGML_TYPE_F16,
-        type_v: g::GGML_TYPE_F16,
-        v_trans,
-        is_mla: false,
-        size: SIZE,
-        n_stream: 1,
-        n_rot_k: 0,
-        n_rot_v: 0,
-        layers,
-    })
-    .unwrap();
-    KvMemory::new(KvCache::new(p).unwrap(), Some(st)).unwrap()
+    tiny_kv::ours(true, v_trans)
 }
 
 fn whole(m: &KvMemory) -> Vec<u8> {
-    let mut sink = Sink::Count(0);
-    m.state_write(
-        -1,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )
-    .unwrap();
-    let mut buf = vec![0u8; sink.len()];
-    let mut sink = Sink::new(&mut buf);
-    m.state_write(
-        -1,
-        &mut StateOut {
-            sink: &mut sink,
-            stash: None,
-        },
-    )
-    .unwrap();
-    buf
-}
-
-fn place(m: &mut KvMemory, r: &mut RefKv, seq: i32, p0: i32, n: u32) {
-    let ub = Ubatch::for_seq(seq, p0, n);
-    let slot = r.find_slot(&ub.view(), false).unwrap();
-    r.apply_ubatch(&slot, &ub.view());
-    let pos: Vec<i32> = (p0..p0 + n as i32).collect();
-    let toks: Vec<i32> = pos.iter().map(|p| p.rem_euclid(32)).collect();
-    let seqs: Vec<&[i32]> = vec![std::slice::from_ref(&seq); n as usize];
-    let b = UbatchBuf::new(&toks, &pos, &seqs);
-    let s = m.cache.find_slot(&b.view(), false).unwrap();
-    m.cache.apply_ubatch(&s, &b.view());
-}
-
-/// Random f16 values in every K/V byte of our tensors.
-fn randomize(m: &mut KvMemory, seed: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let st = m.storage.as_mut().unwrap();
-    for l in st.layers().to_vec() {
-        for t in [l.k, l.v] {
-            // SAFETY: our own live tensor.
-            let n = unsafe { g::ggml_nbytes(t) } / 2;
-            let bytes: Vec<u8> = (0..n)
-                .flat_map(|_| f16::from_f32(rng.gen_range(-2.0f32..2.0)).to_le_bytes())
-                .collect();
-            st.set(t, 0, &bytes).unwrap();
-        }
-    }
+    state_bytes(m, -1)
 }
 
 struct Graph {
@@ -166,7 +97,7 @@ fn k_shift_matches_stock() {
         });
         place(&mut m, &mut r, 0, 0, 40);
         place(&mut m, &mut r, 1, 0, 17);
-        randomize(&mut m, seed);
+        randomize(&mut m, seed, None);
         let state = whole(&m);
         r.state_read(-1, 0, &state).expect("stock reads our state");
         assert_eq!(r.state_write(-1, 0), state, "same data on both sides");
@@ -295,25 +226,7 @@ fn row_writes_land_where_the_indices_say() {
 
         // Read back through the sequence state: its K/V sections of layer 1 hold exactly the
         // written values (as f16), in token order.
-        let mut sink = Sink::Count(0);
-        m.state_write(
-            1,
-            &mut StateOut {
-                sink: &mut sink,
-                stash: None,
-            },
-        )
-        .unwrap();
-        let mut blob = vec![0u8; sink.len()];
-        let mut sink = Sink::new(&mut blob);
-        m.state_write(
-            1,
-            &mut StateOut {
-                sink: &mut sink,
-                stash: None,
-            },
-        )
-        .unwrap();
+        let blob = state_bytes(&m, 1);
         let f = |b: &[u8]| -> Vec<f32> {
             b.chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -364,28 +277,7 @@ fn row_writes_land_where_the_indices_say() {
 #[test]
 fn views_match_stock() {
     for (unified, v_trans) in [(true, false), (true, true), (false, false), (false, true)] {
-        let n_stream = if unified { 1 } else { 2 };
-        let p = KvParams {
-            size: SIZE,
-            n_seq_max: 2,
-            unified,
-            v_trans,
-            n_embd_v_gqa_max: GQA,
-            ..KvParams::default()
-        };
-        let st = KvStorage::new(StorageSpec {
-            type_k: g::GGML_TYPE_F16,
-            type_v: g::GGML_TYPE_F16,
-            v_trans,
-            is_mla: false,
-            size: SIZE,
-            n_stream,
-            n_rot_k: 0,
-            n_rot_v: 0,
-            layers: LayerSpec::uniform(2, GQA, GQA),
-        })
-        .unwrap();
-        let mut m = KvMemory::new(KvCache::new(p).unwrap(), Some(st)).unwrap();
+        let mut m = tiny_kv::ours(unified, v_trans);
         let mut r = RefKv::tiny(&Params {
             kv_size: SIZE,
             n_seq_max: 2,
@@ -395,7 +287,7 @@ fn views_match_stock() {
         });
         place(&mut m, &mut r, 0, 0, 70);
         place(&mut m, &mut r, 1, 0, 130);
-        randomize(&mut m, 7);
+        randomize(&mut m, 7, None);
         // The same bytes on both sides: stock reads our state (zeroing every other cell);
         // ours is zeroed and reads it back too.
         let state = whole(&m);

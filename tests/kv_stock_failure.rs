@@ -10,115 +10,67 @@
 //! count), this library restores nothing: those inputs are not compared (see
 //! `half_restored_by_stock`).
 
-use ggml_sys as g;
-use half::f16;
-use llama_memory::io::{Sink, StateIn, StateOut};
-use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
-use llama_memory::{KvCache, KvMemory, KvParams, Memory};
-use llama_memory_reference::{Params, RefKv, Ubatch};
-use rand::{Rng, SeedableRng};
+use llama_memory::io::StateIn;
+use llama_memory::{KvMemory, Memory};
+use llama_memory_reference::{Params, RefKv};
 
-const SIZE: u32 = 256;
-const GQA: u32 = 32; // the tiny model: 2 KV heads of 16
-
-fn ours(unified: bool, v_trans: bool) -> KvMemory {
-    let p = KvParams {
-        size: SIZE,
-        n_seq_max: 2,
-        unified,
-        v_trans,
-        n_embd_v_gqa_max: GQA,
-        ..KvParams::default()
-    };
-    let st = KvStorage::new(StorageSpec {
-        type_k: g::GGML_TYPE_F16,
-        type_v: g::GGML_TYPE_F16,
-        v_trans,
-        is_mla: false,
-        size: SIZE,
-        n_stream: if unified { 1 } else { 2 },
-        n_rot_k: 0,
-        n_rot_v: 0,
-        layers: LayerSpec::uniform(2, GQA, GQA),
-    })
-    .unwrap();
-    KvMemory::new(KvCache::new(p).unwrap(), Some(st)).unwrap()
-}
-
-fn write(m: &KvMemory, seq: i32) -> Vec<u8> {
-    let mut sink = Sink::Count(0);
-    let mut out = StateOut {
-        sink: &mut sink,
-        stash: None,
-    };
-    m.state_write(seq, &mut out).unwrap();
-    let mut buf = vec![0u8; sink.len()];
-    let mut sink = Sink::new(&mut buf);
-    let mut out = StateOut {
-        sink: &mut sink,
-        stash: None,
-    };
-    m.state_write(seq, &mut out).unwrap();
-    buf
-}
+#[path = "common/failure.rs"]
+mod failure;
+#[path = "common/tiny_kv.rs"]
+mod tiny_kv;
+use tiny_kv::{ours, place, randomize, state_bytes as write, SIZE};
 
 fn read(m: &mut KvMemory, seq: i32, blob: &[u8]) -> bool {
     m.state_read(seq, &mut StateIn::new(blob)).is_ok()
 }
 
-fn place(m: &mut KvMemory, r: &mut RefKv, seq: i32, p0: i32, n: u32) {
-    let ub = Ubatch::for_seq(seq, p0, n);
-    let slot = r.find_slot(&ub.view(), false).unwrap();
-    r.apply_ubatch(&slot, &ub.view());
-    let pos: Vec<i32> = (p0..p0 + n as i32).collect();
-    let toks: Vec<i32> = pos.iter().map(|p| p.rem_euclid(32)).collect();
-    let seqs: Vec<&[i32]> = vec![std::slice::from_ref(&seq); n as usize];
-    let b = llama_memory::UbatchBuf::new(&toks, &pos, &seqs);
-    let s = m.cache.find_slot(&b.view(), false).unwrap();
-    m.cache.apply_ubatch(&s, &b.view());
-}
-
-/// The same random f16 values in every K/V byte of both caches.
-fn randomize(m: &mut KvMemory, r: &mut RefKv, seed: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let st = m.storage.as_mut().unwrap();
-    for (il, l) in st.layers().to_vec().into_iter().enumerate() {
-        for (v, t) in [(false, l.k), (true, l.v)] {
-            // SAFETY: our own live tensor.
-            let n = unsafe { g::ggml_nbytes(t) } / 2;
-            let bytes: Vec<u8> = (0..n)
-                .flat_map(|_| f16::from_f32(rng.gen_range(-2.0f32..2.0)).to_le_bytes())
-                .collect();
-            st.set(t, 0, &bytes).unwrap();
-            assert!(r.set_tensor_bytes(v, il as i32, &bytes));
-        }
-    }
-}
-
 /// Every cell of every stream (position and sequence set) and the whole state's bytes.
-fn observe_ours(m: &KvMemory) -> (Vec<(i32, [u64; 4])>, Vec<u8>) {
-    let mut cells = Vec::new();
-    for s in 0..m.cache.n_stream() {
-        let c = m.cache.cells(s);
-        for i in 0..SIZE {
-            let mut w = [0u64; 4];
-            w.copy_from_slice(c.seq_get_all(i).as_raw_slice());
-            cells.push((c.pos_get(i), w));
-        }
-    }
-    (cells, write(m, -1))
+type Seen = (Vec<(i32, [u64; 4])>, Vec<u8>);
+
+struct KvPair {
+    m: KvMemory,
+    r: RefKv,
+    base: Vec<u8>,
 }
 
-fn observe_stock(r: &RefKv) -> (Vec<(i32, [u64; 4])>, Vec<u8>) {
-    let mut cells = Vec::new();
-    for s in 0..r.n_stream() {
-        let c = r.cells(s);
-        for i in 0..SIZE as usize {
-            let pos = if c.seq[i] == [0; 4] { -1 } else { c.pos[i] };
-            cells.push((pos, c.seq[i]));
-        }
+impl failure::Pair for KvPair {
+    type Seen = Seen;
+    fn reset(&mut self) {
+        assert!(read(&mut self.m, -1, &self.base));
+        assert!(self.r.state_read(-1, 0, &self.base).is_some());
     }
-    (cells, r.state_write(-1, 0))
+    fn read_ours(&mut self, dest: i32, input: &[u8]) -> bool {
+        read(&mut self.m, dest, input)
+    }
+    fn read_stock(&mut self, dest: i32, input: &[u8]) -> bool {
+        self.r.state_read(dest, 0, input).is_some()
+    }
+    fn seen(&self) -> (Seen, Seen) {
+        let mut ours = Vec::new();
+        for s in 0..self.m.cache.n_stream() {
+            let c = self.m.cache.cells(s);
+            for i in 0..SIZE {
+                let mut w = [0u64; 4];
+                w.copy_from_slice(c.seq_get_all(i).as_raw_slice());
+                ours.push((c.pos_get(i), w));
+            }
+        }
+        let mut stock = Vec::new();
+        for s in 0..self.r.n_stream() {
+            let c = self.r.cells(s);
+            for i in 0..SIZE as usize {
+                let pos = if c.seq[i] == [0; 4] { -1 } else { c.pos[i] };
+                stock.push((pos, c.seq[i]));
+            }
+        }
+        (
+            (ours, write(&self.m, -1)),
+            (stock, self.r.state_write(-1, 0)),
+        )
+    }
+    fn changed(&self) -> bool {
+        write(&self.m, -1) != self.base
+    }
 }
 
 /// Inputs stock restores in part before it fails: a whole state cut inside a stream's cells
@@ -147,10 +99,7 @@ fn half_restored_by_stock(dest: i32, cut: usize, blob: &[u8], s1_at: usize) -> b
 
 #[test]
 fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
-    let mut compared = 0usize;
-    let mut failures = 0usize;
-    let mut erased = 0usize;
-    let mut skipped = 0usize;
+    let mut tally = failure::Tally::default();
     for unified in [true, false] {
         for v_trans in [false, true] {
             let mut m = ours(unified, v_trans);
@@ -166,7 +115,7 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
             // state written and seq 0 moved on so the restores have something to replace.
             place(&mut m, &mut r, 0, 0, 5);
             place(&mut m, &mut r, 1, 0, 3);
-            randomize(&mut m, &mut r, 7);
+            randomize(&mut m, 7, Some(&mut r));
             let seq_blob = write(&m, 0);
             assert_eq!(seq_blob, r.state_write(0, 0), "the stock blob differs");
             let whole_blob = write(&m, -1);
@@ -174,20 +123,16 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
             place(&mut m, &mut r, 1, 3, 4);
             let base = write(&m, -1);
             assert_eq!(base, r.state_write(-1, 0));
-            // where stream 1's cell count starts in the whole blob (two streams)
-            let s1_count_at = if unified {
+            // where stream 1's cell count starts in the whole blob (two streams): n_stream,
+            // then stream 0 = seq 0's blob after its n_stream, without its empty stream 1
+            let s1_at = if unified {
                 usize::MAX
             } else {
-                // n_stream, then stream 0 = all of seq 0's blob after its own n_stream and
-                // its (empty) stream-1 count
                 4 + (seq_blob.len() - 8)
             };
-
-            let mut inputs: Vec<(i32, Vec<u8>, Option<usize>)> = Vec::new();
+            let mut inputs: Vec<failure::Input> = Vec::new();
             for (dest, blob) in [(1, &seq_blob), (-1, &whole_blob)] {
-                for cut in 0..blob.len() {
-                    inputs.push((dest, blob[..cut].to_vec(), Some(cut)));
-                }
+                inputs.extend(failure::cuts(dest, blob));
                 let mut bad_streams = blob.clone();
                 bad_streams[0] = 3;
                 inputs.push((dest, bad_streams, None));
@@ -195,44 +140,17 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
                 too_many[4..8].copy_from_slice(&(SIZE + 1).to_le_bytes());
                 inputs.push((dest, too_many, None));
             }
-            for (dest, input, cut) in &inputs {
+            let skip = |(dest, _, cut): &failure::Input| {
                 let full = if *dest == -1 { &whole_blob } else { &seq_blob };
-                if cut.is_some_and(|c| half_restored_by_stock(*dest, c, full, s1_count_at)) {
-                    skipped += 1;
-                    continue;
-                }
-                assert!(read(&mut m, -1, &base));
-                assert!(r.state_read(-1, 0, &base).is_some());
-                let ok_ours = read(&mut m, *dest, input);
-                let ok_stock = r.state_read(*dest, 0, input).is_some();
-                let what = format!(
-                    "unified {unified}, v_trans {v_trans}, dest {dest}, {} bytes{}",
-                    input.len(),
-                    cut.map_or(" (corrupted)".into(), |c| format!(" (cut at {c})"))
-                );
-                assert_eq!(ok_ours, ok_stock, "{what}: success differs");
-                let (ours_now, stock_now) = (observe_ours(&m), observe_stock(&r));
-                assert!(ours_now.0 == stock_now.0, "{what}: cells differ from stock");
-                assert!(
-                    ours_now.1 == stock_now.1,
-                    "{what}: state bytes differ from stock"
-                );
-                compared += 1;
-                if !ok_ours {
-                    failures += 1;
-                    if ours_now.1 != base {
-                        erased += 1;
-                    }
-                }
-            }
+                cut.is_some_and(|c| half_restored_by_stock(*dest, c, full, s1_at))
+            };
+            let what = format!("unified {unified}, v_trans {v_trans}");
+            failure::compare(&mut KvPair { m, r, base }, &inputs, skip, &what, &mut tally);
         }
     }
-    eprintln!(
-        "{compared} restores compared with stock: {failures} failed, {erased} of them erased; \
-         {skipped} inputs that stock restores in part not compared"
-    );
+    eprintln!("stock-compatible KV restores: {tally:?}");
     assert!(
-        erased > 1000 && failures > erased,
+        tally.erased > 1000 && tally.failures > tally.erased,
         "both effects (erase, nothing) exercised"
     );
 }
@@ -250,7 +168,7 @@ fn without_stock_compatible_mode_a_failed_restore_changes_nothing() {
         });
         place(&mut m, &mut r, 0, 0, 5);
         place(&mut m, &mut r, 1, 0, 3);
-        randomize(&mut m, &mut r, 9);
+        randomize(&mut m, 9, Some(&mut r));
         let blob = write(&m, 0);
         let base = write(&m, -1);
         for dest in [1, -1] {

@@ -6,42 +6,15 @@
 //! `mamba` is a recurrent-only model (its whole memory is one `llama_memory_recurrent`);
 //! `lfm2` is a hybrid whose `PARTIAL_ONLY` sequence state is exactly its recurrent part.
 
-use llama_memory::recurrent::{RecurrentMemory, RsCache, RsParams};
-use llama_memory::storage::recurrent::{RsLayerSpec, RsStorage, RsStorageSpec};
+use llama_memory::recurrent::RecurrentMemory;
 use llama_memory::{state, Memory};
 use llama_memory_reference as stock;
 
-const PARTIAL_ONLY: u32 = 1;
+#[path = "common/rs_like.rs"]
+mod rs_like;
+use rs_like::ours_like;
 
-/// A recurrent memory shaped like the stock one of `model` with `n_seq` sequences: the
-/// layers, widths and row count read from a stock `llama_memory_recurrent` on the same file.
-fn ours_like(model: &std::path::Path, n_seq: u32, n_rs_seq: u32) -> RecurrentMemory {
-    let r = stock::RefRs::new(model, &stock::RsParams::for_seqs(n_seq, n_rs_seq)).unwrap();
-    let layers: Vec<RsLayerSpec> = (0..r.n_layer())
-        .filter(|&il| r.has_r(il))
-        .map(|il| RsLayerSpec {
-            il,
-            n_embd_r: r.n_embd_r(),
-            n_embd_s: r.n_embd_s(),
-            n_embd_p: 0,
-            buft: llama_memory::storage::Buft::CPU,
-        })
-        .collect();
-    let p = RsParams {
-        size: r.size(),
-        n_seq_max: n_seq,
-        n_rs_seq,
-    };
-    let st = RsStorage::new(RsStorageSpec {
-        type_r: ggml_sys::GGML_TYPE_F32,
-        type_s: ggml_sys::GGML_TYPE_F32,
-        size: r.size(),
-        n_rs_seq,
-        layers,
-    })
-    .unwrap();
-    RecurrentMemory::new(RsCache::new(p, true).unwrap(), Some(st), r.n_layer()).unwrap()
-}
+const PARTIAL_ONLY: u32 = 1;
 
 fn ours_blob(mem: &RecurrentMemory, seq: i32, flags: u32) -> Vec<u8> {
     let mut buf = vec![0u8; state::seq_get_size(mem, seq, flags).unwrap()];

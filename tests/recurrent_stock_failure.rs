@@ -11,46 +11,23 @@
 //! inputs are not compared.
 
 use llama_memory::io::{Sink, StateIn, StateOut};
-use llama_memory::recurrent::{RecurrentMemory, RsCache, RsParams};
-use llama_memory::storage::recurrent::{RsLayerSpec, RsStorage, RsStorageSpec};
+use llama_memory::recurrent::RecurrentMemory;
 use llama_memory::{Memory, UbatchBuf};
 use llama_memory_reference as stock;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/failure.rs"]
+mod failure;
+#[path = "common/rs_like.rs"]
+mod rs_like;
+
 const N_SEQ: u32 = 3;
 
 fn pair() -> (RecurrentMemory, stock::RefRs) {
-    let r = stock::RefRs::new(
-        &stock::mamba_model_path(),
-        &stock::RsParams::for_seqs(N_SEQ, 0),
-    )
-    .expect("stock llama_memory_recurrent");
-    let layers: Vec<RsLayerSpec> = (0..r.n_layer())
-        .filter(|&il| r.has_r(il))
-        .map(|il| RsLayerSpec {
-            il,
-            n_embd_r: r.n_embd_r(),
-            n_embd_s: r.n_embd_s(),
-            n_embd_p: 0,
-            buft: llama_memory::storage::Buft::CPU,
-        })
-        .collect();
-    let p = RsParams {
-        size: r.size(),
-        n_seq_max: N_SEQ,
-        n_rs_seq: 0,
-    };
-    let st = RsStorage::new(RsStorageSpec {
-        type_r: ggml_sys::GGML_TYPE_F32,
-        type_s: ggml_sys::GGML_TYPE_F32,
-        size: r.size(),
-        n_rs_seq: 0,
-        layers,
-    })
-    .unwrap();
-    let n_layer = r.n_layer();
-    let m = RecurrentMemory::new(RsCache::new(p, true).unwrap(), Some(st), n_layer).unwrap();
-    (m, r)
+    let model = stock::mamba_model_path();
+    let r = stock::RefRs::new(&model, &stock::RsParams::for_seqs(N_SEQ, 0))
+        .expect("stock llama_memory_recurrent");
+    (rs_like::ours_like(&model, N_SEQ, 0), r)
 }
 
 /// One token of `seq` at `pos`, placed as llama.cpp's context places it.
@@ -84,18 +61,39 @@ fn read(m: &mut RecurrentMemory, seq: i32, blob: &[u8]) -> bool {
 }
 
 /// The whole state's bytes and every sequence's positions.
-fn observe_ours(m: &RecurrentMemory) -> (Vec<u8>, Vec<(i32, i32)>) {
-    let pos = (0..N_SEQ as i32)
-        .map(|s| (m.seq_pos_min(s).unwrap(), m.seq_pos_max(s).unwrap()))
-        .collect();
-    (write(m, -1), pos)
+type Seen = (Vec<u8>, Vec<(i32, i32)>);
+
+struct RsPair {
+    m: RecurrentMemory,
+    r: stock::RefRs,
+    base: Vec<u8>,
 }
 
-fn observe_stock(r: &stock::RefRs) -> (Vec<u8>, Vec<(i32, i32)>) {
-    let pos = (0..N_SEQ as i32)
-        .map(|s| (r.seq_pos_min(s), r.seq_pos_max(s)))
-        .collect();
-    (r.state_write(-1, 0), pos)
+impl failure::Pair for RsPair {
+    type Seen = Seen;
+    fn reset(&mut self) {
+        assert!(read(&mut self.m, -1, &self.base));
+        assert!(self.r.state_read(-1, 0, &self.base));
+    }
+    fn read_ours(&mut self, dest: i32, input: &[u8]) -> bool {
+        read(&mut self.m, dest, input)
+    }
+    fn read_stock(&mut self, dest: i32, input: &[u8]) -> bool {
+        self.r.state_read(dest, 0, input)
+    }
+    fn seen(&self) -> (Seen, Seen) {
+        let (m, r) = (&self.m, &self.r);
+        let ours = (0..N_SEQ as i32)
+            .map(|s| (m.seq_pos_min(s).unwrap(), m.seq_pos_max(s).unwrap()))
+            .collect();
+        let stock = (0..N_SEQ as i32)
+            .map(|s| (r.seq_pos_min(s), r.seq_pos_max(s)))
+            .collect();
+        ((write(m, -1), ours), (r.state_write(-1, 0), stock))
+    }
+    fn changed(&self) -> bool {
+        write(&self.m, -1) != self.base
+    }
 }
 
 /// Seqs 0 and 1 hold a state each (random values), seq 2 is empty; returns the whole blob.
@@ -128,12 +126,9 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
     let base = setup(&mut m, &mut r, 3);
     let seq_blob = write(&m, 0);
     assert_eq!(seq_blob, r.state_write(0, 0), "the stock blob differs");
-    let (mut compared, mut failures, mut erased, mut skipped) = (0, 0, 0, 0);
-    let mut inputs: Vec<(i32, Vec<u8>, Option<usize>)> = Vec::new();
+    let mut inputs: Vec<failure::Input> = Vec::new();
     for (dest, blob) in [(1, &seq_blob), (2, &seq_blob), (-1, &base)] {
-        for cut in 0..blob.len() {
-            inputs.push((dest, blob[..cut].to_vec(), Some(cut)));
-        }
+        inputs.extend(failure::cuts(dest, blob));
         let mut too_many = blob.clone();
         too_many[..4].copy_from_slice(&(r.size() + 1).to_le_bytes());
         inputs.push((dest, too_many, None));
@@ -144,44 +139,15 @@ fn a_failed_restore_has_stocks_effect_in_stock_compatible_mode() {
     for _ in 0..u32_at(&base, 0) {
         cells_end += 8 + 4 * u32_at(&base, cells_end + 4) as usize;
     }
-    for (dest, input, cut) in &inputs {
-        if *dest == -1 && cut.is_some_and(|c| c > 4 && c < cells_end) {
-            skipped += 1;
-            continue;
-        }
-        assert!(read(&mut m, -1, &base));
-        assert!(r.state_read(-1, 0, &base));
-        let ok_ours = read(&mut m, *dest, input);
-        let ok_stock = r.state_read(*dest, 0, input);
-        let what = format!(
-            "dest {dest}, {} bytes{}",
-            input.len(),
-            cut.map_or(" (corrupted)".into(), |c| format!(" (cut at {c})"))
-        );
-        assert_eq!(ok_ours, ok_stock, "{what}: success differs");
-        let (ours_now, stock_now) = (observe_ours(&m), observe_stock(&r));
-        assert_eq!(
-            ours_now.1, stock_now.1,
-            "{what}: positions differ from stock"
-        );
-        assert!(
-            ours_now.0 == stock_now.0,
-            "{what}: state bytes differ from stock"
-        );
-        compared += 1;
-        if !ok_ours {
-            failures += 1;
-            if ours_now.0 != base {
-                erased += 1;
-            }
-        }
-    }
-    eprintln!(
-        "{compared} restores compared with stock: {failures} failed, {erased} of them erased; \
-         {skipped} inputs that stock restores in part not compared"
-    );
+    let skip = |(dest, _, cut): &failure::Input| {
+        *dest == -1 && cut.is_some_and(|c| c > 4 && c < cells_end)
+    };
+    let mut tally = failure::Tally::default();
+    let mut pair = RsPair { m, r, base };
+    failure::compare(&mut pair, &inputs, skip, "mamba", &mut tally);
+    eprintln!("stock-compatible recurrent restores: {tally:?}");
     assert!(
-        erased > 100 && failures > erased,
+        tally.erased > 100 && tally.failures > tally.erased,
         "both effects (erase, nothing) exercised"
     );
 }
