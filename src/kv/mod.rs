@@ -2,7 +2,7 @@
 //! placement, sequence operations, pending shifts and stream copies, graph inputs).
 //!
 //! Every rule here mirrors the pinned llama.cpp so that the same calls choose the same cells and
-//! produce the same masks; the differential suite (`tests/differential.rs`) holds us to it.
+//! produce the same masks; the differential suite (`tests/kv_differential.rs`) holds us to it.
 //! Where llama.cpp would assert or abort on bad input, these methods return an [`Error`](crate::error::Error) and
 //! change nothing.
 
