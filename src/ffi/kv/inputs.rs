@@ -166,11 +166,12 @@ fn kq_mask(
 
 /// A caller's mask buffer of `n` elements: f32, or IEEE half bit patterns when `f16`.
 fn mask_buf<'a>(dst: *mut c_void, n: usize, f16: bool) -> Result<MaskOut<'a>> {
-    // SAFETY (both): the header requires dst to hold n writable elements of the chosen type
-    // that nothing else accesses during the call.
     Ok(if f16 {
+        // SAFETY: the header requires dst to hold n writable elements of the chosen type that
+        // nothing else accesses during the call.
         MaskOut::F16(unsafe { buf_mut(dst.cast::<u16>(), n, "dst") }?)
     } else {
+        // SAFETY: as above.
         MaskOut::F32(unsafe { buf_mut(dst.cast::<f32>(), n, "dst") }?)
     })
 }
