@@ -320,4 +320,17 @@ impl<'a> StateIn<'a> {
             None => self.meta.take_n(n, m, what),
         }
     }
+
+    /// Fails when an `ON_DEVICE` stash holds more bytes than the state described: it holds
+    /// exactly the rows of its state, so more is another state's.
+    pub fn check_stash_consumed(&self) -> Result<()> {
+        match &self.stash {
+            Some(st) if st.remaining() != 0 => Err(err!(
+                InvalidState,
+                "the stashed tensor data has {} bytes more than the state describes",
+                st.remaining()
+            )),
+            _ => Ok(()),
+        }
+    }
 }

@@ -242,6 +242,16 @@ macro_rules! leaf_memory_ops {
 }
 pub(crate) use leaf_memory_ops;
 
+/// The spare context a memory's `init_batch` is handed, as its own kind (a fresh one when
+/// there is none or it is of another kind), so the next context reuses its box and buffers.
+pub(crate) fn spare_of<T: MemoryContext + Default>(
+    spare: Option<Box<dyn MemoryContext>>,
+) -> Box<T> {
+    spare
+        .and_then(|b| b.into_any().downcast::<T>().ok())
+        .unwrap_or_default()
+}
+
 /// A restore's destination: -1 (everything) or a sequence id below `limit`.
 pub(crate) fn check_dest(seq: i32, limit: u32) -> Result<()> {
     if seq != -1 && (seq < 0 || seq as u32 >= limit) {

@@ -73,9 +73,7 @@ impl Memory for KvMemory {
         spare: Option<Box<dyn MemoryContext>>,
     ) -> Result<Box<dyn MemoryContext>> {
         // Keep the spare's box as well as its buffers: the next context lives in it.
-        let mut b = spare
-            .and_then(|b| b.into_any().downcast::<KvContext>().ok())
-            .unwrap_or_default();
+        let mut b = crate::memory::spare_of::<KvContext>(spare);
         let old = std::mem::take(&mut *b);
         *b = self.cache.init_batch(ubatches, Some(old))?;
         Ok(b)

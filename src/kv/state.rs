@@ -498,15 +498,7 @@ impl KvMemory {
     fn read_blob(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.check_dest(seq)?;
         let plans = self.parse(seq, inp)?;
-        if let Some(st) = &inp.stash {
-            if st.remaining() != 0 {
-                return Err(err!(
-                    InvalidState,
-                    "the stashed tensor data has {} bytes more than the state describes",
-                    st.remaining()
-                ));
-            }
-        }
+        inp.check_stash_consumed()?;
         if seq == -1 {
             self.restore_whole(&plans)
         } else {

@@ -81,9 +81,7 @@ impl Memory for RecurrentMemory {
         ubatches: &[Ubatch<'_>],
         spare: Option<Box<dyn MemoryContext>>,
     ) -> Result<Box<dyn MemoryContext>> {
-        let mut b = spare
-            .and_then(|b| b.into_any().downcast::<RsContext>().ok())
-            .unwrap_or_default();
+        let mut b = crate::memory::spare_of::<RsContext>(spare);
         let old = std::mem::take(&mut *b);
         let status = self.cache.plan(ubatches)?;
         *b = if status == crate::memory::Status::Success {

@@ -348,16 +348,7 @@ impl RecurrentMemory {
     fn read_blob(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.check_dest(seq)?;
         let plan = self.parse(seq, inp)?;
-        // an ON_DEVICE stash holds exactly the rows of its state: more is another state's
-        if let Some(st) = &inp.stash {
-            if st.remaining() != 0 {
-                return Err(err!(
-                    InvalidState,
-                    "the stashed tensor data has {} bytes more than the state describes",
-                    st.remaining()
-                ));
-            }
-        }
+        inp.check_stash_consumed()?;
         let (next, head) = self.restored_cache(seq, &plan.cells)?;
         self.cache = next;
         if seq == -1 {
