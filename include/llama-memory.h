@@ -56,6 +56,20 @@ struct ggml_cgraph;
 // Patch version.
 #define LLAMA_MEMORY_VERSION_PATCH 0
 
+// The last restore stopped before its first count was read and checked (or succeeded
+// without reading one).
+#define LLAMA_MEMORY_READ_HEADER 0
+
+// The last restore stopped reading a KV stream's cell count.
+#define LLAMA_MEMORY_READ_COUNT 1
+
+// The last restore stopped in a stream's cells (llama.cpp's `state_read_meta`).
+#define LLAMA_MEMORY_READ_META 2
+
+// The last restore stopped in a stream's tensor data (llama.cpp's `state_read_data`), or
+// finished.
+#define LLAMA_MEMORY_READ_DATA 3
+
 // Context status: there is work to apply (`LLAMA_MEMORY_STATUS_SUCCESS`).
 #define LLAMA_MEMORY_CTX_SUCCESS 0
 
@@ -198,6 +212,10 @@ typedef int32_t llama_seq_id;
 
 // `llama_pos` of llama.h.
 typedef int32_t llama_pos;
+
+// A log callback: `level` is ggml's `ggml_log_level` (1 debug, 2 info, 3 warn, 4 error),
+// `text` one NUL-terminated line ending in a newline, valid during the call.
+typedef void (*llama_memory_log_callback)(int32_t level, const char *text, void *user);
 
 // Handle to a memory context.
 typedef struct llama_memory_ctx *llama_memory_ctx_t;
@@ -561,6 +579,23 @@ uint32_t llama_memory_n_seq_max(llama_memory_t mem);
 //
 // Off by default. Returns OK, or an error for NULL.
 llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
+
+// Sends the memory's log lines to `cb` (NULL: nowhere, the default). The lines are the ones
+// llama.cpp's own `llama_kv_cache` / `llama_memory_recurrent` log at the same moments, with
+// their text and level (the drop-in libllama forwards them to llama.cpp's logger, so its log
+// reads as stock's). `cb` is called from the thread of the call that logs, with `user`,
+// until it is replaced; it must not call back into the memory. Returns OK, or an error for
+// NULL `mem`.
+llama_memory_result llama_memory_set_log(llama_memory_t mem,
+                                         llama_memory_log_callback cb,
+                                         void *user);
+
+// How far the memory's last restore (`llama_memory_state_*set_data*`, `_load_file`,
+// `_read_io`) got: one of `LLAMA_MEMORY_READ_*`. A caller reproducing llama.cpp's errors
+// uses it: llama.cpp lets a reader's error through when the input ends before the data
+// (`LLAMA_MEMORY_READ_DATA`) and reports every failure from there on as "failed to restore
+// kv cache". -1 for NULL.
+int32_t llama_memory_state_read_stage(llama_memory_t mem);
 
 // Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
 // own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`

@@ -122,9 +122,21 @@ llama_kv_cache::llama_kv_cache(
     int32_t n_embd_head_k_all = 0;
     int32_t n_embd_head_v_all = 0;
 
+    // stock's log lines, at stock's levels and in stock's order (creation, layers, reuse,
+    // buffers, size, rotation)
+    if (v_trans && hparams.is_n_embd_v_gqa_variable()) {
+        LLAMA_LOG_WARN("%s: the V embeddings have different sizes across layers and FA is not enabled - padding V cache to %d\n",
+                __func__, hparams.n_embd_v_gqa_max());
+    }
+
     std::vector<llama_memory_kv_layer> layers;
     for (uint32_t il = 0; il < n_layer; il++) {
-        if (!hparams.has_kv(il) || (filter && !filter(il))) {
+        if (!hparams.has_kv(il)) {
+            LLAMA_LOG_DEBUG("%s: layer %3d: does not have KV cache\n", __func__, il);
+            continue;
+        }
+        if (filter && !filter(il)) {
+            LLAMA_LOG_DEBUG("%s: layer %3d: filtered\n", __func__, il);
             continue;
         }
 
@@ -143,14 +155,22 @@ llama_kv_cache::llama_kv_cache(
         l.buft         = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
         layers.push_back(l);
 
+        LLAMA_LOG_DEBUG("%s: layer %3d: dev = %s\n", __func__, il, offload ? ggml_backend_dev_name(model.dev_layer(il)) : "CPU");
+
         layer_ids.push_back(il);
         map_layer_ids[il] = il;
     }
 
     if (reuse) {
+        LLAMA_LOG_DEBUG("%s: reusing layers:\n", __func__);
         for (uint32_t il = 0; il < n_layer; il++) {
             const int32_t il_reuse = reuse(il);
-            if (il_reuse < 0 || (filter && !filter(il))) {
+            if (il_reuse < 0) {
+                LLAMA_LOG_DEBUG("%s: - layer %3d: no reuse\n", __func__, il);
+                continue;
+            }
+            if (filter && !filter(il)) {
+                LLAMA_LOG_DEBUG("%s: - layer %3d: filtered\n", __func__, il);
                 continue;
             }
             if (map_layer_ids.find(il_reuse) == map_layer_ids.end()) {
@@ -163,13 +183,15 @@ llama_kv_cache::llama_kv_cache(
             l.reuse        = il_reuse;
             layers.push_back(l);
             map_layer_ids[il] = map_layer_ids[il_reuse];
+            LLAMA_LOG_DEBUG("%s: - layer %3d: reuse layer %d, is_swa = %d\n", __func__, il, il_reuse, hparams.is_swa(il));
         }
     }
 
     // the attention rotation of quantized caches, as llama.cpp decides it
+    bool rot_disable = false;
     {
         const char * env = getenv("LLAMA_ATTN_ROT_DISABLE");
-        const bool rot_disable = env ? atoi(env) : false;
+        rot_disable = env ? atoi(env) : false;
 
         bool rot_k = !rot_disable && n_embd_head_k_all > 0 && ggml_is_quantized(type_k) && hparams.n_embd_head_k() % 64 == 0;
         if ((model.arch == LLM_ARCH_DEEPSEEK32 || model.arch == LLM_ARCH_DEEPSEEK4 ||
@@ -226,6 +248,7 @@ llama_kv_cache::llama_kv_cache(
         llama_memory_dropin_throw("failed to create the KV cache");
     }
     check(llama_memory_set_stock_compat(mem, true), "KV cache");
+    check(llama_memory_set_log(mem, llama_memory_dropin_log, nullptr), "KV cache");
 
     slots = llama_memory_slots_init();
     if (!slots) {
@@ -236,6 +259,29 @@ llama_kv_cache::llama_kv_cache(
     for (const auto & [buft, size] : memory_breakdown()) {
         LLAMA_LOG_INFO("%s: %10s KV buffer size = %8.2f MiB\n", __func__, ggml_backend_buft_name(buft), size/1024.0/1024.0);
     }
+
+    {
+        size_t memory_size_k = 0;
+        size_t memory_size_v = 0;
+        for (const uint32_t il : layer_ids) {
+            const ggml_tensor * k = llama_memory_kv_get_k_tensor(mem, il);
+            const ggml_tensor * v = is_mla ? nullptr : llama_memory_kv_get_v_tensor(mem, il);
+            memory_size_k += k ? ggml_nbytes(k) : 0;
+            memory_size_v += v ? ggml_nbytes(v) : 0;
+        }
+        llama_memory_clear_last_error();
+        LLAMA_LOG_INFO("%s: size = %7.2f MiB (%6u cells, %3d layers, %2u/%u seqs), K (%s): %7.2f MiB, V (%s): %7.2f MiB\n", __func__,
+                (float)(memory_size_k + memory_size_v) / (1024.0f * 1024.0f), kv_size, (int) layer_ids.size(), n_seq_max, n_stream,
+                ggml_type_name(type_k), (float)memory_size_k / (1024.0f * 1024.0f),
+                ggml_type_name(type_v), (float)memory_size_v / (1024.0f * 1024.0f));
+    }
+
+    if (rot_disable) {
+        LLAMA_LOG_WARN("%s: attention rotation force disabled (LLAMA_ATTN_ROT_DISABLE)\n", __func__);
+    }
+    // (stock's second line names n_embd_head_k_all for the V value too)
+    LLAMA_LOG_INFO("%s: n_rot_k = %u, n_embd_head_k_all = %d\n", __func__, n_rot_k, n_embd_head_k_all);
+    LLAMA_LOG_INFO("%s: n_rot_v = %u, n_embd_head_k_all = %d\n", __func__, n_rot_v, n_embd_head_v_all);
 }
 
 llama_kv_cache::~llama_kv_cache() {
@@ -341,6 +387,7 @@ bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_co
     if (!sc_info.empty()) {
         llama_synchronize(lctx);
         for (size_t i = 0; i < sc_info.ssrc.size(); ++i) {
+            LLAMA_LOG_DEBUG("%s: copying KV buffer: stream %d to stream %d\n", __func__, sc_info.ssrc[i], sc_info.sdst[i]);
             check(llama_memory_kv_copy_stream(mem, sc_info.ssrc[i], sc_info.sdst[i]), "stream copy");
         }
     }
@@ -349,6 +396,8 @@ bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_co
         if (!get_can_shift()) {
             throw std::runtime_error("the KV cache / model configuration does not support K-shift");
         }
+
+        LLAMA_LOG_DEBUG("%s: applying K-shift\n", __func__);
 
         if (hparams.rope_type != LLAMA_ROPE_TYPE_NONE) {
             auto * sched = lctx->get_sched();
@@ -578,12 +627,7 @@ const slot_info_vec_t *   sinfos_in) {
     if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
         return;
     }
-    // In stock-compatible mode the library has given the failure llama.cpp's effect on the
-    // cache (the destination erased where stock erases it).
-    if (r.error) {
-        std::rethrow_exception(r.error);
-    }
-    llama_memory_dropin_throw("failed to restore kv cache");
+    llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
 }
 
 void llama_kv_cache::state_clear(llama_seq_id seq_id) {

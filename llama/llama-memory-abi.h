@@ -26,6 +26,7 @@
 }
 
 #include "llama-batch.h"
+#include "llama-impl.h"
 #include "llama-io.h"
 
 #include <cstdint>
@@ -73,6 +74,30 @@ inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdow
     std::map<ggml_backend_buffer_type_t, size_t> cls::memory_breakdown() const {                    \
         return llama_memory_dropin_breakdown(mem);                                                  \
     }
+
+// The library's log lines (llama.cpp's own lines of these memories, with their levels) into
+// llama.cpp's logger; set on every memory the adapters create.
+inline void llama_memory_dropin_log(int32_t level, const char * text, void * user) {
+    (void) user;
+    llama_log_internal((ggml_log_level) level, "%s", text);
+}
+
+// After a failed restore, the error llama.cpp reports for it: the reader's own when the input
+// ended before the tensor data (`io_error`), "n_stream mismatch" for a KV state of another
+// stream count, and "failed to restore kv cache" for everything else (every failure in the
+// data included), as upstream's state_read; the library already gave the failure stock's
+// effect on the memory (stock-compatible mode).
+[[noreturn]] inline void llama_memory_dropin_read_failed(
+        llama_memory_dropin_t mem, const std::exception_ptr & io_error, bool kv) {
+    const int32_t stage = llama_memory_state_read_stage(mem);
+    if (io_error && stage != LLAMA_MEMORY_READ_DATA) {
+        std::rethrow_exception(io_error);
+    }
+    if (kv && stage == LLAMA_MEMORY_READ_HEADER) {
+        throw std::runtime_error("n_stream mismatch");
+    }
+    throw std::runtime_error("failed to restore kv cache");
+}
 
 // The library's view of a llama_ubatch: the same arrays, borrowed (no token data copied).
 inline llama_memory_ubatch llama_memory_dropin_ubatch(const llama_ubatch & ub) {

@@ -34,12 +34,15 @@ llama_memory_recurrent::llama_memory_recurrent(
     std::vector<llama_memory_rs_layer> layers;
     for (uint32_t il = 0; il < n_layer; ++il) {
         if (filter && !filter(il)) {
+            LLAMA_LOG_DEBUG("%s: layer %3d: skipped\n", __func__, il);
             continue;
         }
         ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
         if (offload) {
             buft = ggml_backend_dev_buffer_type(model.dev_layer(il));
         }
+        // (stock's own punctuation)
+        LLAMA_LOG_DEBUG("%s, layer %3d: dev = %s\n", __func__, il, offload ? ggml_backend_dev_name(model.dev_layer(il)) : "CPU");
         llama_memory_rs_layer l = {};
         l.il       = il;
         l.n_embd_r = hparams.n_embd_r();
@@ -63,7 +66,8 @@ llama_memory_recurrent::llama_memory_recurrent(
     if (!mem) {
         llama_memory_dropin_throw("failed to create the recurrent memory");
     }
-    if (llama_memory_set_stock_compat(mem, true) != LLAMA_MEMORY_OK) {
+    if (llama_memory_set_stock_compat(mem, true) != LLAMA_MEMORY_OK ||
+        llama_memory_set_log(mem, llama_memory_dropin_log, nullptr) != LLAMA_MEMORY_OK) {
         llama_memory_free(mem);
         llama_memory_dropin_throw("failed to create the recurrent memory");
     }
@@ -83,6 +87,29 @@ llama_memory_recurrent::llama_memory_recurrent(
     const auto bd = memory_breakdown();
     for (const auto & [buft, size] : bd) {
         LLAMA_LOG_INFO("%s: %10s RS buffer size = %8.2f MiB\n", __func__, ggml_backend_buft_name(buft), size/1024.0/1024.0);
+    }
+
+    // a memory without layers keeps no rollback planes (the library uses none; the composites
+    // read this member, as upstream's)
+    if (layers.empty() && this->n_rs_seq > 0) {
+        this->n_rs_seq = 0;
+        LLAMA_LOG_INFO("%s: disabling rollback snapshots because the memory module is empty\n", __func__);
+    }
+
+    {
+        size_t memory_size_r = 0;
+        size_t memory_size_s = 0;
+        size_t memory_size_p = 0;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            memory_size_r += r_l[il] ? ggml_nbytes(r_l[il]) : 0;
+            memory_size_s += s_l[il] ? ggml_nbytes(s_l[il]) : 0;
+            memory_size_p += p_l[il] ? ggml_nbytes(p_l[il]) : 0;
+        }
+        LLAMA_LOG_INFO("%s: size = %7.2f MiB (%6u cells, %3d layers, %2u seqs %2u rs_seq), R (%s): %7.2f MiB, S (%s): %7.2f MiB, P (%s): %7.2f MiB\n", __func__,
+                (float)(memory_size_r + memory_size_s + memory_size_p) / (1024.0f * 1024.0f), mem_size, n_layer, n_seq_max, this->n_rs_seq,
+                ggml_type_name(type_r), (float)memory_size_r / (1024.0f * 1024.0f),
+                ggml_type_name(type_s), (float)memory_size_s / (1024.0f * 1024.0f),
+                ggml_type_name(type_r), (float)memory_size_p / (1024.0f * 1024.0f));
     }
 }
 
@@ -166,12 +193,7 @@ void llama_memory_recurrent::state_read(llama_io_read_i & io, llama_seq_id seq_i
     if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
         return;
     }
-    // In stock-compatible mode the library has given the failure llama.cpp's effect (the
-    // destination erased once the cell count was read).
-    if (r.error) {
-        std::rethrow_exception(r.error);
-    }
-    llama_memory_dropin_throw("failed to restore the recurrent state");
+    llama_memory_dropin_read_failed(mem, r.error, /* kv = */ false);
 }
 
 llama_memory_rs_info llama_memory_recurrent::info() const {

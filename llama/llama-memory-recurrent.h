@@ -71,8 +71,9 @@ public:
     void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
     void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
 
-    // number of recurrent-state snapshots per seq for rollback (the constructor's argument)
-    const uint32_t n_rs_seq = 0;
+    // number of recurrent-state snapshots per seq for rollback (the constructor's argument; 0
+    // for a memory without layers, as upstream)
+    uint32_t n_rs_seq = 0;
 
     //
     // for llama_memory_recurrent_context

@@ -55,18 +55,76 @@ pub enum Status {
     FailedCompute = 3,
 }
 
-/// How far a failed restore got, which decides llama.cpp's effect of the failure (what a
-/// memory in stock-compatible mode reproduces, [`Memory::set_stock_compat`]).
+/// How far a restore got, which decides llama.cpp's effect of a failure (what a memory in
+/// stock-compatible mode reproduces, [`Memory::set_stock_compat`]) and the error llama.cpp
+/// reports. The values are the C ABI's `LLAMA_MEMORY_READ_*`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(i32)]
 pub enum ReadStage {
     /// Before the input's first count was read and checked: llama.cpp changes nothing.
     #[default]
-    Header,
+    Header = 0,
     /// Reading a KV stream's cell count: llama.cpp's reader throws before that stream's
     /// restore begins.
-    Count,
-    /// Inside a stream's cells or tensor data: llama.cpp erases the destination.
-    Stream,
+    Count = 1,
+    /// Inside a stream's cells (`state_read_meta`): llama.cpp erases the destination; an
+    /// input that ends here fails with the reader's own error.
+    Meta = 2,
+    /// Inside a stream's tensor data (`state_read_data`): llama.cpp erases the destination and
+    /// reports every failure as "failed to restore kv cache".
+    Data = 3,
+}
+
+/// A log line's level (ggml's `ggml_log_level` values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum LogLevel {
+    /// `GGML_LOG_LEVEL_DEBUG`.
+    Debug = 1,
+    /// `GGML_LOG_LEVEL_INFO`.
+    Info = 2,
+    /// `GGML_LOG_LEVEL_WARN`.
+    Warn = 3,
+    /// `GGML_LOG_LEVEL_ERROR`.
+    Error = 4,
+}
+
+/// The function a log line goes to.
+pub type LogFn = dyn Fn(LogLevel, &str) + Send + Sync;
+
+/// Where a memory's log lines go: nowhere by default, or a caller's function (the drop-in
+/// hands them to llama.cpp's logger, so they read as stock's). The lines are llama.cpp's own,
+/// with its function names, text and levels, each ending in a newline.
+#[derive(Clone, Default)]
+pub struct Log(Option<std::sync::Arc<LogFn>>);
+
+impl Log {
+    /// Lines go to `f`.
+    pub fn to(f: std::sync::Arc<LogFn>) -> Log {
+        Log(Some(f))
+    }
+
+    /// Whether someone listens.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Emits the line `line()` builds, which is only built when someone listens.
+    pub fn emit(&self, level: LogLevel, line: impl FnOnce() -> String) {
+        if let Some(f) = &self.0 {
+            f(level, &line());
+        }
+    }
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Log(on)"
+        } else {
+            "Log(off)"
+        })
+    }
 }
 
 /// What a part plays in its composite memory.
@@ -145,6 +203,19 @@ pub trait Memory: Any + Send {
                 part.set_stock_compat(on);
             }
         }
+    }
+    /// Where the memory's log lines go (llama.cpp's, where it logs); a composite passes it to
+    /// its parts.
+    fn set_log(&mut self, log: Log) {
+        for i in 0..self.n_parts() {
+            if let Some((_, part)) = self.part_mut(i) {
+                part.set_log(log.clone());
+            }
+        }
+    }
+    /// How far the last restore got before it failed or finished.
+    fn read_stage(&self) -> ReadStage {
+        ReadStage::Header
     }
     /// Whether model layer `il` keeps its tensors in this memory (or in one of its parts).
     fn has_layer(&self, il: u32) -> bool;

@@ -3,7 +3,8 @@
 //! the memory breakdown and the version. The constructors are the kinds' own (`kv/`,
 //! `recurrent.rs`).
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::Arc;
 
 use super::handle::{free_box, llama_memory_t, llama_pos, llama_seq_id};
 
@@ -154,6 +155,87 @@ pub extern "C" fn llama_memory_set_stock_compat(
         let m = try_mut!(mem, "mem");
         m.inner.set_stock_compat(on);
         super::error::llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
+/// A log callback: `level` is ggml's `ggml_log_level` (1 debug, 2 info, 3 warn, 4 error),
+/// `text` one NUL-terminated line ending in a newline, valid during the call.
+#[allow(non_camel_case_types)]
+pub type llama_memory_log_callback =
+    Option<unsafe extern "C" fn(level: i32, text: *const c_char, user: *mut c_void)>;
+
+/// The caller's callback and its `user` pointer; the caller vouches for both (header rule).
+struct LogTarget {
+    cb: unsafe extern "C" fn(i32, *const c_char, *mut c_void),
+    user: *mut c_void,
+}
+
+// SAFETY: the header requires the callback to accept calls from whichever thread uses the
+// memory, with `user`, for as long as it is set; the library calls it only from such calls.
+unsafe impl Send for LogTarget {}
+// SAFETY: as above; the target is never mutated after it is made.
+unsafe impl Sync for LogTarget {}
+
+impl LogTarget {
+    /// Passes one line to the callback.
+    fn call(&self, level: i32, line: &str) {
+        // a line with a NUL in it is cut there rather than lost
+        let line = CString::new(line.split('\0').next().unwrap_or_default()).unwrap_or_default();
+        // SAFETY: the caller's callback and user pointer (see above), with a NUL-terminated
+        // line that lives through the call.
+        unsafe { (self.cb)(level, line.as_ptr(), self.user) }
+    }
+}
+
+/// Sends the memory's log lines to `cb` (NULL: nowhere, the default). The lines are the ones
+/// llama.cpp's own `llama_kv_cache` / `llama_memory_recurrent` log at the same moments, with
+/// their text and level (the drop-in libllama forwards them to llama.cpp's logger, so its log
+/// reads as stock's). `cb` is called from the thread of the call that logs, with `user`,
+/// until it is replaced; it must not call back into the memory. Returns OK, or an error for
+/// NULL `mem`.
+#[no_mangle]
+pub extern "C" fn llama_memory_set_log(
+    mem: llama_memory_t,
+    cb: llama_memory_log_callback,
+    user: *mut c_void,
+) -> super::error::llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let log = match cb {
+            None => crate::memory::Log::default(),
+            Some(cb) => {
+                let target = LogTarget { cb, user };
+                crate::memory::Log::to(Arc::new(move |level, line: &str| {
+                    target.call(level as i32, line)
+                }))
+            }
+        };
+        m.inner.set_log(log);
+        super::error::llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
+/// The last restore stopped before its first count was read and checked (or succeeded
+/// without reading one).
+pub const LLAMA_MEMORY_READ_HEADER: i32 = 0;
+/// The last restore stopped reading a KV stream's cell count.
+pub const LLAMA_MEMORY_READ_COUNT: i32 = 1;
+/// The last restore stopped in a stream's cells (llama.cpp's `state_read_meta`).
+pub const LLAMA_MEMORY_READ_META: i32 = 2;
+/// The last restore stopped in a stream's tensor data (llama.cpp's `state_read_data`), or
+/// finished.
+pub const LLAMA_MEMORY_READ_DATA: i32 = 3;
+
+/// How far the memory's last restore (`llama_memory_state_*set_data*`, `_load_file`,
+/// `_read_io`) got: one of `LLAMA_MEMORY_READ_*`. A caller reproducing llama.cpp's errors
+/// uses it: llama.cpp lets a reader's error through when the input ends before the data
+/// (`LLAMA_MEMORY_READ_DATA`) and reports every failure from there on as "failed to restore
+/// kv cache". -1 for NULL.
+#[no_mangle]
+pub extern "C" fn llama_memory_state_read_stage(mem: llama_memory_t) -> i32 {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        m.inner.read_stage() as i32
     })
 }
 

@@ -98,4 +98,10 @@ impl Memory for KvMemory {
         self.cache.set_stock_seq_ids(on);
         self.stock_failure = on;
     }
+    fn set_log(&mut self, log: crate::memory::Log) {
+        self.cache.log = log;
+    }
+    fn read_stage(&self) -> ReadStage {
+        self.stage.get()
+    }
 }

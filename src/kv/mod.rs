@@ -152,6 +152,8 @@ pub struct KvCache {
     /// Sequence ids the operations accept: `n_seq_max`, or all 256 on a unified cache in
     /// llama.cpp's compatible mode ([`KvCache::set_stock_seq_ids`]).
     seq_limit: u32,
+    /// Where llama.cpp's log lines of the cache go.
+    pub(crate) log: crate::memory::Log,
 }
 
 /// What `prepare` saves before placing each ubatch: every stream's head, and the slot cells.
@@ -230,6 +232,7 @@ impl KvCache {
             keys: Vec::new(),
             prep: PrepScratch::default(),
             seq_limit: p.n_seq_max,
+            log: Default::default(),
             p,
         })
     }

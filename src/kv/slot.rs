@@ -5,6 +5,7 @@
 use super::{is_masked_swa, KvCache, SwaType};
 use crate::cells::{CellExt, Cells, Snapshot, MAX_SEQ};
 use crate::error::{err, Result};
+use crate::memory::LogLevel;
 use crate::ubatch::Ubatch;
 
 /// Cells chosen for a ubatch: token `k * size() + i` goes to cell `idxs[k][i]` of stream
@@ -237,6 +238,62 @@ impl KvCache {
     /// the sliding window are purged together with every older position of their sequence, so
     /// that each sequence's positions stay contiguous.
     pub fn apply_ubatch(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>) {
+        self.apply_ubatch_logged(slot, ub, true);
+    }
+
+    /// The purges [`KvCache::apply_ubatch`] of `slot` would make now, as `(seq, from, to)`
+    /// (positions `from..=to` of `seq`), without changing anything: each sequence that loses a
+    /// cell of the slot loses its positions up to the lost one.
+    pub(crate) fn purges(&self, slot: &SlotInfo) -> Vec<(i32, i32, i32)> {
+        let mut max_rm = [-1i32; MAX_SEQ];
+        let mut out = Vec::new();
+        for (k, idxs) in slot.idxs.iter().enumerate() {
+            let cells = &self.cells[slot.strm[k] as usize];
+            for &idx in idxs {
+                if !cells.is_empty(idx) && cells.seq_get(idx) >= 0 {
+                    let sc = cells.seq_get(idx) as usize;
+                    max_rm[sc] = max_rm[sc].max(cells.pos_get(idx));
+                }
+            }
+        }
+        for (s, &rm) in max_rm.iter().enumerate() {
+            if rm == -1 {
+                continue;
+            }
+            // the sequence's smallest position once the slot's cells are overwritten
+            let strm = self.stream_of(s as i32);
+            let in_slot = |c: u32| {
+                slot.idxs
+                    .iter()
+                    .zip(&slot.strm)
+                    .any(|(idxs, &st)| st == strm && idxs.contains(&c))
+            };
+            let cells = &self.cells[strm as usize];
+            let pmin = cells
+                .seq_pos_iter(s as i32)
+                .filter(|&(_, c)| !in_slot(c))
+                .map(|(p, _)| p)
+                .min()
+                .unwrap_or(-1);
+            if pmin <= rm {
+                out.push((s as i32, pmin, rm));
+            }
+        }
+        out
+    }
+
+    /// llama.cpp's line for a purge of positions `from..=to` of `seq` (`apply_ubatch`).
+    pub(crate) fn log_purge(&self, seq: i32, from: i32, to: i32) {
+        self.log.emit(LogLevel::Debug, || {
+            format!(
+                "apply_ubatch: purging positions [{from}, {to}] of sequence {seq} from KV cache\n"
+            )
+        });
+    }
+
+    /// [`KvCache::apply_ubatch`], logging its purges or not (a restore logs them when it
+    /// places its cells, as llama.cpp, and applies them later).
+    pub(crate) fn apply_ubatch_logged(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>, log: bool) {
         let mut max_rm = [-1i32; MAX_SEQ];
         let per = slot.size();
         let write_ext = ub.is_pos_2d() || ub.token.is_some();
@@ -278,6 +335,9 @@ impl KvCache {
             let cells = &self.cells[self.stream_of(s as i32) as usize];
             let pmin = cells.seq_pos_min(s as i32);
             if pmin <= rm {
+                if log {
+                    self.log_purge(s as i32, pmin, rm);
+                }
                 self.seq_rm(s as i32, pmin, rm.wrapping_add(1))
                     .expect("sequence ids of placed cells are valid");
             }

@@ -24,7 +24,7 @@ use crate::cells::CellExt;
 use crate::error::{err, Result};
 use crate::failpoint;
 use crate::io::{FieldSource, IoRead, StateIn, StateOut};
-use crate::memory::{Memory, ReadStage};
+use crate::memory::{LogLevel, Memory, ReadStage};
 use crate::storage::{row_size, type_size, KvStorage, StorageLayer};
 use crate::ubatch::UbatchBuf;
 
@@ -256,7 +256,7 @@ impl KvMemory {
         if cell_count == 0 {
             return Ok(0);
         }
-        self.stage.set(ReadStage::Stream);
+        self.stage.set(ReadStage::Meta);
         if cell_count > size {
             return Err(err!(
                 InvalidState,
@@ -358,6 +358,7 @@ impl KvMemory {
         mut data: impl FnMut(&mut S, &Block) -> Result<()>,
     ) -> Result<()> {
         let p = self.cache.params();
+        self.stage.set(ReadStage::Data);
         let v_trans = inp.u32("v_trans")?;
         let n_layer = inp.u32("n_layer")?;
         let n_rot_k = inp.u32("n_rot_k")?;
@@ -489,7 +490,7 @@ impl KvMemory {
             (-1, _) => Memory::clear(self, true),
             (_, ReadStage::Count) => {}
             // an invalid destination failed before the header (check_dest), so this succeeds
-            (_, ReadStage::Stream) => {
+            (_, ReadStage::Meta | ReadStage::Data) => {
                 let _ = self.state_clear(seq);
             }
         }
@@ -562,6 +563,7 @@ impl KvMemory {
             }
             let cells = self.parse_meta(s, seq, n, io)?;
             let placed = self.begin_seq(seq, &cells)?;
+            self.log_meta(n, seq);
             let rest = self
                 .check_ranges(placed.strm, &placed.runs)
                 .and_then(|()| self.read_data_io(s, placed.strm, &placed.runs, io))
@@ -674,8 +676,16 @@ impl KvMemory {
         Ok(())
     }
 
+    /// llama.cpp's line once a sequence's cells are placed (`state_read_meta`).
+    fn log_meta(&self, n: u32, dest: i32) {
+        self.cache.log.emit(LogLevel::Debug, || {
+            format!("state_read_meta: cell_count = {n}, dest_seq_id = {dest}\n")
+        });
+    }
+
     fn restore_seq(&mut self, dest: i32, plan: &StreamPlan<'_>) -> Result<()> {
         let placed = self.begin_seq(dest, &plan.cells)?;
+        self.log_meta(plan.cells.pos.len() as u32, dest);
         // The last fallible step before the cells and tensors change: undo the removal.
         if let Err(e) = self
             .check_ranges(placed.strm, &placed.runs)
@@ -737,6 +747,12 @@ impl KvMemory {
                 "no room for {n} cells of sequence {dest} (the memory is unchanged)"
             ));
         };
+        // llama.cpp places the cells now and logs the purges the placement makes
+        if self.cache.log.is_on() {
+            for (s, from, to) in self.cache.purges(&slot) {
+                self.cache.log_purge(s, from, to);
+            }
+        }
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for &c in &slot.idxs[0] {
             match runs.last_mut() {
@@ -774,7 +790,9 @@ impl KvMemory {
 
     /// Places the cells found by [`Self::begin_seq`].
     fn commit_seq(&mut self, placed: &Placement, cells: &CellPlan) {
-        self.cache.apply_ubatch(&placed.slot, &placed.ub.view());
+        // (its purges were logged when the cells were placed)
+        self.cache
+            .apply_ubatch_logged(&placed.slot, &placed.ub.view(), false);
         if self.cache.has_cell_ext() {
             let c = self.cache.cells_mut(placed.strm);
             for (i, &idx) in placed.slot.idxs[0].iter().enumerate() {

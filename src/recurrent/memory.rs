@@ -110,4 +110,10 @@ impl Memory for RecurrentMemory {
     fn set_stock_compat(&mut self, on: bool) {
         self.stock_failure = on;
     }
+    fn set_log(&mut self, log: crate::memory::Log) {
+        self.cache.log = log;
+    }
+    fn read_stage(&self) -> ReadStage {
+        self.stage.get()
+    }
 }

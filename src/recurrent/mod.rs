@@ -30,6 +30,7 @@ pub use memory::RecurrentMemory;
 
 use crate::cells::{SeqSet, MAX_SEQ};
 use crate::error::{err, Result};
+use crate::memory::LogLevel;
 use crate::memory::Status;
 use crate::ubatch::Ubatch;
 
@@ -129,6 +130,8 @@ pub struct RsCache {
     /// The cells before `prepare`, put back after it (reused).
     prepared: Vec<RsCell>,
     refcounts: Vec<u32>,
+    /// Where llama.cpp's log lines of the memory go.
+    pub(crate) log: crate::memory::Log,
 }
 
 /// One sequence set of a ubatch as the slot search reads it: the sequence ids of its first
@@ -175,6 +178,7 @@ impl RsCache {
             saved: Vec::with_capacity(p.size as usize),
             prepared: Vec::with_capacity(p.size as usize),
             refcounts: vec![0; p.size as usize],
+            log: Default::default(),
         })
     }
 
@@ -478,15 +482,15 @@ impl RsCache {
             let i = s * n_st;
             (ub.seqs(i), ub.pos[(i + n_st - 1) as usize])
         };
-        self.find_slot_checked(ub.n_seqs, &set)
+        self.find_slot_checked(ub.n_seqs, n_st, &set)
     }
 
     /// The slot search with its undo: the cells are saved first (a copy of at most 256 cells
     /// into a reused buffer) and put back if a step llama.cpp would abort in is reached.
-    fn find_slot_checked(&mut self, n_seqs: u32, set: &SetOf<'_>) -> Result<()> {
+    fn find_slot_checked(&mut self, n_seqs: u32, n_seq_tokens: u32, set: &SetOf<'_>) -> Result<()> {
         self.saved.clone_from(&self.cells);
         let (head, used, n, rs_z) = (self.head, self.used, self.n, self.rs_z);
-        let r = self.find_slot_sets(n_seqs, set);
+        let r = self.find_slot_sets(n_seqs, n_seq_tokens, set);
         if r.is_err() {
             std::mem::swap(&mut self.cells, &mut self.saved);
             (self.head, self.used, self.n, self.rs_z) = (head, used, n, rs_z);
@@ -494,7 +498,7 @@ impl RsCache {
         r
     }
 
-    fn find_slot_sets(&mut self, n_seqs: u32, set: &SetOf<'_>) -> Result<()> {
+    fn find_slot_sets(&mut self, n_seqs: u32, n_seq_tokens: u32, set: &SetOf<'_>) -> Result<()> {
         let size = self.p.size;
         // 32-bit arithmetic, as upstream's unsigned expression
         if self.head > self.used.wrapping_add(n_seqs.wrapping_mul(2)) {
@@ -599,6 +603,16 @@ impl RsCache {
             let (seqs, last_pos) = set(s);
             let id = (min + s as i32) as usize;
             let c = &mut self.cells[id];
+            if c.pos >= 0 && last_pos != c.pos.wrapping_add(n_seq_tokens as i32) {
+                let (was, seq) = (c.pos, seqs[0]);
+                self.log.emit(LogLevel::Warn, || {
+                    format!(
+                        "find_slot: non-consecutive token position {last_pos} after {was} for \
+                         sequence {seq} with {n_seq_tokens} new tokens\n"
+                    )
+                });
+            }
+            let c = &mut self.cells[id];
             c.pos = last_pos;
             c.clear_seq();
             for &q in seqs {
@@ -683,7 +697,7 @@ impl RsCache {
         self.seq_rm(dest, -1, -1)?;
         let ids = [dest];
         let set: &SetOf<'_> = &|_s| (&ids[..], pos);
-        if let Err(e) = self.find_slot_checked(1, set) {
+        if let Err(e) = self.find_slot_checked(1, 1, set) {
             self.restore_small(before);
             return Err(e);
         }

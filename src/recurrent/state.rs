@@ -138,7 +138,7 @@ impl RecurrentMemory {
     ) -> Result<Vec<(i32, SeqSet)>> {
         let c = &self.cache;
         let count = inp.u32("cell_count")?;
-        self.stage.set(ReadStage::Stream);
+        self.stage.set(ReadStage::Meta);
         if count > c.size() {
             return Err(err!(
                 InvalidState,
@@ -195,6 +195,7 @@ impl RecurrentMemory {
             }
             cells.push((pos, set));
         }
+        self.stage.set(ReadStage::Data);
         let s_trans = inp.u32("s_trans")?;
         if s_trans != 0 {
             return Err(err!(

@@ -90,6 +90,39 @@ pub(super) unsafe fn is_vector_of(t: *mut g::ggml_tensor, n: i64) -> bool {
     ne == [n, 1, 1, 1]
 }
 
+/// How the current rows of a row write are laid out.
+enum Rows {
+    /// `[width, n_tokens]`, contiguous: written as they are.
+    Flat,
+    /// `[head, n_head, n_tokens]` with `head * n_head == width` and heads packed in a token
+    /// (upstream's `k_cur`/`v_cur`): viewed as rows, the token stride taken from `nb[2]`.
+    Heads,
+}
+
+/// The layout of `cur` for rows of `width` values, and its token count.
+///
+/// # Safety
+/// `cur` must be a valid tensor.
+unsafe fn rows_of(cur: *mut g::ggml_tensor, width: i64, what: &str) -> Result<(Rows, i64)> {
+    // SAFETY: a valid tensor (the caller's contract); these read its header.
+    let (t, contiguous) = unsafe { (&*cur, g::ggml_is_contiguous(cur)) };
+    let ne = t.ne;
+    if width > 0 && ne[3] == 1 && ne[0] * ne[1] == width {
+        // SAFETY: as above.
+        let head_row = unsafe { g::ggml_row_size(t.type_, ne[0]) };
+        if t.nb[1] == head_row && t.nb[2] >= head_row * ne[1] as usize {
+            return Ok((Rows::Heads, ne[2]));
+        }
+    } else if width > 0 && ne[0] == width && ne[2] == 1 && ne[3] == 1 && contiguous {
+        return Ok((Rows::Flat, ne[1]));
+    }
+    Err(err!(
+        InvalidArgument,
+        "{what}_cur has ne = {ne:?}: expected [head, n_head, n_tokens] with head * n_head = \
+         {width} and packed heads, or contiguous [{width}, n_tokens]"
+    ))
+}
+
 /// Types `ggml_set_rows` takes for the rows written.
 const ROW_TYPES: [g::ggml_type; 2] = [g::GGML_TYPE_F32, g::GGML_TYPE_F16];
 /// Types `ggml_set_rows` takes for the row indices.
@@ -327,41 +360,64 @@ impl KvStorage {
         }
         // SAFETY: forwarded contract.
         unsafe {
-            check_ctx(ctx, 3)?;
+            check_ctx(ctx, 5)?;
             check_type(v_cur, &ROW_TYPES, "v_cur")?;
             check_type(v_idxs, &IDX_TYPES, "v_idxs")?;
         }
-        // SAFETY: caller tensors (valid, checked non-NULL) are read for their shape; the
-        // reshapes keep the element counts, which are checked first.
+        let width = l.n_embd_v_gqa as i64;
+        // SAFETY: caller tensors (valid, checked non-NULL) are read for their shape; every
+        // view and reshape keeps inside them (checked first), as upstream's `cpy_v` builds them.
         unsafe {
-            let n_tokens = g::ggml_nelements(v_cur) / l.n_embd_v_gqa as i64;
+            let (rows, n_tokens) = rows_of(v_cur, width, "v_cur")?;
             let e_v = (*l.v).ne[0];
-            if l.n_embd_v_gqa as i64 != e_v {
-                return Err(err!(
-                    Unsupported,
-                    "layer {il} is narrower than the transposed V ({} < {e_v}): pad v_cur first",
-                    l.n_embd_v_gqa
-                ));
-            }
-            if g::ggml_nelements(v_cur) != n_tokens * e_v
-                || !is_vector_of(v_idxs, n_tokens * e_v)
-                || !g::ggml_is_contiguous(v_cur)
-            {
+            if width > e_v || !is_vector_of(v_idxs, n_tokens * e_v) {
                 return Err(err!(
                     InvalidArgument,
-                    "v_cur must be contiguous [E_v, n_tokens] and v_idxs [n_tokens * E_v]"
+                    "v_cur must hold rows of {width} <= E_v = {e_v} values and v_idxs \
+                     n_tokens * E_v indices"
                 ));
+            }
+            // rows of the layer's width, contiguous (upstream: reshape, or a copy when the
+            // token stride is not the row size)
+            let mut cur = match rows {
+                Rows::Flat => v_cur,
+                Rows::Heads
+                    if (*v_cur).nb[2] == g::ggml_row_size((*v_cur).type_, width)
+                        && g::ggml_is_contiguous(v_cur) =>
+                {
+                    non_null(
+                        g::ggml_reshape_2d(ctx, v_cur, width, n_tokens),
+                        "the V rows",
+                    )?
+                }
+                Rows::Heads => {
+                    non_null(g::ggml_cont_2d(ctx, v_cur, width, n_tokens), "the V rows")?
+                }
+            };
+            if !g::ggml_is_contiguous(cur) {
+                return Err(err!(InvalidArgument, "v_cur must be contiguous"));
+            }
+            // a layer narrower than the widest one (upstream's TAG_V_CACHE_VARIABLE)
+            if width < e_v {
+                cur = non_null(
+                    g::ggml_pad(ctx, cur, (e_v - width) as i32, 0, 0, 0),
+                    "the V padding",
+                )?;
             }
             let total = g::ggml_nelements(l.v);
             let dst = non_null(g::ggml_reshape_2d(ctx, l.v, 1, total), "the V scalar rows")?;
             let src = non_null(
-                g::ggml_reshape_2d(ctx, v_cur, 1, n_tokens * e_v),
+                g::ggml_reshape_2d(ctx, cur, 1, g::ggml_nelements(cur)),
                 "the V_cur scalar rows",
             )?;
             non_null(g::ggml_set_rows(ctx, dst, src, v_idxs), "the V row write")
         }
     }
 
+    /// `ggml_set_rows` of `cur` into the rows of `cache` (`width` values each) at `idxs`, built
+    /// node for node as upstream's `cpy_k` and non-transposed `cpy_v`: a 2-D view of the
+    /// current rows, the cache merged over its streams only when it has several.
+    ///
     /// # Safety
     /// As [`Self::cpy_k`].
     unsafe fn set_rows(
@@ -379,22 +435,29 @@ impl KvStorage {
             check_type(cur, &ROW_TYPES, "the current rows")?;
             check_type(idxs, &IDX_TYPES, "the row indices")?;
         }
-        // SAFETY: valid caller tensors; reshapes keep element counts, checked first.
+        let width = width as i64;
+        // SAFETY: valid caller tensors, read for their shape; the view keeps inside `cur`
+        // (checked by rows_of) and the reshape keeps the cache's element count.
         unsafe {
-            let n = g::ggml_nelements(cur);
-            if width == 0 || n % width as i64 != 0 || !is_vector_of(idxs, n / width as i64) {
+            let (rows, n_tokens) = rows_of(cur, width, what)?;
+            if !is_vector_of(idxs, n_tokens) {
                 return Err(err!(
                     InvalidArgument,
-                    "{what}_cur has {n} elements, not rows of {width} matching the indices"
+                    "{what}: {n_tokens} rows of {width} values, but the indices do not match"
                 ));
             }
-            let n_tokens = n / width as i64;
-            let rows = self.spec.size as i64 * self.spec.n_stream as i64;
-            let dst = non_null(g::ggml_reshape_2d(ctx, cache, width as i64, rows), what)?;
-            let src = if g::ggml_is_contiguous(cur) {
-                non_null(g::ggml_reshape_2d(ctx, cur, width as i64, n_tokens), what)?
+            let src = match rows {
+                Rows::Flat => cur,
+                Rows::Heads => non_null(
+                    g::ggml_view_2d(ctx, cur, width, n_tokens, (*cur).nb[2], 0),
+                    what,
+                )?,
+            };
+            let dst = if self.spec.n_stream > 1 {
+                let rows = self.spec.size as i64 * self.spec.n_stream as i64;
+                non_null(g::ggml_reshape_2d(ctx, cache, width, rows), what)?
             } else {
-                return Err(err!(InvalidArgument, "{what}_cur must be contiguous"));
+                cache
             };
             non_null(g::ggml_set_rows(ctx, dst, src, idxs), what)
         }

@@ -3,6 +3,7 @@
  * unchanged). Byte-level compatibility with llama.cpp is shown by tests/kv_state_compat.rs. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.h"
 
@@ -27,6 +28,16 @@ static llama_memory_t make(void) {
     sp.layers = layers;
     sp.n_layers = 2;
     return llama_memory_kv_init_with_storage(p, &sp);
+}
+
+/* Collects the memory's log lines. */
+static char log_buf[4096];
+static int log_level;
+
+static void collect(int32_t level, const char *text, void *user) {
+    (void) user;
+    log_level = level;
+    strncat(log_buf, text, sizeof(log_buf) - strlen(log_buf) - 1);
 }
 
 int main(void) {
@@ -84,6 +95,31 @@ int main(void) {
     test_snapshot_take(mem, &after);
     CHECK(test_snapshot_equal(&before, &after));
     CHECK(llama_memory_seq_pos_max(mem, 1) == 4);
+
+    /* llama.cpp's log line of a sequence restore through the caller's callback, and how far
+     * each cut blob got (header, cell count, cells, tensor data) */
+    CHECK(llama_memory_set_log(mem, collect, NULL) == LLAMA_MEMORY_OK);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == n);
+    CHECK(strcmp(log_buf, "state_read_meta: cell_count = 5, dest_seq_id = 1\n") == 0);
+    CHECK(log_level == 1 /* GGML_LOG_LEVEL_DEBUG */);
+    CHECK(llama_memory_state_read_stage(mem) == LLAMA_MEMORY_READ_DATA);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, 8 + 2, 1) == 0);
+    CHECK(llama_memory_state_read_stage(mem) == LLAMA_MEMORY_READ_HEADER);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, 8 + 4 + 2, 1) == 0);
+    CHECK(llama_memory_state_read_stage(mem) == LLAMA_MEMORY_READ_COUNT);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, 8 + 4 + 4 + 30, 1) == 0);
+    CHECK(llama_memory_state_read_stage(mem) == LLAMA_MEMORY_READ_META);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, 8 + 4 + 4 + 60 + 20, 1) == 0);
+    CHECK(llama_memory_state_read_stage(mem) == LLAMA_MEMORY_READ_DATA);
+    /* off again: no more lines; bad handles */
+    log_buf[0] = '\0';
+    CHECK(llama_memory_set_log(mem, NULL, NULL) == LLAMA_MEMORY_OK);
+    CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == n);
+    CHECK(log_buf[0] == '\0');
+    CHECK(llama_memory_set_log(NULL, collect, NULL) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+    CHECK(llama_memory_state_read_stage(NULL) == -1);
+    test_snapshot_take(mem, &after);
+    CHECK(test_snapshot_equal(&before, &after));
 
     /* whole memory */
     nw = llama_memory_state_get_size(mem);

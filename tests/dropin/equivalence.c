@@ -15,7 +15,8 @@
  * a whole-state restore, sequence ids in [n_seq_max, 256) on a unified cache, a batch that
  * does not fit (the failure path), and clears. Every return value, every sequence's position
  * range after each memory operation, every logit vector (the float bits) and every state blob
- * or file go into <out.txt>, as text (hex), so `diff` shows where two runs part.
+ * or file go into <out.txt>, as text (hex), so `diff` shows where two runs part, and so does
+ * every log message (see record_log).
  *
  * Exit status: 0 when the workload ran (whatever the calls returned: those are compared), 1 on
  * a setup failure (arguments, model, context, allocation).
@@ -23,6 +24,7 @@
 #include "llama.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +39,20 @@ static llama_memory_t mem;
 static int n_vocab;
 static int verbose;
 static const char *out_path;
+
+/* The nodes of every graph the scheduler computed since the last decode record (each node is
+ * asked about once; observing none, the scheduler computes as without a callback), so each
+ * decode's graph size, a K-shift's included, is compared too. */
+static long n_nodes;
+
+static bool count_nodes(struct ggml_tensor *t, bool ask, void *user) {
+    (void) t;
+    (void) user;
+    if (ask) {
+        n_nodes++;
+    }
+    return false;
+}
 
 static void die(const char *what) {
     fprintf(stderr, "equivalence: %s\n", what);
@@ -110,8 +126,9 @@ static int decode(const char *tag, const struct tok *toks, int n, llama_token ne
         b.logits[i] = toks[i].output;
     }
     b.n_tokens = n;
+    n_nodes = 0;
     int rc = llama_decode(ctx, b);
-    rec("decode %s n=%d rc=%d", tag, n, rc);
+    rec("decode %s n=%d rc=%d graph nodes=%ld", tag, n, rc, n_nodes);
     if (rc == 0) {
         for (int i = 0; i < n; i++) {
             if (!toks[i].output) {
@@ -219,8 +236,69 @@ static void rec_file(const char *tag, const char *path) {
     free(buf);
 }
 
+/* Every log message of llama.cpp and ggml, at every level, goes into <out.txt> as one line
+ * "log <level> <text>" (newlines as \n, addresses and millisecond timings masked), so the
+ * drop-in's log is compared with stock's message by message: the memory's own lines (layers,
+ * buffer sizes, size summary, n_rot, K-shift, restores, purges) and the graph sizes
+ * sched_reserve reports. Messages before <out.txt> is open wait in memory. */
+static char *pending;
+static size_t pending_len, pending_cap;
+
+static void put_log(const char *s, size_t n) {
+    if (out) {
+        fwrite(s, 1, n, out);
+        return;
+    }
+    if (pending_len + n > pending_cap) {
+        size_t cap = pending_cap ? pending_cap * 2 : 1 << 16;
+        while (cap < pending_len + n) cap *= 2;
+        char *p = realloc(pending, cap);
+        if (!p) die("out of memory");
+        pending = p;
+        pending_cap = cap;
+    }
+    memcpy(pending + pending_len, s, n);
+    pending_len += n;
+}
+
+static int is_hex(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+static void record_log(enum ggml_log_level level, const char *text) {
+    char head[16];
+    snprintf(head, sizeof head, "log %d ", (int) level);
+    put_log(head, strlen(head));
+    for (const char *p = text; *p;) {
+        if (p[0] == '0' && p[1] == 'x' && is_hex(p[2])) {
+            put_log("0x#", 3);
+            for (p += 2; is_hex(*p); p++) {}
+            continue;
+        }
+        if (*p >= '0' && *p <= '9') {
+            const char *q = p;
+            while ((*q >= '0' && *q <= '9') || *q == '.') q++;
+            if (strncmp(q, " ms", 3) == 0) {
+                put_log("#", 1);
+            } else {
+                put_log(p, (size_t) (q - p));
+            }
+            p = q;
+            continue;
+        }
+        if (*p == '\n') {
+            put_log("\\n", 2);
+        } else {
+            put_log(p, 1);
+        }
+        p++;
+    }
+    put_log("\n", 1);
+}
+
 static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
     (void) user;
+    record_log(level, text);
     if (verbose || level == GGML_LOG_LEVEL_ERROR) {
         fputs(text, stderr);
     }
@@ -288,6 +366,7 @@ int main(int argc, char **argv) {
     cp.n_rs_seq = (uint32_t) n_rs_seq;
     cp.swa_full = swa_full != 0;
     cp.no_perf = true;
+    cp.cb_eval = count_nodes;
     ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         die("cannot create the context");
@@ -302,6 +381,9 @@ int main(int argc, char **argv) {
     if (!out) {
         die("cannot open the output file");
     }
+    fwrite(pending, 1, pending_len, out);
+    free(pending);
+    pending = NULL;
     const int recurrent = llama_model_is_recurrent(model) || llama_model_is_hybrid(model);
     const int can_shift = llama_memory_can_shift(mem);
     const int n_ctx_seq = (int) llama_n_ctx_seq(ctx);
@@ -492,11 +574,11 @@ int main(int argc, char **argv) {
     free(blob_seq2);
     free(blob_seq2_partial);
     free(blob_whole);
-    if (fclose(out) != 0) {
-        die("cannot write the output file");
-    }
     llama_free(ctx);
     llama_model_free(model);
     llama_backend_free();
+    if (fclose(out) != 0) {
+        die("cannot write the output file");
+    }
     return 0;
 }
