@@ -348,6 +348,9 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         "llama_h64_q8_0|llama_h64|--flash-attn 1 --type-k q8_0 --type-v q8_0 --on-device 0"
         "llama_h64_q8_0_k|llama_h64|--flash-attn 0 --type-k q8_0 --on-device 0"
         "llama_streams|llama|--flash-attn 0 --kv-unified 0"
+        # LLAMA_KV_CACHE_DEBUG: the slot search's debug lines (each stream, each sequence's
+        # range), compared with stock's like every other log line
+        "llama_streams_kv_debug|llama|--flash-attn 0 --kv-unified 0 --kv-debug 1"
         "mamba|mamba|"
         "lfm2|lfm2|--flash-attn 0"
         "lfm2_rs3|lfm2|--flash-attn 1 --n-rs-seq 3"
@@ -359,6 +362,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         "gemma3_swa_full_fa_off|gemma3|--flash-attn 0 --swa-full 1 --n-ctx 512"
         "gemma3_swa_full_fa_on|gemma3|--flash-attn 1 --swa-full 1 --n-ctx 512"
         "gemma3_streams|gemma3|--flash-attn 0 --kv-unified 0"
+        # with a window, level 2 adds the maps of every cell's sequences and positions
+        "gemma3_kv_debug|gemma3|--flash-attn 0 --n-ctx 512 --kv-debug 2"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

@@ -804,6 +804,12 @@ llama_memory_result llama_memory_kv_get_cells(llama_memory_t mem,
                                               uint64_t *seq_bits,
                                               size_t n);
 
+// The detail of the slot search's debug log lines, llama.cpp's `LLAMA_KV_CACHE_DEBUG`: 0
+// none (the default), 1 each searched stream's extent and each sequence's range, 2 also maps
+// of the cells when the cache has a sliding window, 3 always. The lines go where
+// `llama_memory_set_log` sends them. Returns OK, or an error for a memory without a KV cache.
+llama_memory_result llama_memory_kv_set_debug(llama_memory_t mem, int32_t level);
+
 // `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
 // of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
 // otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed

@@ -249,6 +249,9 @@ llama_kv_cache::llama_kv_cache(
     }
     check(llama_memory_set_stock_compat(mem, true), "KV cache");
     check(llama_memory_set_log(mem, llama_memory_dropin_log, nullptr), "KV cache");
+    if (const char * debug = getenv("LLAMA_KV_CACHE_DEBUG")) {
+        check(llama_memory_kv_set_debug(mem, atoi(debug)), "KV cache");
+    }
 
     slots = llama_memory_slots_init();
     if (!slots) {

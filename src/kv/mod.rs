@@ -154,6 +154,8 @@ pub struct KvCache {
     seq_limit: u32,
     /// Where llama.cpp's log lines of the cache go.
     pub(crate) log: crate::memory::Log,
+    /// llama.cpp's `LLAMA_KV_CACHE_DEBUG` level of the slot search's debug lines.
+    pub(crate) debug: i32,
 }
 
 /// What `prepare` saves before placing each ubatch: every stream's head, and the slot cells.
@@ -233,6 +235,7 @@ impl KvCache {
             prep: PrepScratch::default(),
             seq_limit: p.n_seq_max,
             log: Default::default(),
+            debug: 0,
             p,
         })
     }

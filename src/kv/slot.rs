@@ -117,6 +117,9 @@ impl KvCache {
 
     /// [`KvCache::find_slot`] into `res`, reusing its buffers; false when it does not fit.
     pub fn find_slot_into(&self, ub: &Ubatch<'_>, cont: bool, res: &mut SlotInfo) -> bool {
+        if self.debug > 0 && self.log.is_on() {
+            self.log_find_slot(ub);
+        }
         let (n_seqs, n_tokens) = if self.n_stream > 1 {
             let n = ub.seq_id_unq.len() as u32;
             (n, ub.n_tokens / n)
@@ -149,6 +152,65 @@ impl KvCache {
             }
         }
         true
+    }
+
+    /// llama.cpp's debug lines at the start of a slot search (`LLAMA_KV_CACHE_DEBUG`): per
+    /// sequence of the ubatch, its stream's extent, use, head and window; with level 2 and a
+    /// window, or level 3, maps of the cells' sequences and positions; each sequence's range.
+    fn log_find_slot(&self, ub: &Ubatch<'_>) {
+        let log = |line: String| self.log.emit(LogLevel::Debug, || line);
+        for &seq in ub.seq_id_unq {
+            let strm = self.stream_of(seq);
+            let cells = &self.cells[strm as usize];
+            log(format!(
+                "find_slot: stream[{strm}], n = {:5}, used = {:5}, head = {:5}, size = {:5}, n_swa = {:5}\n",
+                cells.used_max_p1(),
+                cells.get_used(),
+                self.heads[strm as usize],
+                self.size(),
+                self.p.n_swa
+            ));
+            if (self.debug == 2 && self.p.n_swa > 0) || self.debug > 2 {
+                let mut ss = String::new();
+                for i in 0..cells.size() {
+                    if cells.is_empty(i) {
+                        ss.push('.');
+                    } else if cells.seq_count(i) == 1 {
+                        ss.push_str(&cells.seq_get(i).to_string());
+                    } else {
+                        ss.push('M');
+                    }
+                    if i % 256 == 255 {
+                        ss.push_str(" *\n");
+                    }
+                }
+                log(format!("\n{ss}\n"));
+                let mut ss = String::new();
+                for i in 0..cells.size() {
+                    let cur = if cells.is_empty(i) {
+                        ".".to_string()
+                    } else {
+                        cells.pos_get(i).to_string()
+                    };
+                    ss.push_str(&format!("{cur:<5}"));
+                    if i % 256 == 255 {
+                        ss.push_str(" *");
+                    }
+                    if i % 64 == 63 {
+                        ss.push('\n');
+                    }
+                }
+                log(format!("\n{ss}\n"));
+            }
+            for s in 0..MAX_SEQ as i32 {
+                let (lo, hi) = (cells.seq_pos_min(s), cells.seq_pos_max(s));
+                if lo >= 0 {
+                    log(format!(
+                        "find_slot: stream[{strm}] min[{s}] = {lo:5}, max[{s}] = {hi:5}\n"
+                    ));
+                }
+            }
+        }
     }
 
     /// Can the slot search take cell `i`? Empty cells, and cells of a single sequence that the

@@ -5,6 +5,7 @@
  *
  *   equivalence <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1]
  *               [--type-k f16|q8_0] [--type-v f16|q8_0] [--n-ctx N] [--threads N]
+ *               [--kv-debug N]   (LLAMA_KV_CACHE_DEBUG: the slot search's debug lines)
  *
  * It decodes a multi-sequence workload: a shared prompt copied to every sequence with
  * llama_memory_seq_cp, parallel decoding (greedy), a finished sequence removed and a new
@@ -21,6 +22,7 @@
  * Exit status: 0 when the workload ran (whatever the calls returned: those are compared), 1 on
  * a setup failure (arguments, model, context, allocation).
  */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "llama.h"
 
 #include <stdarg.h>
@@ -318,7 +320,7 @@ int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1] "
                         "[--type-k T] [--type-v T] [--n-ctx N] [--threads N] [--n-rs-seq N] [--swa-full 0|1] "
-                        "[--on-device 0|1]\n", argv[0]);
+                        "[--on-device 0|1] [--kv-debug N]\n", argv[0]);
         return 1;
     }
     const char *model_path = argv[1];
@@ -339,6 +341,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i - 1], "--n-rs-seq") == 0) n_rs_seq = atoi(v);
         else if (strcmp(argv[i - 1], "--swa-full") == 0) swa_full = atoi(v);
         else if (strcmp(argv[i - 1], "--on-device") == 0) on_device = atoi(v);
+        else if (strcmp(argv[i - 1], "--kv-debug") == 0) setenv("LLAMA_KV_CACHE_DEBUG", v, 1);
         else die("unknown option");
     }
     verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;

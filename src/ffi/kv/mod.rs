@@ -429,6 +429,22 @@ pub extern "C" fn llama_memory_kv_get_cells(
     })
 }
 
+/// The detail of the slot search's debug log lines, llama.cpp's `LLAMA_KV_CACHE_DEBUG`: 0
+/// none (the default), 1 each searched stream's extent and each sequence's range, 2 also maps
+/// of the cells when the cache has a sliding window, 3 always. The lines go where
+/// `llama_memory_set_log` sends them. Returns OK, or an error for a memory without a KV cache.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_set_debug(
+    mem: llama_memory_t,
+    level: i32,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(find_mut::<KvMemory>(&mut *m.inner)).cache.debug = level;
+        llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
 /// `llama_kv_cache::state_clear(seq_id)`, what llama.cpp runs on a KV cache when another part
 /// of a memory failed to restore: with `seq_id` -1 the cache is cleared and its tensors zeroed;
 /// otherwise the sequence is removed and the K/V rows of the cells it held alone are zeroed
