@@ -329,19 +329,24 @@ pub extern "C" fn llama_memory_kv_n_stream(mem: llama_memory_t) -> u32 {
     })
 }
 
+/// `kv` when it has stream `stream`.
+fn stream_of(kv: &KvCache, stream: u32) -> Result<&KvCache> {
+    if stream >= kv.n_stream() {
+        return Err(err!(
+            InvalidArgument,
+            "stream {stream} >= {}",
+            kv.n_stream()
+        ));
+    }
+    Ok(kv)
+}
+
 /// Used cells of one stream, 0 on error.
 #[no_mangle]
 pub extern "C" fn llama_memory_kv_n_used(mem: llama_memory_t, stream: u32) -> u32 {
     ffi_boundary!({
         let m = try_ref!(mem, "mem");
-        let kv = try_or!(kv_of(m));
-        if stream >= kv.n_stream() {
-            bail!(err!(
-                InvalidArgument,
-                "stream {stream} >= {}",
-                kv.n_stream()
-            ));
-        }
+        let kv = try_or!(kv_of(m).and_then(|kv| stream_of(kv, stream)));
         kv.cells(stream).get_used()
     })
 }
@@ -399,14 +404,7 @@ pub extern "C" fn llama_memory_kv_get_cells(
 ) -> llama_memory_result {
     ffi_boundary!({
         let m = try_ref!(mem, "mem");
-        let kv = try_or!(kv_of(m));
-        if stream >= kv.n_stream() {
-            bail!(err!(
-                InvalidArgument,
-                "stream {stream} >= {}",
-                kv.n_stream()
-            ));
-        }
+        let kv = try_or!(kv_of(m).and_then(|kv| stream_of(kv, stream)));
         let size = kv.size() as usize;
         if n < size {
             bail!(err!(
