@@ -597,9 +597,9 @@ llama_memory_result llama_memory_set_log(llama_memory_t mem,
 // kv cache". -1 for NULL.
 int32_t llama_memory_state_read_stage(llama_memory_t mem);
 
-// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
-// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
-// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
+// Memory breakdown of any memory (`llama_memory_i::memory_breakdown`; named otherwise because
+// libllama's own C++ headers take `llama_memory_breakdown` for its result type): writes up to
+// `cap` (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
 // returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
 // tensors, and on error (last error set).
 size_t llama_memory_get_breakdown(llama_memory_t mem,

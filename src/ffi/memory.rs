@@ -239,9 +239,9 @@ pub extern "C" fn llama_memory_state_read_stage(mem: llama_memory_t) -> i32 {
     })
 }
 
-/// Memory breakdown (`llama_memory_i::memory_breakdown`; the name differs because libllama's
-/// own C++ headers take `llama_memory_breakdown` for its result type) of any memory: writes up to `cap`
-/// (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
+/// Memory breakdown of any memory (`llama_memory_i::memory_breakdown`; named otherwise because
+/// libllama's own C++ headers take `llama_memory_breakdown` for its result type): writes up to
+/// `cap` (buffer type, bytes) pairs, each buffer type once (a composite adds up its parts), and
 /// returns how many there are (call with `cap = 0` to size the arrays). 0 for a memory without
 /// tensors, and on error (last error set).
 #[no_mangle]
