@@ -258,6 +258,7 @@ impl KvMemory {
         }
         self.stage.set(ReadStage::Meta);
         if cell_count > size {
+            self.log_error("state_read_meta: not enough cells in kv cache");
             return Err(err!(
                 InvalidState,
                 "stream {s}: {cell_count} cells do not fit in {size} cells"
@@ -303,15 +304,10 @@ impl KvMemory {
             }
             let n_seq_id = inp.u32("cell n_seq_id")?;
             if seq != -1 && n_seq_id != 1 {
+                self.log_error("state_read_meta: invalid seq_id-agnostic kv cell");
                 return Err(err!(
                     InvalidState,
                     "stream {s} cell {i}: {n_seq_id} sequence ids in a sequence state (expected 1)"
-                ));
-            }
-            if n_seq_id > n_seq_max {
-                return Err(err!(
-                    InvalidState,
-                    "stream {s} cell {i}: {n_seq_id} sequence ids, more than n_seq_max {n_seq_max}"
                 ));
             }
             if has_ext {
@@ -328,6 +324,9 @@ impl KvMemory {
                     continue;
                 }
                 if q < 0 || q as u32 >= n_seq_max {
+                    self.log_error(&format!(
+                        "state_read_meta: invalid seq_id, {q} is out of range [0, {n_seq_max})"
+                    ));
                     return Err(err!(
                         InvalidState,
                         "stream {s} cell {i}: seq_id {q} outside [0, {n_seq_max})"
@@ -363,6 +362,22 @@ impl KvMemory {
         let n_layer = inp.u32("n_layer")?;
         let n_rot_k = inp.u32("n_rot_k")?;
         let n_rot_v = inp.u32("n_rot_v")?;
+        // llama.cpp's order and lines; a v_trans other than 0 and 1 is refused (llama.cpp reads
+        // any non-zero value as 1)
+        if n_layer as usize != self.layers().len() {
+            self.log_error(&format!(
+                "state_read_data: mismatched layer count ({n_layer} instead of {})",
+                self.layers().len()
+            ));
+            return Err(err!(
+                InvalidState,
+                "stream {s}: {n_layer} layers, this cache has {}",
+                self.layers().len()
+            ));
+        }
+        if (v_trans != 0) != p.v_trans {
+            self.log_error("state_read_data: incompatible V transposition");
+        }
         if v_trans > 1 || (v_trans == 1) != p.v_trans {
             return Err(err!(
                 InvalidState,
@@ -370,19 +385,20 @@ impl KvMemory {
                 p.v_trans as u32
             ));
         }
-        if n_layer as usize != self.layers().len() {
-            return Err(err!(
-                InvalidState,
-                "stream {s}: {n_layer} layers, this cache has {}",
-                self.layers().len()
+        let (rot_k, rot_v) = self.n_rot();
+        if n_rot_k != rot_k {
+            self.log_error(&format!(
+                "state_read_data: incompatible key rotation ({n_rot_k} instead of {rot_k})"
+            ));
+        } else if n_rot_v != rot_v {
+            self.log_error(&format!(
+                "state_read_data: incompatible value rotation ({n_rot_v} instead of {rot_v})"
             ));
         }
-        if (n_rot_k, n_rot_v) != self.n_rot() {
+        if (n_rot_k, n_rot_v) != (rot_k, rot_v) {
             return Err(err!(
                 InvalidState,
-                "stream {s}: attention rotation {n_rot_k}/{n_rot_v}, this cache has {}/{}",
-                self.n_rot().0,
-                self.n_rot().1
+                "stream {s}: attention rotation {n_rot_k}/{n_rot_v}, this cache has {rot_k}/{rot_v}"
             ));
         }
         let Some(st) = &self.storage else {
@@ -391,6 +407,11 @@ impl KvMemory {
         let sp = st.spec();
         let check_type = |what: &str, il: u32, got: i32, want: u32| -> Result<()> {
             if got as i64 != want as i64 {
+                let name = if what == "K" { "key" } else { "value" };
+                self.log_error(&format!(
+                    "state_read_data: mismatched {name} type ({} != {got}, layer {il})",
+                    want as i32
+                ));
                 return Err(err!(
                     InvalidState,
                     "stream {s} layer {il}: {what} type {got}, this cache has {want}"
@@ -400,6 +421,10 @@ impl KvMemory {
         };
         let check_row = |what: &str, il: u32, got: u64, want: usize| -> Result<()> {
             if got != want as u64 {
+                let name = if what == "K" { "key" } else { "value" };
+                self.log_error(&format!(
+                    "state_read_data: mismatched {name} row size ({want} != {got}, layer {il})"
+                ));
                 return Err(err!(
                     InvalidState,
                     "stream {s} layer {il}: {what} row size {got}, this cache has {want}"
@@ -420,7 +445,24 @@ impl KvMemory {
                 Header::VTrans => {
                     check_type("V", b.il, inp.i32("V type")?, sp.type_v)?;
                     let got_el = inp.u32("V element size")?;
-                    let got_n = inp.u32("V n_embd_v_gqa")?;
+                    if got_el as usize != b.row {
+                        self.log_error(&format!(
+                            "state_read_data: mismatched value element size ({} != {got_el}, layer {})",
+                            b.row, b.il
+                        ));
+                    }
+                    let got_n = if got_el as usize == b.row {
+                        let n = inp.u32("V n_embd_v_gqa")?;
+                        if n != b.chans {
+                            self.log_error(&format!(
+                                "state_read_data: mismatched GQA embedding size ({} != {n}, layer {})",
+                                b.chans, b.il
+                            ));
+                        }
+                        n
+                    } else {
+                        0
+                    };
                     if got_el as usize != b.row || got_n != b.chans {
                         return Err(err!(
                             InvalidState,
@@ -676,6 +718,11 @@ impl KvMemory {
         Ok(())
     }
 
+    /// One of llama.cpp's error lines of a restore (function name and message).
+    fn log_error(&self, line: &str) {
+        self.cache.log.emit(LogLevel::Error, || format!("{line}\n"));
+    }
+
     /// llama.cpp's line once a sequence's cells are placed (`state_read_meta`).
     fn log_meta(&self, n: u32, dest: i32) {
         self.cache.log.emit(LogLevel::Debug, || {
@@ -742,6 +789,9 @@ impl KvMemory {
         self.cache.seq_rm(dest, -1, -1)?;
         let Some(slot) = self.cache.find_slot(&ub.view(), false) else {
             self.undo_rm(dest, strm, head, &undo);
+            self.log_error(&format!(
+                "state_read_meta: failed to find {n} available cells in kv cache"
+            ));
             return Err(err!(
                 NoSlot,
                 "no room for {n} cells of sequence {dest} (the memory is unchanged)"

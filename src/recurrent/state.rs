@@ -17,7 +17,7 @@ use super::RsCache;
 use crate::cells::SeqSet;
 use crate::error::{err, Result};
 use crate::io::{FieldSource, IoRead, StateIn, StateOut, FLAG_ON_DEVICE};
-use crate::memory::{Memory, ReadStage};
+use crate::memory::{LogLevel, Memory, ReadStage};
 
 /// A parsed state, not yet applied.
 struct Plan<'a> {
@@ -140,6 +140,7 @@ impl RecurrentMemory {
         let count = inp.u32("cell_count")?;
         self.stage.set(ReadStage::Meta);
         if count > c.size() {
+            self.log_error("state_read_meta: not enough cells in kv cache".into());
             return Err(err!(
                 InvalidState,
                 "{count} cells do not fit in {} cells",
@@ -154,42 +155,45 @@ impl RecurrentMemory {
             ));
         }
         let mut cells = Vec::with_capacity(count as usize);
-        let mut tails = SeqSet::ZERO;
+        // the cell holding each sequence so far, -1 for none
+        let mut tails = [-1i32; crate::cells::MAX_SEQ];
         for k in 0..count {
             let pos = inp.i32("cell pos")?;
             let n = inp.u32("cell n_seq_id")?;
             let mut set = SeqSet::ZERO;
             if seq != -1 {
                 if n != 0 {
+                    self.log_error("state_read_meta: invalid seq_id-agnostic kv cell".into());
                     return Err(err!(
                         InvalidState,
                         "cell {k} of a sequence state lists {n} sequence ids (expected 0)"
                     ));
                 }
             } else {
-                if n > c.n_seq_max() {
-                    return Err(err!(
-                        InvalidState,
-                        "cell {k} lists {n} sequence ids, more than the {} sequences",
-                        c.n_seq_max()
-                    ));
-                }
                 for _ in 0..n {
                     let q = inp.i32("cell seq_ids")?;
                     if q < 0 || q as u32 >= c.n_seq_max() {
+                        self.log_error(format!(
+                            "state_read_meta: invalid seq_id, {q} is out of range [0, {})",
+                            c.n_seq_max()
+                        ));
                         return Err(err!(
                             InvalidState,
                             "cell {k}: seq_id {q} outside [0, {})",
                             c.n_seq_max()
                         ));
                     }
-                    if tails[q as usize] {
+                    let tail = tails[q as usize];
+                    if tail != -1 {
+                        self.log_error(format!(
+                            "state_read_meta: duplicate tail for seq_id {q} in cell {k} and {tail}"
+                        ));
                         return Err(err!(
                             InvalidState,
                             "cell {k}: sequence {q} already has a cell"
                         ));
                     }
-                    tails.set(q as usize, true);
+                    tails[q as usize] = k as i32;
                     set.set(q as usize, true);
                 }
             }
@@ -197,18 +201,24 @@ impl RecurrentMemory {
         }
         self.stage.set(ReadStage::Data);
         let s_trans = inp.u32("s_trans")?;
-        if s_trans != 0 {
-            return Err(err!(
-                InvalidState,
-                "transposed S states are not supported (s_trans = {s_trans})"
-            ));
-        }
         let n_layer = inp.u32("n_layer")?;
+        // llama.cpp's order and lines
         if n_layer != self.n_layer {
+            self.log_error(format!(
+                "state_read_data: mismatched layer count ({n_layer} instead of {})",
+                self.n_layer
+            ));
             return Err(err!(
                 InvalidState,
                 "the state has {n_layer} layers, the model {}",
                 self.n_layer
+            ));
+        }
+        if s_trans != 0 {
+            self.log_error("state_read_data: incompatible s transposition".into());
+            return Err(err!(
+                InvalidState,
+                "transposed S states are not supported (s_trans = {s_trans})"
             ));
         }
         Ok(cells)
@@ -226,17 +236,17 @@ impl RecurrentMemory {
         };
         let sp = st.spec();
         for l in st.layers() {
-            check_field(inp.i32("state type")?, sp.type_r as i32, "r type", l.il)?;
-            check_field(inp.u64("row size")?, l.row_r as u64, "r row bytes", l.il)?;
+            self.check_field(inp.i32("state type")?, sp.type_r as i32, "r type", l.il)?;
+            self.check_field(inp.u64("row size")?, l.row_r as u64, "r row size", l.il)?;
             rows(inp, l.r, l.row_r, "r rows")?;
             if !l.p.is_null() {
-                check_field(inp.u64("row size")?, l.row_p as u64, "ple row bytes", l.il)?;
+                self.check_field(inp.u64("row size")?, l.row_p as u64, "ple row size", l.il)?;
                 rows(inp, l.p, l.row_p, "ple rows")?;
             }
         }
         for l in st.layers() {
-            check_field(inp.i32("state type")?, sp.type_s as i32, "s type", l.il)?;
-            check_field(inp.u64("row size")?, l.row_s as u64, "s row bytes", l.il)?;
+            self.check_field(inp.i32("state type")?, sp.type_s as i32, "s type", l.il)?;
+            self.check_field(inp.u64("row size")?, l.row_s as u64, "s row size", l.il)?;
             rows(inp, l.s, l.row_s, "s rows")?;
         }
         Ok(())
@@ -276,7 +286,11 @@ impl RecurrentMemory {
                     next.seq_rm(seq, -1, -1)?;
                     0
                 }
-                Some(&(pos, _)) => next.place_restored(seq, pos)?,
+                Some(&(pos, _)) => next.place_restored(seq, pos).inspect_err(|_| {
+                    self.log_error(
+                        "state_read_meta: failed to find available cells in kv cache".into(),
+                    )
+                })?,
             }
         } else {
             next.set_restored(cells);
@@ -310,6 +324,32 @@ impl RecurrentMemory {
                 let _ = Memory::seq_rm(self, seq, -1, -1);
             }
         }
+    }
+
+    /// One of llama.cpp's error lines of a restore (function name and message).
+    fn log_error(&self, line: String) {
+        self.cache.log.emit(LogLevel::Error, || format!("{line}\n"));
+    }
+
+    /// A field of a layer's data header against the memory's value, with llama.cpp's line
+    /// (`mismatched <what> (<ours> != <state's>, layer <il>)`) when they differ.
+    fn check_field<T: PartialEq + std::fmt::Display>(
+        &self,
+        got: T,
+        want: T,
+        what: &str,
+        il: u32,
+    ) -> Result<()> {
+        if got != want {
+            self.log_error(format!(
+                "state_read_data: mismatched {what} ({want} != {got}, layer {il})"
+            ));
+            return Err(err!(
+                InvalidState,
+                "layer {il}: {what} {got} in the state, {want} in the memory"
+            ));
+        }
+        Ok(())
     }
 
     fn read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
@@ -365,19 +405,4 @@ impl RecurrentMemory {
         }
         Ok(())
     }
-}
-
-fn check_field<T: PartialEq + std::fmt::Display>(
-    got: T,
-    want: T,
-    what: &str,
-    il: u32,
-) -> Result<()> {
-    if got != want {
-        return Err(err!(
-            InvalidState,
-            "layer {il}: {what} {got} in the state, {want} in the memory"
-        ));
-    }
-    Ok(())
 }

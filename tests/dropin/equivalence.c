@@ -12,7 +12,7 @@
  * request in its place, a context shift (seq_rm + seq_add, then the K-shift at the next
  * decode; only where llama_memory_can_shift), seq_div, a rollback of a sequence's last tokens
  * (partial seq_rm), sequence state blobs (plain and _ext,
- * with and without PARTIAL_ONLY) saved and restored, sequence files, seq_keep, session files,
+ * with and without PARTIAL_ONLY) saved and restored, truncated and with corrupt fields, sequence files, seq_keep, session files,
  * a whole-state restore, sequence ids in [n_seq_max, 256) on a unified cache, a batch that
  * does not fit (the failure path), and clears. Every return value, every sequence's position
  * range after each memory operation, every logit vector (the float bits) and every state blob
@@ -208,6 +208,78 @@ static uint8_t *seq_blob(const char *tag, llama_seq_id seq, int ext, llama_state
     rec_blob(tag, buf, w);
     *n_out = w;
     return buf;
+}
+
+static uint32_t get_u32(const uint8_t *b, size_t at) {
+    uint32_t v;
+    memcpy(&v, b + at, sizeof v);
+    return v;
+}
+
+/* Restores a copy of `blob` with the u32 at `at` set to `v` into seq 3: it fails as stock's
+ * does, with stock's error lines (recorded with the log) and stock's erase. */
+static void corrupt_restore(const char *what, const uint8_t *blob, size_t n, size_t at, uint32_t v) {
+    if (at + 4 > n) {
+        rec("corrupt %s: outside the blob", what);
+        return;
+    }
+    uint8_t *c = malloc(n);
+    if (!c) {
+        die("out of memory");
+    }
+    memcpy(c, blob, n);
+    memcpy(c + at, &v, sizeof v);
+    rec("state_seq_set corrupt %s -> 3: %zu", what, llama_state_seq_set_data(ctx, c, n, 3));
+    rec_seqs("after corrupt restore");
+    free(c);
+}
+
+/* Corrupt fields of a sequence blob's first part, after the blob's header (u32 magic, i32
+ * seq_id): the KV cache's (u32 n_stream, per stream
+ * u32 cell_count, the cells: i32 pos, u32 n_seq_id, [12 bytes of ext with M-RoPE], i32 seq_id;
+ * then u32 v_trans, n_layer, n_rot_k, n_rot_v, per layer i32 K type, u64 K row size, rows...)
+ * or, for a recurrent-only model, the recurrent memory's (u32 cell_count, i32 pos, u32 n_seq_id
+ * per cell; then u32 s_trans, n_layer, per layer i32 R type, u64 R row size, rows...). */
+static void corrupt_restores(const uint8_t *b, size_t n, int recurrent_only, int cell_ext) {
+    const size_t h = 8;
+    if (n < h + 4) {
+        return;
+    }
+    if (recurrent_only) {
+        const size_t data = h + 4 + (size_t) get_u32(b, h) * 8;
+        corrupt_restore("cell_count", b, n, h, 0x7fffffffu);
+        corrupt_restore("n_seq_id", b, n, h + 8, 1);
+        corrupt_restore("s_trans", b, n, data, 1);
+        if (data + 16 <= n) {
+            corrupt_restore("n_layer", b, n, data + 4, get_u32(b, data + 4) + 1);
+            corrupt_restore("R type", b, n, data + 8, get_u32(b, data + 8) + 1);
+            corrupt_restore("R row size", b, n, data + 12, get_u32(b, data + 12) + 1);
+        }
+        return;
+    }
+    const uint32_t n_stream = get_u32(b, h);
+    size_t at = h + 4;
+    uint32_t count = 0;
+    for (uint32_t s = 0; s < n_stream && at + 4 <= n; s++, at += 4) {
+        if ((count = get_u32(b, at)) != 0) {
+            break;
+        }
+    }
+    if (count == 0) {
+        rec("corrupt: no cells");
+        return;
+    }
+    const size_t meta = at + 4, data = meta + (size_t) count * (cell_ext ? 24 : 12);
+    corrupt_restore("n_stream", b, n, h, n_stream + 1);
+    corrupt_restore("cell_count", b, n, at, 0x7fffffffu);
+    corrupt_restore("n_seq_id", b, n, meta + 4, 2);
+    if (data + 24 <= n) {
+        corrupt_restore("v_trans", b, n, data, get_u32(b, data) ^ 1);
+        corrupt_restore("n_layer", b, n, data + 4, get_u32(b, data + 4) + 1);
+        corrupt_restore("n_rot_k", b, n, data + 8, get_u32(b, data + 8) + 64);
+        corrupt_restore("K type", b, n, data + 16, get_u32(b, data + 16) + 1);
+        corrupt_restore("K row size", b, n, data + 20, get_u32(b, data + 20) + 1);
+    }
 }
 
 static void rec_file(const char *tag, const char *path) {
@@ -480,6 +552,10 @@ int main(int argc, char **argv) {
     /* a malformed (truncated) blob: refused */
     rec("state_seq_set truncated -> 3: %zu", llama_state_seq_set_data(ctx, blob_seq2, n_seq2 / 2, 3));
     rec_seqs("after truncated restore");
+    /* corrupt fields of the first part: stock's error lines, stock's erase */
+    const enum llama_rope_type rope = llama_model_rope_type(model);
+    corrupt_restores(blob_seq2, n_seq2, llama_model_is_recurrent(model),
+                     rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE);
 
     /* 7b. ON_DEVICE: seq 2's tensor data stays with the context; restore it into seq 1. */
     if (on_device) {
