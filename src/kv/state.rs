@@ -316,6 +316,9 @@ impl KvMemory {
                 let tok = inp.i32("cell ext.tok")?;
                 plan.ext.push(CellExt { x, y, tok });
             }
+            // each sequence once per cell (the count may list one again): at most n_seq_max ids
+            // are kept however long the list is
+            let mut seen = crate::cells::SeqSet::ZERO;
             for _ in 0..n_seq_id {
                 let q = inp.i32("cell seq_id")?;
                 if seq != -1 {
@@ -338,7 +341,10 @@ impl KvMemory {
                         "stream {s} cell {i}: seq_id {q} belongs to stream {q}"
                     ));
                 }
-                plan.seq_ids.push(q);
+                if !seen[q as usize] {
+                    seen.set(q as usize, true);
+                    plan.seq_ids.push(q);
+                }
             }
             if seq == -1 {
                 plan.seq_off.push(plan.seq_ids.len() as u32);
