@@ -569,7 +569,8 @@ uint32_t llama_memory_n_seq_max(llama_memory_t mem);
 // libllama turns it on for every memory it creates). With `on`:
 // - a unified KV cache accepts sequence ids in `[n_seq_max, 256)` in its sequence operations
 //   and sequence states, as llama.cpp does (its batch allocator checks ubatch ids against
-//   `n_seq_max` before they get here);
+//   `n_seq_max` before they get here); a recurrent memory accepts them in `seq_keep` (which
+//   then keeps nothing) and in its sequence state (empty), as llama.cpp's;
 // - a failed restore (`llama_memory_state_*set_data*`, `_load_file`, `_read_io`) has
 //   llama.cpp's effect instead of none: a KV cache erases the destination sequence (removed,
 //   the rows it held alone zeroed) once the failure is past the stream count and inside a

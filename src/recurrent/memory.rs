@@ -109,6 +109,7 @@ impl Memory for RecurrentMemory {
     }
     fn set_stock_compat(&mut self, on: bool) {
         self.stock_failure = on;
+        self.cache.stock_ids = on;
     }
     fn set_log(&mut self, log: crate::memory::Log) {
         self.cache.log = log;

@@ -132,6 +132,9 @@ pub struct RsCache {
     refcounts: Vec<u32>,
     /// Where llama.cpp's log lines of the memory go.
     pub(crate) log: crate::memory::Log,
+    /// llama.cpp's sequence-id rule (stock-compatible mode): `seq_keep` takes any id below
+    /// 256, as llama.cpp's, where an id at or above `n_seq_max` keeps nothing.
+    pub(crate) stock_ids: bool,
 }
 
 /// One sequence set of a ubatch as the slot search reads it: the sequence ids of its first
@@ -179,6 +182,7 @@ impl RsCache {
             prepared: Vec::with_capacity(p.size as usize),
             refcounts: vec![0; p.size as usize],
             log: Default::default(),
+            stock_ids: false,
         })
     }
 
@@ -256,7 +260,13 @@ impl RsCache {
     /// the state; a suffix from `p0 > 0` rolls back through a rollback plane when one is
     /// available and returns false when not. Any other range returns true and changes nothing.
     pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> Result<bool> {
-        self.check_seq(seq)?;
+        if let Err(e) = self.check_seq(seq) {
+            let n = self.p.n_seq_max;
+            self.log.emit(LogLevel::Error, || {
+                format!("seq_rm: invalid seq_id ({seq}) - larger than n_seq_max ({n})\n")
+            });
+            return Err(e);
+        }
         let p0 = p0.max(0);
         let p1 = if p1 < 0 { i32::MAX } else { p1 };
         let s = seq as usize;
@@ -342,7 +352,9 @@ impl RsCache {
 
     /// `seq_keep`: every other sequence is removed.
     pub fn seq_keep(&mut self, seq: i32) -> Result<()> {
-        self.check_seq(seq)?;
+        if !(self.stock_ids && (0..MAX_SEQ as i32).contains(&seq)) {
+            self.check_seq(seq)?;
+        }
         let s = seq as usize;
         let mut new_head = self.p.size;
         for (i, c) in self.cells.iter_mut().enumerate() {

@@ -34,7 +34,11 @@ impl RecurrentMemory {
 
     /// Writes the state of `seq` (-1: every non-empty cell) in llama.cpp's layout.
     pub fn state_write(&self, seq: i32, flags: u32, out: &mut StateOut<'_, '_>) -> Result<()> {
-        self.check_dest(seq)?;
+        // in stock-compatible mode any id below 256, as llama.cpp (one no cell holds writes an
+        // empty state)
+        if !(self.stock_failure && (0..crate::cells::MAX_SEQ as i32).contains(&seq)) {
+            self.check_dest(seq)?;
+        }
         let c = &self.cache;
         let size = c.size();
         let mut sel = Vec::new();

@@ -459,7 +459,6 @@ int main(int argc, char **argv) {
     fwrite(pending, 1, pending_len, out);
     free(pending);
     pending = NULL;
-    const int recurrent = llama_model_is_recurrent(model) || llama_model_is_hybrid(model);
     const int can_shift = llama_memory_can_shift(mem);
     const int n_ctx_seq = (int) llama_n_ctx_seq(ctx);
     rec("setup n_vocab=%d n_ctx=%u n_ctx_seq=%d n_seq_max=%u recurrent=%d hybrid=%d can_shift=%d "
@@ -626,14 +625,17 @@ int main(int argc, char **argv) {
         free(b);
     }
 
-    /* 12. Sequence ids in [n_seq_max, 256) on a unified cache: accepted by stock. */
-    if (kv_unified && !recurrent) {
+    /* 12. Sequence ids in [n_seq_max, 256) on a unified cache and a recurrent memory, alone or
+     *     in a hybrid: accepted by stock; seq_keep of such an id keeps nothing in any part. */
+    if (kv_unified) {
         const llama_seq_id id = N_SEQ + 3;
         rec("out of range seq %d: pos_min=%d pos_max=%d", id, llama_memory_seq_pos_min(mem, id),
             llama_memory_seq_pos_max(mem, id));
         rec("out of range seq_rm: %d", llama_memory_seq_rm(mem, id, -1, -1));
         rec("out of range state_seq_get_size: %zu", llama_state_seq_get_size(ctx, id));
         rec_seqs("after out of range");
+        llama_memory_seq_keep(mem, id);
+        rec_seqs("after out of range seq_keep");
     }
 
     /* 13. A batch that does not fit: the failure path (memory restored), then one that does. */
