@@ -108,9 +108,10 @@ fn done(r: Result<()>) -> llama_memory_result {
 
 /// Where an input is written.
 #[derive(Clone, Copy)]
-enum Dst<T> {
-    /// A caller buffer of `n` elements.
-    Buf(*mut T, usize),
+enum Dst<T, S = ()> {
+    /// A caller buffer of `n` elements, with the shape `S` the caller gives for it (a tensor
+    /// carries its own).
+    Buf(*mut T, usize, S),
     /// A host tensor of the input's type.
     Tensor(*mut g::ggml_tensor),
 }
@@ -121,7 +122,7 @@ type SlotIdxs = fn(&KvCache, &SlotInfo, &mut [i64]) -> Result<()>;
 /// One of the row-index inputs of the source's slot (`set_input_{k,v}_idxs`).
 fn row_idxs(src: Source, dst: Dst<i64>, write: SlotIdxs) -> llama_memory_result {
     done(match dst {
-        Dst::Buf(p, n) => {
+        Dst::Buf(p, n, ()) => {
             // SAFETY: the header requires dst to hold n writable elements nothing else
             // accesses during the call.
             let out = try_or!(unsafe { buf_mut(p, n, "dst") });
@@ -147,14 +148,9 @@ struct MaskShape {
 /// The KQ mask of the source's ubatch over the cells as they are now (`set_input_kq_mask`):
 /// into a caller buffer of the given shape, or a host F32/F16 tensor of llama.cpp's mask
 /// shape `[n_kv, n_tokens / n_stream, 1, n_stream]` (`n_kv` and `n_stream` taken from it).
-fn kq_mask(
-    src: Source,
-    causal_attn: bool,
-    dst: Dst<c_void>,
-    shape: MaskShape,
-) -> llama_memory_result {
+fn kq_mask(src: Source, causal_attn: bool, dst: Dst<c_void, MaskShape>) -> llama_memory_result {
     done(match dst {
-        Dst::Buf(p, n) => {
+        Dst::Buf(p, n, shape) => {
             let out = try_or!(mask_buf(p, n, shape.f16));
             src.with_ubatch(|kv, ub| {
                 kv.set_input_kq_mask(ub, causal_attn, shape.n_kv, shape.n_stream, out)
@@ -207,9 +203,9 @@ fn kq_mask_tensor(
 
 /// T5 relative position buckets of the source's ubatch (`set_input_pos_bucket`): over `n_kv`
 /// cells into a caller buffer, or into a host I32 tensor `[n_kv, n_tokens]`.
-fn pos_bucket(src: Source, dst: Dst<i32>, n_kv: u32) -> llama_memory_result {
+fn pos_bucket(src: Source, dst: Dst<i32, u32>) -> llama_memory_result {
     done(match dst {
-        Dst::Buf(p, n) => {
+        Dst::Buf(p, n, n_kv) => {
             // SAFETY: the header requires dst to hold n writable elements nothing else
             // accesses during the call.
             let out = try_or!(unsafe { buf_mut(p, n, "dst") });
@@ -234,7 +230,7 @@ fn k_shift(mem: llama_memory_t, dst: Dst<i32>) -> llama_memory_result {
         let out = match dst {
             // SAFETY: the header requires dst to hold n writable elements nothing else
             // accesses during the call.
-            Dst::Buf(p, n) => unsafe { buf_mut(p, n, "dst") }?,
+            Dst::Buf(p, n, ()) => unsafe { buf_mut(p, n, "dst") }?,
             // SAFETY: the header requires dst to be a valid tensor nothing else accesses.
             Dst::Tensor(t) => unsafe { host_tensor::<i32>(t, &[g::GGML_TYPE_I32]) }?.1,
         };
@@ -269,7 +265,7 @@ pub extern "C" fn llama_memory_ctx_set_input_k_idxs(
     ffi_boundary!({
         row_idxs(
             Source::Ctx(ctx),
-            Dst::Buf(dst, n),
+            Dst::Buf(dst, n, ()),
             KvCache::set_input_k_idxs,
         )
     })
@@ -286,7 +282,7 @@ pub extern "C" fn llama_memory_ctx_set_input_v_idxs(
     ffi_boundary!({
         row_idxs(
             Source::Ctx(ctx),
-            Dst::Buf(dst, n),
+            Dst::Buf(dst, n, ()),
             KvCache::set_input_v_idxs,
         )
     })
@@ -340,7 +336,7 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask(
         n_stream,
         f16,
     };
-    ffi_boundary!({ kq_mask(Source::Ctx(ctx), causal_attn, Dst::Buf(dst, n), shape) })
+    ffi_boundary!({ kq_mask(Source::Ctx(ctx), causal_attn, Dst::Buf(dst, n, shape)) })
 }
 
 /// `llama_memory_ctx_set_input_kq_mask` into a host tensor, as llama.cpp's graph builds it:
@@ -351,19 +347,7 @@ pub extern "C" fn llama_memory_ctx_set_input_kq_mask_tensor(
     dst: *mut g::ggml_tensor,
     causal_attn: bool,
 ) -> llama_memory_result {
-    let shape = MaskShape {
-        n_kv: 0,
-        n_stream: 0,
-        f16: false,
-    };
-    ffi_boundary!({
-        kq_mask(
-            Source::Ctx(ctx),
-            causal_attn,
-            Dst::Tensor(dst.cast()),
-            shape,
-        )
-    })
+    ffi_boundary!({ kq_mask(Source::Ctx(ctx), causal_attn, Dst::Tensor(dst)) })
 }
 
 /// Writes T5 relative position buckets of the current ubatch over `n_kv` cells
@@ -375,7 +359,7 @@ pub extern "C" fn llama_memory_ctx_set_input_pos_bucket(
     dst: *mut i32,
     n: usize,
 ) -> llama_memory_result {
-    ffi_boundary!({ pos_bucket(Source::Ctx(ctx), Dst::Buf(dst, n), n_kv) })
+    ffi_boundary!({ pos_bucket(Source::Ctx(ctx), Dst::Buf(dst, n, n_kv)) })
 }
 
 /// `llama_memory_ctx_set_input_pos_bucket` into a host I32 tensor, `ne = [n_kv, n_tokens]`.
@@ -384,7 +368,7 @@ pub extern "C" fn llama_memory_ctx_set_input_pos_bucket_tensor(
     ctx: llama_memory_ctx_t,
     dst: *mut g::ggml_tensor,
 ) -> llama_memory_result {
-    ffi_boundary!({ pos_bucket(Source::Ctx(ctx), Dst::Tensor(dst), 0) })
+    ffi_boundary!({ pos_bucket(Source::Ctx(ctx), Dst::Tensor(dst)) })
 }
 
 /// Writes the pending shift of every cell (`set_input_k_shift`) into `dst`
@@ -395,7 +379,7 @@ pub extern "C" fn llama_memory_kv_set_input_k_shift(
     dst: *mut i32,
     n: usize,
 ) -> llama_memory_result {
-    ffi_boundary!({ k_shift(mem, Dst::Buf(dst, n)) })
+    ffi_boundary!({ k_shift(mem, Dst::Buf(dst, n, ())) })
 }
 
 /// `llama_memory_kv_set_input_k_shift` into a host I32 tensor of `size * n_stream` elements.
@@ -419,7 +403,7 @@ pub extern "C" fn llama_memory_kv_set_input_k_idxs(
     n: usize,
 ) -> llama_memory_result {
     let src = Source::Caller { mem, ubatch, sinfo };
-    ffi_boundary!({ row_idxs(src, Dst::Buf(dst, n), KvCache::set_input_k_idxs) })
+    ffi_boundary!({ row_idxs(src, Dst::Buf(dst, n, ()), KvCache::set_input_k_idxs) })
 }
 
 /// Writes the V destinations of each token of `ubatch` placed by `sinfo`
@@ -435,7 +419,7 @@ pub extern "C" fn llama_memory_kv_set_input_v_idxs(
     n: usize,
 ) -> llama_memory_result {
     let src = Source::Caller { mem, ubatch, sinfo };
-    ffi_boundary!({ row_idxs(src, Dst::Buf(dst, n), KvCache::set_input_v_idxs) })
+    ffi_boundary!({ row_idxs(src, Dst::Buf(dst, n, ()), KvCache::set_input_v_idxs) })
 }
 
 /// `llama_memory_kv_set_input_k_idxs` into a host I64 tensor (llama.cpp's
@@ -491,7 +475,7 @@ pub extern "C" fn llama_memory_kv_set_input_kq_mask(
         n_stream,
         f16,
     };
-    ffi_boundary!({ kq_mask(src, causal_attn, Dst::Buf(dst, n), shape) })
+    ffi_boundary!({ kq_mask(src, causal_attn, Dst::Buf(dst, n, shape)) })
 }
 
 /// `llama_memory_kv_set_input_kq_mask` into a host F32 or F16 tensor of llama.cpp's shape
@@ -509,12 +493,7 @@ pub extern "C" fn llama_memory_kv_set_input_kq_mask_tensor(
         ubatch,
         sinfo: std::ptr::null(),
     };
-    let shape = MaskShape {
-        n_kv: 0,
-        n_stream: 0,
-        f16: false,
-    };
-    ffi_boundary!({ kq_mask(src, causal_attn, Dst::Tensor(dst), shape) })
+    ffi_boundary!({ kq_mask(src, causal_attn, Dst::Tensor(dst)) })
 }
 
 /// Writes T5 relative position buckets of a caller's `ubatch` over the first `n_kv` cells
@@ -533,7 +512,7 @@ pub extern "C" fn llama_memory_kv_set_input_pos_bucket(
         ubatch,
         sinfo: std::ptr::null(),
     };
-    ffi_boundary!({ pos_bucket(src, Dst::Buf(dst, n), n_kv) })
+    ffi_boundary!({ pos_bucket(src, Dst::Buf(dst, n, n_kv)) })
 }
 
 /// `llama_memory_kv_set_input_pos_bucket` into a host I32 tensor `[n_kv, n_tokens]`, as
@@ -549,5 +528,5 @@ pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
         ubatch,
         sinfo: std::ptr::null(),
     };
-    ffi_boundary!({ pos_bucket(src, Dst::Tensor(dst), 0) })
+    ffi_boundary!({ pos_bucket(src, Dst::Tensor(dst)) })
 }
