@@ -25,10 +25,12 @@ const BUILD_LAYOUT: u32 = 1;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=CMakeLists.txt");
+    println!("cargo:rerun-if-changed=defrag/CMakeLists.txt");
     println!("cargo:rerun-if-changed=shim");
     for var in [
         "LLAMA_CPP_DIR",
         "DEP_GGML_LLAMA_CPP_DIR",
+        "DEFRAG_LLAMA_CPP_DIR",
         "CMAKE",
         "KVREF_FORCE_PIP_CMAKE",
         "KVREF_FORCE_PIP_NINJA",
@@ -56,14 +58,62 @@ fn main() {
     let cmake = find_cmake(&tools);
     let generator = choose_generator(&tools);
 
+    let kvref = cmake_build(
+        &cmake,
+        &generator,
+        &builds,
+        &Project {
+            name: "kvref",
+            source: manifest_dir.clone(),
+            tree_var: "LLAMA_CPP_DIR",
+            tree: tree.clone(),
+        },
+    );
+    println!("cargo:rustc-env=KVREF_LIB={}", kvref.display());
+
+    // The second reference: the last llama.cpp that defragmented (see defrag/CMakeLists.txt).
+    let defrag_tree = defrag_tree(&out_dir);
+    let dfref = cmake_build(
+        &cmake,
+        &generator,
+        &builds,
+        &Project {
+            name: "dfref",
+            source: manifest_dir.join("defrag"),
+            tree_var: "DEFRAG_LLAMA_CPP_DIR",
+            tree: defrag_tree,
+        },
+    );
+    println!("cargo:rustc-env=DFREF_LIB={}", dfref.display());
+}
+
+/// One CMake project of this crate and the llama.cpp tree it builds against.
+struct Project {
+    /// The shared library's name (`lib<name>.so`) and its CMake target.
+    name: &'static str,
+    source: PathBuf,
+    /// The CMake variable naming the tree.
+    tree_var: &'static str,
+    tree: PathBuf,
+}
+
+/// Configures (when needed) and builds one project; returns the shared library's path.
+fn cmake_build(cmake: &Cmake, generator: &Generator, builds: &Path, project: &Project) -> PathBuf {
+    let Project {
+        name,
+        source,
+        tree_var,
+        tree,
+    } = project;
     let key = format!(
         "{:016x}",
+        // the two projects build different trees, so the tree alone tells them apart
         fnv1a(format!("{BUILD_LAYOUT}|{}|{}", tree.display(), generator.name).as_bytes())
     );
     let build_dir = builds.join(key);
     fs::create_dir_all(&build_dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", build_dir.display()));
-    let log_path = build_dir.join("kvref-build.log");
+    let log_path = build_dir.join(format!("{name}-build.log"));
     // every run appends (a no-op build adds a few lines); start over once it gets large
     if fs::metadata(&log_path).is_ok_and(|m| m.len() > 4 << 20) {
         let _ = fs::remove_file(&log_path);
@@ -76,12 +126,12 @@ fn main() {
 
     let mut configure: Vec<OsString> = vec![
         "-S".into(),
-        manifest_dir.clone().into(),
+        source.clone().into(),
         "-B".into(),
         build_dir.clone().into(),
         "-G".into(),
         generator.name.into(),
-        format!("-DLLAMA_CPP_DIR={}", tree.display()).into(),
+        format!("-D{tree_var}={}", tree.display()).into(),
         "-DCMAKE_BUILD_TYPE=Release".into(),
     ];
     if let Some(program) = &generator.program {
@@ -90,7 +140,7 @@ fn main() {
 
     // Reconfigure only when CMake or its arguments differ from the last successful configure:
     // the build step re-runs CMake by itself when a CMakeLists.txt changes.
-    let stamp = build_dir.join("kvref-configure.args");
+    let stamp = build_dir.join(format!("{name}-configure.args"));
     let args_text = std::iter::once(format!("{:?} {:?}", cmake.program, cmake.python_path))
         .chain(configure.iter().map(|a| a.to_string_lossy().into_owned()))
         .collect::<Vec<_>>()
@@ -121,7 +171,7 @@ fn main() {
     run_logged(
         cmake.command().arg("--build").arg(&build_dir).args([
             "--target",
-            "kvref",
+            name,
             "--parallel",
             &jobs,
         ]),
@@ -130,14 +180,14 @@ fn main() {
         "build",
     );
 
-    let lib = build_dir.join("libkvref.so");
+    let lib = build_dir.join(format!("lib{name}.so"));
     assert!(
         lib.exists(),
         "the CMake build did not produce {} (log: {})",
         lib.display(),
         log_path.display()
     );
-    println!("cargo:rustc-env=KVREF_LIB={}", lib.display());
+    lib
 }
 
 /// `$LLAMA_CPP_DIR` wins so that a checkout can be tested without touching ggml-sys.
@@ -168,6 +218,77 @@ fn locate_tree() -> PathBuf {
         );
     }
     dir
+}
+
+/// The crate whose llama.cpp tree is the defragmentation reference: the newest release of
+/// `llama-cpp-sys-2` whose tree still has `llama_kv_cache_unified::defrag_prepare` (0.1.122
+/// is the first without it).
+const DEFRAG_CRATE: &str = "llama-cpp-sys-2";
+const DEFRAG_VERSION: &str = "0.1.121";
+
+/// `$DEFRAG_LLAMA_CPP_DIR`, else the `llama.cpp` directory of [`DEFRAG_CRATE`]
+/// [`DEFRAG_VERSION`], which `cargo metadata` fetches into the local registry (offline first,
+/// as ggml-sys does for the pinned tree).
+fn defrag_tree(out_dir: &Path) -> PathBuf {
+    if let Some(dir) = env::var_os("DEFRAG_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let pin = out_dir.join("defrag-pin");
+    fs::create_dir_all(pin.join("src")).expect("cannot create OUT_DIR/defrag-pin");
+    // cfg(any()) is never true: cargo resolves and downloads the package, never builds it.
+    let manifest = format!(
+        "[package]\nname = \"defrag-pin\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+         publish = false\n\n[workspace]\n\n[target.'cfg(any())'.dependencies]\n\
+         {DEFRAG_CRATE} = \"={DEFRAG_VERSION}\"\n"
+    );
+    if fs::read_to_string(pin.join("Cargo.toml")).ok().as_deref() != Some(manifest.as_str()) {
+        fs::write(pin.join("Cargo.toml"), &manifest).expect("write defrag-pin/Cargo.toml");
+    }
+    if !pin.join("src/lib.rs").exists() {
+        fs::write(pin.join("src/lib.rs"), "").expect("write defrag-pin/src/lib.rs");
+    }
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut errors = String::new();
+    for offline in [true, false] {
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["metadata", "--format-version", "1", "--manifest-path"])
+            .arg(pin.join("Cargo.toml"))
+            .current_dir(&pin);
+        if offline {
+            cmd.arg("--offline");
+        }
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo:?} metadata: {e}"));
+        if out.status.success() {
+            let meta: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("cargo metadata printed invalid JSON");
+            let manifest = meta["packages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == DEFRAG_CRATE && p["version"] == DEFRAG_VERSION)
+                .and_then(|p| p["manifest_path"].as_str())
+                .unwrap_or_else(|| {
+                    panic!("cargo metadata does not list {DEFRAG_CRATE} {DEFRAG_VERSION}")
+                });
+            let dir = Path::new(manifest)
+                .parent()
+                .expect("manifest_path has a parent");
+            let tree = PathBuf::from(dir).join("llama.cpp");
+            assert!(
+                tree.join("src/llama-kv-cache-unified.h").exists(),
+                "{} is not the defragmenting llama.cpp tree",
+                tree.display()
+            );
+            return tree;
+        }
+        errors.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    panic!(
+        "cargo metadata could not fetch {DEFRAG_CRATE} {DEFRAG_VERSION} (the defragmentation \
+         reference); set DEFRAG_LLAMA_CPP_DIR to its llama.cpp tree instead. cargo said:\n{errors}"
+    );
 }
 
 /// `<target>/<profile>/build/<pkg>-<hash>/out` → `<target>` (or `<target>/<triple>`), shared

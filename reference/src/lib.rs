@@ -96,10 +96,12 @@ macro_rules! forward {
 }
 
 mod ctx;
+mod defrag;
 mod kv;
 mod recurrent;
 
 pub use ctx::{CtxParams, RefCtx};
+pub use defrag::{DfCell, RefDefrag, DFREF_LIB};
 pub use kv::{
     model_path, model_path_ex, non_causal_type, sanity_decode, swa_type, write_model,
     write_model_ex, Cells, MemoryStatus, Params, RawSlot, RefKv, Slot, StreamInfo, View,

@@ -231,6 +231,22 @@ impl Cells {
         }
     }
 
+    /// Moves used cell `src` into empty cell `dst` (`llama_kv_cells::mv` of the defragmenting
+    /// llama.cpp): position, M-RoPE extension, pending shift and sequences go along, `src`
+    /// becomes empty.
+    pub fn mv(&mut self, src: u32, dst: u32) {
+        debug_assert!(!self.is_empty(src) && self.is_empty(dst));
+        let (s, d) = (src as usize, dst as usize);
+        self.pos[d] = self.pos[s];
+        self.ext[d] = self.ext[s];
+        self.shift[d] = self.shift[s];
+        self.seq[d] = self.seq[s];
+        self.mark_used(dst);
+        self.seq_pos_add(dst);
+        self.seq_pos_rm(src);
+        self.clear_cell(src);
+    }
+
     /// Empties a used cell.
     pub fn rm(&mut self, i: u32) {
         self.seq_pos_rm(i);

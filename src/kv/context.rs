@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use super::{KvCache, KvMemory, SlotInfo};
+use super::{DefragPlan, KvCache, KvMemory, SlotInfo};
 use crate::error::{err, Result};
 use crate::memory::{find_mut, Memory, MemoryContext, Status};
 use crate::storage::KvStorage;
@@ -30,6 +30,8 @@ pub struct KvContext {
     cur: usize,
     /// An update's stream copies (source, destination).
     copies: Vec<(u32, u32)>,
+    /// An update's defragmentation (empty: none).
+    defrag: DefragPlan,
     n_kv: u32,
 }
 
@@ -43,6 +45,7 @@ impl Default for KvContext {
             n_ubatches: 0,
             cur: 0,
             copies: Vec::new(),
+            defrag: DefragPlan::default(),
             n_kv: 0,
         }
     }
@@ -56,6 +59,7 @@ impl KvContext {
         c.n_ubatches = 0;
         c.cur = 0;
         c.copies.clear();
+        c.defrag = DefragPlan::default();
         c.n_kv = 0;
         c
     }
@@ -85,9 +89,19 @@ impl KvContext {
         &self.copies
     }
 
+    /// The defragmentation an update context applies (empty: none).
+    pub fn defrag_plan(&self) -> &DefragPlan {
+        &self.defrag
+    }
+
     /// Applies the current step to a cache and, when it has them, its tensors: places the
-    /// current ubatch, or (update) copies the queued streams and clears the pending shifts.
-    pub fn apply_to(&mut self, kv: &mut KvCache, storage: Option<&mut KvStorage>) -> Result<()> {
+    /// current ubatch, or (update) copies the queued streams, clears the pending shifts and
+    /// defragments (the seed's order: the K-shift is computed before the cells move).
+    pub fn apply_to(
+        &mut self,
+        kv: &mut KvCache,
+        mut storage: Option<&mut KvStorage>,
+    ) -> Result<()> {
         match self.mode {
             Mode::Failed(s) => Err(err!(
                 InvalidArgument,
@@ -95,13 +109,21 @@ impl KvContext {
             )),
             Mode::Full => Ok(()),
             Mode::Update { do_shift } => {
-                if let Some(st) = storage {
+                if !self.defrag.is_empty() {
+                    // refused before the copies and the shift reset: all or nothing
+                    kv.check_plan(&self.defrag)?;
+                }
+                if let Some(st) = storage.as_deref_mut() {
                     for &(a, b) in &self.copies {
                         st.copy_stream(a, b)?;
                     }
                 }
                 if do_shift {
                     kv.reset_shifts();
+                }
+                if !self.defrag.is_empty() {
+                    let plan = std::mem::take(&mut self.defrag);
+                    kv.defragment(storage, &plan)?;
                 }
                 Ok(())
             }
@@ -131,7 +153,11 @@ impl MemoryContext for KvContext {
     fn status(&self) -> Status {
         match self.mode {
             Mode::Failed(s) => s,
-            Mode::Update { do_shift } if !do_shift && self.copies.is_empty() => Status::NoUpdate,
+            Mode::Update { do_shift }
+                if !do_shift && self.copies.is_empty() && self.defrag.is_empty() =>
+            {
+                Status::NoUpdate
+            }
             _ => Status::Success,
         }
     }
@@ -217,6 +243,12 @@ impl KvCache {
 
     /// Takes the pending shift and stream copies into an update context (`init_update`).
     pub fn init_update(&mut self) -> Result<KvContext> {
+        self.init_update_with(DefragPlan::default())
+    }
+
+    /// [`KvCache::init_update`] with a defragmentation ([`KvCache::plan_defrag`]) to apply
+    /// after the K-shift.
+    pub fn init_update_with(&mut self, defrag: DefragPlan) -> Result<KvContext> {
         let do_shift = self.has_shift();
         if do_shift && !self.can_shift() {
             return Err(err!(
@@ -226,6 +258,7 @@ impl KvCache {
         }
         let mut ctx = KvContext::new(Mode::Update { do_shift }, None);
         ctx.copies = std::mem::take(&mut self.pending_copies);
+        ctx.defrag = defrag;
         Ok(ctx)
     }
 

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 
-use super::{KvCache, KvContext};
+use super::{DefragPlan, KvCache, KvContext};
 use crate::error::{err, Result};
 use crate::io::{IoRead, StateIn, StateOut};
 use crate::memory::{Memory, MemoryContext, ReadStage};
@@ -21,6 +21,13 @@ pub struct KvMemory {
     pub(super) stock_failure: bool,
     /// How far the current restore got (see [`ReadStage`]).
     pub(super) stage: Cell<ReadStage>,
+    /// `init_update(false)` defragments the streams whose fragmentation exceeds this (`<= 0`:
+    /// never, the default, as the pinned llama.cpp).
+    defrag_thold: f32,
+    /// Move budget of a defragmentation ([`super::max_moves_for_nodes`]).
+    defrag_max_moves: u32,
+    /// The plan of [`KvMemory::defrag_prepare`], until [`KvMemory::defrag_apply`].
+    pending_defrag: DefragPlan,
 }
 
 impl KvMemory {
@@ -55,7 +62,48 @@ impl KvMemory {
             storage,
             stock_failure: false,
             stage: Cell::new(ReadStage::Header),
+            defrag_thold: -1.0,
+            defrag_max_moves: u32::MAX,
+            pending_defrag: DefragPlan::default(),
         })
+    }
+
+    /// Sets the rule of `init_update`: with `optimize` false, defragment the streams whose
+    /// fragmentation exceeds `thold` (`<= 0` or NaN: never); with `optimize` true, every
+    /// stream (the seed's forced defragmentation). At most `max_moves` runs per stream.
+    pub fn set_defrag(&mut self, thold: f32, max_moves: u32) {
+        self.defrag_thold = thold;
+        self.defrag_max_moves = max_moves;
+    }
+
+    /// The plan `init_update(optimize)` makes under the rule of [`KvMemory::set_defrag`].
+    pub fn plan_update_defrag(&self, optimize: bool) -> Result<DefragPlan> {
+        if optimize {
+            self.cache.plan_defrag(None, self.defrag_max_moves)
+        } else if self.defrag_thold > 0.0 {
+            self.cache
+                .plan_defrag(Some(self.defrag_thold), self.defrag_max_moves)
+        } else {
+            Ok(DefragPlan::default())
+        }
+    }
+
+    /// Plans a defragmentation of the streams whose fragmentation exceeds `thold` (`None`:
+    /// every stream) and keeps it for [`KvMemory::defrag_apply`], for callers that run the
+    /// steps of an update themselves (the drop-in). Returns the runs planned.
+    pub fn defrag_prepare(&mut self, thold: Option<f32>, max_moves: u32) -> Result<u32> {
+        let plan = self.cache.plan_defrag(thold, max_moves)?;
+        let n = plan.n_moves();
+        self.pending_defrag = plan;
+        Ok(n)
+    }
+
+    /// Applies the plan of [`KvMemory::defrag_prepare`] (cells and K/V rows) and forgets it;
+    /// nothing changes when it fails (a plan the cells no longer allow). Returns the runs moved.
+    pub fn defrag_apply(&mut self) -> Result<u32> {
+        let plan = std::mem::take(&mut self.pending_defrag);
+        self.cache.defragment(self.storage.as_mut(), &plan)?;
+        Ok(plan.n_moves())
     }
 }
 
@@ -81,8 +129,9 @@ impl Memory for KvMemory {
     fn init_full(&mut self) -> Result<Box<dyn MemoryContext>> {
         Ok(Box::new(self.cache.init_full()))
     }
-    fn init_update(&mut self, _optimize: bool) -> Result<Box<dyn MemoryContext>> {
-        Ok(Box::new(self.cache.init_update()?))
+    fn init_update(&mut self, optimize: bool) -> Result<Box<dyn MemoryContext>> {
+        let plan = self.plan_update_defrag(optimize)?;
+        Ok(Box::new(self.cache.init_update_with(plan)?))
     }
     fn state_write(&self, seq: i32, _flags: u32, out: &mut StateOut<'_, '_>) -> Result<()> {
         // A plain KV cache has no partial part: PARTIAL_ONLY writes everything, as llama.cpp.

@@ -9,12 +9,16 @@
 #![forbid(unsafe_code)]
 
 mod context;
+mod defrag;
 mod inputs;
 mod memory;
 mod slot;
 mod state;
 
 pub use context::KvContext;
+pub use defrag::{
+    fragmentation, max_moves_for_nodes, plan_stream, DefragPlan, StreamPlan, DEFRAG_MIN_N_KV,
+};
 pub use inputs::{relative_position_bucket, MaskOut};
 pub use memory::KvMemory;
 pub use slot::SlotInfo;

@@ -73,41 +73,10 @@ impl KvMemory {
     /// The tensor blocks of a stream's state, in the order llama.cpp writes them: K of every
     /// layer, then V of every layer that has one (none with MLA).
     fn blocks(&self) -> Result<Vec<Block>> {
-        let Some(st) = &self.storage else {
-            return Ok(Vec::new());
-        };
-        let sp = st.spec();
-        let v_trans = self.cache.params().v_trans;
-        let mut out = Vec::with_capacity(2 * st.layers().len());
-        for l in st.layers() {
-            out.push(Block {
-                hdr: Header::K,
-                il: l.il,
-                t: l.k,
-                row: row_size(sp.type_k, l.n_embd_k_gqa)?,
-                chans: 1,
-            });
+        match &self.storage {
+            Some(st) => blocks_of(st, self.cache.params().v_trans),
+            None => Ok(Vec::new()),
         }
-        for l in st.layers().iter().filter(|l| !l.v.is_null()) {
-            out.push(if v_trans {
-                Block {
-                    hdr: Header::VTrans,
-                    il: l.il,
-                    t: l.v,
-                    row: type_size(sp.type_v)?,
-                    chans: l.n_embd_v_gqa,
-                }
-            } else {
-                Block {
-                    hdr: Header::V,
-                    il: l.il,
-                    t: l.v,
-                    row: row_size(sp.type_v, l.n_embd_v_gqa)?,
-                    chans: 1,
-                }
-            });
-        }
-        Ok(out)
     }
 
     /// Byte offset of stream `s` in `t`, and `t`'s size.
@@ -987,18 +956,53 @@ impl Header {
     }
 }
 
+/// [`KvMemory::blocks`] of a storage whose V is transposed or not.
+pub(super) fn blocks_of(st: &KvStorage, v_trans: bool) -> Result<Vec<Block>> {
+    let sp = st.spec();
+    let mut out = Vec::with_capacity(2 * st.layers().len());
+    for l in st.layers() {
+        out.push(Block {
+            hdr: Header::K,
+            il: l.il,
+            t: l.k,
+            row: row_size(sp.type_k, l.n_embd_k_gqa)?,
+            chans: 1,
+        });
+    }
+    for l in st.layers().iter().filter(|l| !l.v.is_null()) {
+        out.push(if v_trans {
+            Block {
+                hdr: Header::VTrans,
+                il: l.il,
+                t: l.v,
+                row: type_size(sp.type_v)?,
+                chans: l.n_embd_v_gqa,
+            }
+        } else {
+            Block {
+                hdr: Header::V,
+                il: l.il,
+                t: l.v,
+                row: row_size(sp.type_v, l.n_embd_v_gqa)?,
+                chans: 1,
+            }
+        });
+    }
+    Ok(out)
+}
+
 /// One tensor's part of a stream's state: `chans` records of `row` bytes per cell, record j
 /// of cell c at `(j * size + c) * row` from the stream's start (`chans` is 1 but for a
 /// transposed V, whose channels are rows of `size` elements).
 #[derive(Clone, Copy, Debug)]
-struct Block {
+pub(super) struct Block {
     hdr: Header,
     il: u32,
-    t: *mut ggml_sys::ggml_tensor,
+    pub(super) t: *mut ggml_sys::ggml_tensor,
     /// Bytes per cell in one record: the row size, or the element size of a transposed V.
-    row: usize,
+    pub(super) row: usize,
     /// Records per cell: 1, or n_embd_v_gqa for a transposed V.
-    chans: u32,
+    pub(super) chans: u32,
 }
 
 impl Block {

@@ -475,6 +475,29 @@ impl KvStorage {
         Ok(())
     }
 
+    /// Copies `len` bytes at offset `src` of tensor `t` to offset `dst` of the same tensor (the
+    /// ranges may overlap): in place for host memory, else through `tmp` and the backend
+    /// (`ggml_backend_tensor_get`/`_set`).
+    pub fn copy_within(
+        &mut self,
+        t: *mut g::ggml_tensor,
+        src: usize,
+        dst: usize,
+        len: usize,
+        tmp: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.check(t, src, len)?;
+        self.check(t, dst, len)?;
+        if let Some(bytes) = self.host_bytes_mut(t)? {
+            bytes.copy_within(src..src + len, dst);
+            return Ok(());
+        }
+        // The caller reserves `tmp` before its first change: this resize does not allocate.
+        tmp.resize(len, 0);
+        self.get(t, src, tmp)?;
+        self.set(t, dst, tmp)
+    }
+
     /// Copies stream `src` of every layer onto stream `dst` (cross-stream `seq_cp` at update).
     pub fn copy_stream(&mut self, src: u32, dst: u32) -> Result<()> {
         if src >= self.spec.n_stream || dst >= self.spec.n_stream {
