@@ -47,6 +47,10 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
+// Below this extent (`used_max_p1`) a stream is never fragmented enough to plan for: the seed's
+// "do not defrag small contexts".
+#define DEFRAG_MIN_N_KV 2048
+
 // Major version.
 #define LLAMA_MEMORY_VERSION_MAJOR 0
 
@@ -636,7 +640,11 @@ llama_memory_ctx_t llama_memory_init_batch(llama_memory_t mem,
 llama_memory_ctx_t llama_memory_init_full(llama_memory_t mem);
 
 // Takes the pending K-shift and stream copies into an update context (`init_update`); its
-// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+// status is NO_UPDATE when there is nothing to do. A KV cache also plans a defragmentation
+// there, as the llama.cpp that still had one: with `optimize` true always, with `optimize`
+// false when its fragmentation exceeds the threshold of `llama_memory_kv_set_defrag` (none by
+// default, so `optimize` false changes nothing, as the pinned llama.cpp); the context's
+// apply moves the cells after clearing the shifts. Other memories ignore `optimize`.
 // NULL (last error set) on error. The caller owns it and frees it with
 // `llama_memory_ctx_free`; the memory must outlive it.
 llama_memory_ctx_t llama_memory_init_update(llama_memory_t mem, bool optimize);
@@ -1075,6 +1083,37 @@ llama_memory_result llama_memory_kv_copy_stream(llama_memory_t mem, uint32_t src
 // Clears every cell's pending shift, once the caller computed the K-shift graph (or has no
 // RoPE to shift), as the end of llama.cpp's `update`.
 llama_memory_result llama_memory_kv_reset_shift(llama_memory_t mem);
+
+// The fragmentation figure of the defragmenting llama.cpp, the largest over the streams: the
+// share of holes in the used extent (`1 - (used + n_pad) / used_max_p1`), 0 while the extent
+// is below 2048 cells. -1 (last error set) for NULL or a memory that is not a KV cache.
+float llama_memory_kv_get_fragmentation(llama_memory_t mem);
+
+// Sets when `llama_memory_init_update` defragments. With `optimize` false: the streams whose
+// fragmentation exceeds `thold` (`thold <= 0`: never, the default, as the pinned llama.cpp);
+// with `optimize` true: every stream (the seed's forced defragmentation). `max_moves` bounds
+// the runs of cells moved per stream (`llama_memory_kv_defrag_max_moves`; `UINT32_MAX`: no
+// bound). The update context's apply moves the cells and K/V rows after the K-shift.
+llama_memory_result llama_memory_kv_set_defrag(llama_memory_t mem, float thold, uint32_t max_moves);
+
+// The seed's move budget for a graph of `n_max_nodes` nodes over `n_layer` layers
+// (`(n_max_nodes - 2 n_layer) / (6 n_layer)` in unsigned arithmetic, as the seed computed it);
+// `UINT32_MAX` for `n_layer = 0`.
+uint32_t llama_memory_kv_defrag_max_moves(int32_t n_max_nodes, uint32_t n_layer);
+
+// Plans a defragmentation, for callers that run an update's steps themselves: the streams
+// whose fragmentation exceeds `thold` (`thold < 0`: every stream), at most `max_moves` runs
+// each. The plan is kept until `llama_memory_kv_defrag_apply` (a new one replaces it); the
+// cache does not change. Returns the runs planned (0: nothing to move), -1 on error.
+int32_t llama_memory_kv_defrag_prepare(llama_memory_t mem, float thold, uint32_t max_moves);
+
+// Applies the plan of `llama_memory_kv_defrag_prepare`: each planned cell, with its K and V
+// rows (in place for host buffers, through `ggml_backend_tensor_get/set` otherwise), moves
+// into its hole, and each planned stream's head goes back to 0. Every sequence keeps its
+// positions and keys. All or nothing: a plan the cells no longer allow (a planned hole was
+// filled since) is refused with nothing changed. The plan is used up either way. Returns the
+// runs moved (0 without a plan), -1 on error.
+int32_t llama_memory_kv_defrag_apply(llama_memory_t mem);
 
 // Default recurrent parameters: one sequence, `size` from `n_seq_max`, no rollback, F32 R
 // and S, no layers.

@@ -32,6 +32,8 @@ fallible_as! {
     usize => 0,
     // llama_pos: -1 is "no position", llama.h's failure value.
     i32 => -1,
+    // a fragmentation figure is in [0, 1]
+    f32 => -1.0,
 }
 
 impl<T> Fallible for *mut T {

@@ -93,7 +93,11 @@ pub extern "C" fn llama_memory_init_full(mem: llama_memory_t) -> llama_memory_ct
 }
 
 /// Takes the pending K-shift and stream copies into an update context (`init_update`); its
-/// status is NO_UPDATE when there is nothing to do. `optimize` is ignored, as in llama.cpp.
+/// status is NO_UPDATE when there is nothing to do. A KV cache also plans a defragmentation
+/// there, as the llama.cpp that still had one: with `optimize` true always, with `optimize`
+/// false when its fragmentation exceeds the threshold of `llama_memory_kv_set_defrag` (none by
+/// default, so `optimize` false changes nothing, as the pinned llama.cpp); the context's
+/// apply moves the cells after clearing the shifts. Other memories ignore `optimize`.
 /// NULL (last error set) on error. The caller owns it and frees it with
 /// `llama_memory_ctx_free`; the memory must outlive it.
 #[no_mangle]
