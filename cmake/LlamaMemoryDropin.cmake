@@ -122,6 +122,44 @@ if(IS_DIRECTORY "${_dropin_overlay}")
 endif()
 set(_staged_files ${_upstream_files} ${_overlay_files})
 list(REMOVE_DUPLICATES _staged_files)
+
+# Patches: the few upstream lines the drop-in changes in place rather than replacing a whole
+# file. Each inserts text after one anchor line that must occur exactly once, so a tree whose
+# text moved fails here, at configure time, naming the file and the anchor. The patched text
+# goes through a copy in the binary directory, so an unchanged result keeps its timestamp.
+#  - llama_context_params.defrag_thold (deprecated and ignored upstream) reaches llama_cparams,
+#    where the KV adapter's init_update reads it: defragmentation is opt-in by that field.
+set(_dropin_patched_dir "${_bin}/dropin-patched")
+set(_dropin_patched "")
+# (A function, not a list of patches: the anchors hold semicolons, which a CMake list splits.)
+function(_llama_memory_dropin_patch _f _anchor _insert)
+    if(_f IN_LIST _overlay_files)
+        message(FATAL_ERROR "llama_memory: ${_f} is both overlaid by llama/ and patched")
+    endif()
+    if(_f IN_LIST _dropin_patched)
+        set(_text "${_patched_${_f}}")
+    else()
+        file(READ "${_dropin_tree}/src/${_f}" _text)
+        set(_dropin_patched ${_dropin_patched} "${_f}" PARENT_SCOPE)
+    endif()
+    string(FIND "${_text}" "${_anchor}\n" _at)
+    string(FIND "${_text}" "${_anchor}\n" _at_last REVERSE)
+    if(_at EQUAL -1 OR NOT _at EQUAL _at_last)
+        message(FATAL_ERROR "llama_memory: drop-in patch of ${_f}: the line '${_anchor}' must occur exactly once in ${_dropin_tree}/src/${_f} (this llama.cpp is not the version the drop-in was written for)")
+    endif()
+    string(REPLACE "${_anchor}\n" "${_anchor}\n${_insert}\n" _text "${_text}")
+    set(_patched_${_f} "${_text}" PARENT_SCOPE)
+endfunction()
+_llama_memory_dropin_patch(llama-cparams.h
+    "    bool kv_unified;"
+    "    float defrag_thold = -1.0f; // llama_memory drop-in: KV defragmentation threshold (<= 0: off)")
+_llama_memory_dropin_patch(llama-context.cpp
+    "    cparams.n_seq_max = std::max(1u, params.n_seq_max);"
+    "    cparams.defrag_thold = params.defrag_thold; // llama_memory drop-in")
+foreach(_f IN LISTS _dropin_patched)
+    file(WRITE "${_dropin_patched_dir}/${_f}.tmp" "${_patched_${_f}}")
+    configure_file("${_dropin_patched_dir}/${_f}.tmp" "${_dropin_patched_dir}/${_f}" COPYONLY)
+endforeach()
 set(LLAMA_MEMORY_DROPIN_OVERLAID "")
 set(LLAMA_MEMORY_DROPIN_ADDED "")
 foreach(_f IN LISTS _staged_files)
@@ -132,6 +170,8 @@ foreach(_f IN LISTS _staged_files)
         else()
             list(APPEND LLAMA_MEMORY_DROPIN_ADDED "${_f}")
         endif()
+    elseif(_f IN_LIST _dropin_patched)
+        set(_from "${_dropin_patched_dir}/${_f}")
     else()
         set(_from "${_dropin_tree}/src/${_f}")
     endif()
@@ -309,6 +349,21 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         else()
             set(_lib llama_stock)
         endif()
+        # tests/dropin/defrag.c: the defragmentation test (drop-in) and benchmark (both)
+        add_executable(dropin_defrag_${_variant} "${_src}/tests/dropin/defrag.c")
+        set_target_properties(dropin_defrag_${_variant} PROPERTIES
+            OUTPUT_NAME defrag
+            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+            C_STANDARD 11
+            C_STANDARD_REQUIRED ON
+            C_EXTENSIONS OFF)
+        target_compile_options(dropin_defrag_${_variant} PRIVATE
+            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
+        target_link_libraries(dropin_defrag_${_variant} PRIVATE ${_lib})
+        if(UNIX AND NOT APPLE)
+            target_link_libraries(dropin_defrag_${_variant} PRIVATE m)
+        endif()
+
         set(_exe dropin_equivalence_${_variant})
         add_executable(${_exe} "${_src}/tests/dropin/equivalence.c")
         set_target_properties(${_exe} PROPERTIES
@@ -395,6 +450,18 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     "-DOUT=${_bin}/dropin-tests/out/${_name}"
                     -P "${_src}/tests/dropin/compare.cmake")
         set_tests_properties(dropin_equivalence_${_name} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 600)
+    endforeach()
+
+    # Defragmentation, opt-in by llama_context_params.defrag_thold: 8 sequences that end and
+    # restart in a 4096-cell cache; the compacted context's mean n_kv must be below the
+    # uncompacted one's and every logit within the stated tolerance of it (tests/dropin/defrag.c).
+    # Without the field set, the equivalence configurations above are the proof that nothing
+    # changed.
+    foreach(_fa 0 1)
+        add_test(NAME dropin_defrag_fa${_fa}
+            COMMAND dropin_defrag_dropin "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/llama.gguf" 4096 ${_fa} 8 300 0.1 test)
+        set_tests_properties(dropin_defrag_fa${_fa} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
 

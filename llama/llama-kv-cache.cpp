@@ -329,9 +329,28 @@ llama_memory_context_ptr llama_kv_cache::init_full() {
 }
 
 llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool optimize) {
-    GGML_UNUSED(optimize);
-
     const bool do_shift = get_has_shift();
+
+    // Defragmentation, opt-in by llama_context_params.defrag_thold (deprecated and ignored by
+    // the pinned llama.cpp, so the default, -1, keeps the drop-in identical to stock): as the
+    // llama.cpp that still had it, forced by `optimize` (decode's retry after a failed slot
+    // search), else when a stream's fragmentation exceeds the threshold; the move budget is
+    // the seed's, from the graph's node budget.
+    bool do_defrag = false;
+    const float thold = lctx ? lctx->get_cparams().defrag_thold : -1.0f;
+    if (thold > 0.0f) {
+        const uint32_t n_max_nodes = lctx->graph_max_nodes(lctx->get_cparams().n_ubatch);
+        const uint32_t max_moves = llama_memory_kv_defrag_max_moves((int32_t) n_max_nodes, (uint32_t) layer_ids.size());
+        const float frag = llama_memory_kv_get_fragmentation(mem);
+        const int32_t n_moves = llama_memory_kv_defrag_prepare(mem, optimize ? -1.0f : thold, max_moves);
+        if (n_moves < 0) {
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_memory_last_error());
+        } else if (n_moves > 0) {
+            LLAMA_LOG_DEBUG("%s: fragmentation: %.2f - %s defrag, %d cell moves\n", __func__, frag,
+                    optimize ? "forced" : "requesting", n_moves);
+            do_defrag = true;
+        }
+    }
 
     // the pending stream copies move into the update context, as upstream's
     stream_copy_info sc;
@@ -344,7 +363,7 @@ llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool 
         }
     }
 
-    return std::make_unique<llama_kv_cache_context>(this, lctx, do_shift, std::move(sc));
+    return std::make_unique<llama_kv_cache_context>(this, lctx, do_shift, std::move(sc), do_defrag);
 }
 
 llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_ubatch> & ubatches) {
@@ -384,7 +403,7 @@ void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & 
     check(llama_memory_kv_apply_ubatch(mem, &sv.c, &ub), "apply_ubatch");
 }
 
-bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info) {
+bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info, bool do_defrag) {
     bool updated = false;
 
     if (!sc_info.empty()) {
@@ -426,6 +445,20 @@ bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_co
         }
 
         check(llama_memory_kv_reset_shift(mem), "K-shift");
+    }
+
+    if (do_defrag) {
+        LLAMA_LOG_DEBUG("%s: defragmenting KV cache\n", __func__);
+        // the rows move with ggml_backend_tensor_get/set on a non-host buffer: let the
+        // backend finish what it still computes on them first
+        llama_synchronize(lctx);
+        const int32_t n = llama_memory_kv_defrag_apply(mem);
+        if (n < 0) {
+            // refused with nothing changed (the cells changed since the plan): no update
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_memory_last_error());
+        } else {
+            updated = true;
+        }
     }
 
     return updated;
@@ -740,8 +773,9 @@ llama_kv_cache_context::llama_kv_cache_context(
         llama_kv_cache * kv,
         llama_context * lctx,
         bool do_shift,
-        stream_copy_info sc_info) : status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), lctx(lctx), do_shift(do_shift), sc_info(std::move(sc_info)) {
-    if (!do_shift && this->sc_info.empty()) {
+        stream_copy_info sc_info,
+        bool do_defrag) : status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), lctx(lctx), do_shift(do_shift), sc_info(std::move(sc_info)), do_defrag(do_defrag) {
+    if (!do_shift && this->sc_info.empty() && !do_defrag) {
         status = LLAMA_MEMORY_STATUS_NO_UPDATE;
     }
 }
@@ -765,7 +799,7 @@ bool llama_kv_cache_context::apply() {
 
     // no ubatches: an update
     if (ubatches.empty()) {
-        kv->update(lctx, do_shift, sc_info);
+        kv->update(lctx, do_shift, sc_info, do_defrag);
         return true;
     }
 

@@ -209,7 +209,8 @@ public:
     // slots for the ubatches in turn (the cells are put back afterwards); empty on failure
     slot_info_vec_t prepare(const std::vector<llama_ubatch> & ubatches);
 
-    bool update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info);
+    // do_defrag: apply the defragmentation init_update planned (after the K-shift, as the seed)
+    bool update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info, bool do_defrag = false);
 
     // a slot for the ubatch, the cells unchanged; empty when none
     slot_info find_slot(const llama_ubatch & ubatch, bool cont) const;
@@ -292,7 +293,8 @@ public:
             llama_kv_cache * kv,
             llama_context * lctx,
             bool do_shift,
-            stream_copy_info sc_info);
+            stream_copy_info sc_info,
+            bool do_defrag = false);
 
     // used to create a batch processing context from a batch
     llama_kv_cache_context(
@@ -354,6 +356,7 @@ private:
     // update context
     bool do_shift = false;
     stream_copy_info sc_info;
+    bool do_defrag = false; // a defragmentation is planned in the library (llama_memory_kv_defrag_prepare)
 
     // batch processing context
     size_t i_cur = 0;
