@@ -30,7 +30,7 @@
 #define TOL_F32 1e-4
 #define TOL_FA 2e-2
 
-static long n_kv_sum, n_kv_count;
+static long n_kv_sum, n_kv_count, used_sum;
 static long cur_n_kv; /* the KQ mask's width in the graph being computed */
 
 /* The mask is a graph input, never a node: it is seen as a source of the nodes that use it. */
@@ -88,7 +88,7 @@ static int run_workload(struct llama_context *ctx, int n_seq, int n_decodes, int
     const int budget = n_ctx / n_seq; /* tokens a sequence may hold */
     struct timespec t0, t1;
     rng_state = 0x9e3779b97f4a7c15ull;
-    n_kv_sum = n_kv_count = 0;
+    n_kv_sum = n_kv_count = used_sum = 0;
     for (s = 0; s < n_seq; ++s) {
         len[s] = 0;
         goal[s] = 0;
@@ -140,6 +140,9 @@ static int run_workload(struct llama_context *ctx, int n_seq, int n_decodes, int
         }
         n_kv_sum += cur_n_kv;
         n_kv_count++;
+        for (s = 0; s < n_seq; ++s) {
+            used_sum += len[s]; /* one cell per token, none shared */
+        }
         if (other) {
             /* the other context decodes the same batch; every output is compared */
             struct llama_context *o = (struct llama_context *) other;
@@ -265,8 +268,9 @@ int main(int argc, char **argv) {
         }
         r.mean_n_kv = (double) n_kv_sum / (double) (n_kv_count ? n_kv_count : 1);
         printf("{\"fa\": %d, \"n_seq\": %d, \"n_ctx\": %d, \"decodes\": %d, \"thold\": %g, \"mean_n_kv\": %.1f, "
-               "\"tokens\": %ld, \"seconds\": %.4f, \"tok_per_s\": %.1f}\n",
-               fa, n_seq, n_ctx, n_decodes, (double) thold, r.mean_n_kv, r.n_tokens, r.seconds,
+               "\"mean_used\": %.1f, \"tokens\": %ld, \"seconds\": %.4f, \"tok_per_s\": %.1f}\n",
+               fa, n_seq, n_ctx, n_decodes, (double) thold, r.mean_n_kv,
+               (double) used_sum / (double) (n_kv_count ? n_kv_count : 1), r.n_tokens, r.seconds,
                (double) r.n_tokens / r.seconds);
     }
     llama_free(ctx);
