@@ -42,7 +42,8 @@ static bool watch_mask(struct ggml_tensor *t, bool ask, void *user) {
     }
     for (j = 0; j < GGML_MAX_SRC; ++j) {
         const struct ggml_tensor *src = t->src[j];
-        if (src && strncmp(ggml_get_name(src), "attn_inp_kq_mask", 16) == 0) {
+        /* an iSWA model has two masks of that name: the widest (the full-attention cache's) */
+        if (src && strcmp(ggml_get_name(src), "attn_inp_kq_mask") == 0 && src->ne[0] > cur_n_kv) {
             cur_n_kv = src->ne[0];
         }
     }
