@@ -121,6 +121,9 @@ pub fn plan_stream(cells: &Cells, stream: u32, max_moves: u32) -> Result<Option<
     let mut ids = vec![n_kv; n_kv as usize];
     let mut n_moves = 0u32;
     let mut i0 = 0u32;
+    // Every used cell at or above `hi` is already planned: the seed scans down from the end
+    // for each hole, and starting at `hi` finds the same cells in linear time overall.
+    let mut hi = n_kv;
     while i0 < n_used {
         if !cells.is_empty(i0) {
             ids[i0 as usize] = i0;
@@ -133,7 +136,7 @@ pub fn plan_stream(cells: &Cells, stream: u32, max_moves: u32) -> Result<Option<
         }
         // The nh-th unmoved used cell from the end is where the sources start.
         let mut nf = 0;
-        let mut is = n_kv - 1;
+        let mut is = hi.saturating_sub(1);
         while is > i0 {
             if unmoved(&ids, is) {
                 nf += 1;
@@ -177,6 +180,8 @@ pub fn plan_stream(cells: &Cells, stream: u32, max_moves: u32) -> Result<Option<
         if stop || n_moves == max_moves {
             break;
         }
+        // (not stopped: the nh cells from `is` up are exactly the unplanned ones below `hi`)
+        hi = is;
         i0 += nh;
     }
     Ok((n_moves > 0).then_some(StreamPlan {
