@@ -12,7 +12,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{BatchSize, Criterion};
+use criterion::BatchSize;
 use llama_memory::kv::max_moves_for_nodes;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{KvCache, KvMemory, KvParams, UbatchBuf};
