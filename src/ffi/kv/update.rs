@@ -11,6 +11,17 @@ use crate::memory::{find, find_mut};
 
 use llama_memory_result::*;
 
+/// A defragmentation threshold must be a number (any sign: its meaning is per function).
+fn check_thold(thold: f32) -> Result<()> {
+    if thold.is_nan() {
+        return Err(err!(
+            InvalidArgument,
+            "the defragmentation threshold is NaN"
+        ));
+    }
+    Ok(())
+}
+
 fn kv_mut(m: &mut MemoryHandle) -> Result<&mut KvMemory> {
     find_mut::<KvMemory>(&mut *m.inner)
 }
@@ -116,12 +127,7 @@ pub extern "C" fn llama_memory_kv_set_defrag(
 ) -> llama_memory_result {
     ffi_boundary!({
         let m = try_mut!(mem, "mem");
-        if thold.is_nan() {
-            bail!(err!(
-                InvalidArgument,
-                "the defragmentation threshold is NaN"
-            ));
-        }
+        try_or!(check_thold(thold));
         try_or!(kv_mut(m)).set_defrag(thold, max_moves);
         LLAMA_MEMORY_OK
     })
@@ -147,12 +153,7 @@ pub extern "C" fn llama_memory_kv_defrag_prepare(
 ) -> i32 {
     ffi_boundary!({
         let m = try_mut!(mem, "mem");
-        if thold.is_nan() {
-            bail!(err!(
-                InvalidArgument,
-                "the defragmentation threshold is NaN"
-            ));
-        }
+        try_or!(check_thold(thold));
         let kv = try_or!(kv_mut(m));
         let n = try_or!(kv.defrag_prepare((thold >= 0.0).then_some(thold), max_moves));
         i32::try_from(n).unwrap_or(i32::MAX)
