@@ -253,7 +253,12 @@ fn dropin_libllama_symbols_and_equivalence() {
         &["ggml", "ggml-base", "ggml-cpu"][..],
         &["llama"][..],
         &["llama_stock"][..],
-        &["dropin_equivalence_dropin", "dropin_equivalence_stock"][..],
+        &[
+            "dropin_equivalence_dropin",
+            "dropin_equivalence_stock",
+            "dropin_defrag_dropin",
+            "dropin_defrag_stock",
+        ][..],
     ] {
         let mut build_cmd = Command::new(&cmake);
         build_cmd
