@@ -47,10 +47,6 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
-// Below this extent (`used_max_p1`) a stream is never fragmented enough to plan for: the seed's
-// "do not defrag small contexts".
-#define DEFRAG_MIN_N_KV 2048
-
 // Major version.
 #define LLAMA_MEMORY_VERSION_MAJOR 0
 

@@ -26,6 +26,8 @@ use crate::storage::KvStorage;
 
 /// Below this extent (`used_max_p1`) a stream is never fragmented enough to plan for: the seed's
 /// "do not defrag small contexts".
+///
+/// cbindgen:ignore
 pub const DEFRAG_MIN_N_KV: u32 = 2048;
 
 /// The plan of one stream: cell `i` moves to `ids[i]`; `ids[i] == i` or `ids[i] == ids.len()`
