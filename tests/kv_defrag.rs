@@ -259,9 +259,12 @@ fn plan_and_move_match_the_defragmenting_llama_cpp() {
     assert_eq!(bad, 0, "{bad} divergences from the defragmenting llama.cpp");
 }
 
-/// The comparison can fail: a plan with one destination changed is told apart.
+/// One hole, by hand: sequence 0 in cells 0..20 and sequence 1 in 20..40, then sequence 0
+/// loses positions 3..9. The seed fills the 6-cell hole with the last 6 used cells, in order;
+/// ours plans the same. (An injected bug, no budget stop at the end of a hole, gave 247
+/// divergences in 4,500 steps of the random test above.)
 #[test]
-fn a_wrong_plan_is_caught() {
+fn one_hole_is_filled_from_the_end_as_the_seed_does() {
     let model = stock::model_path();
     let mut reference = RefDefrag::new(&model, 64).unwrap();
     let mut kv = cache(64, 2);
@@ -274,14 +277,10 @@ fn a_wrong_plan_is_caught() {
     let (pos, mask) = table(&kv);
     reference.set_cells(&pos, &mask);
     let theirs = reference.plan(65_536).unwrap();
-    let mut ours = ids_of(&plan).unwrap();
-    assert_eq!(ours, theirs);
-    let moved = ours
-        .iter()
-        .position(|&d| d != ours.len() as u32 && d != 0)
-        .unwrap();
-    ours[moved] += 1;
-    assert_ne!(ours, theirs);
+    assert_eq!(theirs.len(), 40);
+    assert_eq!(theirs[34..], [3, 4, 5, 6, 7, 8]);
+    assert_eq!(ids_of(&plan).unwrap(), theirs);
+    assert_eq!(plan.n_moves(), 1);
 }
 
 /// Everything a cell carries, with its K rows and V elements: a sequence's cells before and

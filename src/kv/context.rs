@@ -123,7 +123,7 @@ impl KvContext {
                 }
                 if !self.defrag.is_empty() {
                     let plan = std::mem::take(&mut self.defrag);
-                    kv.defragment(storage, &plan)?;
+                    kv.defragment_checked(storage, &plan)?;
                 }
                 Ok(())
             }

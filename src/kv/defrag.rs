@@ -276,6 +276,16 @@ impl KvCache {
     /// or (on error) nothing.
     pub fn defragment(&mut self, storage: Option<&mut KvStorage>, plan: &DefragPlan) -> Result<()> {
         self.check_plan(plan)?;
+        self.defragment_checked(storage, plan)
+    }
+
+    /// [`KvCache::defragment`] of a plan [`KvCache::check_plan`] already accepted, for a caller
+    /// that checks before other changes of its own (an update context).
+    pub(super) fn defragment_checked(
+        &mut self,
+        storage: Option<&mut KvStorage>,
+        plan: &DefragPlan,
+    ) -> Result<()> {
         let size = self.size() as usize;
         let v_trans = self.params().v_trans;
         let mut rows = Vec::new();
