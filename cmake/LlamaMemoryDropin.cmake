@@ -156,6 +156,16 @@ _llama_memory_dropin_patch(llama-cparams.h
 _llama_memory_dropin_patch(llama-context.cpp
     "    cparams.n_seq_max = std::max(1u, params.n_seq_max);"
     "    cparams.defrag_thold = params.defrag_thold; // llama_memory drop-in")
+#  - llama.h's state entry points are llama/llama-state.cpp's: upstream's definitions, below
+#    its include of llama.h, take other names (llama/llama-dropin-state.h says how), and
+#    llama_context makes ours a friend (they read its ON_DEVICE stash and call its private
+#    state_read_data / state_seq_read_data).
+_llama_memory_dropin_patch(llama-context.cpp
+    "#include \"llama.h\""
+    "#include \"llama-dropin-state.h\" // llama_memory drop-in: upstream's state entry points renamed")
+_llama_memory_dropin_patch(llama-context.h
+    "    std::map<llama_seq_id, llama_memory_buffers> mem_storage;"
+    "    friend struct llama_memory_dropin_state; // llama_memory drop-in: llama/llama-state.cpp")
 foreach(_f IN LISTS _dropin_patched)
     file(WRITE "${_dropin_patched_dir}/${_f}.tmp" "${_patched_${_f}}")
     configure_file("${_dropin_patched_dir}/${_f}.tmp" "${_dropin_patched_dir}/${_f}" COPYONLY)

@@ -752,6 +752,18 @@ llama_memory_result llama_memory_state_read_io(llama_memory_t mem,
                                                llama_state_seq_flags flags,
                                                const struct llama_memory_io_read *io);
 
+// Reads and validates a state from `io` exactly as [`llama_memory_state_read_io`] would
+// restore it into `seq_id` (-1: everything), and changes nothing: no cell, no tensor byte
+// (the tensor ranges still go to `io->read_tensor`, for the reader to count), no failure
+// effect even in stock-compatible mode. A restore's log lines are logged (a caller that
+// wants silence sets a log function that holds them). Afterwards
+// `llama_memory_state_read_stage` says how far the input got. `LLAMA_MEMORY_OK` when the
+// same input would restore. Supported by the KV cache and the recurrent memory.
+llama_memory_result llama_memory_state_check_io(llama_memory_t mem,
+                                                llama_seq_id seq_id,
+                                                llama_state_seq_flags flags,
+                                                const struct llama_memory_io_read *io);
+
 // Default KV cache parameters: 256 cells, 1 sequence, unified, no sliding window, text
 // positions, transposed V.
 struct llama_memory_kv_params llama_memory_kv_default_params(void);

@@ -158,6 +158,9 @@ public:
     void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
     void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
 
+    // the library's handle (llama-state.cpp checks a state with it before any restore)
+    llama_memory_dropin_obj * handle() const { return mem; }
+
     //
     // llama_kv_cache specific API
     //

@@ -77,8 +77,22 @@ inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdow
 
 // The library's log lines (llama.cpp's own lines of these memories, with their levels) into
 // llama.cpp's logger; set on every memory the adapters create.
+// While a thread's `llama_memory_dropin_log_capture` is set (llama-state.cpp's dry runs of a
+// restore), its lines are held there instead: printed only if the input turns out invalid.
+struct llama_memory_dropin_log_line {
+    int32_t     level;
+    std::string text;
+};
+// (hidden: a global variable's name is not mangled, and libllama exports only stock's C names)
+__attribute__((visibility("hidden"))) inline thread_local std::vector<llama_memory_dropin_log_line> *
+    llama_memory_dropin_log_capture = nullptr;
+
 inline void llama_memory_dropin_log(int32_t level, const char * text, void * user) {
     (void) user;
+    if (llama_memory_dropin_log_capture) {
+        llama_memory_dropin_log_capture->push_back({ level, text });
+        return;
+    }
     llama_log_internal((ggml_log_level) level, "%s", text);
 }
 
@@ -87,16 +101,21 @@ inline void llama_memory_dropin_log(int32_t level, const char * text, void * use
 // stream count, and "failed to restore kv cache" for everything else (every failure in the
 // data included), as upstream's state_read; the library already gave the failure stock's
 // effect on the memory (stock-compatible mode).
-[[noreturn]] inline void llama_memory_dropin_read_failed(
+inline std::exception_ptr llama_memory_dropin_read_error(
         llama_memory_dropin_t mem, const std::exception_ptr & io_error, bool kv) {
     const int32_t stage = llama_memory_state_read_stage(mem);
     if (io_error && stage != LLAMA_MEMORY_READ_DATA) {
-        std::rethrow_exception(io_error);
+        return io_error;
     }
     if (kv && stage == LLAMA_MEMORY_READ_HEADER) {
-        throw std::runtime_error("n_stream mismatch");
+        return std::make_exception_ptr(std::runtime_error("n_stream mismatch"));
     }
-    throw std::runtime_error("failed to restore kv cache");
+    return std::make_exception_ptr(std::runtime_error("failed to restore kv cache"));
+}
+
+[[noreturn]] inline void llama_memory_dropin_read_failed(
+        llama_memory_dropin_t mem, const std::exception_ptr & io_error, bool kv) {
+    std::rethrow_exception(llama_memory_dropin_read_error(mem, io_error, kv));
 }
 
 // The library's view of a llama_ubatch: the same arrays, borrowed (no token data copied).

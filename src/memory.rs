@@ -192,6 +192,16 @@ pub trait Memory: Any + Send {
         ))
     }
 
+    /// Reads and validates a state from a caller's reader as [`Memory::state_read_io`] would
+    /// restore it, and changes nothing (a dry run: the drop-in checks every part of a
+    /// composite's state before it restores the first).
+    fn state_check_io(&mut self, _seq_id: i32, _flags: u32, _io: &mut dyn IoRead) -> Result<()> {
+        Err(err!(
+            Unsupported,
+            "this memory cannot check a state from a reader yet"
+        ))
+    }
+
     /// llama.cpp compatibility for a caller that must behave exactly as stock llama.cpp (the
     /// drop-in libllama): with `on`, the memory accepts what llama.cpp accepts where this
     /// library is stricter (a unified KV cache takes sequence ids in `[n_seq_max, 256)`), and

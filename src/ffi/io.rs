@@ -159,3 +159,25 @@ pub extern "C" fn llama_memory_state_read_io(
         llama_memory_result::LLAMA_MEMORY_OK
     })
 }
+
+/// Reads and validates a state from `io` exactly as [`llama_memory_state_read_io`] would
+/// restore it into `seq_id` (-1: everything), and changes nothing: no cell, no tensor byte
+/// (the tensor ranges still go to `io->read_tensor`, for the reader to count), no failure
+/// effect even in stock-compatible mode. A restore's log lines are logged (a caller that
+/// wants silence sets a log function that holds them). Afterwards
+/// `llama_memory_state_read_stage` says how far the input got. `LLAMA_MEMORY_OK` when the
+/// same input would restore. Supported by the KV cache and the recurrent memory.
+#[no_mangle]
+pub extern "C" fn llama_memory_state_check_io(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    flags: llama_state_seq_flags,
+    io: *const llama_memory_io_read,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let mut r = try_slice!(io, 1, "io")[0];
+        try_or!(m.inner.state_check_io(seq_id, flags, &mut r));
+        llama_memory_result::LLAMA_MEMORY_OK
+    })
+}

@@ -143,6 +143,9 @@ impl Memory for KvMemory {
     fn state_read_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
         KvMemory::state_read_io(self, seq, io)
     }
+    fn state_check_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
+        KvMemory::state_check_io(self, seq, io)
+    }
     fn set_stock_compat(&mut self, on: bool) {
         self.cache.set_stock_seq_ids(on);
         self.stock_failure = on;

@@ -544,12 +544,22 @@ impl KvMemory {
     /// [`KvMemory::state_read`]).
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.stage.set(ReadStage::Header);
-        let r = self.read_io(seq, io);
+        let r = self.read_io(seq, io, false);
         self.stock_failure(seq, &r);
         r
     }
 
-    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+    /// Reads and validates a state from `io` exactly as [`KvMemory::state_read_io`] does
+    /// (the same fields, the same tensor ranges through `io.read_tensor`, the same slot
+    /// search for a sequence) and changes nothing: the cells are put back, no tensor byte is
+    /// written, and a failure has no effect even in stock-compatible mode. What a restore would
+    /// log is logged (the caller may hold it back). `read_stage` then says how far it got.
+    pub fn state_check_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        self.read_io(seq, io, true)
+    }
+
+    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead, check: bool) -> Result<()> {
         self.check_dest(seq)?;
         self.parse_n_stream(io)?;
         let n_stream = self.cache.n_stream();
@@ -569,6 +579,9 @@ impl KvMemory {
                 plans.push((s, cells));
             }
             failpoint::hit("state_read_io: before the first change")?;
+            if check {
+                return Ok(());
+            }
             self.zero_outside(&counts)?;
             self.set_whole_cells(plans.iter().map(|(s, c)| (*s, c)));
             return Ok(());
@@ -594,6 +607,10 @@ impl KvMemory {
             if let Err(e) = rest {
                 self.abort_seq(placed);
                 return Err(e);
+            }
+            if check {
+                self.abort_seq(placed);
+                return Ok(());
             }
             self.commit_seq(&placed, &cells);
             return Ok(());
@@ -1266,6 +1283,63 @@ mod tests {
                 snapshot(&m) == snapshot(&by_blob),
                 "the whole state restored"
             );
+        }
+    }
+
+    #[test]
+    fn a_check_agrees_with_the_restore_and_changes_nothing() {
+        // Every cut and every corrupted byte of a sequence state and a whole state: the dry run
+        // fails exactly when the restore fails, consumes the same bytes when both succeed,
+        // and leaves every cell and tensor byte as they were, even in stock-compatible mode
+        // (where the restore's failure erases or clears).
+        for (v_trans, unified) in [(true, true), (false, false)] {
+            let mut m = memory(v_trans, unified);
+            Memory::set_stock_compat(&mut m, true);
+            let mut blob = vec![0u8; state::seq_get_size(&m, 0, 0).unwrap()];
+            state::seq_get_data(&m, &mut blob, 0, 0, &mut state::Stash::new()).unwrap();
+            let mut whole = vec![0u8; state::get_size(&m).unwrap()];
+            state::get_data(&m, &mut whole).unwrap();
+            let seq_part = blob[8..].to_vec();
+            let mut inputs: Vec<(i32, Vec<u8>)> = Vec::new();
+            for (dest, full) in [(1, &seq_part), (-1, &whole)] {
+                for len in (0..full.len()).step_by(7) {
+                    inputs.push((dest, full[..len].to_vec()));
+                }
+                // the metadata (before the first tensor rows) byte by byte
+                for at in 0..full.len().min(160) {
+                    let mut b = full.clone();
+                    b[at] ^= 0x5a;
+                    inputs.push((dest, b));
+                }
+                inputs.push((dest, full.clone()));
+            }
+            let (mut n_ok, mut n_err) = (0, 0);
+            for (dest, bytes) in &inputs {
+                let before = snapshot(&m);
+                let mut r = Deferred {
+                    bytes,
+                    pos: 0,
+                    pending: Vec::new(),
+                };
+                let checked = m.state_check_io(*dest, &mut r).map(|()| r.pos);
+                assert!(snapshot(&m) == before, "the check changed the memory");
+                let mut fresh = memory(v_trans, unified);
+                Memory::set_stock_compat(&mut fresh, true);
+                let restored = read_io(&mut fresh, bytes, *dest);
+                assert_eq!(
+                    checked.is_ok(),
+                    restored.is_ok(),
+                    "dest {dest}, {} bytes: check {checked:?}, restore {restored:?}",
+                    bytes.len()
+                );
+                if let (Ok(a), Ok(b)) = (&checked, &restored) {
+                    assert_eq!(a, b);
+                    n_ok += 1;
+                } else {
+                    n_err += 1;
+                }
+            }
+            assert!(n_ok >= 2 && n_err > 100, "{n_ok} restored, {n_err} refused");
         }
     }
 }

@@ -107,6 +107,9 @@ impl Memory for RecurrentMemory {
     fn state_read_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
         RecurrentMemory::state_read_io(self, seq, io)
     }
+    fn state_check_io(&mut self, seq: i32, _flags: u32, io: &mut dyn IoRead) -> Result<()> {
+        RecurrentMemory::state_check_io(self, seq, io)
+    }
     fn set_stock_compat(&mut self, on: bool) {
         self.stock_failure = on;
         self.cache.stock_ids = on;

@@ -311,9 +311,17 @@ impl RecurrentMemory {
     /// the destination's rows by then, which llama.cpp's caller erases.
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.stage.set(ReadStage::Header);
-        let r = self.read_io(seq, io);
+        let r = self.read_io(seq, io, false);
         self.stock_failure(seq, &r);
         r
+    }
+
+    /// Reads and validates a state from `io` exactly as [`RecurrentMemory::state_read_io`]
+    /// does (the same fields, the same row ranges through `io.read_tensor`) and changes
+    /// nothing, even in stock-compatible mode. `read_stage` then says how far it got.
+    pub fn state_check_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+        self.stage.set(ReadStage::Header);
+        self.read_io(seq, io, true)
     }
 
     /// llama.cpp's effect of a failed `state_read` (`llama_memory_recurrent::state_read`), in
@@ -356,7 +364,7 @@ impl RecurrentMemory {
         Ok(())
     }
 
-    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
+    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead, check: bool) -> Result<()> {
         self.check_dest(seq)?;
         let cells = self.parse_meta(seq, io)?;
         let (next, head) = self.restored_cache(seq, &cells)?;
@@ -370,6 +378,9 @@ impl RecurrentMemory {
                 io.read_tensor(t, head as usize * row, len)
                     .map_err(|e| err!(InvalidState, "reading {what}: {}", e.message()))
             })?;
+        }
+        if check {
+            return Ok(());
         }
         if seq == -1 {
             // a whole restore zeroes the rest, as llama.cpp's clear(true); the restored rows
