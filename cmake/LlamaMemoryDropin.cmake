@@ -359,6 +359,18 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         else()
             set(_lib llama_stock)
         endif()
+        # tests/dropin/hostile.c: the hostile tier, one program run against each library
+        add_executable(dropin_hostile_${_variant} "${_src}/tests/dropin/hostile.c")
+        set_target_properties(dropin_hostile_${_variant} PROPERTIES
+            OUTPUT_NAME hostile
+            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+            C_STANDARD 11
+            C_STANDARD_REQUIRED ON
+            C_EXTENSIONS OFF)
+        target_compile_options(dropin_hostile_${_variant} PRIVATE
+            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
+        target_link_libraries(dropin_hostile_${_variant} PRIVATE ${_lib})
+
         # tests/dropin/defrag.c: the defragmentation test (drop-in) and benchmark (both)
         add_executable(dropin_defrag_${_variant} "${_src}/tests/dropin/defrag.c")
         set_target_properties(dropin_defrag_${_variant} PROPERTIES

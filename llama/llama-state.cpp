@@ -330,22 +330,24 @@ uint32_t u32_at(const uint8_t * p) {
 struct llama_memory_dropin_state {
     // After a dry run found the input invalid: stock's failure value, with the effect the file
     // header describes. `stock` runs upstream's restore on the input (for an invalid first
-    // part); `prefix` is the entry point's error line.
-    template <typename F>
-    static void fail(llama_context * ctx, const verdict & v, llama_seq_id seq_id, F && stock, const char * prefix) {
+    // part: it fails there, and what it returns is returned); `prefix` is the entry point's
+    // error line.
+    template <typename R, typename F>
+    static R fail(llama_context * ctx, const verdict & v, llama_seq_id seq_id, F && stock, const char * prefix) {
         llama_memory_i * memory = ctx->get_memory();
         if (v.part == 0) {
-            stock();
-            if (!v.unchanged && n_leaves(memory) > 1) {
+            const R r = stock();
+            if (!r && !v.unchanged && n_leaves(memory) > 1) {
                 erase_everywhere(memory, seq_id);
             }
-            return;
+            return r;
         }
         for (const auto & line : v.lines) {
             llama_log_internal((ggml_log_level) line.level, "%s", line.text.c_str());
         }
         LLAMA_LOG_ERROR("%s%s\n", prefix, v.what.c_str());
         erase_everywhere(memory, seq_id);
+        return R();
     }
 
     static size_t set_data(llama_context * ctx, const uint8_t * src, size_t size) {
@@ -358,8 +360,8 @@ struct llama_memory_dropin_state {
         if (!v.known || v.ok) {
             return llama_upstream_state_set_data(ctx, src, size);
         }
-        fail(ctx, v, -1, [&] { llama_upstream_state_set_data(ctx, src, size); }, "state_set_data: error loading state: ");
-        return 0;
+        return fail<size_t>(ctx, v, -1, [&] { return llama_upstream_state_set_data(ctx, src, size); },
+                            "state_set_data: error loading state: ");
     }
 
     static size_t seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id seq_id,
@@ -393,8 +395,9 @@ struct llama_memory_dropin_state {
             return llama_upstream_state_seq_set_data_ext(ctx, src, size, seq_id, flags);
         }
         if (!v.ok) {
-            fail(ctx, v, seq_id, [&] { llama_upstream_state_seq_set_data_ext(ctx, src, size, seq_id, flags); }, prefix);
-            return 0;
+            return fail<size_t>(ctx, v, seq_id,
+                                [&] { return llama_upstream_state_seq_set_data_ext(ctx, src, size, seq_id, flags); },
+                                prefix);
         }
         if (device) {
             // llama_io_read_device's own checks, which abort: the blob read to its end, and
@@ -467,22 +470,30 @@ struct llama_memory_dropin_state {
                 return false;
             }
         };
+        // (upstream's restore runs on an input it fails on, for its logs and effect: a bad arch,
+        // an invalid first part; should it succeed after all, the state is restored)
+        bool restored = false;
         size_t off = 0;
         if (!check_arch(ctx, state, n_state, off)) {
-            return restore(); // fails on the arch, changing nothing, as upstream
+            if (!restore()) {
+                return false;
+            }
+            restored = true;
+        } else {
+            const verdict v = check_memory(ctx->get_memory(), state + off, n_state - off, -1, 0);
+            if (v.known && !v.ok) {
+                if (!fail<bool>(ctx, v, -1, restore, prefix)) {
+                    return false;
+                }
+                restored = true;
+            } else if (v.known && v.remaining != 0) {
+                LLAMA_LOG_ERROR("%s: did not read all of the session file data! size %zu, got %zu\n",
+                                "state_load_file", n_state, off + v.consumed);
+                erase_everywhere(ctx->get_memory(), -1);
+                return false;
+            }
         }
-        const verdict v = check_memory(ctx->get_memory(), state + off, n_state - off, -1, 0);
-        if (v.known && !v.ok) {
-            fail(ctx, v, -1, restore, prefix);
-            return false;
-        }
-        if (v.known && v.remaining != 0) {
-            LLAMA_LOG_ERROR("%s: did not read all of the session file data! size %zu, got %zu\n", "state_load_file",
-                            n_state, off + v.consumed);
-            erase_everywhere(ctx->get_memory(), -1);
-            return false;
-        }
-        if (!restore()) {
+        if (!restored && !restore()) {
             return false;
         }
         memcpy(tokens_out, buf.data() + 12, n_tokens_bytes);
@@ -552,11 +563,7 @@ struct llama_memory_dropin_state {
             }
         };
         const verdict v = check_memory(ctx->get_memory(), state, n_state, seq_id, 0);
-        if (v.known && !v.ok) {
-            fail(ctx, v, seq_id, restore, prefix);
-            return 0;
-        }
-        if (!restore()) {
+        if (v.known && !v.ok ? !fail<bool>(ctx, v, seq_id, restore, prefix) : !restore()) {
             return 0;
         }
         if (nread == 0) {
