@@ -487,6 +487,66 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
 
+    # A K-shift where a memory part has no layer (lfm2 with a window: the full-attention cache of
+    # its hybrid-iSWA memory is empty). Drop-in only: stock aborts (tests/dropin/kshift.c).
+    add_executable(dropin_kshift "${_src}/tests/dropin/kshift.c")
+    set_target_properties(dropin_kshift PROPERTIES
+        RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/dropin"
+        C_STANDARD 11
+        C_STANDARD_REQUIRED ON
+        C_EXTENSIONS OFF)
+    target_compile_options(dropin_kshift PRIVATE
+        $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
+    target_link_libraries(dropin_kshift PRIVATE llama)
+    if(UNIX AND NOT APPLE)
+        target_link_libraries(dropin_kshift PRIVATE m)
+    endif()
+    add_test(NAME dropin_kshift_no_layer
+        COMMAND dropin_kshift "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/lfm2_swa.gguf")
+    set_tests_properties(dropin_kshift_no_layer PROPERTIES LABELS dropin
+        FIXTURES_REQUIRED dropin_models TIMEOUT 300)
+
+    # Non-finite values in a restored state: the opt-in check (LLAMA_MEMORY_CHECK_FINITE) and what
+    # a NaN does without it (tests/dropin/nonfinite.c; its bench mode gives the check's cost).
+    add_executable(dropin_nonfinite "${_src}/tests/dropin/nonfinite.c")
+    set_target_properties(dropin_nonfinite PROPERTIES
+        RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/dropin"
+        C_STANDARD 11
+        C_STANDARD_REQUIRED ON
+        C_EXTENSIONS OFF)
+    target_compile_options(dropin_nonfinite PRIVATE
+        $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
+    target_link_libraries(dropin_nonfinite PRIVATE llama)
+    if(UNIX AND NOT APPLE)
+        target_link_libraries(dropin_nonfinite PRIVATE m)
+    endif()
+    add_test(NAME dropin_nonfinite
+        COMMAND dropin_nonfinite "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/llama.gguf" test)
+    set_tests_properties(dropin_nonfinite PROPERTIES LABELS dropin
+        FIXTURES_REQUIRED dropin_models TIMEOUT 300)
+
+    # The hostile tier (tests/dropin/hostile.c): malformed, crafted and hostile states, files,
+    # ids and flags through llama.h, each case in a forked child, on one model of each memory
+    # kind. Fails on any abort, exception, signal, hang or corruption on the drop-in; prints
+    # stock's counts beside. LLAMA_MEMORY_HOSTILE_SAMPLE cases per model (0: the whole corpus,
+    # tens of thousands to hundreds of thousands of cases).
+    set(LLAMA_MEMORY_HOSTILE_SAMPLE 400 CACHE STRING
+        "llama_memory: cases per model of the drop-in's hostile tier (0: all)")
+    foreach(_model llama mamba gemma3 jamba lfm2_swa)
+        add_test(NAME dropin_hostile_${_model}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_hostile_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_hostile_dropin>"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
+                    "-DWORK=${_bin}/dropin-tests/hostile/${_model}"
+                    "-DSAMPLE=${LLAMA_MEMORY_HOSTILE_SAMPLE}"
+                    "-DARGS=--timeout,10,--jobs,2"
+                    -P "${_src}/tests/dropin/hostile.cmake")
+        # RUN_SERIAL: its children use both cores; a loaded machine would turn slow cases into hangs
+        set_tests_properties(dropin_hostile_${_model} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 1800 RUN_SERIAL ON)
+    endforeach()
+
     # An existing consumer switches by prefix alone (tests/dropin/consumer.cmake): the whole
     # install into <build>/dropin-tests/consumer/prefix, tests/dropin/equivalence.c built
     # unchanged against it with find_package(llama) (tests/dropin/consumer/) and with
@@ -570,5 +630,18 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             set_tests_properties(dropin_generate_${_name} PROPERTIES LABELS dropin_slow
                 FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
         endforeach()
+        # The hostile tier on the real model: 100 cases on each library (each case sets up two
+        # contexts of the 262k-token vocabulary: about a second each).
+        add_test(NAME dropin_hostile_gemma270m
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_hostile_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_hostile_dropin>"
+                    "-DMODEL=${_gemma270m}"
+                    "-DWORK=${_bin}/dropin-tests/hostile/gemma270m"
+                    "-DSAMPLE=100"
+                    "-DARGS=--timeout,20,--jobs,2"
+                    -P "${_src}/tests/dropin/hostile.cmake")
+        set_tests_properties(dropin_hostile_gemma270m PROPERTIES LABELS dropin_slow
+            FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
     endif()
 endif()

@@ -581,6 +581,25 @@ uint32_t llama_memory_n_seq_max(llama_memory_t mem);
 // Off by default. Returns OK, or an error for NULL.
 llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
 
+// Opt-in non-finite check (off by default): with `on`, a restore from a blob or a file
+// (`llama_memory_state_*set_data*`, `_load_file`) refuses F32, F16 and BF16 tensor data that
+// holds a NaN or an infinity, as invalid input (failure value, last error, nothing changed or,
+// in stock-compatible mode, llama.cpp's failure effect). Quantized data is not read. A
+// restore through `llama_memory_state_read_io` leaves the bytes to the caller's reader (which
+// can check them with [`llama_memory_data_is_finite`]). Off by default because a valid f16
+// cache can hold an infinity after an overflow; what a NaN does to other sequences: README,
+// "Non-finite values". A composite passes it to its parts. Returns OK, or an error for NULL.
+llama_memory_result llama_memory_set_check_finite(llama_memory_t mem, bool on);
+
+// Whether `size` bytes at `data`, elements of ggml type `type` (F32, F16 or BF16; other types
+// are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
+// they do (the first such element's index in `*index_out`, when it is not NULL), -1 with a
+// last error for NULL `data` with a non-zero size.
+int32_t llama_memory_data_is_finite(ggml_type type_,
+                                    const uint8_t *data,
+                                    size_t size,
+                                    size_t *index_out);
+
 // Sends the memory's log lines to `cb` (NULL: nowhere, the default). The lines are the ones
 // llama.cpp's own `llama_kv_cache` / `llama_memory_recurrent` log at the same moments, with
 // their text and level (the drop-in libllama forwards them to llama.cpp's logger, so its log

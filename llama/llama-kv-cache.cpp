@@ -682,7 +682,9 @@ public:
 
     void set_input(const llama_ubatch * ubatch) override {
         GGML_UNUSED(ubatch);
-        if (k_shift) {
+        // (a cache with no layer builds no shift node, so the input was never allocated: the
+        // shift moves no tensor, and the cells' pending shifts are reset as for any other)
+        if (k_shift && k_shift->buffer) {
             kv->set_input_k_shift(k_shift);
         }
         if (k_rot && k_rot->buffer) {

@@ -30,6 +30,7 @@
 #include "llama-model.h"
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <map>
@@ -90,9 +91,16 @@ public:
     void read_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
         GGML_UNUSED(offset);
         if (device) {
+            // (the bytes are the context's stash, not the input's: not checked for finiteness)
             stash[ggml_backend_buffer_get_type(tensor->buffer)] += size;
-        } else {
-            take(size);
+            return;
+        }
+        take(size);
+        size_t at = 0;
+        if (check_finite && llama_memory_data_is_finite(tensor->type, ptr - size, size, &at) == 0) {
+            non_finite = format("the state's %s data holds a NaN or an infinity (element %zu; "
+                                "LLAMA_MEMORY_CHECK_FINITE is set)", ggml_get_name(tensor), at);
+            throw std::runtime_error(non_finite);
         }
     }
 
@@ -101,6 +109,9 @@ public:
     size_t remaining() const { return left; }
 
     std::map<ggml_backend_buffer_type_t, size_t> stash;
+    // LLAMA_MEMORY_CHECK_FINITE: tensor data with a NaN or an infinity is refused (and why)
+    bool check_finite = false;
+    std::string non_finite;
 
 private:
     void take(size_t size) {
@@ -173,6 +184,7 @@ struct verdict {
     bool ok = true;
     size_t part = 0;     // the first invalid part
     bool unchanged = false; // stock's restore would fail before changing anything
+    bool own = false;    // a failure only the drop-in sees (stock's restore would take it)
     std::string what;    // the error stock's restore would throw
     std::vector<llama_memory_dropin_log_line> lines; // what the parts up to it would have logged
     size_t consumed = 0;
@@ -189,6 +201,9 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
         return v;
     }
     check_reader io(p, len, (flags & LLAMA_STATE_SEQ_FLAGS_ON_DEVICE) != 0);
+    // read at each restore, so a program can set it at any time
+    const char * env = getenv("LLAMA_MEMORY_CHECK_FINITE");
+    io.check_finite = env != nullptr && *env != '\0' && strcmp(env, "0") != 0;
     // stock's restore logs each part's lines as it goes: they are printed if a later part fails
     std::vector<llama_memory_dropin_log_line> lines;
     for (size_t i = 0; i < leaves.size(); ++i) {
@@ -210,6 +225,11 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
             std::rethrow_exception(llama_memory_dropin_read_error(l.mem, r.error, l.kv));
         } catch (const std::exception & e) {
             v.what = e.what();
+        }
+        if (!io.non_finite.empty()) {
+            v.own = true;
+            v.unchanged = false;
+            v.what = io.non_finite;
         }
         v.lines = std::move(lines);
         return v;
@@ -335,7 +355,7 @@ struct llama_memory_dropin_state {
     template <typename R, typename F>
     static R fail(llama_context * ctx, const verdict & v, llama_seq_id seq_id, F && stock, const char * prefix) {
         llama_memory_i * memory = ctx->get_memory();
-        if (v.part == 0) {
+        if (v.part == 0 && !v.own) {
             const R r = stock();
             if (!r && !v.unchanged && n_leaves(memory) > 1) {
                 erase_everywhere(memory, seq_id);

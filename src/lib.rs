@@ -24,6 +24,7 @@
 pub mod cells;
 pub mod error;
 mod failpoint;
+pub mod finite;
 pub mod io;
 pub mod kv;
 pub mod memory;

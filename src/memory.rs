@@ -214,6 +214,18 @@ pub trait Memory: Any + Send {
             }
         }
     }
+    /// Opt-in: a restore from a blob or file refuses tensor data holding a NaN or an infinity
+    /// (F32, F16 and BF16 data; quantized data is not read), as invalid input (nothing
+    /// changed). Off by default: a valid f16 cache can hold an infinity after an overflow. A
+    /// restore through a caller's reader (`state_read_io`) leaves the bytes to that reader. A
+    /// composite passes it to its parts.
+    fn set_check_finite(&mut self, on: bool) {
+        for i in 0..self.n_parts() {
+            if let Some((_, part)) = self.part_mut(i) {
+                part.set_check_finite(on);
+            }
+        }
+    }
     /// Where the memory's log lines go (llama.cpp's, where it logs); a composite passes it to
     /// its parts.
     fn set_log(&mut self, log: Log) {

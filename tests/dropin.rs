@@ -258,6 +258,10 @@ fn dropin_libllama_symbols_and_equivalence() {
             "dropin_equivalence_stock",
             "dropin_defrag_dropin",
             "dropin_defrag_stock",
+            "dropin_hostile_dropin",
+            "dropin_hostile_stock",
+            "dropin_kshift",
+            "dropin_nonfinite",
         ][..],
     ] {
         let mut build_cmd = Command::new(&cmake);

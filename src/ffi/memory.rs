@@ -159,6 +159,52 @@ pub extern "C" fn llama_memory_set_stock_compat(
     })
 }
 
+/// Opt-in non-finite check (off by default): with `on`, a restore from a blob or a file
+/// (`llama_memory_state_*set_data*`, `_load_file`) refuses F32, F16 and BF16 tensor data that
+/// holds a NaN or an infinity, as invalid input (failure value, last error, nothing changed or,
+/// in stock-compatible mode, llama.cpp's failure effect). Quantized data is not read. A
+/// restore through `llama_memory_state_read_io` leaves the bytes to the caller's reader (which
+/// can check them with [`llama_memory_data_is_finite`]). Off by default because a valid f16
+/// cache can hold an infinity after an overflow; what a NaN does to other sequences: README,
+/// "Non-finite values". A composite passes it to its parts. Returns OK, or an error for NULL.
+#[no_mangle]
+pub extern "C" fn llama_memory_set_check_finite(
+    mem: llama_memory_t,
+    on: bool,
+) -> super::error::llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        m.inner.set_check_finite(on);
+        super::error::llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
+/// Whether `size` bytes at `data`, elements of ggml type `type` (F32, F16 or BF16; other types
+/// are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
+/// they do (the first such element's index in `*index_out`, when it is not NULL), -1 with a
+/// last error for NULL `data` with a non-zero size.
+#[no_mangle]
+pub extern "C" fn llama_memory_data_is_finite(
+    type_: ggml_sys::ggml_type,
+    data: *const u8,
+    size: usize,
+    index_out: *mut usize,
+) -> i32 {
+    ffi_boundary!({
+        let bytes = try_slice!(data, size, "data");
+        match crate::finite::first_non_finite(type_, bytes) {
+            None => 1,
+            Some(i) => {
+                if !index_out.is_null() {
+                    // SAFETY: the header requires `index_out` to be NULL or writable.
+                    unsafe { index_out.write(i) };
+                }
+                0
+            }
+        }
+    })
+}
+
 /// A log callback: `level` is ggml's `ggml_log_level` (1 debug, 2 info, 3 warn, 4 error),
 /// `text` one NUL-terminated line ending in a newline, valid during the call.
 #[allow(non_camel_case_types)]

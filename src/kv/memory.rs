@@ -21,6 +21,9 @@ pub struct KvMemory {
     pub(super) stock_failure: bool,
     /// How far the current restore got (see [`ReadStage`]).
     pub(super) stage: Cell<ReadStage>,
+    /// A restore refuses NaN and infinities in F32/F16/BF16 tensor data
+    /// ([`Memory::set_check_finite`]).
+    pub(super) check_finite: bool,
     /// `init_update(false)` defragments the streams whose fragmentation exceeds this (`<= 0`:
     /// never, the default, as the pinned llama.cpp).
     defrag_thold: f32,
@@ -62,6 +65,7 @@ impl KvMemory {
             storage,
             stock_failure: false,
             stage: Cell::new(ReadStage::Header),
+            check_finite: false,
             defrag_thold: -1.0,
             defrag_max_moves: u32::MAX,
             pending_defrag: DefragPlan::default(),
@@ -152,6 +156,9 @@ impl Memory for KvMemory {
     }
     fn set_log(&mut self, log: crate::memory::Log) {
         self.cache.log = log;
+    }
+    fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
     }
     fn read_stage(&self) -> ReadStage {
         self.stage.get()

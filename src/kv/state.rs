@@ -122,10 +122,16 @@ impl KvMemory {
                     for q in set.iter_ones().take(n) {
                         out.sink.i32(q as i32)?;
                     }
-                } else {
+                } else if (seq as u32) < n_seq_max {
                     out.sink.u32(1)?;
                     self.put_ext(out, has_ext, cells.ext_get(c))?;
                     out.sink.i32(seq)?;
+                } else {
+                    // An id in [n_seq_max, 256), which only stock-compatible mode lets a
+                    // sequence have: llama.cpp lists a cell's ids below n_seq_max only, so
+                    // its cells carry none (bytes no restore accepts, llama.cpp's included).
+                    out.sink.u32(0)?;
+                    self.put_ext(out, has_ext, cells.ext_get(c))?;
                 }
             }
             ranges.clear();
@@ -471,10 +477,26 @@ impl KvMemory {
                 let len = b
                     .bytes(n)
                     .ok_or_else(|| err!(InvalidState, "{what}: size overflows"))?;
-                data.push(match stash {
+                let bytes = match stash {
                     Some(r) => r.take(len, what)?,
                     None => meta.take(len, what)?,
-                });
+                };
+                if self.check_finite {
+                    let sp = self.storage.as_ref().map(|st| st.spec());
+                    let ty = match (b.hdr, sp) {
+                        (Header::K, Some(sp)) => sp.type_k,
+                        (_, Some(sp)) => sp.type_v,
+                        (_, None) => u32::MAX,
+                    };
+                    if let Some(i) = crate::finite::first_non_finite(ty, bytes) {
+                        return Err(err!(
+                            InvalidState,
+                            "stream {s} layer {}: {what} element {i} is not finite (NaN or infinity; the non-finite check is on)",
+                            b.il
+                        ));
+                    }
+                }
+                data.push(bytes);
                 Ok(())
             })?;
             plans.push(StreamPlan { s, cells, data });

@@ -23,6 +23,9 @@ pub struct RecurrentMemory {
     pub(super) stock_failure: bool,
     /// How far the current restore got (see [`ReadStage`]).
     pub(super) stage: Cell<ReadStage>,
+    /// A restore refuses NaN and infinities in F32/F16/BF16 tensor data
+    /// ([`Memory::set_check_finite`]).
+    pub(super) check_finite: bool,
 }
 
 impl RecurrentMemory {
@@ -58,6 +61,7 @@ impl RecurrentMemory {
             n_layer,
             stock_failure: false,
             stage: Cell::new(ReadStage::Header),
+            check_finite: false,
         })
     }
 
@@ -116,6 +120,9 @@ impl Memory for RecurrentMemory {
     }
     fn set_log(&mut self, log: crate::memory::Log) {
         self.cache.log = log;
+    }
+    fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
     }
     fn read_stage(&self) -> ReadStage {
         self.stage.get()

@@ -267,6 +267,20 @@ impl RecurrentMemory {
                 Some(r) => r.take_n(n, row, what)?,
                 None => meta.take_n(n, row, what)?,
             };
+            if self.check_finite {
+                let sp = self.storage.as_ref().map(|st| st.spec());
+                let ty = match sp {
+                    Some(sp) if what.starts_with('s') => sp.type_s,
+                    Some(sp) => sp.type_r,
+                    None => u32::MAX,
+                };
+                if let Some(i) = crate::finite::first_non_finite(ty, b) {
+                    return Err(err!(
+                        InvalidState,
+                        "{what}: element {i} is not finite (NaN or infinity; the non-finite check is on)"
+                    ));
+                }
+            }
             rows.push((t, row, b));
             Ok(())
         })?;

@@ -121,6 +121,35 @@ int main(void) {
     test_snapshot_take(mem, &after);
     CHECK(test_snapshot_equal(&before, &after));
 
+    /* the opt-in non-finite check: a NaN in layer 0's K rows (after the 12-byte K header) is
+     * restored while the check is off, refused with the memory unchanged while it is on */
+    {
+        const size_t k_rows = 8 + 4 + 4 + 60 + 16 + 12;
+        const uint16_t nan16 = 0x7e00, one16 = 0x3c00, inf16 = 0x7c00;
+        uint16_t halves[3] = {one16, one16, inf16};
+        size_t at = 99;
+        uint8_t *bad = malloc(n);
+        memcpy(bad, blob, n);
+        memcpy(bad + k_rows + 3 * 2, &nan16, 2);
+        CHECK(llama_memory_data_is_finite(F16, bad + k_rows, 5 * 32, &at) == 0 && at == 3);
+        CHECK(llama_memory_data_is_finite(F16, blob + k_rows, 5 * 32, &at) == 1);
+        CHECK(llama_memory_data_is_finite(F16, (const uint8_t *) halves, sizeof halves, NULL) == 0);
+        CHECK(llama_memory_data_is_finite(F16, NULL, 2, NULL) == -1);
+        CHECK(llama_memory_data_is_finite(F16, NULL, 0, NULL) == 1);
+        CHECK(llama_memory_set_check_finite(mem, true) == LLAMA_MEMORY_OK);
+        CHECK(llama_memory_state_seq_set_data(mem, bad, n, 1) == 0);
+        CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_STATE);
+        CHECK(strstr(llama_memory_last_error(), "not finite") != NULL);
+        test_snapshot_take(mem, &after);
+        CHECK(test_snapshot_equal(&before, &after));
+        CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == n);
+        CHECK(llama_memory_set_check_finite(mem, false) == LLAMA_MEMORY_OK);
+        CHECK(llama_memory_state_seq_set_data(mem, bad, n, 1) == n);
+        CHECK(llama_memory_state_seq_set_data(mem, blob, n, 1) == n);
+        CHECK(llama_memory_set_check_finite(NULL, true) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+        free(bad);
+    }
+
     /* whole memory */
     nw = llama_memory_state_get_size(mem);
     whole = malloc(nw);

@@ -217,14 +217,14 @@ static uint32_t get_u32(const uint8_t *b, size_t at) {
     return v;
 }
 
-/* After a failed sequence restore into `dest`. On a hybrid model stock leaves its two parts
- * disagreeing (one part's destination erased or restored, the other's not: pos_min > pos_max),
- * where the drop-in erases the destination from both (README, "Invalid input"): the harness
- * erases it on both libraries before comparing further. The drop-in's effect itself is checked
- * by the hostile tier (tests/dropin/hostile.c), against a clean context. */
+/* After a failed sequence restore into `dest`. On a composite memory (hybrid, iSWA) stock may
+ * leave its parts disagreeing (one part's destination erased or restored, the other's not),
+ * where the drop-in erases the destination from every part (README, "Invalid input"): the
+ * harness erases it on both libraries before comparing further. The drop-in's effect itself is
+ * checked by the hostile tier (tests/dropin/hostile.c), against a clean context. */
 static void failed_restore_effect(llama_seq_id dest) {
-    if (llama_model_is_hybrid(model)) {
-        rec("hybrid: seq_rm %d after the failed restore: %d", dest, llama_memory_seq_rm(mem, dest, -1, -1));
+    if (llama_model_is_hybrid(model) || llama_model_n_swa(model) > 0) {
+        rec("composite: seq_rm %d after the failed restore: %d", dest, llama_memory_seq_rm(mem, dest, -1, -1));
     }
 }
 
@@ -656,6 +656,22 @@ int main(int argc, char **argv) {
         rec("out of range seq_rm: %d", llama_memory_seq_rm(mem, id, -1, -1));
         rec("out of range state_seq_get_size: %zu", llama_state_seq_get_size(ctx, id));
         rec_seqs("after out of range");
+        /* a copy into such an id, its sequence state (stock's bytes), that state restored into
+         * seq 1, and the id removed again */
+        llama_memory_seq_cp(mem, 0, id, -1, -1);
+        rec_seqs("after out of range seq_cp");
+        {
+            size_t n_id = 0;
+            uint8_t *b = seq_blob("out_of_range_copy", id, 0, 0, &n_id);
+            const size_t r = llama_state_seq_set_data(ctx, b, n_id, 1);
+            rec("state_seq_set out of range copy -> 1: %zu", r);
+            if (r == 0) {
+                failed_restore_effect(1);
+            }
+            rec_seqs("after out of range copy restored into 1");
+            free(b);
+        }
+        rec("out of range seq_rm after seq_cp: %d", llama_memory_seq_rm(mem, id, -1, -1));
         llama_memory_seq_keep(mem, id);
         rec_seqs("after out of range seq_keep");
     }
