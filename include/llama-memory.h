@@ -591,11 +591,11 @@ llama_memory_result llama_memory_set_stock_compat(llama_memory_t mem, bool on);
 // "Non-finite values". A composite passes it to its parts. Returns OK, or an error for NULL.
 llama_memory_result llama_memory_set_check_finite(llama_memory_t mem, bool on);
 
-// Whether `size` bytes at `data`, elements of ggml type `type` (F32, F16 or BF16; other types
-// are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
+// Whether `size` bytes at `data`, elements of the ggml type `type_id` (a `ggml_type`: F32,
+// F16 or BF16; other types are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
 // they do (the first such element's index in `*index_out`, when it is not NULL), -1 with a
 // last error for NULL `data` with a non-zero size.
-int32_t llama_memory_data_is_finite(ggml_type type_,
+int32_t llama_memory_data_is_finite(int32_t type_id,
                                     const uint8_t *data,
                                     size_t size,
                                     size_t *index_out);

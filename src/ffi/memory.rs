@@ -179,20 +179,21 @@ pub extern "C" fn llama_memory_set_check_finite(
     })
 }
 
-/// Whether `size` bytes at `data`, elements of ggml type `type` (F32, F16 or BF16; other types
-/// are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
+/// Whether `size` bytes at `data`, elements of the ggml type `type_id` (a `ggml_type`: F32,
+/// F16 or BF16; other types are not read and count as finite), hold no NaN and no infinity: 1 when they do not, 0 when
 /// they do (the first such element's index in `*index_out`, when it is not NULL), -1 with a
 /// last error for NULL `data` with a non-zero size.
 #[no_mangle]
 pub extern "C" fn llama_memory_data_is_finite(
-    type_: ggml_sys::ggml_type,
+    type_id: i32,
     data: *const u8,
     size: usize,
     index_out: *mut usize,
 ) -> i32 {
     ffi_boundary!({
         let bytes = try_slice!(data, size, "data");
-        match crate::finite::first_non_finite(type_, bytes) {
+        let ty = u32::try_from(type_id).unwrap_or(u32::MAX);
+        match crate::finite::first_non_finite(ty, bytes) {
             None => 1,
             Some(i) => {
                 if !index_out.is_null() {
