@@ -60,8 +60,32 @@ fn read(m: &mut RecurrentMemory, seq: i32, blob: &[u8]) -> bool {
     m.state_read(seq, &mut StateIn::new(blob)).is_ok()
 }
 
-/// The whole state's bytes and every sequence's positions.
-type Seen = (Vec<u8>, Vec<(i32, i32)>);
+/// The whole state's bytes, every sequence's positions, and every R and S tensor's bytes (the
+/// rows of free cells included: llama.cpp zeroes the rows a failed restore had placed).
+type Seen = (Vec<u8>, Vec<(i32, i32)>, Vec<u8>);
+
+fn tensors_ours(m: &RecurrentMemory) -> Vec<u8> {
+    let st = m.storage.as_ref().unwrap();
+    let mut out = Vec::new();
+    for l in st.layers() {
+        for t in [l.r, l.s] {
+            // SAFETY: our own live tensor.
+            let mut b = vec![0u8; unsafe { ggml_sys::ggml_nbytes(t) }];
+            st.get(t, 0, &mut b).unwrap();
+            out.extend(b);
+        }
+    }
+    out
+}
+
+fn tensors_stock(r: &stock::RefRs, m: &RecurrentMemory) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in m.storage.as_ref().unwrap().layers() {
+        out.extend(r.r_bytes(l.il));
+        out.extend(r.s_bytes(l.il));
+    }
+    out
+}
 
 struct RsPair {
     m: RecurrentMemory,
@@ -89,10 +113,25 @@ impl failure::Pair for RsPair {
         let stock = (0..N_SEQ as i32)
             .map(|s| (r.seq_pos_min(s), r.seq_pos_max(s)))
             .collect();
-        ((write(m, -1), ours), (r.state_write(-1, 0), stock))
+        (
+            (write(m, -1), ours, tensors_ours(m)),
+            (r.state_write(-1, 0), stock, tensors_stock(r, m)),
+        )
     }
     fn changed(&self) -> bool {
         write(&self.m, -1) != self.base
+    }
+    fn explain(&self, ours: &Seen, stock: &Seen) -> String {
+        let first = |a: &[u8], b: &[u8]| a.iter().zip(b).position(|(x, y)| x != y);
+        let row = self.m.storage.as_ref().unwrap().layers()[0].row_r;
+        format!(
+            "state bytes equal: {}, positions {:?} vs {:?}, tensor bytes: first difference at {:?} of {} (R rows of {row} bytes)",
+            ours.0 == stock.0,
+            ours.1,
+            stock.1,
+            first(&ours.2, &stock.2),
+            ours.2.len()
+        )
     }
 }
 

@@ -26,6 +26,9 @@ pub struct RecurrentMemory {
     /// A restore refuses NaN and infinities in F32/F16/BF16 tensor data
     /// ([`Memory::set_check_finite`]).
     pub(super) check_finite: bool,
+    /// The rows (first, count) the current restore placed its cells at, once placed: a failed
+    /// restore zeroes them in stock-compatible mode, as llama.cpp's `state_clear`.
+    pub(super) failed_rows: Cell<Option<(u32, u32)>>,
 }
 
 impl RecurrentMemory {
@@ -62,6 +65,7 @@ impl RecurrentMemory {
             stock_failure: false,
             stage: Cell::new(ReadStage::Header),
             check_finite: false,
+            failed_rows: Cell::new(None),
         })
     }
 

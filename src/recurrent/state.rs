@@ -203,6 +203,11 @@ impl RecurrentMemory {
             }
             cells.push((pos, set));
         }
+        // llama.cpp places the cells here, before it reads their rows (this reader places them
+        // once the whole input is read): where they would go is what a failure zeroes
+        if let Ok((_, head)) = self.restored_cache_quiet(seq, &cells) {
+            self.placed(seq, head, cells.len());
+        }
         self.stage.set(ReadStage::Data);
         let s_trans = inp.u32("s_trans")?;
         let n_layer = inp.u32("n_layer")?;
@@ -297,6 +302,14 @@ impl RecurrentMemory {
     /// The cells after restoring `cells` into `seq` (-1: everything), and the first cell of
     /// the restored rows, without changing the memory.
     fn restored_cache(&self, seq: i32, cells: &[(i32, SeqSet)]) -> Result<(RsCache, u32)> {
+        let (next, head) = self.restored_cache_quiet(seq, cells).inspect_err(|_| {
+            self.log_error("state_read_meta: failed to find available cells in kv cache".into())
+        })?;
+        self.placed(seq, head, cells.len());
+        Ok((next, head))
+    }
+
+    fn restored_cache_quiet(&self, seq: i32, cells: &[(i32, SeqSet)]) -> Result<(RsCache, u32)> {
         let mut next = self.cache.clone();
         let head = if seq != -1 {
             match cells.first() {
@@ -304,11 +317,7 @@ impl RecurrentMemory {
                     next.seq_rm(seq, -1, -1)?;
                     0
                 }
-                Some(&(pos, _)) => next.place_restored(seq, pos).inspect_err(|_| {
-                    self.log_error(
-                        "state_read_meta: failed to find available cells in kv cache".into(),
-                    )
-                })?,
+                Some(&(pos, _)) => next.place_restored(seq, pos)?,
             }
         } else {
             next.set_restored(cells);
@@ -318,6 +327,14 @@ impl RecurrentMemory {
         Ok((next, head))
     }
 
+    /// Notes where a sequence restore's cells go: llama.cpp places them before it reads their
+    /// rows, and zeroes those rows when the rest fails.
+    fn placed(&self, seq: i32, head: u32, n: usize) {
+        if seq != -1 && n > 0 {
+            self.failed_rows.set(Some((head, n as u32)));
+        }
+    }
+
     /// Restores a state read field by field from `io` (llama.cpp's `state_read` over a
     /// `llama_io_read_i`). The cells are validated and placed first, then each layer's rows
     /// go to `io.read_tensor` at their final offset. On error the cells and the other rows
@@ -325,6 +342,7 @@ impl RecurrentMemory {
     /// the destination's rows by then, which llama.cpp's caller erases.
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.stage.set(ReadStage::Header);
+        self.failed_rows.set(None);
         let r = self.read_io(seq, io, false);
         self.stock_failure(seq, &r);
         r
@@ -340,7 +358,8 @@ impl RecurrentMemory {
 
     /// llama.cpp's effect of a failed `state_read` (`llama_memory_recurrent::state_read`), in
     /// stock-compatible mode only: nothing when the cell count could not be read; else the
-    /// destination erased (`seq_rm`), or everything cleared for a whole restore.
+    /// destination erased (`seq_rm`) and, once its cells were placed, the rows they were
+    /// placed at zeroed (`state_clear`), or everything cleared for a whole restore.
     fn stock_failure(&mut self, seq: i32, r: &Result<()>) {
         if r.is_err() && self.stock_failure && self.stage.get() != ReadStage::Header {
             if seq == -1 {
@@ -348,6 +367,10 @@ impl RecurrentMemory {
             } else {
                 // the destination was checked before the count was read
                 let _ = Memory::seq_rm(self, seq, -1, -1);
+                // and the rows its cells were placed at are zeroed, as llama.cpp's state_clear
+                if let (Some((head, n)), Some(st)) = (self.failed_rows.take(), &mut self.storage) {
+                    st.zero_rows(head as usize, n as usize);
+                }
             }
         }
     }
@@ -410,6 +433,7 @@ impl RecurrentMemory {
     /// Restores a state into `seq` (-1: replace everything). On error nothing changed.
     pub fn state_read(&mut self, seq: i32, inp: &mut StateIn<'_>) -> Result<()> {
         self.stage.set(ReadStage::Header);
+        self.failed_rows.set(None);
         let r = self.read_blob(seq, inp);
         self.stock_failure(seq, &r);
         r

@@ -228,6 +228,26 @@ impl RsStorage {
         }
     }
 
+    /// Zeroes rows `first..first + n` of every tensor (what llama.cpp's `state_clear` zeroes
+    /// after a failed restore placed its cells there).
+    pub fn zero_rows(&mut self, first: usize, n: usize) {
+        for l in &self.layers {
+            for (t, row) in [(l.r, l.row_r), (l.s, l.row_s), (l.p, l.row_p)] {
+                if t.is_null() {
+                    continue;
+                }
+                // SAFETY: t is one of our live tensors.
+                let size = unsafe { g::ggml_nbytes(t) };
+                let off = first.saturating_mul(row).min(size);
+                let end = first.saturating_add(n).saturating_mul(row).min(size);
+                if off < end {
+                    // SAFETY: [off, end) lies inside t's data; &mut self gives exclusive access.
+                    unsafe { g::ggml_backend_tensor_memset(t, 0, off, end - off) };
+                }
+            }
+        }
+    }
+
     /// Copies `src` to `offset` of tensor `t`.
     pub fn set(&mut self, t: *mut g::ggml_tensor, offset: usize, src: &[u8]) -> Result<()> {
         self.check(t, offset, src.len())?;

@@ -21,6 +21,10 @@ pub trait Pair {
     fn read_stock(&mut self, dest: i32, input: &[u8]) -> bool;
     /// What ours and stock hold now.
     fn seen(&self) -> (Self::Seen, Self::Seen);
+    /// Where the two differ (for the failure message).
+    fn explain(&self, _ours: &Self::Seen, _stock: &Self::Seen) -> String {
+        String::new()
+    }
     /// Whether ours differs from the starting state.
     fn changed(&self) -> bool;
 }
@@ -63,7 +67,11 @@ pub fn compare<P: Pair>(
         );
         assert_eq!(ok_ours, ok_stock, "{what}: success differs from stock");
         let (ours, stock) = pair.seen();
-        assert!(ours == stock, "{what}: the memory differs from stock");
+        assert!(
+            ours == stock,
+            "{what}: the memory differs from stock: {}",
+            pair.explain(&ours, &stock)
+        );
         tally.compared += 1;
         if !ok_ours {
             tally.failures += 1;

@@ -12,7 +12,9 @@
  * is visible. The input is damaged (cut at an offset, a bit flipped, a u32 overwritten with a
  * crafted value, bytes appended), or given with an out-of-range destination, every flag
  * combination, or a path that is a FIFO, a directory, /dev/zero or missing, and restored into
- * A (a sequence state into seq 2, which holds other tokens).
+ * A (a sequence state into seq 2, which holds other tokens). Beside them, llama.h's sequence
+ * functions with hostile arguments (ids out of range, reversed ranges, overflowing shifts, a
+ * divisor of 0), each followed by a decode: counted as accepted unless the child dies.
  *
  * Outcomes, per case:
  *   accepted   the library took the input (a damaged byte in tensor data is still a state);
@@ -53,8 +55,27 @@
 enum kind { K_WHOLE, K_SEQ, K_SEQ_PARTIAL, K_SEQ_DEVICE, K_SESSION_FILE, K_SEQ_FILE, N_KINDS };
 static const char *kind_name[N_KINDS] = {"whole", "seq", "seq_partial", "seq_on_device", "session_file",
                                          "seq_file"};
-enum op { OP_NONE, OP_TRUNC, OP_FLIP, OP_U32, OP_APPEND, OP_DEST, OP_FLAGS, OP_PATH };
-static const char *op_name[] = {"none", "cut", "flip", "u32", "append", "dest", "flags", "path"};
+enum op { OP_NONE, OP_TRUNC, OP_FLIP, OP_U32, OP_APPEND, OP_DEST, OP_FLAGS, OP_PATH, OP_SEQ_OP };
+static const char *op_name[] = {"none", "cut", "flip", "u32", "append", "dest", "flags", "path", "seq_op"};
+
+/* llama.h's memory functions with hostile arguments (ids out of range, reversed and negative
+ * ranges, shifts that overflow, a divisor of 0 or below): no crash is the whole check */
+struct seq_op {
+    char fn; /* r(m), c(p), k(eep), a(dd), d(iv), n (pos_min), x (pos_max) */
+    llama_seq_id a, b;
+    llama_pos p0, p1;
+    int arg;
+};
+static const struct seq_op seq_ops[] = {
+    {'r', -5, 0, 0, 10, 0},      {'r', 1000, 0, -1, -1, 0},   {'r', 1, 0, 10, 2, 0},
+    {'r', 1, 0, -7, -9, 0},      {'r', 256, 0, -1, -1, 0},    {'c', 0, 300, -1, -1, 0},
+    {'c', -3, 1, -1, -1, 0},     {'c', 0, 1, 10, 2, 0},       {'c', 0, -1, -1, -1, 0},
+    {'c', 0, 255, -1, -1, 0},    {'k', -2, 0, 0, 0, 0},       {'k', 100000, 0, 0, 0, 0},
+    {'a', 1, 0, 10, 2, 5},       {'a', 300, 0, 0, -1, 1},     {'a', 1, 0, 0, -1, 2147483647},
+    {'a', 1, 0, 0, -1, -2147483647 - 1}, {'a', -1, 0, 0, -1, 3}, {'d', 1, 0, 0, -1, 0},
+    {'d', 1, 0, 0, -1, -3},      {'d', 700, 0, 0, -1, 2},     {'d', 1, 0, 9, 1, 2},
+    {'n', -9, 0, 0, 0, 0},       {'x', 1 << 20, 0, 0, 0, 0},
+};
 enum outcome { O_ACCEPTED, O_REJECTED, O_CORRUPT, O_EXCEPTION, O_ABORT, O_SIGNAL, O_HANG, O_SETUP, N_OUTCOMES };
 static const char *outcome_name[N_OUTCOMES] = {"accepted", "rejected", "corrupt", "exception", "abort",
                                                "signal", "hang", "setup-failure"};
@@ -240,6 +261,24 @@ static int mutate(uint8_t **b, size_t *n, const struct kase *c) {
 /* Restores the case's input into A; 1 when the library took it. */
 static int restore(struct llama_context *a, const struct kase *c, uint8_t *b, size_t n, const char *path) {
     llama_seq_id dest = c->op == OP_DEST ? (llama_seq_id) c->val : DEST_SEQ;
+    if (c->op == OP_SEQ_OP) {
+        const struct seq_op *o = &seq_ops[c->val];
+        llama_memory_t m = llama_get_memory(a);
+        switch (o->fn) {
+        case 'r': (void) llama_memory_seq_rm(m, o->a, o->p0, o->p1); break;
+        case 'c': llama_memory_seq_cp(m, o->a, o->b, o->p0, o->p1); break;
+        case 'k': llama_memory_seq_keep(m, o->a); break;
+        case 'a': llama_memory_seq_add(m, o->a, o->p0, o->p1, o->arg); break;
+        case 'd': llama_memory_seq_div(m, o->a, o->p0, o->p1, o->arg); break;
+        case 'n': (void) llama_memory_seq_pos_min(m, o->a); break;
+        default: (void) llama_memory_seq_pos_max(m, o->a); break;
+        }
+        /* and a decode after it */
+        float *l = malloc(sizeof(float) * (size_t) n_vocab * N_SEQ);
+        (void) probe(a, l);
+        free(l);
+        return 1;
+    }
     llama_token toks[64];
     size_t n_toks = 0;
     const char *p = path;
@@ -407,6 +446,9 @@ static void build_corpus(const size_t sizes[N_KINDS]) {
     for (int p = 0; p < 4; p++) {
         add(K_SESSION_FILE, OP_PATH, 0, p);
         add(K_SEQ_FILE, OP_PATH, 0, p);
+    }
+    for (size_t i = 0; i < sizeof seq_ops / sizeof seq_ops[0]; i++) {
+        add(K_WHOLE, OP_SEQ_OP, 0, (long long) i);
     }
     for (int k = 0; k < N_KINDS; k++) {
         add((enum kind) k, OP_APPEND, 1, 0);
