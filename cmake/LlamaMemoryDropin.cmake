@@ -353,53 +353,37 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         COMMAND bash "${_src}/tests/dropin/check_symbols.sh" "$<TARGET_FILE:llama>" "$<TARGET_FILE:llama_stock>")
     set_tests_properties(dropin_symbols PROPERTIES LABELS dropin TIMEOUT 120)
 
+    # _llama_memory_dropin_program(<target> <tests/dropin source> <variant> <library>): a
+    # llama.h-only test program in <build>/dropin-tests/<variant>/, C11, warnings as errors.
+    function(_llama_memory_dropin_program target source variant lib)
+        get_filename_component(_name "${source}" NAME_WE)
+        add_executable(${target} "${_src}/tests/dropin/${source}")
+        set_target_properties(${target} PROPERTIES
+            OUTPUT_NAME ${_name}
+            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${variant}"
+            C_STANDARD 11
+            C_STANDARD_REQUIRED ON
+            C_EXTENSIONS OFF)
+        target_compile_options(${target} PRIVATE
+            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
+        target_link_libraries(${target} PRIVATE ${lib})
+        if(UNIX AND NOT APPLE)
+            target_link_libraries(${target} PRIVATE m)
+        endif()
+    endfunction()
+
     foreach(_variant dropin stock)
         if(_variant STREQUAL "dropin")
             set(_lib llama)
         else()
             set(_lib llama_stock)
         endif()
-        # tests/dropin/hostile.c: the hostile tier, one program run against each library
-        add_executable(dropin_hostile_${_variant} "${_src}/tests/dropin/hostile.c")
-        set_target_properties(dropin_hostile_${_variant} PROPERTIES
-            OUTPUT_NAME hostile
-            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
-            C_STANDARD 11
-            C_STANDARD_REQUIRED ON
-            C_EXTENSIONS OFF)
-        target_compile_options(dropin_hostile_${_variant} PRIVATE
-            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
-        target_link_libraries(dropin_hostile_${_variant} PRIVATE ${_lib})
+        # the hostile tier, run against each library
+        _llama_memory_dropin_program(dropin_hostile_${_variant} hostile.c ${_variant} ${_lib})
+        # the defragmentation test (drop-in) and benchmark (both)
+        _llama_memory_dropin_program(dropin_defrag_${_variant} defrag.c ${_variant} ${_lib})
 
-        # tests/dropin/defrag.c: the defragmentation test (drop-in) and benchmark (both)
-        add_executable(dropin_defrag_${_variant} "${_src}/tests/dropin/defrag.c")
-        set_target_properties(dropin_defrag_${_variant} PROPERTIES
-            OUTPUT_NAME defrag
-            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
-            C_STANDARD 11
-            C_STANDARD_REQUIRED ON
-            C_EXTENSIONS OFF)
-        target_compile_options(dropin_defrag_${_variant} PRIVATE
-            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
-        target_link_libraries(dropin_defrag_${_variant} PRIVATE ${_lib})
-        if(UNIX AND NOT APPLE)
-            target_link_libraries(dropin_defrag_${_variant} PRIVATE m)
-        endif()
-
-        set(_exe dropin_equivalence_${_variant})
-        add_executable(${_exe} "${_src}/tests/dropin/equivalence.c")
-        set_target_properties(${_exe} PROPERTIES
-            OUTPUT_NAME equivalence
-            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
-            C_STANDARD 11
-            C_STANDARD_REQUIRED ON
-            C_EXTENSIONS OFF)
-        target_compile_options(${_exe} PRIVATE
-            $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
-        target_link_libraries(${_exe} PRIVATE ${_lib})
-        if(UNIX AND NOT APPLE)
-            target_link_libraries(${_exe} PRIVATE m)
-        endif()
+        _llama_memory_dropin_program(dropin_equivalence_${_variant} equivalence.c ${_variant} ${_lib})
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
@@ -489,18 +473,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
 
     # A K-shift where a memory part has no layer (lfm2 with a window: the full-attention cache of
     # its hybrid-iSWA memory is empty). Drop-in only: stock aborts (tests/dropin/kshift.c).
-    add_executable(dropin_kshift "${_src}/tests/dropin/kshift.c")
-    set_target_properties(dropin_kshift PROPERTIES
-        RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/dropin"
-        C_STANDARD 11
-        C_STANDARD_REQUIRED ON
-        C_EXTENSIONS OFF)
-    target_compile_options(dropin_kshift PRIVATE
-        $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
-    target_link_libraries(dropin_kshift PRIVATE llama)
-    if(UNIX AND NOT APPLE)
-        target_link_libraries(dropin_kshift PRIVATE m)
-    endif()
+    _llama_memory_dropin_program(dropin_kshift kshift.c dropin llama)
     add_test(NAME dropin_kshift_no_layer
         COMMAND dropin_kshift "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/lfm2_swa.gguf")
     set_tests_properties(dropin_kshift_no_layer PROPERTIES LABELS dropin
@@ -508,18 +481,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
 
     # Non-finite values in a restored state: the opt-in check (LLAMA_MEMORY_CHECK_FINITE) and what
     # a NaN does without it (tests/dropin/nonfinite.c; its bench mode gives the check's cost).
-    add_executable(dropin_nonfinite "${_src}/tests/dropin/nonfinite.c")
-    set_target_properties(dropin_nonfinite PROPERTIES
-        RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/dropin"
-        C_STANDARD 11
-        C_STANDARD_REQUIRED ON
-        C_EXTENSIONS OFF)
-    target_compile_options(dropin_nonfinite PRIVATE
-        $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
-    target_link_libraries(dropin_nonfinite PRIVATE llama)
-    if(UNIX AND NOT APPLE)
-        target_link_libraries(dropin_nonfinite PRIVATE m)
-    endif()
+    _llama_memory_dropin_program(dropin_nonfinite nonfinite.c dropin llama)
     add_test(NAME dropin_nonfinite
         COMMAND dropin_nonfinite "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/llama.gguf" test)
     set_tests_properties(dropin_nonfinite PROPERTIES LABELS dropin
@@ -592,17 +554,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             else()
                 set(_lib llama_stock)
             endif()
-            set(_exe dropin_generate_${_variant})
-            add_executable(${_exe} "${_src}/tests/dropin/generate.c")
-            set_target_properties(${_exe} PROPERTIES
-                OUTPUT_NAME generate
-                RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
-                C_STANDARD 11
-                C_STANDARD_REQUIRED ON
-                C_EXTENSIONS OFF)
-            target_compile_options(${_exe} PRIVATE
-                $<$<C_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror -Wno-deprecated-declarations>)
-            target_link_libraries(${_exe} PRIVATE ${_lib})
+            _llama_memory_dropin_program(dropin_generate_${_variant} generate.c ${_variant} ${_lib})
         endforeach()
         find_package(Python3 COMPONENTS Interpreter QUIET)
         set(_gemma270m "${_bin}/gemma3-270m/gemma-3-270m-q4_k_m.gguf")

@@ -77,16 +77,41 @@ bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector
     return false;
 }
 
+// Bytes in memory read in order, as upstream's llama_io_read_host reads them.
+class byte_reader : public llama_io_read_i {
+public:
+    byte_reader(const uint8_t * p, size_t len) : ptr(p), left(len) {}
+
+    void read(void * dst, size_t size) override { memcpy(dst, take(size), size); }
+
+    size_t n_bytes() override { return size_read; }
+
+    size_t remaining() const { return left; }
+
+protected:
+    // the next `size` bytes
+    const uint8_t * take(size_t size) {
+        if (size > left) {
+            throw std::runtime_error("unexpectedly reached end of buffer");
+        }
+        const uint8_t * at = ptr;
+        ptr += size;
+        left -= size;
+        size_read += size;
+        return at;
+    }
+
+private:
+    const uint8_t * ptr;
+    size_t left;
+    size_t size_read = 0;
+};
+
 // Reads a restore's input without applying it: fields from the bytes, tensor ranges counted
 // (from the bytes, or, ON_DEVICE, per buffer type from the stash as llama_io_read_device).
-class check_reader : public llama_io_read_i {
+class check_reader : public byte_reader {
 public:
-    check_reader(const uint8_t * p, size_t len, bool device) : ptr(p), left(len), device(device) {}
-
-    void read(void * dst, size_t size) override {
-        take(size);
-        memcpy(dst, ptr - size, size);
-    }
+    check_reader(const uint8_t * p, size_t len, bool device) : byte_reader(p, len), device(device) {}
 
     void read_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
         GGML_UNUSED(offset);
@@ -95,18 +120,14 @@ public:
             stash[ggml_backend_buffer_get_type(tensor->buffer)] += size;
             return;
         }
-        take(size);
+        const uint8_t * data = take(size);
         size_t at = 0;
-        if (check_finite && llama_memory_data_is_finite(tensor->type, ptr - size, size, &at) == 0) {
+        if (check_finite && llama_memory_data_is_finite(tensor->type, data, size, &at) == 0) {
             non_finite = format("the state's %s data holds a NaN or an infinity (element %zu; "
                                 "LLAMA_MEMORY_CHECK_FINITE is set)", ggml_get_name(tensor), at);
             throw std::runtime_error(non_finite);
         }
     }
-
-    size_t n_bytes() override { return size_read; }
-
-    size_t remaining() const { return left; }
 
     std::map<ggml_backend_buffer_type_t, size_t> stash;
     // LLAMA_MEMORY_CHECK_FINITE: tensor data with a NaN or an infinity is refused (and why)
@@ -114,26 +135,14 @@ public:
     std::string non_finite;
 
 private:
-    void take(size_t size) {
-        if (size > left) {
-            throw std::runtime_error("unexpectedly reached end of buffer");
-        }
-        ptr += size;
-        left -= size;
-        size_read += size;
-    }
-
-    const uint8_t * ptr;
-    size_t left;
-    size_t size_read = 0;
     bool device;
 };
 
 // A restore's reader over bytes in memory, as upstream's llama_io_read_host: tensor ranges are
 // written when it is destroyed, unless discarded.
-class host_reader : public llama_io_read_i {
+class host_reader : public byte_reader {
 public:
-    host_reader(const uint8_t * p, size_t len) : ptr(p), left(len) {}
+    using byte_reader::byte_reader;
 
     ~host_reader() override {
         for (const auto & w : pending) {
@@ -141,30 +150,13 @@ public:
         }
     }
 
-    void read(void * dst, size_t size) override {
-        take(size);
-        memcpy(dst, ptr - size, size);
-    }
-
     void read_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
-        take(size);
-        pending.push_back({ tensor, ptr - size, offset, size });
+        pending.push_back({ tensor, take(size), offset, size });
     }
 
     void discard() override { pending.clear(); }
 
-    size_t n_bytes() override { return size_read; }
-
 private:
-    void take(size_t size) {
-        if (size > left) {
-            throw std::runtime_error("unexpectedly reached end of buffer");
-        }
-        ptr += size;
-        left -= size;
-        size_read += size;
-    }
-
     struct write {
         ggml_tensor * tensor;
         const uint8_t * src;
@@ -172,9 +164,6 @@ private:
         size_t size;
     };
 
-    const uint8_t * ptr;
-    size_t left;
-    size_t size_read = 0;
     std::vector<write> pending;
 };
 
