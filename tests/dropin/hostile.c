@@ -14,7 +14,9 @@
  * combination, or a path that is a FIFO, a directory, /dev/zero or missing, and restored into
  * A (a sequence state into seq 2, which holds other tokens). Beside them, llama.h's sequence
  * functions with hostile arguments (ids out of range, reversed ranges, overflowing shifts, a
- * divisor of 0), each followed by a decode: counted as accepted unless the child dies.
+ * divisor of 0), each followed by a decode: counted as accepted unless the child dies. Every
+ * slice includes the special cases: ids, flags, paths, appended bytes, the sequence functions,
+ * and a composite's sequence state damaged in its second part (a valid first part before it).
  *
  * Outcomes, per case:
  *   accepted   the library took the input (a damaged byte in tensor data is still a state);
@@ -454,6 +456,19 @@ static void build_corpus(const size_t sizes[N_KINDS]) {
         add((enum kind) k, OP_APPEND, 1, 0);
         add((enum kind) k, OP_APPEND, 4, 0xff);
         add((enum kind) k, OP_APPEND, 4096, 0);
+    }
+    /* the second part of a composite's sequence state (the PARTIAL_ONLY state is its later
+     * parts: an iSWA's window cache, a hybrid's recurrent memory), always: cut at each of its
+     * first 96 bytes, and crafted values there (counts, positions, n_seq_id, v_trans), so that
+     * a valid first part followed by an invalid one is in every slice. On a single memory it is
+     * the whole state's start. */
+    const size_t second = 8 + sizes[K_SEQ] - sizes[K_SEQ_PARTIAL];
+    static const long long second_values[] = {2, 0xffffffffLL, 0xfffffff0LL, 0x7fffffffLL};
+    for (size_t off = second; off < second + 96 && off < sizes[K_SEQ]; off++) {
+        add(K_SEQ, OP_TRUNC, (long long) off, 0);
+        for (size_t v = 0; v < sizeof second_values / sizeof second_values[0] && off + 4 <= sizes[K_SEQ]; v++) {
+            add(K_SEQ, OP_U32, (long long) off, second_values[v]);
+        }
     }
     n_special = n_cases;
     /* the corpus: every cut, a bit flip at every byte, crafted u32 at every offset of the
