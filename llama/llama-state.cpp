@@ -313,10 +313,15 @@ bool read_file(const char * path, std::vector<uint8_t> & out, std::string & err)
     return ok;
 }
 
-// False for a path a save would block on (a FIFO without a reader) or that is a socket.
-bool writable_path(const char * path, std::string & err) {
+// False for a path a save would block on (a FIFO without a reader) or that is a socket, and
+// for NULL where the save would read.
+bool writable_path(const char * path, std::string & err, const llama_token * tokens, size_t n_tokens) {
     if (path == nullptr) {
         err = "the path is NULL";
+        return false;
+    }
+    if (tokens == nullptr && n_tokens > 0) {
+        err = "tokens is NULL";
         return false;
     }
     struct stat st = {};
@@ -652,7 +657,7 @@ bool llama_state_save_file(llama_context * ctx, const char * path_session, const
                            size_t n_token_count) {
     LLAMA_DROPIN_GUARD(false, {
         std::string err;
-        if (!writable_path(path_session, err)) {
+        if (!writable_path(path_session, err, tokens, n_token_count)) {
             LLAMA_LOG_ERROR("llama_state_save_file: error saving session file: %s\n", err.c_str());
             return false;
         }
@@ -704,7 +709,7 @@ size_t llama_state_seq_save_file(llama_context * ctx, const char * filepath, lla
                                  const llama_token * tokens, size_t n_token_count) {
     LLAMA_DROPIN_GUARD(0, {
         std::string err;
-        if (!writable_path(filepath, err)) {
+        if (!writable_path(filepath, err, tokens, n_token_count)) {
             LLAMA_LOG_ERROR("llama_state_seq_save_file: error saving sequence state file: %s\n", err.c_str());
             return 0;
         }
