@@ -582,8 +582,9 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             set_tests_properties(dropin_generate_${_name} PROPERTIES LABELS dropin_slow
                 FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
         endforeach()
-        # The hostile tier on the real model: 100 cases on each library (each case sets up two
-        # contexts of the 262k-token vocabulary: about a second each).
+        # The hostile tier on the real model: 100 cases on each library, and a composite's second
+        # part over 8 bytes instead of 96 (each case sets up two contexts of the 262k-token
+        # vocabulary: about a second each).
         add_test(NAME dropin_hostile_gemma270m
             COMMAND "${CMAKE_COMMAND}"
                     "-DSTOCK=$<TARGET_FILE:dropin_hostile_stock>"
@@ -591,7 +592,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     "-DMODEL=${_gemma270m}"
                     "-DWORK=${_bin}/dropin-tests/hostile/gemma270m"
                     "-DSAMPLE=100"
-                    "-DARGS=--timeout,20,--jobs,2"
+                    "-DARGS=--timeout,20,--jobs,2,--second-part,8"
                     -P "${_src}/tests/dropin/hostile.cmake")
         set_tests_properties(dropin_hostile_gemma270m PROPERTIES LABELS dropin_slow
             FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)

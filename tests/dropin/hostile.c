@@ -3,7 +3,7 @@
  * and stock) from this one source.
  *
  *   hostile <model.gguf> <work dir> [--sample N] [--jobs N] [--timeout S] [--flash-attn 0|1]
- *           [--require-clean 0|1] [--label NAME] [--case INDEX]
+ *           [--require-clean 0|1] [--label NAME] [--case INDEX] [--second-part BYTES]
  *
  * Every case starts from scratch in its child: the model loaded, two contexts A and B set up
  * alike (three sequences of tokens), the case's valid input made from A (a whole state, a
@@ -429,7 +429,7 @@ static void add(enum kind k, enum op op, long long off, long long val) {
     cases[n_cases++] = (struct kase){k, op, off, val};
 }
 
-static void build_corpus(const size_t sizes[N_KINDS]) {
+static void build_corpus(const size_t sizes[N_KINDS], size_t second_bytes) {
     /* special cases: ids, flags, paths, the valid inputs themselves */
     static const long long dests[] = {-1, -7, 3, 4, 255, 256, 1000, 2147483647LL};
     for (int k = 0; k < N_KINDS; k++) {
@@ -459,12 +459,14 @@ static void build_corpus(const size_t sizes[N_KINDS]) {
     }
     /* the second part of a composite's sequence state (the PARTIAL_ONLY state is its later
      * parts: an iSWA's window cache, a hybrid's recurrent memory), always: cut at each of its
-     * first 96 bytes, and crafted values there (counts, positions, n_seq_id, v_trans), so that
-     * a valid first part followed by an invalid one is in every slice. On a single memory it is
+     * first `second_bytes` bytes (--second-part, 96 by default), and crafted values there
+     * (counts, positions, n_seq_id, v_trans), so that a valid first part followed by an
+     * invalid one is in every slice. On a single memory it is
      * the whole state's start. */
     const size_t second = 8 + sizes[K_SEQ] - sizes[K_SEQ_PARTIAL];
+    const size_t second_end = second + second_bytes;
     static const long long second_values[] = {2, 0xffffffffLL, 0xfffffff0LL, 0x7fffffffLL};
-    for (size_t off = second; off < second + 96 && off < sizes[K_SEQ]; off++) {
+    for (size_t off = second; off < second_end && off < sizes[K_SEQ]; off++) {
         add(K_SEQ, OP_TRUNC, (long long) off, 0);
         for (size_t v = 0; v < sizeof second_values / sizeof second_values[0] && off + 4 <= sizes[K_SEQ]; v++) {
             add(K_SEQ, OP_U32, (long long) off, second_values[v]);
@@ -493,11 +495,12 @@ static void build_corpus(const size_t sizes[N_KINDS]) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         die("usage: hostile <model.gguf> <work dir> [--sample N] [--jobs N] [--timeout S] [--flash-attn 0|1] "
-            "[--require-clean 0|1] [--label NAME]");
+            "[--second-part BYTES] [--require-clean 0|1] [--label NAME] [--case INDEX]");
     }
     model_path = argv[1];
     work_dir = argv[2];
     long sample = 0, only = -1;
+    size_t second_bytes = 96;
     int jobs = 2, timeout_s = 20, require_clean = 0;
     const char *label = "";
     for (int i = 3; i + 1 < argc; i += 2) {
@@ -509,6 +512,7 @@ int main(int argc, char **argv) {
         else if (strcmp(o, "--require-clean") == 0) require_clean = atoi(v);
         else if (strcmp(o, "--label") == 0) label = v;
         else if (strcmp(o, "--case") == 0) only = atol(v);
+        else if (strcmp(o, "--second-part") == 0) second_bytes = (size_t) atol(v);
         else die("unknown option");
     }
     if (jobs < 1) jobs = 1;
@@ -534,7 +538,7 @@ int main(int argc, char **argv) {
     if (input_sizes(sizes) != 0) {
         die("cannot make the valid inputs");
     }
-    build_corpus(sizes);
+    build_corpus(sizes, second_bytes);
     /* which cases run: the special ones, then `sample` spread evenly over the rest */
     size_t n_run = n_cases;
     size_t *run = malloc(sizeof(size_t) * n_cases);
