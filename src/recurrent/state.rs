@@ -204,9 +204,12 @@ impl RecurrentMemory {
             cells.push((pos, set));
         }
         // llama.cpp places the cells here, before it reads their rows (this reader places them
-        // once the whole input is read): where they would go is what a failure zeroes
-        if let Ok((_, head)) = self.restored_cache_quiet(seq, &cells) {
-            self.placed(seq, head, cells.len());
+        // once the whole input is read): where they would go is what a failure zeroes, which
+        // only stock-compatible mode does, so only it pays for the placement here
+        if self.stock_failure && seq != -1 {
+            if let Ok((_, head)) = self.restored_cache_quiet(seq, &cells) {
+                self.placed(seq, head, cells.len());
+            }
         }
         self.stage.set(ReadStage::Data);
         let s_trans = inp.u32("s_trans")?;
