@@ -459,6 +459,45 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
 
+    # The non-host tier (LLAMA_MEMORY_GGML_RPC): the same workload with the model's layers and the
+    # whole memory on an RPC device, ggml's RPC server started by the harness in a child process
+    # (CPU behind it, loopback), on each library; outputs equal byte for byte, and the harness
+    # fails unless every KV/RS buffer is an RPC (non-host) one. Covers the library's
+    # ggml_backend_tensor_get/set/copy paths: sequence and whole states, ON_DEVICE stashes held
+    # on the device, the K-shift, stream copies, every graph input.
+    if(LLAMA_MEMORY_GGML_RPC)
+        set(_rpc_configs
+            "llama_fa_off|llama|--flash-attn 0"
+            "llama_fa_on|llama|--flash-attn 1"
+            # q8_0 K with the attention rotation (no ON_DEVICE step: stock crashes there, above)
+            "llama_h64_q8_0_k|llama_h64|--flash-attn 0 --type-k q8_0 --on-device 0"
+            "llama_streams|llama|--flash-attn 0 --kv-unified 0"
+            "gemma3_swa_full|gemma3|--flash-attn 0 --swa-full 1 --n-ctx 512"
+            "gemma3_fa_on|gemma3|--flash-attn 1 --n-ctx 512"
+            "mamba|mamba|"
+            "lfm2|lfm2|--flash-attn 0"
+            "jamba_streams|jamba|--flash-attn 1 --kv-unified 0")
+        foreach(_config IN LISTS _rpc_configs)
+            string(REPLACE "|" ";" _parts "${_config}")
+            list(GET _parts 0 _name)
+            list(GET _parts 1 _model)
+            list(GET _parts 2 _args)
+            string(REPLACE " " "," _args "${_args} --rpc 1")
+            string(REGEX REPLACE "^," "" _args "${_args}")
+            add_test(NAME dropin_rpc_${_name}
+                COMMAND "${CMAKE_COMMAND}"
+                        "-DSTOCK=$<TARGET_FILE:dropin_equivalence_stock>"
+                        "-DDROPIN=$<TARGET_FILE:dropin_equivalence_dropin>"
+                        "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
+                        "-DARGS=${_args}"
+                        "-DOUT=${_bin}/dropin-tests/out/rpc_${_name}"
+                        -P "${_src}/tests/dropin/compare.cmake")
+            # RUN_SERIAL: a server and a client process, each with its threads
+            set_tests_properties(dropin_rpc_${_name} PROPERTIES LABELS dropin
+                FIXTURES_REQUIRED dropin_models TIMEOUT 900 RUN_SERIAL ON)
+        endforeach()
+    endif()
+
     # Defragmentation, opt-in by llama_context_params.defrag_thold: 8 sequences that end and
     # restart in a 4096-cell cache; the compacted context's mean n_kv must be below the
     # uncompacted one's and every logit within the stated tolerance of it (tests/dropin/defrag.c).

@@ -6,6 +6,9 @@
  *   equivalence <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1]
  *               [--type-k f16|q8_0] [--type-v f16|q8_0] [--n-ctx N] [--threads N]
  *               [--kv-debug N]   (LLAMA_KV_CACHE_DEBUG: the slot search's debug lines)
+ *               [--rpc 0|1]      (the model's layers and the whole memory on an RPC device:
+ *                                 ggml's RPC server in a child process, CPU behind it, over
+ *                                 loopback; needs a ggml built with GGML_RPC)
  *
  * It decodes a multi-sequence workload: a shared prompt copied to every sequence with
  * llama_memory_seq_cp, parallel decoding (greedy), a finished sequence removed and a new
@@ -19,18 +22,34 @@
  * or file go into <out.txt>, as text (hex), so `diff` shows where two runs part, and so does
  * every log message (see record_log).
  *
+ * With --rpc 1 the cache lives in a non-host buffer (an RPC buffer: the library must go through
+ * ggml_backend_tensor_get/set/copy and device graphs for everything): the harness checks that
+ * every KV and RS buffer the memory logs is an RPC one, and fails otherwise. The server's
+ * endpoint (its port is free and differs between runs) reads "rpc-endpoint" in the log lines.
+ *
  * Exit status: 0 when the workload ran (whatever the calls returned: those are compared), 1 on
- * a setup failure (arguments, model, context, allocation).
+ * a setup failure (arguments, model, context, allocation, the RPC server).
  */
-#define _POSIX_C_SOURCE 200809L /* setenv */
+#define _POSIX_C_SOURCE 200809L /* setenv, kill */
 #include "llama.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #define N_SEQ 4
 #define MAX_BATCH 512
@@ -386,12 +405,139 @@ static void record_log(enum ggml_log_level level, const char *text) {
     put_log("\n", 1);
 }
 
+/* The RPC server's endpoint ("127.0.0.1:<port>", empty without --rpc), and what the memory's
+ * buffer lines said: how many KV/RS buffers it allocated, how many of them not on the RPC
+ * device. */
+static char rpc_endpoint[64];
+static int n_cache_buffers, n_cache_buffers_elsewhere;
+
+static void note_cache_buffer(const char *text) {
+    if (strstr(text, " KV buffer size = ") || strstr(text, " RS buffer size = ")) {
+        n_cache_buffers++;
+        if (!rpc_endpoint[0] || !strstr(text, "RPC")) {
+            n_cache_buffers_elsewhere++;
+        }
+    }
+}
+
 static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
     (void) user;
-    record_log(level, text);
+    note_cache_buffer(text);
+    if (rpc_endpoint[0] && strstr(text, rpc_endpoint)) {
+        /* every occurrence of the endpoint, whose port differs between runs, as a fixed word */
+        const size_t ne = strlen(rpc_endpoint);
+        char *t = malloc(strlen(text) * 2 + 16);
+        if (!t) die("out of memory");
+        char *w = t;
+        for (const char *p = text; *p;) {
+            if (strncmp(p, rpc_endpoint, ne) == 0) {
+                w += sprintf(w, "rpc-endpoint");
+                p += ne;
+            } else {
+                *w++ = *p++;
+            }
+        }
+        *w = '\0';
+        record_log(level, t);
+        free(t);
+    } else {
+        record_log(level, text);
+    }
     if (verbose || level == GGML_LOG_LEVEL_ERROR) {
         fputs(text, stderr);
     }
+}
+
+/* --rpc: ggml's RPC server, in a child process (killed at exit; on Linux also when this
+ * process dies), serving this machine's CPU device on a free loopback port. */
+static pid_t rpc_server;
+
+static void stop_rpc_server(void) {
+    if (rpc_server > 0) {
+        kill(rpc_server, SIGKILL);
+        waitpid(rpc_server, NULL, 0);
+        rpc_server = 0;
+    }
+}
+
+typedef void (*rpc_start_server_fn)(const char *endpoint, const char *cache_dir, size_t n_threads,
+                                    size_t n_devices, ggml_backend_dev_t *devices);
+typedef ggml_backend_reg_t (*rpc_add_server_fn)(const char *endpoint);
+
+static void *rpc_proc(const char *name) {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
+    if (!reg) {
+        die("--rpc: this ggml has no RPC backend (build it with GGML_RPC=ON)");
+    }
+    void *f = ggml_backend_reg_get_proc_address(reg, name);
+    if (!f) {
+        die("--rpc: the RPC backend does not export the function it needs");
+    }
+    return f;
+}
+
+static int loopback_socket(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+        die("--rpc: socket");
+    }
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t) port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (port == 0) {
+        socklen_t n = sizeof a;
+        if (bind(fd, (struct sockaddr *) &a, sizeof a) != 0 || getsockname(fd, (struct sockaddr *) &a, &n) != 0) {
+            die("--rpc: cannot find a free port");
+        }
+        close(fd);
+        return ntohs(a.sin_port);
+    }
+    const int ok = connect(fd, (struct sockaddr *) &a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* Starts the server and registers its device; returns that device. */
+static ggml_backend_dev_t start_rpc(int n_threads) {
+    const int port = loopback_socket(0);
+    snprintf(rpc_endpoint, sizeof rpc_endpoint, "127.0.0.1:%d", port);
+    rpc_start_server_fn start = (rpc_start_server_fn) rpc_proc("ggml_backend_rpc_start_server");
+    fflush(NULL);
+    rpc_server = fork();
+    if (rpc_server < 0) {
+        die("--rpc: fork");
+    }
+    if (rpc_server == 0) {
+#ifdef __linux__
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+        /* the server's banner is not the harness's output */
+        if (!freopen("/dev/null", "w", stdout)) {
+            _exit(1);
+        }
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!cpu) {
+            _exit(1);
+        }
+        start(rpc_endpoint, NULL, (size_t) n_threads, 1, &cpu);
+        _exit(1);
+    }
+    atexit(stop_rpc_server);
+    for (int i = 0; !loopback_socket(port); i++) {
+        if (i == 500 || waitpid(rpc_server, NULL, WNOHANG) != 0) {
+            die("--rpc: the RPC server did not start");
+        }
+        const struct timespec ms10 = {0, 10 * 1000 * 1000};
+        nanosleep(&ms10, NULL);
+    }
+    ggml_backend_reg_t reg = ((rpc_add_server_fn) rpc_proc("ggml_backend_rpc_add_server"))(rpc_endpoint);
+    if (!reg || ggml_backend_reg_dev_count(reg) < 1) {
+        die("--rpc: cannot reach the RPC server");
+    }
+    ggml_backend_register(reg);
+    return ggml_backend_reg_dev_get(reg, 0);
 }
 
 static enum ggml_type parse_type(const char *s) {
@@ -408,12 +554,12 @@ int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1] "
                         "[--type-k T] [--type-v T] [--n-ctx N] [--threads N] [--n-rs-seq N] [--swa-full 0|1] "
-                        "[--on-device 0|1] [--kv-debug N]\n", argv[0]);
+                        "[--on-device 0|1] [--kv-debug N] [--rpc 0|1]\n", argv[0]);
         return 1;
     }
     const char *model_path = argv[1];
     out_path = argv[2];
-    int flash_attn = 0, kv_unified = 1, n_ctx = 256, n_threads = 2, n_rs_seq = 0, swa_full = 0, on_device = 1;
+    int flash_attn = 0, kv_unified = 1, n_ctx = 256, n_threads = 2, n_rs_seq = 0, swa_full = 0, on_device = 1, rpc = 0;
     enum ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
     for (int i = 3; i < argc; i++) {
         if (i + 1 >= argc) {
@@ -430,6 +576,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i - 1], "--swa-full") == 0) swa_full = atoi(v);
         else if (strcmp(argv[i - 1], "--on-device") == 0) on_device = atoi(v);
         else if (strcmp(argv[i - 1], "--kv-debug") == 0) setenv("LLAMA_KV_CACHE_DEBUG", v, 1);
+        else if (strcmp(argv[i - 1], "--rpc") == 0) rpc = atoi(v);
         else die("unknown option");
     }
     verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;
@@ -439,6 +586,12 @@ int main(int argc, char **argv) {
 
     struct llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    ggml_backend_dev_t rpc_devices[2] = {NULL, NULL};
+    if (rpc) {
+        rpc_devices[0] = start_rpc(n_threads);
+        mp.devices = rpc_devices;
+        mp.n_gpu_layers = -1;
+    }
     model = llama_model_load_from_file(model_path, mp);
     if (!model) {
         die("cannot load the model");
@@ -463,6 +616,11 @@ int main(int argc, char **argv) {
         die("cannot create the context");
     }
     mem = llama_get_memory(ctx);
+    if (n_cache_buffers == 0 || (rpc && n_cache_buffers_elsewhere != 0)) {
+        fprintf(stderr, "equivalence: %d cache buffers, %d of them not on the RPC device\n", n_cache_buffers,
+                n_cache_buffers_elsewhere);
+        die(rpc ? "--rpc: the memory is not (all) on the RPC device" : "the memory logged no buffer");
+    }
     n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     if (n_vocab <= 0) {
         die("empty vocabulary");
@@ -482,6 +640,7 @@ int main(int argc, char **argv) {
         n_vocab, llama_n_ctx(ctx), n_ctx_seq, llama_n_seq_max(ctx), llama_model_is_recurrent(model),
         llama_model_is_hybrid(model), can_shift, flash_attn, kv_unified, (int) type_k, (int) type_v,
         llama_n_rs_seq(ctx), swa_full);
+    rec("cache buffers: %d, on %s", n_cache_buffers, rpc ? "the RPC device (not host memory)" : "the CPU");
 
     llama_token next[N_SEQ] = {0};
 
@@ -696,6 +855,7 @@ int main(int argc, char **argv) {
     llama_free(ctx);
     llama_model_free(model);
     llama_backend_free();
+    stop_rpc_server();
     if (fclose(out) != 0) {
         die("cannot write the output file");
     }
