@@ -41,10 +41,23 @@ fn cdylib_link_args() {
     }
     // Linked by name (-lllama_memory or CMake's imported target), the library is recorded by
     // this name in what links it, wherever it was linked from.
-    if elf {
-        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libllama_memory.so");
+    // The CMake build gives the versioned soname (libllama_memory.so.0.6) and installs the
+    // links; a plain cargo build has no such links to point at.
+    println!("cargo:rerun-if-env-changed=LLAMA_MEMORY_SONAME");
+    let soname = std::env::var("LLAMA_MEMORY_SONAME").unwrap_or_default();
+    let soname = if soname.is_empty() {
+        if elf {
+            "libllama_memory.so".to_owned()
+        } else {
+            "libllama_memory.dylib".to_owned()
+        }
     } else {
-        println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/libllama_memory.dylib");
+        soname
+    };
+    if elf {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,{soname}");
+    } else {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/{soname}");
     }
 
     let link_dir = std::env::var("GGML_SYS_LINK_DIR").unwrap_or_default();

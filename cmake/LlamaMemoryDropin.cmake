@@ -271,12 +271,17 @@ _llama_memory_add_libllama(llama "${_dropin_stage}" "${_bin}/dropin" ${_dropin_e
 # exactly stock's symbols. The adapters include our header as <llama_memory/llama-memory.h>
 # through llama/llama-memory-abi.h.
 set(_dropin_cargo_dir "${_bin}/cargo-dropin")
-set(_dropin_rust_lib "${_dropin_cargo_dir}/release/${_static_name}")
+set(_dropin_rust_lib "${_dropin_cargo_dir}${_cargo_target_subdir}/${_cargo_profile_dir}/${_static_name}")
+if(_prebuilt)
+    set(_dropin_rust_lib "${_prebuilt}/${_static_name}")
+    add_custom_target(llama_memory_dropin_cargo)
+    message(STATUS "llama_memory: drop-in with the prebuilt ${_dropin_rust_lib}")
+else()
 add_custom_command(
     OUTPUT "${_dropin_rust_lib}"
     # The regular build's environment, with a target directory of its own (the later wins).
     COMMAND "${CMAKE_COMMAND}" -E env ${_cargo_env} "CARGO_TARGET_DIR=${_dropin_cargo_dir}"
-            "${LLAMA_MEMORY_CARGO}" rustc --release -p llama-memory --lib --features dropin
+            "${LLAMA_MEMORY_CARGO}" rustc ${_cargo_profile_args} ${_cargo_target_args} -p llama-memory --lib --features dropin
             --crate-type staticlib --manifest-path "${_src}/Cargo.toml" ${LLAMA_MEMORY_CARGO_FLAGS}
     COMMAND "${CMAKE_COMMAND}" -E touch "${_dropin_rust_lib}"
     DEPENDS ${_cargo_inputs} ${_ggml_targets}
@@ -285,6 +290,7 @@ add_custom_command(
     USES_TERMINAL
     VERBATIM)
 add_custom_target(llama_memory_dropin_cargo DEPENDS "${_dropin_rust_lib}")
+endif()
 configure_file("${_header}" "${_bin}/dropin-abi/llama_memory/llama-memory.h" COPYONLY)
 add_dependencies(llama llama_memory_dropin_cargo)
 target_include_directories(llama PRIVATE "${_bin}/dropin-abi")
