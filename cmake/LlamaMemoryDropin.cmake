@@ -28,11 +28,8 @@
 #
 # Uses from the including scope: _src, _bin, _llama_cpp_dir, the ggml target.
 
-if(NOT BUILD_SHARED_LIBS)
-    # A static libllama.a would need this library's archive merged into it, and its system
-    # libraries in llama-config.cmake and llama.pc: not done yet.
-    message(FATAL_ERROR "llama_memory: LLAMA_MEMORY_DROPIN builds a shared libllama only for now "
-                        "(configure with -DBUILD_SHARED_LIBS=ON)")
+if(NOT BUILD_SHARED_LIBS AND NOT CMAKE_SYSTEM_NAME STREQUAL "Linux" AND NOT APPLE)
+    message(FATAL_ERROR "llama_memory: a static drop-in libllama is built on Linux and macOS only")
 endif()
 
 set(_dropin_tree "${_llama_cpp_dir}")
@@ -298,6 +295,25 @@ target_link_libraries(llama PRIVATE "${_dropin_rust_lib}" ${LLAMA_MEMORY_STATIC_
 if(BUILD_SHARED_LIBS AND NOT APPLE)
     target_link_options(llama PRIVATE "LINKER:--exclude-libs,ALL")
 endif()
+if(NOT BUILD_SHARED_LIBS)
+    # A static libllama.a links exactly as stock's: the Rust archive's members are merged into
+    # it after each archive step (cmake/LlamaMemoryMergeArchives.cmake), and its system
+    # libraries go into llama-config.cmake and llama.pc (below). A source generated from the
+    # Rust archive makes a new archive re-run that step.
+    set(_dropin_rust_stamp "${_bin}/dropin-rust-stamp.c")
+    add_custom_command(OUTPUT "${_dropin_rust_stamp}"
+        COMMAND "${CMAKE_COMMAND}" -E echo "/* the drop-in's Rust archive changed: re-merge it */" > "${_dropin_rust_stamp}"
+        DEPENDS "${_dropin_rust_lib}" llama_memory_dropin_cargo
+        VERBATIM)
+    target_sources(llama PRIVATE "${_dropin_rust_stamp}")
+    set_source_files_properties("${_dropin_rust_stamp}" PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+    add_custom_command(TARGET llama POST_BUILD
+        COMMAND "${CMAKE_COMMAND}" "-DAR=${CMAKE_AR}" "-DRANLIB=${CMAKE_RANLIB}"
+                "-DOUT=$<TARGET_FILE:llama>" "-DADD=${_dropin_rust_lib}"
+                -P "${_src}/cmake/LlamaMemoryMergeArchives.cmake"
+        COMMENT "Merging the Rust archive into the static drop-in libllama"
+        VERBATIM)
+endif()
 _llama_memory_add_libllama(llama_stock "${_dropin_tree}/src" "${_bin}/stock")
 if(NOT LLAMA_MEMORY_BUILD_TESTS)
     set_target_properties(llama_stock PROPERTIES EXCLUDE_FROM_ALL ON)
@@ -313,7 +329,7 @@ set(LLAMA_LIB_INSTALL_DIR     ${CMAKE_INSTALL_LIBDIR}     CACHE PATH "Location o
 set(LLAMA_BIN_INSTALL_DIR     ${CMAKE_INSTALL_BINDIR}     CACHE PATH "Location of binary  files")
 set_target_properties(llama PROPERTIES PUBLIC_HEADER
     "${_dropin_tree}/include/llama.h;${_dropin_tree}/include/llama-cpp.h")
-install(TARGETS llama LIBRARY PUBLIC_HEADER)
+install(TARGETS llama LIBRARY ARCHIVE PUBLIC_HEADER)
 
 # upstream's own template: find_package(llama) gives the imported target `llama` (with ggml's
 # package found next to it), LLAMA_INCLUDE_DIR, LLAMA_LIB_DIR...
@@ -326,11 +342,38 @@ write_basic_package_version_file(
     "${_bin}/dropin-package/llama-config-version.cmake"
     VERSION ${LLAMA_VERSION}
     COMPATIBILITY SameMajorVersion)
+if(NOT BUILD_SHARED_LIBS)
+    # The static libllama.a holds the Rust code and its standard library: their system
+    # libraries follow it on a consumer's link line.
+    string(REPLACE ";" " " _static_libs "${LLAMA_MEMORY_STATIC_SYSTEM_LIBS}")
+    file(APPEND "${_bin}/dropin-package/llama-config.cmake" "
+# llama-memory's drop-in, static: the system libraries of the Rust code inside libllama.a
+if(TARGET llama AND NOT LLAMA_SHARED_LIB)
+    find_package(Threads REQUIRED)
+    set_property(TARGET llama APPEND PROPERTY INTERFACE_LINK_LIBRARIES Threads::Threads ${_static_libs})
+endif()
+")
+endif()
 install(FILES "${_bin}/dropin-package/llama-config.cmake" "${_bin}/dropin-package/llama-config-version.cmake"
         DESTINATION "${CMAKE_INSTALL_LIBDIR}/cmake/llama")
 
 # llama.pc: upstream's fields (cmake/llama.pc.in), but relocatable like llama-memory.pc
 # (upstream writes the configure-time prefix, which `cmake --install --prefix` elsewhere breaks).
+# Static: libllama first (a static link resolves left to right), ggml's archives and the system
+# libraries of the Rust code and ggml in Libs.private (`pkg-config --static`).
+set(LLAMA_DROPIN_PC_LIBS "-lggml -lggml-base -lllama")
+set(LLAMA_DROPIN_PC_LIBS_PRIVATE "")
+if(NOT BUILD_SHARED_LIBS)
+    set(LLAMA_DROPIN_PC_LIBS "-lllama -lggml -lggml-base")
+    set(LLAMA_DROPIN_PC_LIBS_PRIVATE "Libs.private: -lggml-cpu -lggml-base")
+    foreach(_lib IN LISTS LLAMA_MEMORY_STATIC_SYSTEM_LIBS)
+        if(_lib MATCHES "^-")
+            string(APPEND LLAMA_DROPIN_PC_LIBS_PRIVATE " ${_lib}")
+        else()
+            string(APPEND LLAMA_DROPIN_PC_LIBS_PRIVATE " -l${_lib}")
+        endif()
+    endforeach()
+endif()
 file(CONFIGURE OUTPUT "${_bin}/dropin-package/llama.pc" @ONLY CONTENT
 "prefix=@LLAMA_MEMORY_PC_PREFIX@
 exec_prefix=\${prefix}
@@ -340,7 +383,8 @@ includedir=@LLAMA_MEMORY_PC_INCLUDEDIR@
 Name: llama
 Description: Port of Facebook's LLaMA model in C/C++
 Version: @LLAMA_VERSION@
-Libs: -L\${libdir} -lggml -lggml-base -lllama
+Libs: -L\${libdir} @LLAMA_DROPIN_PC_LIBS@
+@LLAMA_DROPIN_PC_LIBS_PRIVATE@
 Cflags: -I\${includedir}
 ")
 install(FILES "${_bin}/dropin-package/llama.pc" DESTINATION "${CMAKE_INSTALL_LIBDIR}/pkgconfig")
@@ -560,7 +604,11 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # pkg-config, both loading the installed drop-in (ldd), both giving the stock harness's
     # output byte for byte. The install needs every installed file: the test builds the Rust
     # library (llama_memory_cargo) first when the tree does not have it yet.
-    if(BUILD_SHARED_LIBS AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
+    if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+        set(_consumer_static OFF)
+        if(NOT BUILD_SHARED_LIBS)
+            set(_consumer_static ON)
+        endif()
         find_program(LLAMA_MEMORY_PKG_CONFIG NAMES pkg-config pkgconf)
         add_test(NAME dropin_consumer
             COMMAND "${CMAKE_COMMAND}"
@@ -578,6 +626,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     "-DGENERATOR=${CMAKE_GENERATOR}"
                     "-DPKG_CONFIG=${LLAMA_MEMORY_PKG_CONFIG}"
                     "-DNM=${LLAMA_MEMORY_NM}"
+                    "-DSTATIC=${_consumer_static}"
                     -P "${_src}/tests/dropin/consumer.cmake")
         # RUN_SERIAL: it may run cargo, and installs from the build tree.
         set_tests_properties(dropin_consumer PROPERTIES LABELS dropin

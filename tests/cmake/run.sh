@@ -116,6 +116,23 @@ check_ggml_resolution() {
     fi
 }
 
+# check_soname <installed libdir>: the soname carries major.minor for 0.x (major otherwise), the
+# file the whole version, with the two links, as the package's SameMinorVersion promises.
+check_soname() {
+    local libdir=$1 version soversion soname
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -n 1)
+    if [ "${version%%.*}" = 0 ]; then soversion=$(cut -d. -f1,2 <<<"$version"); else soversion=${version%%.*}; fi
+    soname=$(readelf -d "$libdir/libllama_memory.so.$version" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    [ "$soname" = "libllama_memory.so.$soversion" ] || fail "soname '$soname', expected libllama_memory.so.$soversion"
+    [ -f "$libdir/libllama_memory.so.$version" ] && [ ! -L "$libdir/libllama_memory.so.$version" ] ||
+        fail "libllama_memory.so.$version is not the installed file"
+    [ "$(readlink "$libdir/libllama_memory.so.$soversion")" = "libllama_memory.so.$version" ] ||
+        fail "libllama_memory.so.$soversion does not link to libllama_memory.so.$version"
+    [ "$(readlink "$libdir/libllama_memory.so")" = "libllama_memory.so.$soversion" ] ||
+        fail "libllama_memory.so does not link to libllama_memory.so.$soversion"
+    echo "soname libllama_memory.so.$soversion; libllama_memory.so -> .so.$soversion -> .so.$version"
+}
+
 configure_build_test() {
     local b=$1 shared=$2
     cmake -S "$repo" -B "$b" -DBUILD_SHARED_LIBS="$shared" \
@@ -159,6 +176,7 @@ for variant in "${variants[@]}"; do
             [ -e "$libdir/$f" ] || fail "not installed: $libdir/$f"
         done
         check_shared "$libdir/libllama_memory.so" '^\$ORIGIN$'
+        check_soname "$libdir"
     else
         for f in libllama_memory.a libggml.a libggml-base.a libggml-cpu.a; do
             [ -e "$libdir/$f" ] || fail "not installed: $libdir/$f"
@@ -183,6 +201,10 @@ for variant in "${variants[@]}"; do
     ' _ "$repo" "$v/find_package" "$prefix"
     if [ "$variant" = shared ]; then
         check_ggml_resolution "$v/find_package/consumer" "$libdir"
+        readelf -d "$v/find_package/consumer" | grep -qF "[libllama_memory.so.$(readelf -d "$libdir/libllama_memory.so" |
+            sed -n 's/.*(SONAME).*\[libllama_memory\.so\.\(.*\)\]/\1/p')]" ||
+            fail "the consumer does not record the versioned soname"
+        echo "the consumer needs $(readelf -d "$v/find_package/consumer" | grep -o 'libllama_memory[^]]*')"
     fi
     if [ "$variant" = shared ]; then
         step "[$variant] pkg-config consumer" "$repo/tests/cmake/pkg_config.sh" "$prefix" "$v/pkg_config"

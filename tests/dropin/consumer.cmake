@@ -16,10 +16,15 @@
 #   4. Both run on the generated model with ARGS; their outputs equal, byte for byte, that of
 #      the stock harness (dropin_equivalence_stock: equivalence.c against stock libllama).
 #
+# With -DSTATIC=ON (a BUILD_SHARED_LIBS=OFF tree): the install has libllama.a (the Rust
+# archive merged in) and static ggml; pkg-config is asked for --static flags; step 3 checks the
+# executables themselves (they contain the drop-in's llama_memory_dropin_* code and load no
+# libllama or ggml).
+#
 #   cmake -DBUILD_DIR=<build> -DRUST_LIBRARY=<libllama_memory> -DRUST_TARGET=<target>
 #         -DSTOCK=<stock harness> -DSOURCE=<equivalence.c> -DCONSUMER_DIR=<tests/dropin/consumer>
 #         -DMODEL=<gguf> -DARGS=<a,b,...> -DWORK=<dir> -DCC=<C compiler> -DCXX=<C++ compiler>
-#         -DGENERATOR=<generator> -DPKG_CONFIG=<pkg-config> -DNM=<nm> -P consumer.cmake
+#         -DGENERATOR=<generator> -DPKG_CONFIG=<pkg-config> -DNM=<nm> [-DSTATIC=ON] -P consumer.cmake
 cmake_minimum_required(VERSION 3.21)
 
 foreach(var BUILD_DIR STOCK SOURCE CONSUMER_DIR MODEL WORK CC CXX)
@@ -61,7 +66,12 @@ endif()
 run("cmake --install ${BUILD_DIR} --prefix ${prefix}"
     "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${prefix}")
 set(libdir "${prefix}/lib")
-foreach(f "${libdir}/libllama.so" "${libdir}/cmake/llama/llama-config.cmake"
+if(STATIC)
+    set(libllama "${libdir}/libllama.a")
+else()
+    set(libllama "${libdir}/libllama.so")
+endif()
+foreach(f "${libllama}" "${libdir}/cmake/llama/llama-config.cmake"
           "${libdir}/pkgconfig/llama.pc" "${prefix}/include/llama.h")
     if(NOT EXISTS "${f}")
         message(FATAL_ERROR "the install has no ${f}")
@@ -94,7 +104,11 @@ if(NOT PKG_CONFIG)
 endif()
 set(ENV{PKG_CONFIG_PATH} "${libdir}/pkgconfig")
 unset(ENV{PKG_CONFIG_LIBDIR})
-run("pkg-config --cflags --libs llama" "${PKG_CONFIG}" --cflags --libs llama)
+set(pc_static "")
+if(STATIC)
+    set(pc_static --static)
+endif()
+run("pkg-config ${pc_static} --cflags --libs llama" "${PKG_CONFIG}" ${pc_static} --cflags --libs llama)
 string(STRIP "${run_out}" pc_flags)
 message(STATUS "  ${pc_flags}")
 # (llama.pc is relocatable: its prefix is ${pcfiledir}/../..)
@@ -122,6 +136,21 @@ endif()
 set(no_ld_path "--unset=LD_LIBRARY_PATH")
 set(ld_path "LD_LIBRARY_PATH=${libdir}")
 foreach(consumer cmake pc)
+    if(STATIC)
+        # linked in: the executable has the drop-in's code, and loads no libllama or ggml
+        execute_process(COMMAND "${NM}" "${app_${consumer}}" OUTPUT_VARIABLE syms ERROR_QUIET)
+        string(REGEX MATCHALL "[ \t]llama_memory_dropin_[A-Za-z0-9_]+" dropin_syms "${syms}")
+        list(LENGTH dropin_syms n_dropin_syms)
+        if(n_dropin_syms EQUAL 0)
+            message(FATAL_ERROR "${app_${consumer}} has no llama_memory_dropin_* symbol: not linked with the drop-in")
+        endif()
+        run("ldd ${app_${consumer}}" "${LDD}" "${app_${consumer}}")
+        if(run_out MATCHES "lib(llama|ggml)")
+            message(FATAL_ERROR "${app_${consumer}} loads a shared libllama or ggml:\n${run_out}")
+        endif()
+        message(STATUS "  ${app_${consumer}}: static, the drop-in inside (${n_dropin_syms} llama_memory_dropin_* symbols)")
+        continue()
+    endif()
     if(consumer STREQUAL "cmake")
         set(env_arg "${no_ld_path}")
     else()
@@ -141,7 +170,7 @@ foreach(consumer cmake pc)
         message(STATUS "  ${lib} => ${CMAKE_MATCH_1}")
     endforeach()
 endforeach()
-if(NM)
+if(NM AND NOT STATIC)
     execute_process(COMMAND "${NM}" "${libdir}/libllama.so" OUTPUT_VARIABLE syms ERROR_QUIET RESULT_VARIABLE rc)
     string(REGEX MATCHALL "[ \t]llama_memory_dropin_[A-Za-z0-9_]+" dropin_syms "${syms}")
     list(LENGTH dropin_syms n_dropin_syms)
