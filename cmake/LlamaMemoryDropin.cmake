@@ -291,7 +291,12 @@ endif()
 configure_file("${_header}" "${_bin}/dropin-abi/llama_memory/llama-memory.h" COPYONLY)
 add_dependencies(llama llama_memory_dropin_cargo)
 target_include_directories(llama PRIVATE "${_bin}/dropin-abi")
-target_link_libraries(llama PRIVATE "${_dropin_rust_lib}" ${LLAMA_MEMORY_STATIC_SYSTEM_LIBS})
+if(BUILD_SHARED_LIBS)
+    target_link_libraries(llama PRIVATE "${_dropin_rust_lib}" ${LLAMA_MEMORY_STATIC_SYSTEM_LIBS})
+else()
+    # the Rust archive is merged into libllama.a (below); its system libraries follow it
+    target_link_libraries(llama PRIVATE ${LLAMA_MEMORY_STATIC_SYSTEM_LIBS})
+endif()
 if(BUILD_SHARED_LIBS AND NOT APPLE)
     target_link_options(llama PRIVATE "LINKER:--exclude-libs,ALL")
 endif()
@@ -308,7 +313,8 @@ if(NOT BUILD_SHARED_LIBS)
     target_sources(llama PRIVATE "${_dropin_rust_stamp}")
     set_source_files_properties("${_dropin_rust_stamp}" PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
     add_custom_command(TARGET llama POST_BUILD
-        COMMAND "${CMAKE_COMMAND}" "-DAR=${CMAKE_AR}" "-DRANLIB=${CMAKE_RANLIB}"
+        COMMAND "${CMAKE_COMMAND}" "-DAR=${CMAKE_AR}" "-DRANLIB=${CMAKE_RANLIB}" "-DOBJCOPY=${CMAKE_OBJCOPY}"
+                "-DLD=${CMAKE_LINKER}" "-DREADELF=${CMAKE_READELF}"
                 "-DOUT=$<TARGET_FILE:llama>" "-DADD=${_dropin_rust_lib}"
                 -P "${_src}/cmake/LlamaMemoryMergeArchives.cmake"
         COMMENT "Merging the Rust archive into the static drop-in libllama"
@@ -545,6 +551,29 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             # RUN_SERIAL: a server and a client process, each with its threads
             set_tests_properties(dropin_rpc_${_name} PROPERTIES LABELS dropin
                 FIXTURES_REQUIRED dropin_models TIMEOUT 900 RUN_SERIAL ON)
+        endforeach()
+    endif()
+
+    # Swap-in (tests/dropin/swapin.cmake): the stock harness, built once against stock
+    # libllama, run as built and with LD_LIBRARY_PATH at the drop-in's directory; the loader
+    # reports which libllama it loaded, and the outputs are equal byte for byte. Shared
+    # libraries on Linux (LD_LIBRARY_PATH, LD_DEBUG).
+    if(BUILD_SHARED_LIBS AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
+        foreach(_config "llama|llama|--flash-attn,0" "gemma3|gemma3|--flash-attn,1,--n-ctx,512" "jamba|jamba|--flash-attn,0")
+            string(REPLACE "|" ";" _parts "${_config}")
+            list(GET _parts 0 _name)
+            list(GET _parts 1 _model)
+            list(GET _parts 2 _args)
+            add_test(NAME dropin_swapin_${_name}
+                COMMAND "${CMAKE_COMMAND}"
+                        "-DEXE=$<TARGET_FILE:dropin_equivalence_stock>"
+                        "-DSTOCK_DIR=$<TARGET_FILE_DIR:llama_stock>"
+                        "-DDROPIN_DIR=$<TARGET_FILE_DIR:llama>"
+                        "-DARGS=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf,@OUT@,${_args}"
+                        "-DWORK=${_bin}/dropin-tests/swapin/${_name}"
+                        -P "${_src}/tests/dropin/swapin.cmake")
+            set_tests_properties(dropin_swapin_${_name} PROPERTIES LABELS dropin
+                FIXTURES_REQUIRED dropin_models TIMEOUT 600)
         endforeach()
     endif()
 

@@ -83,9 +83,11 @@ struct llama_memory_dropin_log_line {
     int32_t     level;
     std::string text;
 };
-// (hidden: a global variable's name is not mangled, and libllama exports only stock's C names)
-__attribute__((visibility("hidden"))) inline thread_local std::vector<llama_memory_dropin_log_line> *
-    llama_memory_dropin_log_capture = nullptr;
+// (hidden: a global variable's name is not mangled, and libllama exports only stock's C names;
+// defined in llama-state.cpp, not inline: an inline one is a GNU "unique" symbol, which the
+// static drop-in's merge cannot make local)
+extern __attribute__((visibility("hidden"))) thread_local std::vector<llama_memory_dropin_log_line> *
+    llama_memory_dropin_log_capture;
 
 inline void llama_memory_dropin_log(int32_t level, const char * text, void * user) {
     (void) user;

@@ -40,6 +40,9 @@
 #include <unistd.h>
 #include <vector>
 
+// declared in llama-memory-abi.h
+thread_local std::vector<llama_memory_dropin_log_line> * llama_memory_dropin_log_capture = nullptr;
+
 namespace {
 
 constexpr uint32_t seq_blob_magic = 0xaf143cd8; // llama_context's io_magic
