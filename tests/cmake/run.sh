@@ -10,7 +10,9 @@
 #   3. cmake --install into a fresh prefix and check what was installed
 #   4. with the build tree moved away (the install must not need it): build and run the
 #      find_package consumer (tests/cmake/find_package) and the pkg-config one (pkg_config.sh)
-#   5. build and run the add_subdirectory consumer (tests/cmake/add_subdirectory)
+#   5. (shared) the project against that installed ggml (LLAMA_MEMORY_SYSTEM_GGML), and a ggml
+#      package of another version refused at configure time
+#   6. build and run the add_subdirectory consumer (tests/cmake/add_subdirectory)
 #
 # Default build root: <repo>/build-cmake-tests (git-ignored). Reruns are incremental.
 # Environment:
@@ -133,6 +135,36 @@ check_soname() {
     echo "soname libllama_memory.so.$soversion; libllama_memory.so -> .so.$soversion -> .so.$version"
 }
 
+# check_system_ggml <variant dir> <prefix with an installed ggml>: the project built against
+# that ggml (find_package(ggml)), no ggml of its own; its C tests pass and load the installed
+# ggml. Then a ggml package of another version is refused at configure time.
+check_system_ggml() {
+    local v=$1 prefix=$2 b=$1/system-ggml
+    rm -rf "$b" "$v/other-ggml"
+    cmake -S "$repo" -B "$b" -DLLAMA_MEMORY_SYSTEM_GGML=ON "-DCMAKE_PREFIX_PATH=$prefix" \
+        -DLLAMA_MEMORY_CARGO_TEST=OFF >"$b.log" 2>&1 || { cat "$b.log"; fail "configure with the installed ggml"; }
+    grep -F "the installed ggml" "$b.log"
+    cmake --build "$b" >>"$b.log" 2>&1 || { tail -n 40 "$b.log"; fail "build with the installed ggml"; }
+    [ ! -e "$b/ggml-lib" ] || fail "a ggml was built although an installed one was asked for"
+    ctest --test-dir "$b" --output-on-failure | tail -n 3
+    check_ggml_resolution "$b/c_tests/test_memory_ops" "$prefix/lib"
+    # the same package, claiming another version
+    local other=$v/other-ggml
+    mkdir -p "$other/lib/cmake"
+    ln -s "$prefix/include" "$other/include"
+    for f in "$prefix"/lib/libggml*; do ln -s "$f" "$other/lib/"; done
+    cp -r "$prefix/lib/cmake/ggml" "$other/lib/cmake/"
+    sed -i 's/^set(PACKAGE_VERSION "[^"]*")/set(PACKAGE_VERSION "0.25.0")/' "$other/lib/cmake/ggml/ggml-config-version.cmake"
+    if cmake -S "$repo" -B "$b-other" -DLLAMA_MEMORY_SYSTEM_GGML=ON "-DCMAKE_PREFIX_PATH=$other" \
+        -DLLAMA_MEMORY_CARGO_TEST=OFF >"$b-other.log" 2>&1; then
+        fail "a ggml 0.25.0 package was accepted"
+    fi
+    tr -s ' \n' '  ' <"$b-other.log" | grep -qF "version 0.25.0, the pinned llama.cpp's is" ||
+        { cat "$b-other.log"; fail "no clear message for another ggml version"; }
+    echo "ok: ggml 0.25.0 refused at configure time"
+    rm -rf "$b-other"
+}
+
 configure_build_test() {
     local b=$1 shared=$2
     cmake -S "$repo" -B "$b" -DBUILD_SHARED_LIBS="$shared" \
@@ -214,6 +246,10 @@ for variant in "${variants[@]}"; do
     fi
     mv "$build.away" "$build"
     trap - EXIT
+
+    if [ "$variant" = shared ]; then
+        step "[$variant] an installed ggml (LLAMA_MEMORY_SYSTEM_GGML)" check_system_ggml "$v" "$prefix"
+    fi
 
     step "[$variant] add_subdirectory consumer" bash -c '
         set -e
