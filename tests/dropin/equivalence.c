@@ -9,6 +9,8 @@
  *               [--rpc 0|1]      (the model's layers and the whole memory on an RPC device:
  *                                 ggml's RPC server in a child process, CPU behind it, over
  *                                 loopback; needs a ggml built with GGML_RPC)
+ *               [--gpu 0|1]      (every layer and the whole memory on the GPU devices ggml
+ *                                 has, e.g. CUDA: scripts/gpu-check.sh)
  *
  * It decodes a multi-sequence workload: a shared prompt copied to every sequence with
  * llama_memory_seq_cp, parallel decoding (greedy), a finished sequence removed and a new
@@ -24,7 +26,8 @@
  *
  * With --rpc 1 the cache lives in a non-host buffer (an RPC buffer: the library must go through
  * ggml_backend_tensor_get/set/copy and device graphs for everything): the harness checks that
- * every KV and RS buffer the memory logs is an RPC one, and fails otherwise. The server's
+ * every KV and RS buffer the memory logs is an RPC one, and fails otherwise; with --gpu 1, that
+ * none is a host one (CPU, or a GPU backend's pinned *_Host memory). The server's
  * endpoint (its port is free and differs between runs) reads "rpc-endpoint" in the log lines.
  *
  * Exit status: 0 when the workload ran (whatever the calls returned: those are compared), 1 on
@@ -405,18 +408,32 @@ static void record_log(enum ggml_log_level level, const char *text) {
     put_log("\n", 1);
 }
 
-/* The RPC server's endpoint ("127.0.0.1:<port>", empty without --rpc), and what the memory's
- * buffer lines said: how many KV/RS buffers it allocated, how many of them not on the RPC
- * device. */
+/* The RPC server's endpoint ("127.0.0.1:<port>", empty without --rpc), --gpu, and what the
+ * memory's buffer lines ("<func>: <buffer name> KV buffer size = ...") said: how many KV/RS
+ * buffers it allocated, how many of them not where --rpc or --gpu put them. */
 static char rpc_endpoint[64];
+static int gpu;
 static int n_cache_buffers, n_cache_buffers_elsewhere;
 
 static void note_cache_buffer(const char *text) {
-    if (strstr(text, " KV buffer size = ") || strstr(text, " RS buffer size = ")) {
-        n_cache_buffers++;
-        if (!rpc_endpoint[0] || !strstr(text, "RPC")) {
-            n_cache_buffers_elsewhere++;
-        }
+    const char *end = strstr(text, " KV buffer size = ");
+    if (!end) {
+        end = strstr(text, " RS buffer size = ");
+    }
+    const char *colon = strchr(text, ':');
+    if (!end || !colon || colon > end) {
+        return;
+    }
+    const char *name = colon + 1;
+    while (*name == ' ') name++;
+    char buf[128];
+    size_t n = (size_t) (end - name) < sizeof buf - 1 ? (size_t) (end - name) : sizeof buf - 1;
+    memcpy(buf, name, n);
+    buf[n] = '\0';
+    n_cache_buffers++;
+    if (rpc_endpoint[0] ? strncmp(buf, "RPC", 3) != 0
+                        : gpu && (strstr(buf, "CPU") || strstr(buf, "_Host") || strstr(buf, "RPC"))) {
+        n_cache_buffers_elsewhere++;
     }
 }
 
@@ -577,6 +594,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i - 1], "--on-device") == 0) on_device = atoi(v);
         else if (strcmp(argv[i - 1], "--kv-debug") == 0) setenv("LLAMA_KV_CACHE_DEBUG", v, 1);
         else if (strcmp(argv[i - 1], "--rpc") == 0) rpc = atoi(v);
+        else if (strcmp(argv[i - 1], "--gpu") == 0) gpu = atoi(v);
         else die("unknown option");
     }
     verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;
@@ -590,6 +608,8 @@ int main(int argc, char **argv) {
     if (rpc) {
         rpc_devices[0] = start_rpc(n_threads);
         mp.devices = rpc_devices;
+        mp.n_gpu_layers = -1;
+    } else if (gpu) {
         mp.n_gpu_layers = -1;
     }
     model = llama_model_load_from_file(model_path, mp);
@@ -616,10 +636,10 @@ int main(int argc, char **argv) {
         die("cannot create the context");
     }
     mem = llama_get_memory(ctx);
-    if (n_cache_buffers == 0 || (rpc && n_cache_buffers_elsewhere != 0)) {
-        fprintf(stderr, "equivalence: %d cache buffers, %d of them not on the RPC device\n", n_cache_buffers,
-                n_cache_buffers_elsewhere);
-        die(rpc ? "--rpc: the memory is not (all) on the RPC device" : "the memory logged no buffer");
+    if (n_cache_buffers == 0 || n_cache_buffers_elsewhere != 0) {
+        fprintf(stderr, "equivalence: %d cache buffers, %d of them not on the %s device\n", n_cache_buffers,
+                n_cache_buffers_elsewhere, rpc ? "RPC" : "GPU");
+        die(n_cache_buffers ? "the memory is not (all) on the device asked for" : "the memory logged no buffer");
     }
     n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     if (n_vocab <= 0) {
@@ -640,7 +660,8 @@ int main(int argc, char **argv) {
         n_vocab, llama_n_ctx(ctx), n_ctx_seq, llama_n_seq_max(ctx), llama_model_is_recurrent(model),
         llama_model_is_hybrid(model), can_shift, flash_attn, kv_unified, (int) type_k, (int) type_v,
         llama_n_rs_seq(ctx), swa_full);
-    rec("cache buffers: %d, on %s", n_cache_buffers, rpc ? "the RPC device (not host memory)" : "the CPU");
+    rec("cache buffers: %d, on %s", n_cache_buffers,
+        rpc ? "the RPC device (not host memory)" : gpu ? "the GPU (not host memory)" : "the CPU");
 
     llama_token next[N_SEQ] = {0};
 
