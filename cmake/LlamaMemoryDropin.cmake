@@ -605,6 +605,47 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set_tests_properties(dropin_nonfinite PROPERTIES LABELS dropin
         FIXTURES_REQUIRED dropin_models TIMEOUT 300)
 
+    # The start-up of llama.cpp's common programs (its fit: a no_alloc model and context to
+    # measure, then the real ones; tests/dropin/fit.cpp, C++ for llama-ext.h's
+    # llama_get_memory_breakdown) on each library, byte for byte: the memory's log lines and
+    # breakdown in both phases; each run also checks that its no_alloc phase reports the real
+    # context's bytes without allocating them.
+    foreach(_variant dropin stock)
+        if(_variant STREQUAL "dropin")
+            set(_lib llama)
+        else()
+            set(_lib llama_stock)
+        endif()
+        add_executable(dropin_fit_${_variant} "${_src}/tests/dropin/fit.cpp")
+        set_target_properties(dropin_fit_${_variant} PROPERTIES
+            OUTPUT_NAME fit
+            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+            CXX_STANDARD 17
+            CXX_STANDARD_REQUIRED ON)
+        target_include_directories(dropin_fit_${_variant} PRIVATE "${_dropin_tree}/src")
+        target_compile_options(dropin_fit_${_variant} PRIVATE
+            $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
+        target_link_libraries(dropin_fit_${_variant} PRIVATE ${_lib})
+    endforeach()
+    foreach(_config "llama|llama|--n-ctx 131072" "llama_streams|llama|--n-ctx 65536 --n-seq 4 --kv-unified 0 --flash-attn 0"
+                    "gemma3|gemma3|--n-ctx 65536 --n-seq 2" "jamba|jamba|--n-ctx 131072" "mamba|mamba|--n-seq 4")
+        string(REPLACE "|" ";" _parts "${_config}")
+        list(GET _parts 0 _name)
+        list(GET _parts 1 _model)
+        list(GET _parts 2 _args)
+        string(REPLACE " " "," _args "${_args}")
+        add_test(NAME dropin_fit_${_name}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_fit_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_fit_dropin>"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
+                    "-DARGS=${_args}"
+                    "-DOUT=${_bin}/dropin-tests/out/fit_${_name}"
+                    -P "${_src}/tests/dropin/compare.cmake")
+        set_tests_properties(dropin_fit_${_name} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 600)
+    endforeach()
+
     # The hostile tier (tests/dropin/hostile.c): malformed, crafted and hostile states, files,
     # ids and flags through llama.h, each case in a forked child, on one model of each memory
     # kind. Fails on any abort, exception, signal, hang or corruption on the drop-in; prints

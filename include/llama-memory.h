@@ -361,6 +361,16 @@ typedef struct llama_memory_kv_storage_params {
   const struct llama_memory_kv_layer *layers;
   // Number of entries in `layers`.
   size_t n_layers;
+  // NULL, or a NUL-terminated tag inserted into the tensor names after `cache_`
+  // (llama.cpp's `name_tag`: `cache_<tag>k_l<il>`, `cache_<tag>v_l<il>`); at most 32 bytes.
+  const char *name_tag;
+  // Create the tensors without memory, as llama.cpp does for a `no_alloc` model (one that
+  // only measures): each buffer type gets a zero-size buffer the tensors point at (so a
+  // backend scheduler does not allocate them), `llama_memory_breakdown` reports the bytes an
+  // allocation would take, and every call that reads or writes the tensors' bytes (state
+  // save and restore, stream copies, `llama_memory_clear` keeps working) fails with a last
+  // error.
+  bool no_alloc;
 } llama_memory_kv_storage_params;
 
 // Handle to a list of slot infos, owned by the caller: `llama_memory_slots_init` makes it,
@@ -796,7 +806,9 @@ llama_memory_t llama_memory_kv_init(struct llama_memory_kv_params params);
 struct llama_memory_kv_storage_params llama_memory_kv_storage_default_params(void);
 
 // Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
-// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
+// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer; with `v_trans`
+// a larger value pads every V tensor's rows to it (llama.cpp pads to the model's widest V
+// row, which a layer left out of this cache may have), a smaller one is refused. Returns NULL
 // (and sets the last error) for invalid parameters or a failed allocation. The caller owns the
 // memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive it.
 llama_memory_t llama_memory_kv_init_with_storage(struct llama_memory_kv_params params,

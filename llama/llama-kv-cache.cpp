@@ -110,7 +110,6 @@ llama_kv_cache::llama_kv_cache(
     model(model), hparams(hparams), v_trans(v_trans),
     n_seq_max(n_seq_max), n_stream(unified ? 1 : n_seq_max), kv_size(kv_size), t_k(type_k), t_v(type_v) {
     GGML_UNUSED(share);
-    GGML_UNUSED(name_tag);
 
     if (mem_other) {
         throw std::runtime_error("llama-memory drop-in: a KV cache sharing another cache's cells is not supported");
@@ -229,9 +228,10 @@ llama_kv_cache::llama_kv_cache(
     p.use_alibi        = hparams.use_alibi;
     p.non_causal_type  = (int32_t) hparams.non_causal_type;
     p.v_trans          = v_trans;
-    // 0: the widest V row of the layers this cache holds (llama.cpp pads to the model's
-    // widest; the same unless a filtered-out layer is wider, and a cache may hold no layer)
-    p.n_embd_v_gqa_max = 0;
+    // a transposed V is padded to the model's widest V row, as upstream (a filtered-out layer
+    // may be the widest); 0 lets the library take the widest of this cache's layers, which a
+    // cache without layers needs
+    p.n_embd_v_gqa_max = v_trans && !is_mla && !layers.empty() ? hparams.n_embd_v_gqa_max() : 0;
     p.n_rel_attn_bkts  = hparams.n_rel_attn_bkts;
 
     llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
@@ -242,6 +242,9 @@ llama_kv_cache::llama_kv_cache(
     sp.n_rot_v  = n_rot_v;
     sp.layers   = layers.data();
     sp.n_layers = layers.size();
+    sp.name_tag = name_tag;
+    // a model loaded to measure (llama.cpp's fit): tensors without memory, sizes reported
+    sp.no_alloc = hparams.no_alloc;
 
     mem = llama_memory_kv_init_with_storage(p, &sp);
     if (!mem) {
@@ -260,7 +263,9 @@ llama_kv_cache::llama_kv_cache(
     }
 
     for (const auto & [buft, size] : memory_breakdown()) {
-        LLAMA_LOG_INFO("%s: %10s KV buffer size = %8.2f MiB\n", __func__, ggml_backend_buft_name(buft), size/1024.0/1024.0);
+        // stock logs the size of the buffer it made: 0 for a no_alloc one
+        const size_t made = hparams.no_alloc ? 0 : size;
+        LLAMA_LOG_INFO("%s: %10s KV buffer size = %8.2f MiB\n", __func__, ggml_backend_buft_name(buft), made/1024.0/1024.0);
     }
 
     {

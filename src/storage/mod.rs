@@ -132,6 +132,23 @@ pub struct StorageSpec {
     pub layers: Vec<LayerSpec>,
 }
 
+/// How a storage is created beyond its layout ([`KvStorage::with_options`]); the default is
+/// what [`KvStorage::new`] does.
+#[derive(Clone, Debug, Default)]
+pub struct StorageOptions {
+    /// Inserted into the tensor names after `cache_` (llama.cpp's `name_tag`: `cache_<tag>k_l<il>`).
+    pub name_tag: String,
+    /// Create the tensors without memory (llama.cpp's `no_alloc` models, which only measure):
+    /// each buffer type gets a zero-size buffer that the tensors point at, so a scheduler does
+    /// not allocate them, and [`KvStorage::memory_breakdown`] reports the bytes an allocation
+    /// would take. Every access to the tensors' bytes then fails.
+    pub no_alloc: bool,
+    /// Width of a transposed V tensor's rows; 0: the widest V row among the layers this
+    /// storage holds. llama.cpp pads to the model's widest layer, which a filtered-out layer
+    /// may be. Ignored without `v_trans`.
+    pub n_embd_v_gqa_max: u32,
+}
+
 /// One cache layer with its own tensors.
 #[derive(Clone, Copy, Debug)]
 pub struct StorageLayer {
@@ -221,6 +238,11 @@ pub fn cpu_buffer_type() -> g::ggml_backend_buffer_type_t {
 impl KvStorage {
     /// Allocates and zeroes the tensors described by `spec`.
     pub fn new(spec: StorageSpec) -> Result<Self> {
+        Self::with_options(spec, StorageOptions::default())
+    }
+
+    /// [`KvStorage::new`] with a name tag, without memory, or with V padded wider.
+    pub fn with_options(spec: StorageSpec, opts: StorageOptions) -> Result<Self> {
         if !is_kv_type(spec.type_k) || !is_kv_type(spec.type_v) {
             return Err(err!(
                 InvalidArgument,
@@ -278,7 +300,19 @@ impl KvStorage {
             })?;
             map_layer_ids.insert(l.il, idx);
         }
-        let n_embd_v_gqa_max = own.iter().map(|l| l.n_embd_v_gqa).max().unwrap_or(0);
+        let widest = own.iter().map(|l| l.n_embd_v_gqa).max().unwrap_or(0);
+        let n_embd_v_gqa_max = if spec.v_trans && !spec.is_mla && opts.n_embd_v_gqa_max != 0 {
+            if opts.n_embd_v_gqa_max < widest {
+                return Err(err!(
+                    InvalidArgument,
+                    "n_embd_v_gqa_max {} is narrower than a layer's V row ({widest})",
+                    opts.n_embd_v_gqa_max
+                ));
+            }
+            opts.n_embd_v_gqa_max
+        } else {
+            widest
+        };
         let e_v = |l: &LayerSpec| {
             if spec.v_trans {
                 n_embd_v_gqa_max
@@ -301,7 +335,7 @@ impl KvStorage {
             layers: Vec::with_capacity(own.len()),
             map_layer_ids,
             n_embd_v_gqa_max,
-            bufs: Buffers::default(),
+            bufs: Buffers::new(opts.no_alloc),
             spec: spec.clone(),
         };
         // One context and one buffer per buffer type, as llama.cpp.
@@ -320,7 +354,7 @@ impl KvStorage {
                         spec.n_stream as i64,
                     )
                 };
-                set_name(k, &format!("cache_k_l{}", l.il));
+                set_name(k, &format!("cache_{}k_l{}", opts.name_tag, l.il));
                 let v = if spec.is_mla {
                     std::ptr::null_mut()
                 } else {
@@ -334,7 +368,7 @@ impl KvStorage {
                             spec.n_stream as i64,
                         )
                     };
-                    set_name(v, &format!("cache_v_l{}", l.il));
+                    set_name(v, &format!("cache_{}v_l{}", opts.name_tag, l.il));
                     v
                 };
                 by_il.insert(
@@ -403,7 +437,8 @@ impl KvStorage {
         Ok(unsafe { g::ggml_nbytes(t) })
     }
 
-    /// All bytes of tensor `t` when its buffer is in host memory (`None` otherwise), so bulk
+    /// All bytes of tensor `t` when its buffer is in host memory (`None` otherwise, and for a
+    /// `no_alloc` storage, whose [`KvStorage::get`] and [`KvStorage::set`] then fail), so bulk
     /// readers index one slice instead of checking every small copy.
     pub fn host_bytes(&self, t: *mut g::ggml_tensor) -> Result<Option<&[u8]>> {
         self.check(t, 0, 0)?;
@@ -433,6 +468,7 @@ impl KvStorage {
     /// Copies `dst.len()` bytes at `offset` of tensor `t` into `dst`.
     pub fn get(&self, t: *mut g::ggml_tensor, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(t, offset, dst.len())?;
+        self.bufs.has_data()?;
         if dst.is_empty() {
             return Ok(());
         }
@@ -456,6 +492,7 @@ impl KvStorage {
     /// Copies `src` to `offset` of tensor `t`.
     pub fn set(&mut self, t: *mut g::ggml_tensor, offset: usize, src: &[u8]) -> Result<()> {
         self.check(t, offset, src.len())?;
+        self.bufs.has_data()?;
         if src.is_empty() {
             return Ok(());
         }
@@ -559,15 +596,13 @@ pub(crate) struct Buffers {
     bufs: Vec<g::ggml_backend_buffer_t>,
     /// Every buffer is in host memory.
     pub(crate) host: bool,
+    /// The buffers are zero-size placeholders ([`StorageOptions::no_alloc`]).
+    pub(crate) no_alloc: bool,
 }
 
 impl Default for Buffers {
     fn default() -> Self {
-        Buffers {
-            ctxs: Vec::new(),
-            bufs: Vec::new(),
-            host: true,
-        }
+        Buffers::new(false)
     }
 }
 
@@ -576,6 +611,16 @@ impl Default for Buffers {
 unsafe impl Send for Buffers {}
 
 impl Buffers {
+    /// No contexts or buffers yet; `no_alloc`: see [`StorageOptions::no_alloc`].
+    pub(crate) fn new(no_alloc: bool) -> Self {
+        Buffers {
+            ctxs: Vec::new(),
+            bufs: Vec::new(),
+            host: true,
+            no_alloc,
+        }
+    }
+
     /// A metadata-only context with room for `n_tensors` headers, owned from now on.
     pub(crate) fn new_ctx(&mut self, n_tensors: usize) -> Result<*mut g::ggml_context> {
         // SAFETY: plain size query.
@@ -602,6 +647,27 @@ impl Buffers {
         buft: g::ggml_backend_buffer_type_t,
         what: &str,
     ) -> Result<()> {
+        if self.no_alloc {
+            // llama.cpp's no_alloc cache: a zero-size buffer of the right type that the tensors
+            // point at (so a scheduler leaves them alone), their data left NULL.
+            // SAFETY: buft is a valid buffer type; size 0 gives ggml's dummy buffer.
+            let buf = unsafe { g::ggml_backend_buft_alloc_buffer(buft, 0) };
+            if buf.is_null() {
+                return Err(err!(Unsupported, "failed to create the {what} buffer"));
+            }
+            self.bufs.push(buf);
+            // SAFETY: ctx is one of our live contexts; each tensor in it is ours, without data
+            // or buffer yet, and buf outlives them (freed in Drop before the contexts).
+            unsafe {
+                let mut t = g::ggml_get_first_tensor(ctx);
+                while !t.is_null() {
+                    (*t).buffer = buf;
+                    t = g::ggml_get_next_tensor(ctx, t);
+                }
+            }
+            self.host = false;
+            return Ok(());
+        }
         // SAFETY: ctx is one of our contexts, holding only tensors without data; buft is a
         // valid buffer type.
         let buf = unsafe { g::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
@@ -617,6 +683,18 @@ impl Buffers {
         Ok(())
     }
 
+    /// Ok when the tensors have memory; the error a `no_alloc` storage gives any access to
+    /// their bytes.
+    pub(crate) fn has_data(&self) -> Result<()> {
+        if self.no_alloc {
+            return Err(err!(
+                Unsupported,
+                "this memory was created without allocating its tensors (no_alloc)"
+            ));
+        }
+        Ok(())
+    }
+
     /// Zeroes every buffer.
     pub(crate) fn clear(&self) {
         for &b in &self.bufs {
@@ -628,13 +706,19 @@ impl Buffers {
     /// Bytes allocated per buffer type (`memory_breakdown`).
     pub(crate) fn memory_breakdown(&self) -> Vec<(g::ggml_backend_buffer_type_t, usize)> {
         let mut out: Vec<(g::ggml_backend_buffer_type_t, usize)> = Vec::new();
-        for &b in &self.bufs {
-            // SAFETY: b is a live buffer owned by self.
+        // One buffer per context, in the same order (new_ctx then alloc).
+        for (&b, &ctx) in self.bufs.iter().zip(&self.ctxs) {
+            // SAFETY: b is a live buffer owned by self, ctx the live context its tensors are
+            // in; the size query allocates nothing.
             let (t, n) = unsafe {
-                (
-                    g::ggml_backend_buffer_get_type(b),
-                    g::ggml_backend_buffer_get_size(b),
-                )
+                let t = g::ggml_backend_buffer_get_type(b);
+                let n = if self.no_alloc {
+                    // what an allocation would take, as llama.cpp's no_alloc breakdown
+                    g::ggml_backend_alloc_ctx_tensors_from_buft_size(ctx, t)
+                } else {
+                    g::ggml_backend_buffer_get_size(b)
+                };
+                (t, n)
             };
             match out.iter_mut().find(|(bt, _)| *bt == t) {
                 Some((_, v)) => *v += n,

@@ -9,7 +9,7 @@
 
 #define F16 1 /* GGML_TYPE_F16 */
 
-static llama_memory_t make(void) {
+static llama_memory_t make_with(bool no_alloc, const char *name_tag) {
     struct llama_memory_kv_params p = llama_memory_kv_default_params();
     struct llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
     struct llama_memory_kv_layer layers[2];
@@ -27,7 +27,49 @@ static llama_memory_t make(void) {
     sp.type_v = F16;
     sp.layers = layers;
     sp.n_layers = 2;
+    sp.no_alloc = no_alloc;
+    sp.name_tag = name_tag;
     return llama_memory_kv_init_with_storage(p, &sp);
+}
+
+static llama_memory_t make(void) {
+    return make_with(false, NULL);
+}
+
+/* A no_alloc memory (llama.cpp's measuring model): the breakdown of an allocated one, no
+ * bytes to read or write; a name_tag longer than 32 bytes is refused. */
+static int test_no_alloc(void) {
+    llama_memory_t real = make(), measured = make_with(true, NULL);
+    struct ggml_backend_buffer_type *bt[2], *bt2[2];
+    size_t sz[2], sz2[2], n;
+    uint8_t *buf;
+    CHECK(real != NULL && measured != NULL);
+    CHECK(llama_memory_get_breakdown(real, bt, sz, 2) == 1);
+    CHECK(llama_memory_get_breakdown(measured, bt2, sz2, 2) == 1);
+    CHECK(bt[0] == bt2[0] && sz[0] == sz2[0]);
+    /* the cells work (a measuring context places ubatches to reserve graphs) */
+    CHECK(test_place(measured, 0, 0, 5) == 0);
+    CHECK(llama_memory_seq_pos_max(measured, 0) == 4);
+    /* the bytes do not exist: the size is known, the data cannot be read */
+    CHECK(test_place(real, 0, 0, 5) == 0);
+    n = llama_memory_state_seq_get_size(measured, 0);
+    CHECK(n > 0 && n == llama_memory_state_seq_get_size(real, 0));
+    buf = malloc(n);
+    CHECK(buf != NULL);
+    CHECK(llama_memory_state_seq_get_data(measured, buf, n, 0) == 0);
+    CHECK(llama_memory_last_error() != NULL && strstr(llama_memory_last_error(), "no_alloc") != NULL);
+    free(buf);
+    llama_memory_clear(measured, true);
+    CHECK(llama_memory_seq_pos_max(measured, 0) == -1);
+    llama_memory_free(real);
+    llama_memory_free(measured);
+
+    CHECK(make_with(false, "0123456789012345678901234567890123") == NULL);
+    CHECK(llama_memory_last_error_code() == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+    real = make_with(false, "idx_");
+    CHECK(real != NULL);
+    llama_memory_free(real);
+    return 0;
 }
 
 /* Collects the memory's log lines. */
@@ -50,6 +92,7 @@ int main(void) {
     char path[256];
 
     CHECK(mem != NULL && other != NULL);
+    CHECK(test_no_alloc() == 0);
     k0 = llama_memory_kv_get_k_tensor(mem, 0);
     CHECK(k0 != NULL);
     CHECK(llama_memory_kv_get_k_tensor(mem, 7) == NULL);

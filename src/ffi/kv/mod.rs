@@ -26,7 +26,8 @@ use super::handle::{llama_memory_t, llama_pos, llama_seq_id, MemoryHandle};
 use crate::error::{err, Result};
 use crate::kv::{KvCache, KvMemory, KvParams, NonCausalType, SwaType};
 use crate::memory::{find, find_for_layer, find_mut};
-use crate::storage::{KvStorage, LayerSpec, StorageSpec};
+use crate::storage::{KvStorage, LayerSpec, StorageOptions, StorageSpec};
+use std::os::raw::c_char;
 
 /// No sliding window (`LLAMA_SWA_TYPE_NONE`).
 pub const LLAMA_MEMORY_SWA_TYPE_NONE: i32 = 0;
@@ -194,6 +195,16 @@ pub struct llama_memory_kv_storage_params {
     pub layers: *const llama_memory_kv_layer,
     /// Number of entries in `layers`.
     pub n_layers: usize,
+    /// NULL, or a NUL-terminated tag inserted into the tensor names after `cache_`
+    /// (llama.cpp's `name_tag`: `cache_<tag>k_l<il>`, `cache_<tag>v_l<il>`); at most 32 bytes.
+    pub name_tag: *const c_char,
+    /// Create the tensors without memory, as llama.cpp does for a `no_alloc` model (one that
+    /// only measures): each buffer type gets a zero-size buffer the tensors point at (so a
+    /// backend scheduler does not allocate them), `llama_memory_breakdown` reports the bytes an
+    /// allocation would take, and every call that reads or writes the tensors' bytes (state
+    /// save and restore, stream copies, `llama_memory_clear` keeps working) fails with a last
+    /// error.
+    pub no_alloc: bool,
 }
 
 /// Default storage parameters: F16 K and V, no layers.
@@ -207,6 +218,8 @@ pub extern "C" fn llama_memory_kv_storage_default_params() -> llama_memory_kv_st
         n_rot_v: 0,
         layers: std::ptr::null(),
         n_layers: 0,
+        name_tag: std::ptr::null(),
+        no_alloc: false,
     }
 }
 
@@ -215,7 +228,9 @@ fn ggml_type_of(v: i32) -> Result<g::ggml_type> {
 }
 
 /// Creates a KV cache whose K/V tensors live in ggml backend buffers (zeroed, as llama.cpp).
-/// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer. Returns NULL
+/// `params.n_embd_v_gqa_max` may be 0: it is then taken from the widest layer; with `v_trans`
+/// a larger value pads every V tensor's rows to it (llama.cpp pads to the model's widest V
+/// row, which a layer left out of this cache may have), a smaller one is refused. Returns NULL
 /// (and sets the last error) for invalid parameters or a failed allocation. The caller owns the
 /// memory and frees it with `llama_memory_free`; every `buft` of the layers must outlive it.
 #[no_mangle]
@@ -255,18 +270,36 @@ pub extern "C" fn llama_memory_kv_init_with_storage(
                 .max()
                 .unwrap_or(0);
         }
+        let name_tag = if sp.name_tag.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the header requires a NUL-terminated string when not NULL.
+            let tag = unsafe { std::ffi::CStr::from_ptr(sp.name_tag) };
+            if tag.to_bytes().len() > 32 {
+                bail!(err!(InvalidArgument, "name_tag is longer than 32 bytes"));
+            }
+            tag.to_string_lossy().into_owned()
+        };
+        let opts = StorageOptions {
+            name_tag,
+            no_alloc: sp.no_alloc,
+            n_embd_v_gqa_max: p.n_embd_v_gqa_max,
+        };
         let kv = try_or!(KvCache::new(p));
-        let st = try_or!(KvStorage::new(StorageSpec {
-            type_k,
-            type_v,
-            v_trans: p.v_trans,
-            is_mla: sp.is_mla,
-            size: p.size,
-            n_stream,
-            n_rot_k: sp.n_rot_k,
-            n_rot_v: sp.n_rot_v,
-            layers: specs,
-        }));
+        let st = try_or!(KvStorage::with_options(
+            StorageSpec {
+                type_k,
+                type_v,
+                v_trans: p.v_trans,
+                is_mla: sp.is_mla,
+                size: p.size,
+                n_stream,
+                n_rot_k: sp.n_rot_k,
+                n_rot_v: sp.n_rot_v,
+                layers: specs,
+            },
+            opts
+        ));
         let mem = try_or!(KvMemory::new(kv, Some(st)));
         MemoryHandle::boxed(Box::new(mem))
     })

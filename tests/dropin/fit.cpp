@@ -1,0 +1,187 @@
+// The start-up of llama.cpp's `common` programs (common/fit.cpp, on by default): a model and a
+// context created with `no_alloc` to measure memory, freed, then the real ones. Built against
+// stock libllama and against the drop-in; compare.cmake compares the outputs byte for byte.
+//
+//   fit <model.gguf> <out.txt> [--n-ctx N] [--n-seq N] [--flash-attn 0|1] [--kv-unified 0|1]
+//
+// Writes, for each phase (no_alloc, then allocated): the memory's log lines (creation, buffer
+// sizes, the compute buffers the context reserves) and llama_get_memory_breakdown per buffer
+// type (model, context, compute bytes). Checks, on whichever library it runs:
+//   - the no_alloc context reports the same context bytes per buffer type as the real one
+//     (what fit reads is what the real context takes);
+//   - the no_alloc phase does not allocate the memory: its peak resident size grows by less
+//     than half of the memory's bytes (checked when those are at least 16 MiB; the peak is
+//     reset through /proc/self/clear_refs first). The growth goes to stderr.
+// Exit 0 when both hold, 1 otherwise.
+#include "llama.h"
+#include "llama-ext.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+std::vector<std::string> g_log;
+
+void log_cb(ggml_log_level level, const char * text, void * /*user*/) {
+    static std::string pending;
+    pending += text;
+    if (pending.empty() || pending.back() != '\n') {
+        return;
+    }
+    const std::string line = pending;
+    pending.clear();
+    if (level == GGML_LOG_LEVEL_DEBUG) {
+        return;
+    }
+    // the memory's lines and the sizes a fit reads; not the loader's (paths, timings)
+    static const char * keep[] = {"llama_kv_cache", "llama_memory_recurrent", "iswa", "hybrid", "buffer size",
+                                  "graph", "n_ctx", "n_seq"};
+    for (const char * k : keep) {
+        if (line.find(k) != std::string::npos) {
+            g_log.push_back(line);
+            return;
+        }
+    }
+}
+
+long read_status_kib(const char * key) {
+    FILE * f = fopen("/proc/self/status", "r");
+    if (!f) {
+        return -1;
+    }
+    char buf[256];
+    long v = -1;
+    const size_t n = strlen(key);
+    while (fgets(buf, sizeof buf, f)) {
+        if (strncmp(buf, key, n) == 0) {
+            v = strtol(buf + n, nullptr, 10);
+            break;
+        }
+    }
+    fclose(f);
+    return v;
+}
+
+// resets VmHWM to the current resident size (Linux >= 4.0); false where that is not possible
+bool reset_peak() {
+    FILE * f = fopen("/proc/self/clear_refs", "w");
+    if (!f) {
+        return false;
+    }
+    const bool ok = fputs("5", f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
+struct phase_result {
+    std::vector<std::pair<std::string, size_t>> context;  // buffer type name, context bytes
+    size_t context_total = 0;
+};
+
+bool run_phase(FILE * out, const char * path, bool no_alloc, const llama_context_params & cp, phase_result & res,
+               long & peak_growth_kib) {
+    fprintf(out, "phase %s\n", no_alloc ? "no_alloc" : "allocated");
+    g_log.clear();
+    const bool peak_ok = reset_peak();
+    const long hwm0 = read_status_kib("VmHWM:");
+
+    llama_model_params mp = llama_model_default_params();
+    mp.no_alloc  = no_alloc;
+    mp.load_mode = LLAMA_LOAD_MODE_NONE;  // as common's fit loads its measuring model
+    llama_model * model = llama_model_load_from_file(path, mp);
+    if (!model) {
+        fprintf(stderr, "fit: cannot load %s\n", path);
+        return false;
+    }
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "fit: cannot create the context\n");
+        llama_model_free(model);
+        return false;
+    }
+    const long hwm1 = read_status_kib("VmHWM:");
+    peak_growth_kib = peak_ok && hwm0 >= 0 && hwm1 >= 0 ? hwm1 - hwm0 : -1;
+    // where the resident pages are (anonymous: allocations; file: the libraries' code)
+    fprintf(stderr, "%s phase: RssAnon %ld KiB, RssFile %ld KiB; ", no_alloc ? "no_alloc" : "allocated",
+            read_status_kib("RssAnon:"), read_status_kib("RssFile:"));
+
+    for (const std::string & l : g_log) {
+        fprintf(out, "log %s", l.c_str());
+    }
+    for (const auto & [buft, mb] : llama_get_memory_breakdown(ctx)) {
+        fprintf(out, "breakdown %s model %zu context %zu compute %zu\n", ggml_backend_buft_name(buft), mb.model,
+                mb.context, mb.compute);
+        res.context.emplace_back(ggml_backend_buft_name(buft), mb.context);
+        res.context_total += mb.context;
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    return true;
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--n-ctx N] [--n-seq N] [--flash-attn 0|1] [--kv-unified 0|1]\n",
+                argv[0]);
+        return 2;
+    }
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx     = 131072;
+    cp.n_batch   = 64;  // a small ubatch keeps the reserved compute buffers (the mask) small
+    cp.n_ubatch  = 64;
+    cp.n_seq_max = 1;
+    cp.n_threads = cp.n_threads_batch = 1;
+    for (int i = 3; i + 1 < argc; i += 2) {
+        const long v = strtol(argv[i + 1], nullptr, 10);
+        if (!strcmp(argv[i], "--n-ctx")) {
+            cp.n_ctx = (uint32_t) v;
+        } else if (!strcmp(argv[i], "--n-seq")) {
+            cp.n_seq_max = (uint32_t) v;
+        } else if (!strcmp(argv[i], "--flash-attn")) {
+            cp.flash_attn_type = v ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        } else if (!strcmp(argv[i], "--kv-unified")) {
+            cp.kv_unified = v != 0;
+        } else {
+            fprintf(stderr, "fit: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    FILE * out = fopen(argv[2], "w");
+    if (!out) {
+        fprintf(stderr, "fit: cannot write %s\n", argv[2]);
+        return 2;
+    }
+    llama_log_set(log_cb, nullptr);
+    llama_backend_init();
+
+    phase_result measured, real;
+    long growth_measured = -1, growth_real = -1;
+    bool ok = run_phase(out, argv[1], true, cp, measured, growth_measured) &&
+              run_phase(out, argv[1], false, cp, real, growth_real);
+    if (ok && measured.context != real.context) {
+        fprintf(stderr, "fit: the no_alloc context reports other context bytes than the real one\n");
+        ok = false;
+    }
+    fprintf(out, "no_alloc context bytes equal the allocated ones: %s\n", ok ? "yes" : "no");
+    if (ok && measured.context_total >= (16u << 20)) {
+        if (growth_measured < 0) {
+            fprintf(stderr, "fit: cannot read the peak resident size\n");
+            ok = false;
+        } else if ((size_t) growth_measured * 1024 * 2 >= measured.context_total) {
+            fprintf(stderr, "fit: the no_alloc phase grew the peak resident size by %ld KiB: the %zu bytes of memory were allocated\n",
+                    growth_measured, measured.context_total);
+            ok = false;
+        }
+        fprintf(out, "no_alloc phase allocates less than half the memory's bytes: %s\n", ok ? "yes" : "no");
+    }
+    fprintf(stderr, "peak resident growth: no_alloc phase %ld KiB, allocated phase %ld KiB; memory %zu KiB\n",
+            growth_measured, growth_real, measured.context_total / 1024);
+    fclose(out);
+    llama_backend_free();
+    return ok ? 0 : 1;
+}
