@@ -254,6 +254,9 @@ typedef struct llama_memory_ubatch {
   const int32_t *seq_idx;
   // `[n_tokens]` output flags, or NULL.
   const int8_t *output;
+  // `[n_tokens]` row kinds of a mixed ubatch (llama.cpp's `type`: 0 a token, 1 an
+  // embedding), or NULL for a ubatch of one kind (then `token` NULL means embeddings).
+  const int8_t *type_;
 } llama_memory_ubatch;
 
 // `llama_state_seq_flags` of llama.h, the first type of the state family.
@@ -326,6 +329,13 @@ typedef struct llama_memory_kv_params {
   uint32_t n_embd_v_gqa_max;
   // Relative attention buckets (T5), for position buckets; 0 if unused.
   uint32_t n_rel_attn_bkts;
+  // Cells keep every ubatch's token ids (embedding rows: `embd_token`) and states carry
+  // them, for n-gram inputs (`llama_memory_kv_get_prev_tokens`; llama.cpp's
+  // `ple_n_heads > 0`).
+  bool ngram_tokens;
+  // With `ngram_tokens`: the id an embedding row's cell takes (llama.cpp's
+  // `ple_image_token_id`, or `ple_eos_token_id` when that is 0).
+  int32_t embd_token;
 } llama_memory_kv_params;
 
 // One model layer of a KV cache with tensors.
@@ -1051,6 +1061,21 @@ llama_memory_result llama_memory_kv_set_input_pos_bucket(llama_memory_t mem,
 llama_memory_result llama_memory_kv_set_input_pos_bucket_tensor(llama_memory_t mem,
                                                                 struct ggml_tensor *dst,
                                                                 const struct llama_memory_ubatch *ubatch);
+
+// For every token of `ubatch`, already applied to the cache, the ids of the `n` tokens before
+// it in its sequence, oldest first, into `dst` (`n_tokens * n` elements): `dst[i * n + j]` is
+// the token at distance `n - j`, -1 (`LLAMA_TOKEN_NULL`) where there is none
+// (`llama_kv_cache::get_prev_tokens`, the n-gram inputs of QWEN4EXP). A predecessor is the
+// cell of the token's first sequence at the largest position at or before the wanted one;
+// in an embedding or mixed ubatch, predecessors inside the ubatch go by row order. The cells
+// hold token ids for every row only with `llama_memory_kv_params.ngram_tokens`; without it
+// an embedding row's cell reads -1. Fails (nothing written) when `dst` does not hold exactly
+// `n_tokens * n` elements.
+llama_memory_result llama_memory_kv_get_prev_tokens(llama_memory_t mem,
+                                                    const struct llama_memory_ubatch *ubatch,
+                                                    uint32_t n,
+                                                    llama_token *dst,
+                                                    size_t n_dst);
 
 // `get_k`: view of layer `il`'s K over the first `n_kv` cells of streams `s0..=s1`,
 // `[n_embd_head_k, n_head_kv, n_kv, s1 - s0 + 1]`.

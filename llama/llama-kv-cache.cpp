@@ -233,6 +233,10 @@ llama_kv_cache::llama_kv_cache(
     // cache without layers needs
     p.n_embd_v_gqa_max = v_trans && !is_mla && !layers.empty() ? hparams.n_embd_v_gqa_max() : 0;
     p.n_rel_attn_bkts  = hparams.n_rel_attn_bkts;
+    // n-gram inputs (PLE): the cells keep every row's token id, an embedding row's stand-in
+    p.ngram_tokens     = hparams.ple_n_heads > 0;
+    p.embd_token       = hparams.ple_image_token_id != 0 ? (llama_token) hparams.ple_image_token_id
+                                                         : (llama_token) hparams.ple_eos_token_id;
 
     llama_memory_kv_storage_params sp = llama_memory_kv_storage_default_params();
     sp.type_k   = type_k;
@@ -635,10 +639,9 @@ bool llama_kv_cache::has_cell_ext() const {
 }
 
 void llama_kv_cache::get_prev_tokens(const llama_ubatch & ubatch, uint32_t n, std::vector<llama_token> & res) const {
-    GGML_UNUSED(ubatch);
-    GGML_UNUSED(n);
-    GGML_UNUSED(res);
-    throw std::runtime_error("llama-memory drop-in: get_prev_tokens (n-gram inputs) is not supported yet");
+    res.assign((size_t) ubatch.n_tokens*n, LLAMA_TOKEN_NULL);
+    const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
+    check(llama_memory_kv_get_prev_tokens(mem, &ub, n, res.data(), res.size()), "get_prev_tokens");
 }
 
 void llama_kv_cache::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {

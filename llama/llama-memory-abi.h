@@ -136,6 +136,7 @@ inline llama_memory_ubatch llama_memory_dropin_ubatch(const llama_ubatch & ub) {
     out.seq_id_unq   = ub.seq_id_unq;
     out.seq_idx      = ub.seq_idx;
     out.output       = ub.output;
+    out.type_        = ub.type; // a mixed ubatch's row kinds (NULL otherwise)
     return out;
 }
 

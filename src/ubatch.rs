@@ -34,6 +34,9 @@ pub struct Ubatch<'a> {
     pub seq_id_unq: &'a [i32],
     /// Output flags of the tokens (`llama_ubatch::output`), if the caller has them.
     pub output: Option<&'a [i8]>,
+    /// A mixed ubatch's row kinds (`llama_ubatch::type`: 0 a token, 1 an embedding), `None`
+    /// for a ubatch of one kind.
+    pub embd: Option<&'a [i8]>,
 }
 
 impl<'a> Ubatch<'a> {
@@ -55,6 +58,19 @@ impl<'a> Ubatch<'a> {
     #[inline]
     pub fn seq0(&self, i: u32) -> i32 {
         self.seq_ids[self.seq_off[i as usize] as usize]
+    }
+
+    /// True when row `i` is an embedding (no token id): every row without `token`, and the
+    /// embedding rows of a mixed ubatch.
+    #[inline]
+    pub fn is_embd(&self, i: u32) -> bool {
+        self.token.is_none() || self.embd.is_some_and(|e| e[i as usize] != 0)
+    }
+
+    /// True when the rows are not all of one kind (`llama_ubatch::is_mixed`).
+    #[inline]
+    pub fn is_mixed(&self) -> bool {
+        self.embd.is_some()
     }
 
     /// True when positions carry a 2-D section (`llama_ubatch::is_pos_2d`).
@@ -106,6 +122,12 @@ impl<'a> Ubatch<'a> {
         }
         if self.output.is_some_and(|o| o.len() != n) {
             return Err(err!(InvalidUbatch, "output must have n_tokens entries"));
+        }
+        if self.embd.is_some_and(|e| e.len() != n) {
+            return Err(err!(
+                InvalidUbatch,
+                "embd (row kinds) must have n_tokens entries"
+            ));
         }
         if self.pos[..n].iter().any(|&p| p < 0) {
             return Err(err!(InvalidUbatch, "negative token position"));
@@ -186,6 +208,8 @@ pub struct UbatchBuf {
     pub seq_id_unq: Vec<i32>,
     /// See [`Ubatch::output`].
     pub output: Option<Vec<i8>>,
+    /// See [`Ubatch::embd`].
+    pub embd: Option<Vec<i8>>,
 }
 
 impl UbatchBuf {
@@ -242,6 +266,7 @@ impl UbatchBuf {
         copy(&mut self.seq_ids, u.seq_ids);
         copy(&mut self.seq_id_unq, u.seq_id_unq);
         copy_opt(&mut self.output, u.output);
+        copy_opt(&mut self.embd, u.embd);
     }
 
     /// Number of tokens.
@@ -263,6 +288,7 @@ impl UbatchBuf {
             seq_ids: &self.seq_ids,
             seq_id_unq: &self.seq_id_unq,
             output: self.output.as_deref(),
+            embd: self.embd.as_deref(),
         }
     }
 }

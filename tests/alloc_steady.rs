@@ -189,6 +189,7 @@ fn steady_slot_level_decode_step_allocations() {
             seq_id_unq: seq.as_ptr(),
             seq_idx: std::ptr::null(),
             output: std::ptr::null(),
+            type_: std::ptr::null(),
         };
         assert_eq!(
             llama_memory_kv_prepare(mem, &ub, 1, slots) as u32,
@@ -283,6 +284,7 @@ fn steady_recurrent_decode_step_allocations() {
             seq_id_unq: seq.as_ptr(),
             seq_idx: std::ptr::null(),
             output: std::ptr::null(),
+            type_: std::ptr::null(),
         };
         let ctx = llama_memory_init_batch(mem, &ub, 1);
         assert!(!ctx.is_null(), "{:?}", last_error());

@@ -22,7 +22,7 @@ use llama_memory::io::{IoRead, IoWrite, Sink, StateOut};
 use llama_memory::storage::graph::RopeParams;
 use llama_memory::storage::{KvStorage, LayerSpec, StorageSpec};
 use llama_memory::{
-    state, KvCache, KvMemory, KvParams, MaskOut, Memory, NonCausalType, SlotInfo, SwaType,
+    state, KvCache, KvMemory, KvParams, MaskOut, Memory, NonCausalType, SlotInfo, SwaType, Ubatch,
     UbatchBuf,
 };
 use llama_memory_reference as stock;
@@ -251,6 +251,9 @@ const COUNTERS: &[&str] = &[
     "pos: near i32::MAX placed, symmetric SWA",
     "pos: i32::MAX placed",
     "pos: near i32::MAX masks compared",
+    "ngram: prev tokens compared",
+    "ngram: embedding ubatch",
+    "ngram: a predecessor found",
 ];
 
 /// Positions at least this high count as "near i32::MAX".
@@ -280,6 +283,10 @@ struct Config {
     near_max: bool,
     /// Token counts are scaled down by this (sparse large caches).
     few_tokens: bool,
+    /// Cells keep token ids for n-gram inputs (stock: `ple_n_heads > 0`, QWEN4EXP), with
+    /// this image token id (0: the EOS id stands in for embedding rows); `get_prev_tokens`
+    /// is compared after every placement, and some ubatches are embeddings.
+    ngram: Option<u32>,
 }
 
 const BASE: Config = Config {
@@ -299,7 +306,11 @@ const BASE: Config = Config {
     p_shared: 0.05,
     near_max: false,
     few_tokens: false,
+    ngram: None,
 };
+
+/// The EOS id of the n-gram configurations (stock's `ple_eos_token_id`).
+const NGRAM_EOS: u32 = 7;
 
 const CONFIGS: &[Config] = &[
     Config {
@@ -337,6 +348,18 @@ const CONFIGS: &[Config] = &[
     Config {
         name: "unified-mrope",
         mrope: true,
+        ..BASE
+    },
+    Config {
+        name: "unified-ngram",
+        ngram: Some(0),
+        ..BASE
+    },
+    Config {
+        name: "streams-ngram-mrope",
+        unified: false,
+        mrope: true,
+        ngram: Some(29),
         ..BASE
     },
     Config {
@@ -466,6 +489,9 @@ impl Pair {
             mrope: cfg.mrope,
             n_rel_attn_bkts: N_REL_ATTN_BKTS,
             non_causal_type: cfg.non_causal as i32,
+            ple_n_heads: if cfg.ngram.is_some() { 2 } else { 0 },
+            ple_eos_token_id: NGRAM_EOS,
+            ple_image_token_id: cfg.ngram.unwrap_or(0),
             ..stock::Params::default()
         });
         let cache = KvCache::new(KvParams {
@@ -480,6 +506,12 @@ impl Pair {
             v_trans: cfg.v_trans,
             n_embd_v_gqa_max: theirs.n_embd_v_gqa_max(),
             n_rel_attn_bkts: N_REL_ATTN_BKTS,
+            ngram_tokens: cfg.ngram.is_some(),
+            embd_token: match cfg.ngram {
+                Some(0) => NGRAM_EOS as i32,
+                Some(image) => image as i32,
+                None => 0,
+            },
             ..KvParams::default()
         })
         .unwrap();
@@ -673,6 +705,7 @@ impl Pair {
             seq_ids: Vec::new(),
             seq_id_unq: u.seq_id_unq.clone(),
             output: None,
+            embd: None,
         };
         for ids in &u.seq_ids {
             b.seq_ids.extend_from_slice(ids);
@@ -711,7 +744,15 @@ impl Pair {
         } else {
             1
         };
-        let ubs: Vec<stock::Ubatch> = (0..n_ub).map(|_| self.gen_ubatch(&mut cursor)).collect();
+        let mut ubs: Vec<stock::Ubatch> = (0..n_ub).map(|_| self.gen_ubatch(&mut cursor)).collect();
+        if self.cfg.ngram.is_some() {
+            // embedding rows (multimodal input): no token ids, the model's stand-in in the cells
+            for ub in &mut ubs {
+                if self.rng.gen_bool(0.2) {
+                    ub.tokens.clear();
+                }
+            }
+        }
         let bufs: Vec<UbatchBuf> = ubs.iter().map(Self::to_ours).collect();
         self.last_op = format!(
             "place {} ubatch(es) of {:?} tokens",
@@ -751,6 +792,32 @@ impl Pair {
             self.compare_state();
             self.compare_inputs(&ubs[k], &bufs[k], a, b);
             self.count_ubatch(&ubs[k]);
+            if self.cfg.ngram.is_some() {
+                self.compare_prev_tokens(&views[k], &ours_views[k]);
+            }
+        }
+    }
+
+    /// `get_prev_tokens` of the ubatch just applied, for a few window sizes.
+    fn compare_prev_tokens(&mut self, theirs: &stock::UbatchRef<'_>, ours: &Ubatch<'_>) {
+        let mut found = false;
+        for n in [0, 1, self.rng.gen_range(2..=6)] {
+            let want = self.theirs.get_prev_tokens(theirs, n);
+            found |= want.iter().any(|&t| t >= 0);
+            let mut got = Vec::new();
+            if let Err(e) = self.kv().get_prev_tokens(ours, n, &mut got) {
+                self.fail(format!("get_prev_tokens({n}) failed: {e}"));
+            }
+            if got != want {
+                self.fail(format!("get_prev_tokens({n}) {got:?} vs stock {want:?}"));
+            }
+        }
+        self.count("ngram: prev tokens compared");
+        if ours.token.is_none() {
+            self.count("ngram: embedding ubatch");
+        }
+        if found {
+            self.count("ngram: a predecessor found");
         }
     }
 
@@ -986,7 +1053,7 @@ impl Pair {
             let got = our_state_write(&self.ours, seq, flags);
             self.step += 1;
             self.same_bytes("state_write", &got, &want);
-            if data_sections(&want, self.cfg.mrope).is_some_and(|d| {
+            if data_sections(&want, self.cfg.mrope || self.cfg.ngram.is_some()).is_some_and(|d| {
                 d.iter()
                     .any(|&(o, l, _)| want[o..o + l].iter().any(|&b| b & 0x7f != 0))
             }) {
@@ -1025,7 +1092,7 @@ impl Pair {
         if self.rng.gen_bool(0.7) {
             // Fresh K/V values for both sides (the caches only get tensor data from restores
             // here): what copies, shifts and later saves do with them is then compared too.
-            let sections = data_sections(&blob, self.cfg.mrope)
+            let sections = data_sections(&blob, self.cfg.mrope || self.cfg.ngram.is_some())
                 .unwrap_or_else(|| self.fail("a stock state that does not parse".into()));
             for (off, len, ty) in sections {
                 assert_eq!(ty, 1, "f16 tensors");

@@ -83,6 +83,7 @@ fn fill(m: &Mem, seq: i32, p0: i32, n: usize) {
         seq_id_unq: &seq,
         seq_idx: std::ptr::null(),
         output: std::ptr::null(),
+        type_: std::ptr::null(),
     };
     let ctx = llama_memory_init_batch(m.0, &ub, 1);
     assert!(!ctx.is_null(), "{}", last_error());

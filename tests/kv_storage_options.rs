@@ -119,7 +119,10 @@ fn no_alloc_reports_the_allocation_without_making_it() {
     let e = measured.get(t, 0, &mut buf).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(measured.set(t, 0, &buf).is_err());
-    assert!(measured.host_bytes(t).unwrap().is_none(), "no host bytes to lend");
+    assert!(
+        measured.host_bytes(t).unwrap().is_none(),
+        "no host bytes to lend"
+    );
     assert!(measured.copy_stream(0, 1).is_err());
     // clearing a placeholder is a no-op, as for llama.cpp's
     measured.clear();

@@ -48,6 +48,7 @@ impl Ub {
             seq_id_unq: self.unq.as_ptr(),
             seq_idx: std::ptr::null(),
             output: std::ptr::null(),
+            type_: std::ptr::null(),
         }
     }
 }

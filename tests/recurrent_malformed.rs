@@ -122,6 +122,7 @@ fn place(m: &Mem, sets: &[(i32, i32)], n: usize) {
         seq_id_unq: unq.as_ptr(),
         seq_idx: std::ptr::null(),
         output: std::ptr::null(),
+        type_: std::ptr::null(),
     };
     let ctx = llama_memory_init_batch(m.0, &ub, 1);
     assert!(!ctx.is_null(), "{}", last_error());

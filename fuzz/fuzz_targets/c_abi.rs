@@ -96,6 +96,7 @@ fn ubatch(mem: llama_memory_t, b: &mut Bytes<'_>) {
             std::ptr::null()
         },
         output: std::ptr::null(),
+        type_: std::ptr::null(),
     };
     let ctx = llama_memory_init_batch(mem, &ub, 1);
     if ctx.is_null() {

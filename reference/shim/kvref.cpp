@@ -180,6 +180,9 @@ void kvref_default_params(kvref_params * p) {
     p->mrope = false;
     p->n_rel_attn_bkts = 0;
     p->non_causal_type = -1;
+    p->ple_n_heads = 0;
+    p->ple_eos_token_id = 0;
+    p->ple_image_token_id = 0;
 }
 
 bool kvref_write_model(const char * path) {
@@ -349,6 +352,11 @@ kvref * kvref_new(const char * model_path, const kvref_params * p) {
         }
         if (p->non_causal_type >= 0) {
             hp.non_causal_type = (llama_non_causal_type) p->non_causal_type;
+        }
+        if (p->ple_n_heads > 0) {
+            hp.ple_n_heads        = p->ple_n_heads;
+            hp.ple_eos_token_id   = p->ple_eos_token_id;
+            hp.ple_image_token_id = p->ple_image_token_id;
         }
 
         r->kv = std::make_unique<llama_kv_cache>(
@@ -573,6 +581,13 @@ void kvref_v_idxs(const kvref * r, const kvref_ubatch * ub, const kvref_slot * s
 void kvref_k_shift(const kvref * r, int32_t * out) {
     ggml_tensor dst = host_tensor(GGML_TYPE_I32, (int64_t) r->kv->get_size()*r->kv->get_n_stream(), 1, 1, 1, out);
     r->kv->set_input_k_shift(&dst);
+}
+
+void kvref_get_prev_tokens(const kvref * r, const kvref_ubatch * ub, uint32_t n, int32_t * out) {
+    const llama_ubatch u = to_ubatch(ub);
+    std::vector<llama_token> res;
+    r->kv->get_prev_tokens(u, n, res);
+    std::copy(res.begin(), res.end(), out);
 }
 
 void kvref_pos_bucket(const kvref * r, const kvref_ubatch * ub, uint32_t n_kv, int32_t * out) {

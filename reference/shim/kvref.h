@@ -69,6 +69,9 @@ typedef struct kvref_params {
     bool mrope;              /* rope_type = M-RoPE: n_pos_per_embd 4, cell ext kept */
     uint32_t n_rel_attn_bkts;/* for pos buckets; 0 = leave the model's */
     int32_t non_causal_type; /* llama_non_causal_type override, -1 = leave the model's */
+    uint32_t ple_n_heads;    /* hparams.ple_n_heads override (> 0: cells keep token ids, n-gram inputs) */
+    uint32_t ple_eos_token_id;   /* hparams.ple_eos_token_id */
+    uint32_t ple_image_token_id; /* hparams.ple_image_token_id */
 } kvref_params;
 
 typedef struct kvref kvref;
@@ -151,6 +154,9 @@ void kvref_v_idxs(const kvref *r, const kvref_ubatch *ub, const kvref_slot *slot
 /* out: kv_size * n_stream elements. */
 void kvref_k_shift(const kvref *r, int32_t *out);
 /* out: n_kv * n_tokens elements. */
+/* llama_kv_cache::get_prev_tokens(ub, n): out holds ub->n_tokens * n tokens. */
+void kvref_get_prev_tokens(const kvref *r, const kvref_ubatch *ub, uint32_t n, int32_t *out);
+
 void kvref_pos_bucket(const kvref *r, const kvref_ubatch *ub, uint32_t n_kv, int32_t *out);
 
 /* The stock graph view get_k (v = false) or get_v (v = true) of layer il over n_kv cells of

@@ -64,6 +64,7 @@ pub(crate) struct KvApi {
     v_idxs: unsafe extern "C" fn(KvPtr, *const RawUbatch, *const RawSlot, *mut i64),
     k_shift: unsafe extern "C" fn(KvPtr, *mut i32),
     pos_bucket: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
+    get_prev_tokens: unsafe extern "C" fn(KvPtr, *const RawUbatch, u32, *mut i32),
     tensor_nbytes: unsafe extern "C" fn(KvPtr, bool, i32) -> usize,
     tensor_get: unsafe extern "C" fn(KvPtr, bool, i32, usize, *mut c_void, usize) -> bool,
     tensor_set: unsafe extern "C" fn(KvPtr, bool, i32, usize, *const c_void, usize) -> bool,
@@ -112,6 +113,7 @@ impl KvApi {
                 v_idxs,
                 k_shift,
                 pos_bucket,
+                get_prev_tokens,
                 tensor_nbytes,
                 tensor_get,
                 tensor_set,
@@ -177,6 +179,13 @@ pub struct Params {
     pub n_rel_attn_bkts: u32,
     /// `llama_non_causal_type` override; -1 keeps the model's.
     pub non_causal_type: i32,
+    /// `hparams.ple_n_heads` override: > 0 makes the cells keep token ids (cell ext
+    /// serialized) for n-gram inputs; 0 keeps the model's.
+    pub ple_n_heads: u32,
+    /// `hparams.ple_eos_token_id` (with `ple_n_heads`).
+    pub ple_eos_token_id: u32,
+    /// `hparams.ple_image_token_id` (with `ple_n_heads`).
+    pub ple_image_token_id: u32,
 }
 
 impl Default for Params {
@@ -194,6 +203,9 @@ impl Default for Params {
             mrope: false,
             n_rel_attn_bkts: 0,
             non_causal_type: 0,
+            ple_n_heads: 0,
+            ple_eos_token_id: 0,
+            ple_image_token_id: 0,
         };
         // SAFETY: `p` is a valid, writable kvref_params (same layout, checked at load).
         unsafe { (kv().default_params)(&mut p) };
@@ -807,6 +819,15 @@ impl RefKv {
         let mut out = vec![0i32; n_kv as usize * ub.n_tokens() as usize];
         // SAFETY: `out` holds n_kv * n_tokens entries.
         unsafe { (kv().pos_bucket)(self.ptr, &ub.raw, n_kv, out.as_mut_ptr()) };
+        out
+    }
+
+    /// `get_prev_tokens(ub, n)`: for each token, the `n` tokens before it in its sequence,
+    /// oldest first (`LLAMA_TOKEN_NULL` where there is none).
+    pub fn get_prev_tokens(&self, ub: &UbatchRef<'_>, n: u32) -> Vec<i32> {
+        let mut out = vec![0i32; n as usize * ub.n_tokens() as usize];
+        // SAFETY: `out` holds n_tokens * n entries, what the shim writes.
+        unsafe { (kv().get_prev_tokens)(self.ptr, &ub.raw, n, out.as_mut_ptr()) };
         out
     }
 

@@ -40,6 +40,9 @@ pub struct llama_memory_ubatch {
     pub seq_idx: *const i32,
     /// `[n_tokens]` output flags, or NULL.
     pub output: *const i8,
+    /// `[n_tokens]` row kinds of a mixed ubatch (llama.cpp's `type`: 0 a token, 1 an
+    /// embedding), or NULL for a ubatch of one kind (then `token` NULL means embeddings).
+    pub type_: *const i8,
 }
 
 /// Checks a C ubatch description's counts and pointers and appends its sequence ids to
@@ -81,6 +84,11 @@ pub(crate) fn read_ubatch(u: &llama_memory_ubatch, scratch: &mut UbatchScratch) 
         u.output,
         if u.output.is_null() { 0 } else { n },
         "ubatch.output",
+    )?;
+    check_slice(
+        u.type_,
+        if u.type_.is_null() { 0 } else { n },
+        "ubatch.type_",
     )?;
     let n_idx = if u.seq_idx.is_null() {
         0
@@ -144,12 +152,13 @@ pub(crate) fn ubatch_view<'a>(
     let (o0, o1, i0, i1) = scratch.spans[k];
     // SAFETY: read_ubatch checked these pointers (NULL, alignment, size against isize::MAX);
     // the header requires them to hold the documented number of elements for the call.
-    let (pos, unq, token, output) = unsafe {
+    let (pos, unq, token, output, embd) = unsafe {
         (
             std::slice::from_raw_parts(u.pos, n * u.n_pos as usize),
             std::slice::from_raw_parts(u.seq_id_unq, u.n_seqs_unq as usize),
             (!u.token.is_null()).then(|| std::slice::from_raw_parts(u.token, n)),
             (!u.output.is_null()).then(|| std::slice::from_raw_parts(u.output, n)),
+            (!u.type_.is_null()).then(|| std::slice::from_raw_parts(u.type_, n)),
         )
     };
     let ub = Ubatch {
@@ -164,6 +173,7 @@ pub(crate) fn ubatch_view<'a>(
         seq_ids: &scratch.seq_ids[i0..i1],
         seq_id_unq: unq,
         output,
+        embd,
     };
     if !u.seq_idx.is_null() {
         // SAFETY: the header requires seq_idx, when not NULL, to hold 256 entries; read_ubatch

@@ -116,6 +116,13 @@ pub struct KvParams {
     pub n_embd_v_gqa_max: u32,
     /// Relative attention buckets (`n_rel_attn_bkts`, T5), for position buckets.
     pub n_rel_attn_bkts: u32,
+    /// Cells keep the token ids of every ubatch, embedding rows included, and states carry
+    /// them, for n-gram inputs ([`KvCache::get_prev_tokens`]; llama.cpp's `ple_n_heads > 0`,
+    /// QWEN4EXP).
+    pub ngram_tokens: bool,
+    /// With `ngram_tokens`: the token id an embedding row's cell takes (llama.cpp's
+    /// `ple_image_token_id`, or `ple_eos_token_id` when that is 0).
+    pub embd_token: i32,
 }
 
 impl Default for KvParams {
@@ -134,6 +141,8 @@ impl Default for KvParams {
             v_trans: true,
             n_embd_v_gqa_max: 0,
             n_rel_attn_bkts: 0,
+            ngram_tokens: false,
+            embd_token: 0,
         }
     }
 }
@@ -318,7 +327,69 @@ impl KvCache {
 
     /// True when cell ext data must survive a save/restore (M-RoPE).
     pub fn has_cell_ext(&self) -> bool {
-        self.p.n_pos_per_embd > 1
+        self.p.n_pos_per_embd > 1 || self.p.ngram_tokens
+    }
+
+    /// For every token of `ub` (already applied), the ids of the `n` tokens before it in its
+    /// sequence, oldest first, [`TOKEN_NULL`](crate::cells::TOKEN_NULL) where there is none:
+    /// `out[i * n + j]` is the token at distance `n - j` (llama.cpp's `get_prev_tokens`, the
+    /// n-gram inputs of QWEN4EXP). Each token's first sequence decides; a predecessor is the
+    /// cell of that sequence at the largest position at or before the wanted one (M-RoPE
+    /// gaps). In an embedding or mixed ubatch, whose positions need not follow the rows,
+    /// predecessors inside the ubatch go by row order. Needs a ubatch that passes
+    /// [`KvCache::validate_ubatch`]; `out` is resized to `n_tokens * n`.
+    pub fn get_prev_tokens(
+        &self,
+        ub: &crate::ubatch::Ubatch<'_>,
+        n: u32,
+        out: &mut Vec<i32>,
+    ) -> Result<()> {
+        self.validate_ubatch(ub)?;
+        let nt = ub.n_tokens as usize;
+        let len = nt
+            .checked_mul(n as usize)
+            .filter(|&l| l <= isize::MAX as usize / 4)
+            .ok_or_else(|| err!(InvalidArgument, "n_tokens * n ({nt} * {n}) is too large"))?;
+        out.clear();
+        out.resize(len, crate::cells::TOKEN_NULL);
+        if n == 0 {
+            return Ok(());
+        }
+        let by_order = ub.token.is_none() || ub.is_mixed();
+        // per row: its index among the ubatch rows of its sequence; per sequence: its rows
+        let mut ord: Vec<usize> = Vec::new();
+        let mut rows: std::collections::HashMap<i32, Vec<usize>> = std::collections::HashMap::new();
+        if by_order {
+            ord.reserve(nt);
+            for i in 0..nt {
+                let v = rows.entry(ub.seq0(i as u32)).or_default();
+                ord.push(v.len());
+                v.push(i);
+            }
+        }
+        for i in 0..nt {
+            let seq = ub.seq0(i as u32);
+            let cells = &self.cells[self.stream_of(seq) as usize];
+            for j in 0..n as usize {
+                let d = (n as usize - j) as i64;
+                let p = if by_order {
+                    let v = &rows[&seq];
+                    let k = ord[i] as i64 - d;
+                    if k >= 0 {
+                        ub.pos[v[k as usize]] as i64
+                    } else {
+                        ub.pos[v[0]] as i64 + k
+                    }
+                } else {
+                    ub.pos[i] as i64 - d
+                };
+                if p < 0 {
+                    continue;
+                }
+                out[i * n as usize + j] = cells.seq_pos_tok_le(seq, p as i32);
+            }
+        }
+        Ok(())
     }
 
     /// Whether positions can be shifted (`get_can_shift`).

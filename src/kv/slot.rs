@@ -3,7 +3,7 @@
 //! with rollback (`prepare`) and the attention extent (`get_n_kv`).
 
 use super::{is_masked_swa, KvCache, SwaType};
-use crate::cells::{CellExt, Cells, Snapshot, MAX_SEQ};
+use crate::cells::{CellExt, Cells, Snapshot, MAX_SEQ, TOKEN_NULL};
 use crate::error::{err, Result};
 use crate::memory::LogLevel;
 use crate::ubatch::Ubatch;
@@ -358,7 +358,7 @@ impl KvCache {
     pub(crate) fn apply_ubatch_logged(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>, log: bool) {
         let mut max_rm = [-1i32; MAX_SEQ];
         let per = slot.size();
-        let write_ext = ub.is_pos_2d() || ub.token.is_some();
+        let write_ext = ub.is_pos_2d() || ub.token.is_some() || self.p.ngram_tokens;
         let nt = ub.n_tokens as usize;
         for (k, idxs) in slot.idxs.iter().enumerate() {
             let cells = &mut self.cells[slot.strm[k] as usize];
@@ -378,8 +378,12 @@ impl KvCache {
                         ext.x = ub.pos[i + nt * 2];
                         ext.y = ub.pos[i + nt];
                     }
-                    if let Some(t) = ub.token {
-                        ext.tok = t[i];
+                    if !ub.is_embd(i as u32) {
+                        ext.tok = ub.token.map_or(TOKEN_NULL, |t| t[i]);
+                    } else if self.p.ngram_tokens {
+                        // an embedding row (multimodal input) has no id: n-gram inputs read
+                        // the model's stand-in
+                        ext.tok = self.p.embd_token;
                     }
                     cells.ext_set(idx, ext);
                 }

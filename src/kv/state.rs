@@ -787,6 +787,7 @@ impl KvMemory {
             seq_ids: vec![dest; n],
             seq_id_unq: vec![dest],
             output: None,
+            embd: None,
         };
         ub.pos[..n].copy_from_slice(&cells.pos);
         if has_ext {

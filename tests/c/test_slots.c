@@ -25,6 +25,48 @@ static void my_slot_view(struct my_slot *s, struct llama_memory_slot_info *v) {
     v->idxs = s->ptrs;
 }
 
+/* n-gram inputs: with ngram_tokens the cells keep each row's token id (an embedding row gets
+ * embd_token), and llama_memory_kv_get_prev_tokens reads the n tokens before each token of a
+ * ubatch, oldest first, -1 before the sequence starts (llama_kv_cache::get_prev_tokens). */
+static int test_prev_tokens(void) {
+    struct llama_memory_kv_params p = llama_memory_kv_default_params();
+    struct test_ubatch t;
+    llama_token prev[2 * 5];
+    const llama_token want2[4] = {101, 102, 102, 103};
+    const llama_token want5[5] = {-1, -1, 100, 101, 102};
+    llama_memory_t mem;
+    p.n_seq_max = 2;
+    p.ngram_tokens = true;
+    p.embd_token = 7;
+    mem = llama_memory_kv_init(p);
+    CHECK(mem != NULL);
+    CHECK(test_place(mem, 0, 0, 5) == 0); /* tokens 100..104 at positions 0..4 */
+    test_ubatch_init(&t, 0, 3, 2);        /* the rows at positions 3 and 4 */
+    CHECK(llama_memory_kv_get_prev_tokens(mem, &t.ub, 2, prev, 4) == LLAMA_MEMORY_OK);
+    CHECK(memcmp(prev, want2, sizeof want2) == 0);
+    test_ubatch_init(&t, 0, 3, 1);
+    CHECK(llama_memory_kv_get_prev_tokens(mem, &t.ub, 5, prev, 5) == LLAMA_MEMORY_OK);
+    CHECK(memcmp(prev, want5, sizeof want5) == 0);
+    /* a destination of the wrong size: refused, nothing written */
+    prev[0] = 42;
+    CHECK(llama_memory_kv_get_prev_tokens(mem, &t.ub, 5, prev, 4) == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+    CHECK(prev[0] == 42);
+    CHECK(llama_memory_kv_get_prev_tokens(NULL, &t.ub, 1, prev, 1) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+    /* an embedding ubatch of seq 1: its cells hold the stand-in */
+    test_ubatch_init(&t, 1, 0, 3);
+    t.ub.token = NULL;
+    {
+        llama_memory_ctx_t ctx = llama_memory_init_batch(mem, &t.ub, 1);
+        CHECK(ctx != NULL && llama_memory_ctx_apply(ctx) == LLAMA_MEMORY_OK);
+        llama_memory_ctx_free(ctx);
+    }
+    test_ubatch_init(&t, 1, 2, 1);
+    CHECK(llama_memory_kv_get_prev_tokens(mem, &t.ub, 2, prev, 2) == LLAMA_MEMORY_OK);
+    CHECK(prev[0] == 7 && prev[1] == 7);
+    llama_memory_free(mem);
+    return 0;
+}
+
 int main(void) {
     struct llama_memory_kv_params p = llama_memory_kv_default_params();
     struct test_ubatch a, b, c;
@@ -39,6 +81,8 @@ int main(void) {
     uint32_t i, j;
     llama_pos pos;
     int n_visible = 0;
+
+    CHECK(test_prev_tokens() == 0);
 
     p.n_seq_max = 2;
     p.n_embd_v_gqa_max = 4; /* transposed V: 4 indices per token */

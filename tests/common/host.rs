@@ -85,5 +85,6 @@ pub fn c_ubatch(r: &stock::RawUbatch) -> llama_memory_ubatch {
         seq_id_unq: r.seq_id_unq,
         seq_idx: ptr::null(),
         output: ptr::null(),
+        type_: ptr::null(),
     }
 }

@@ -28,5 +28,6 @@ pub fn decode_ubatch(
         seq_id_unq: seq_id_unq.as_ptr(),
         seq_idx: std::ptr::null(),
         output: std::ptr::null(),
+        type_: std::ptr::null(),
     }
 }

@@ -530,3 +530,45 @@ pub extern "C" fn llama_memory_kv_set_input_pos_bucket_tensor(
     };
     ffi_boundary!({ pos_bucket(src, Dst::Tensor(dst)) })
 }
+
+/// For every token of `ubatch`, already applied to the cache, the ids of the `n` tokens before
+/// it in its sequence, oldest first, into `dst` (`n_tokens * n` elements): `dst[i * n + j]` is
+/// the token at distance `n - j`, -1 (`LLAMA_TOKEN_NULL`) where there is none
+/// (`llama_kv_cache::get_prev_tokens`, the n-gram inputs of QWEN4EXP). A predecessor is the
+/// cell of the token's first sequence at the largest position at or before the wanted one;
+/// in an embedding or mixed ubatch, predecessors inside the ubatch go by row order. The cells
+/// hold token ids for every row only with `llama_memory_kv_params.ngram_tokens`; without it
+/// an embedding row's cell reads -1. Fails (nothing written) when `dst` does not hold exactly
+/// `n_tokens * n` elements.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_get_prev_tokens(
+    mem: llama_memory_t,
+    ubatch: *const llama_memory_ubatch,
+    n: u32,
+    dst: *mut crate::ffi::handle::llama_token,
+    n_dst: usize,
+) -> llama_memory_result {
+    let src = Source::Caller {
+        mem,
+        ubatch,
+        sinfo: std::ptr::null(),
+    };
+    ffi_boundary!({
+        done(src.with_ubatch(|kv, ub| {
+            let mut prev = Vec::new();
+            kv.get_prev_tokens(ub, n, &mut prev)?;
+            if n_dst != prev.len() {
+                return Err(err!(
+                    InvalidArgument,
+                    "dst holds {n_dst} tokens, n_tokens * n = {}",
+                    prev.len()
+                ));
+            }
+            // SAFETY: the header requires dst to hold n_dst writable elements that nothing
+            // else accesses during the call.
+            let out = unsafe { buf_mut(dst, n_dst, "dst") }?;
+            out.copy_from_slice(&prev);
+            Ok(())
+        }))
+    })
+}

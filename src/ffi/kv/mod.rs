@@ -85,6 +85,13 @@ pub struct llama_memory_kv_params {
     pub n_embd_v_gqa_max: u32,
     /// Relative attention buckets (T5), for position buckets; 0 if unused.
     pub n_rel_attn_bkts: u32,
+    /// Cells keep every ubatch's token ids (embedding rows: `embd_token`) and states carry
+    /// them, for n-gram inputs (`llama_memory_kv_get_prev_tokens`; llama.cpp's
+    /// `ple_n_heads > 0`).
+    pub ngram_tokens: bool,
+    /// With `ngram_tokens`: the id an embedding row's cell takes (llama.cpp's
+    /// `ple_image_token_id`, or `ple_eos_token_id` when that is 0).
+    pub embd_token: i32,
 }
 
 impl From<KvParams> for llama_memory_kv_params {
@@ -103,6 +110,8 @@ impl From<KvParams> for llama_memory_kv_params {
             v_trans: p.v_trans,
             n_embd_v_gqa_max: p.n_embd_v_gqa_max,
             n_rel_attn_bkts: p.n_rel_attn_bkts,
+            ngram_tokens: p.ngram_tokens,
+            embd_token: p.embd_token,
         }
     }
 }
@@ -132,6 +141,8 @@ impl TryFrom<llama_memory_kv_params> for KvParams {
             v_trans: p.v_trans,
             n_embd_v_gqa_max: p.n_embd_v_gqa_max,
             n_rel_attn_bkts: p.n_rel_attn_bkts,
+            ngram_tokens: p.ngram_tokens,
+            embd_token: p.embd_token,
         })
     }
 }
