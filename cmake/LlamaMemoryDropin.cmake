@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -455,6 +455,17 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         WORKING_DIRECTORY "${_src}")
     set_tests_properties(dropin_models PROPERTIES LABELS dropin FIXTURES_SETUP dropin_models
         TIMEOUT 3600 RUN_SERIAL ON)
+
+    # The memory class each model gives (checked by compare.cmake in every configuration).
+    set(_memory_llama llama_kv_cache)
+    set(_memory_llama_h64 llama_kv_cache)
+    set(_memory_qwen2vl llama_kv_cache)
+    set(_memory_mamba llama_memory_recurrent)
+    set(_memory_lfm2 llama_memory_hybrid)
+    set(_memory_jamba llama_memory_hybrid)
+    set(_memory_lfm2_swa llama_memory_hybrid_iswa)
+    set(_memory_gemma3 llama_kv_cache_iswa)
+    set(_memory_gemma4 llama_kv_cache_iswa)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -481,6 +492,10 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         "gemma3_streams|gemma3|--flash-attn 0 --kv-unified 0"
         # with a window, level 2 adds the maps of every cell's sequences and positions
         "gemma3_kv_debug|gemma3|--flash-attn 0 --n-ctx 512 --kv-debug 2"
+        # gemma4: its last two layers reuse the KV of earlier ones (shared_kv_layers), in both
+        # caches of the iSWA memory
+        "gemma4|gemma4|--flash-attn 0 --n-ctx 512"
+        "gemma4_fa_on_streams|gemma4|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"
@@ -510,6 +525,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
                     "-DARGS=${_args_joined}"
                     "-DOUT=${_bin}/dropin-tests/out/${_name}"
+                    "-DMEMORY=${_memory_${_model}}"
                     -P "${_src}/tests/dropin/compare.cmake")
         set_tests_properties(dropin_equivalence_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
@@ -547,6 +563,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                         "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
                         "-DARGS=${_args}"
                         "-DOUT=${_bin}/dropin-tests/out/rpc_${_name}"
+                        "-DMEMORY=${_memory_${_model}}"
                         -P "${_src}/tests/dropin/compare.cmake")
             # RUN_SERIAL: a server and a client process, each with its threads
             set_tests_properties(dropin_rpc_${_name} PROPERTIES LABELS dropin

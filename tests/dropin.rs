@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 8] = [
+    let models: [(&str, Writer); 9] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -61,6 +61,10 @@ fn write_models_into(dir: &Path) {
         ("gemma3", |p| {
             let (n_layer, n_swa, pattern) = llama_memory_reference::GEMMA3_SWA;
             llama_memory_reference::write_gemma3_model(p, n_layer, 64, n_swa, pattern)
+        }),
+        // layer KV reuse (shared_kv_layers 2): llama_kv_cache_iswa whose caches list reused layers
+        ("gemma4", |p| {
+            llama_memory_reference::write_gemma4_model(p, 2)
         }),
         // M-RoPE (4 positions per token): no K-shift
         ("qwen2vl", |p| {

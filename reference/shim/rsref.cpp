@@ -393,6 +393,62 @@ bool rsref_write_gemma3(const char * path, uint32_t n_layer_u, uint32_t n_embd_u
     }, specs);
 }
 
+bool rsref_write_gemma4(const char * path, uint32_t n_shared_kv) {
+    init_once();
+
+    // 4 layers, sliding window on 0 and 2: with n_shared_kv = 2 the last two layers reuse the
+    // KV of the last ones that have it (layer 2 the window layer 0's, layer 3 the full layer
+    // 1's), llama.cpp's n_layer_kv_from_start, which needs at least 2 layers with KV
+    const int64_t n_layer = 4, n_embd = 64, n_head = 4, n_head_kv = 2, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head, n_embd_kv = n_head_kv*head_dim;
+    if (n_shared_kv + 2 > n_layer) {
+        log_error("rsref_write_gemma4", "at most 2 of the 4 layers can share KV");
+        return false;
+    }
+    const int64_t n_kv_from_start = n_layer - n_shared_kv;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    // the full-attention layers' proportional RoPE factors (divisors of the frequencies: ones)
+    specs.push_back(ones("rope_freqs.weight", head_dim/2));
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        const bool has_kv = il < n_kv_from_start;
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_embd));
+        if (has_kv) {
+            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
+        }
+        specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+        specs.push_back(ones(b + "post_attention_norm.weight", n_embd));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(ones(b + "post_ffw_norm.weight", n_embd));
+    }
+
+    return write_gguf(path, "gemma4", [&](gguf_context * g) {
+        set_shape_kv(g, "gemma4", n_embd, n_layer);
+        gguf_set_val_u32(g, "gemma4.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "gemma4.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "gemma4.attention.head_count_kv", (uint32_t) n_head_kv);
+        gguf_set_val_f32(g, "gemma4.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_f32(g, "gemma4.rope.freq_base", 1000000.0f);
+        gguf_set_val_f32(g, "gemma4.rope.freq_base_swa", 10000.0f);
+        const bool pattern[4] = {true, false, true, false};
+        gguf_set_arr_data(g, "gemma4.attention.sliding_window_pattern", GGUF_TYPE_BOOL, pattern, 4);
+        gguf_set_val_u32(g, "gemma4.attention.sliding_window", 16);
+        gguf_set_val_u32(g, "gemma4.attention.shared_kv_layers", n_shared_kv);
+        gguf_set_val_u32(g, "gemma4.embedding_length_per_layer_input", 0);
+        gguf_set_val_u32(g, "gemma4.attention.key_length_swa", (uint32_t) head_dim);
+        gguf_set_val_u32(g, "gemma4.attention.value_length_swa", (uint32_t) head_dim);
+        gguf_set_val_u32(g, "gemma4.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

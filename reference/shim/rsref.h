@@ -54,6 +54,13 @@ bool rsref_write_jamba(const char *path, uint32_t n_layer, uint32_t n_embd, cons
  * memory llama_kv_cache_iswa; n_swa == 0: no SWA (llama_kv_cache). Returns true on success. */
 bool rsref_write_gemma3(const char *path, uint32_t n_layer, uint32_t n_embd, uint32_t n_swa, uint32_t swa_pattern);
 
+/* A `gemma4` GGUF: 4 layers of width 64 (4 query heads, 2 KV heads of 16), a 16-token sliding
+ * window on layers 0 and 2, dense feed-forward, no per-layer embeddings; its last n_shared_kv
+ * (0..=2) layers have no KV of their own and reuse that of the last window / full layer that has
+ * (llama.cpp's shared_kv_layers, n_layer_kv_from_start). Memory: llama_kv_cache_iswa with a
+ * reuse callback. */
+bool rsref_write_gemma4(const char *path, uint32_t n_shared_kv);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

@@ -34,6 +34,7 @@ pub(crate) struct RsApi {
     write_lfm2_ex: unsafe extern "C" fn(*const c_char, u32, u32, *const u32, u32, u32) -> bool,
     write_jamba: unsafe extern "C" fn(*const c_char, u32, u32, *const u32) -> bool,
     write_gemma3: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
+    write_gemma4: unsafe extern "C" fn(*const c_char, u32) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -94,6 +95,7 @@ impl RsApi {
                 write_lfm2_ex,
                 write_jamba,
                 write_gemma3,
+                write_gemma4,
                 write_qwen2vl,
                 new,
                 free,
@@ -328,6 +330,18 @@ pub fn write_gemma3_model(
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_gemma3)(p.as_ptr(), n_layer, n_embd, n_swa, swa_pattern) }
+}
+
+/// Writes a tiny random-weight `gemma4` GGUF to `path`: 4 layers of width 64, 4 query heads, 2
+/// KV heads, a 16-token sliding window on layers 0 and 2, F32 weights from a fixed seed; its
+/// last `n_shared_kv` layers (at most 2) reuse the KV of earlier ones (llama.cpp's
+/// `shared_kv_layers`: layer 2 takes layer 0's, layer 3 layer 1's), so the memory is a
+/// `llama_kv_cache_iswa` whose caches list reused layers. `false` for more than 2 or a failed
+/// write.
+pub fn write_gemma4_model(path: &Path, n_shared_kv: u32) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_gemma4)(p.as_ptr(), n_shared_kv) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.

@@ -5,7 +5,7 @@
 # stderr (timings) printed; neither is compared.
 #
 #   cmake -DSTOCK=<exe> -DDROPIN=<exe> -DMODEL=<gguf> -DARGS=<a,b,...> -DOUT=<path prefix>
-#         -P compare.cmake
+#         [-DMEMORY=<the memory class the model must give>] -P compare.cmake
 cmake_minimum_required(VERSION 3.21)
 
 if(NOT EXISTS "${MODEL}")
@@ -51,6 +51,33 @@ if(NOT same EQUAL 0)
         string(SUBSTRING "${detail}" 0 4000 detail)
     endif()
     message(FATAL_ERROR "the outputs differ: ${OUT}.stock.txt ${OUT}.dropin.txt\n${detail}")
+endif()
+# Which memory class the context got, from the classes that logged (the hybrids log through
+# their parts): checked against MEMORY when the configuration names one, so a model writer that
+# produced another class fails here.
+file(STRINGS "${OUT}.stock.txt" memory_lines REGEX "^log [0-9] llama_(kv_cache|memory)[a-z_0-9]*:")
+set(parts "")
+foreach(line IN LISTS memory_lines)
+    string(REGEX MATCH "llama_(kv_cache|memory)[a-z_0-9]*" part "${line}")
+    list(APPEND parts "${part}")
+endforeach()
+list(REMOVE_DUPLICATES parts)
+list(SORT parts)
+set(class "")
+if("llama_memory_recurrent" IN_LIST parts AND "llama_kv_cache_iswa" IN_LIST parts)
+    set(class llama_memory_hybrid_iswa)
+elseif("llama_memory_recurrent" IN_LIST parts AND "llama_kv_cache" IN_LIST parts)
+    set(class llama_memory_hybrid)
+elseif(parts)
+    # the outermost class that logged: the composite names sort after their leaves
+    list(GET parts -1 class)
+endif()
+if(class)
+    string(REPLACE ";" ", " parts_text "${parts}")
+    message(STATUS "memory class: ${class} (logged by ${parts_text})")
+endif()
+if(MEMORY AND NOT class STREQUAL MEMORY)
+    message(FATAL_ERROR "the context's memory is ${class}, this configuration is for ${MEMORY}")
 endif()
 file(STRINGS "${OUT}.stock.txt" logs REGEX "^log ")
 if(logs)
