@@ -874,6 +874,26 @@ llama_memory_result llama_memory_kv_set_debug(llama_memory_t mem, int32_t level)
 // (cells shared with another sequence keep their bytes). KV caches only.
 llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
+// `llama_memory_state_read_io` for a KV cache that mirrors another one cell for cell
+// (llama.cpp's `llama_kv_cache::state_read_sinfo`, which hybrid-idx's restore uses: the
+// attention cache reports where each stream's cells went, the indexer cache is given that
+// layout). `counts_in` (NULL: search a slot as usual) holds one count per stream and
+// `cells_in` their cells, stream after stream: a sequence's cells of stream `s` then go to
+// exactly those cells, which must be free once the destination's old cells are removed (a
+// whole restore's go from cell 0 and only the counts are checked); a layout that does not fit
+// fails with llama.cpp's error line, the failure having a failed slot search's effect.
+// `counts_out` (NULL: not wanted; else one entry per stream) and `cells_out` (`cap_out`
+// entries, at least `size * n_stream`) receive where the cells went, stream after stream.
+// Fails before reading anything when `cells_out` is smaller than that.
+llama_memory_result llama_memory_kv_state_read_io_slots(llama_memory_t mem,
+                                                        llama_seq_id seq_id,
+                                                        const struct llama_memory_io_read *io,
+                                                        const uint32_t *counts_in,
+                                                        const uint32_t *cells_in,
+                                                        uint32_t *counts_out,
+                                                        uint32_t *cells_out,
+                                                        size_t cap_out);
+
 // A new, empty list of slot infos for `llama_memory_kv_prepare`. Free it with
 // `llama_memory_slots_free`; one handle can serve every `prepare` call.
 llama_memory_slots_t llama_memory_slots_init(void);

@@ -662,16 +662,62 @@ void llama_kv_cache::state_read_sinfo(
   llama_state_seq_flags   flags,
       slot_info_vec_t *   sinfos_out,
 const slot_info_vec_t *   sinfos_in) {
-    if (sinfos_out || sinfos_in) {
-        throw std::runtime_error("llama-memory drop-in: restoring into given slots is not supported yet");
-    }
-
     llama_memory_dropin_reader r{ io };
     const llama_memory_io_read cb = r.callbacks();
-    if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
-        return;
+    if (!sinfos_out && !sinfos_in) {
+        if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
+            return;
+        }
+        llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
     }
-    llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
+
+    // a cache that mirrors another cell for cell (hybrid-idx): the layout per stream as counts
+    // and cells, stream after stream
+    std::vector<uint32_t> counts_in, cells_in;
+    if (sinfos_in) {
+        if (sinfos_in->size() != n_stream) {
+            throw std::runtime_error("failed to restore kv cache: mirrored slot layout has the wrong stream count");
+        }
+        for (const auto & si : *sinfos_in) {
+            if (si.empty()) {
+                counts_in.push_back(0);
+                continue;
+            }
+            // upstream refuses a layout over several streams in state_read_meta (a count
+            // that cannot match gives the library the same refusal)
+            const size_t n = si.n_stream() == 1 ? si.idxs[0].size() : kv_size + 1;
+            counts_in.push_back((uint32_t) n);
+            if (si.n_stream() == 1) {
+                cells_in.insert(cells_in.end(), si.idxs[0].begin(), si.idxs[0].end());
+            } else {
+                cells_in.resize(cells_in.size() + n, 0);
+            }
+        }
+    }
+    std::vector<uint32_t> counts_out(n_stream), cells_out((size_t) kv_size*n_stream);
+    if (llama_memory_kv_state_read_io_slots(mem, seq_id, &cb,
+                sinfos_in ? counts_in.data() : nullptr, sinfos_in ? cells_in.data() : nullptr,
+                counts_out.data(), cells_out.data(), cells_out.size()) != LLAMA_MEMORY_OK) {
+        llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
+    }
+    if (sinfos_out) {
+        sinfos_out->assign(n_stream, slot_info{});
+        size_t at = 0;
+        for (uint32_t s = 0; s < n_stream; ++s) {
+            if (counts_out[s] == 0) {
+                continue;
+            }
+            // a sequence's cells are in its own stream, a whole state's in stream s
+            const uint32_t strm = seq_id == -1 ? s : (n_stream == 1 ? 0 : (uint32_t) seq_id);
+            slot_info & si = (*sinfos_out)[s];
+            si.s0 = strm;
+            si.s1 = strm;
+            si.resize(1);
+            si.strm[0] = strm;
+            si.idxs[0].assign(cells_out.begin() + at, cells_out.begin() + at + counts_out[s]);
+            at += counts_out[s];
+        }
+    }
 }
 
 void llama_kv_cache::state_clear(llama_seq_id seq_id) {

@@ -251,6 +251,10 @@ const COUNTERS: &[&str] = &[
     "pos: near i32::MAX placed, symmetric SWA",
     "pos: i32::MAX placed",
     "pos: near i32::MAX masks compared",
+    "state: restore reporting its cells",
+    "state: restore into a given layout",
+    "state: restore into a given layout refused",
+    "state: given layout over another sequence's cell refused",
     "ngram: prev tokens compared",
     "ngram: embedding ubatch",
     "ngram: a predecessor found",
@@ -1154,6 +1158,135 @@ impl Pair {
         self.same_bytes("state_write after state_read", &got, &want);
     }
 
+    /// A restore that reports where its cells went, then the same state restored again into
+    /// a given layout (llama.cpp's `state_read_sinfo`, what hybrid-idx's mirrored indexer
+    /// cache does): that layout, one with a cell moved (free or taken), or one of another
+    /// count. Results, layouts and cells compared with stock after each.
+    fn op_state_slots(&mut self) {
+        let Some((src, raw)) = self.saved.last().cloned() else {
+            return;
+        };
+        let dest = if src == -1 { -1 } else { self.seq() };
+        self.last_op = format!(
+            "state_read_sinfo({dest}) of a {}-byte state of seq {src}",
+            raw.len()
+        );
+        let Some(layout) = self.restore_slots(dest, &raw, None, false) else {
+            return;
+        };
+        self.count("state: restore reporting its cells");
+        let mut given = layout.clone();
+        let n_cells: usize = given.iter().map(Vec::len).sum();
+        if n_cells == 0 {
+            return;
+        }
+        let s = given.iter().position(|v| !v.is_empty()).unwrap_or(0);
+        // a cell held by another sequence: stock zeroes its K/V rows when it refuses the layout
+        // (state_read_meta takes the given layout before checking it, and the failure's
+        // state_clear zeroes the rows of that layout: a stock bug that corrupts the other
+        // sequence); ours refuses without touching it, and the trace goes on from stock's bytes
+        let mut taken = false;
+        match self.rng.gen_range(0..4) {
+            0 | 1 => {}
+            2 => {
+                let i = self.rng.gen_range(0..given[s].len());
+                let c = self.rng.gen_range(0..self.cfg.size);
+                if given[s].contains(&c) {
+                    // a cell listed twice: stock aborts placing the second token there
+                    // (GGML_ASSERT in state_read_meta); ours refuses it (kv_state_malformed)
+                    return;
+                }
+                let strm = if dest == -1 {
+                    s as u32
+                } else {
+                    self.kv().stream_of(dest)
+                };
+                let cells = self.kv().cells(strm);
+                taken = dest != -1
+                    && !cells.is_empty(c)
+                    && !(cells.seq_count(c) == 1 && cells.seq_has(c, dest));
+                given[s][i] = c;
+            }
+            _ => {
+                given[s].pop();
+            }
+        }
+        self.last_op = format!(
+            "state_read_sinfo({dest}) of a {}-byte state of seq {src} into a given layout{}",
+            raw.len(),
+            if given == layout { "" } else { " (changed)" }
+        );
+        if let Some(placed) = self.restore_slots(dest, &raw, Some(&given), taken) {
+            // a whole restore's cells go from 0 whatever the layout (only counts are checked)
+            if placed != if dest == -1 { layout } else { given.clone() } {
+                self.fail(format!(
+                    "a mirrored restore placed {placed:?}, given {given:?}"
+                ));
+            }
+            self.count("state: restore into a given layout");
+        } else {
+            self.count("state: restore into a given layout refused");
+        }
+    }
+
+    /// `state_read_sinfo` on both sides; the reported layouts (equal) or `None` when both
+    /// failed (ours then takes stock's effect: the destination erased).
+    fn restore_slots(
+        &mut self,
+        dest: i32,
+        raw: &[u8],
+        given: Option<&[Vec<u32>]>,
+        taken: bool,
+    ) -> Option<Vec<Vec<u32>>> {
+        let want = self.theirs.state_read_sinfo(dest, raw, given);
+        let mut r = DeferredReader {
+            bytes: raw,
+            pos: 0,
+            pending: Vec::new(),
+        };
+        let got = self.ours.state_read_io_slots(dest, &mut r, given);
+        if got.is_ok() {
+            for &(t, off, at, n) in &r.pending {
+                // SAFETY: a live tensor of the memory, range checked in read_tensor.
+                unsafe { g::ggml_backend_tensor_set(t, raw[at..].as_ptr().cast(), off, n) };
+            }
+        }
+        self.step += 1;
+        let out = match (got, want) {
+            (Ok(a), Some(b)) if a == b => Some(a),
+            (Err(_), None) => {
+                if dest == -1 {
+                    Memory::clear(&mut self.ours, true);
+                } else {
+                    self.kv_mut().seq_rm(dest, -1, -1).unwrap();
+                }
+                if given.is_some() {
+                    // stock zeroed the rows of the given layout, cells of other sequences
+                    // included (see op_state_slots)
+                    if taken {
+                        self.count("state: given layout over another sequence's cell refused");
+                    }
+                    self.take_stock_bytes();
+                }
+                None
+            }
+            (a, b) => self.fail(format!("state_read_sinfo {a:?} vs stock {b:?}")),
+        };
+        self.compare_state();
+        out
+    }
+
+    /// Takes stock's K/V bytes (after stock zeroed rows ours rightly kept).
+    fn take_stock_bytes(&mut self) {
+        let st = self.ours.storage.as_mut().unwrap();
+        for (il, l) in st.layers().to_vec().into_iter().enumerate() {
+            for (v, t) in [(false, l.k), (true, l.v)] {
+                let bytes = self.theirs.tensor_bytes(v, il as i32).unwrap();
+                st.set(t, 0, &bytes).unwrap();
+            }
+        }
+    }
+
     fn same_bytes(&self, what: &str, got: &[u8], want: &[u8]) {
         if got != want {
             let i = (0..got.len().min(want.len()))
@@ -1269,6 +1402,8 @@ impl Pair {
                 self.op_place();
             } else if r < 0.47 {
                 self.op_state();
+            } else if r < 0.485 {
+                self.op_state_slots();
             } else {
                 self.op_seq();
             }

@@ -703,6 +703,42 @@ size_t kvref_state_read(kvref * r, int32_t seq, uint32_t flags, const uint8_t * 
     }
 }
 
+size_t kvref_state_read_sinfo(kvref * r, int32_t seq, const uint8_t * buf, size_t size, const uint32_t * counts_in,
+                              const uint32_t * cells_in, uint32_t * counts_out, uint32_t * cells_out) {
+    const uint32_t n_stream = r->kv->get_n_stream();
+    llama_kv_cache::slot_info_vec_t in, out;
+    if (counts_in) {
+        size_t at = 0;
+        in.resize(n_stream);
+        for (uint32_t s = 0; s < n_stream; ++s) {
+            if (counts_in[s] == 0) {
+                continue;
+            }
+            in[s].s0 = in[s].s1 = s;
+            in[s].resize(1);
+            in[s].strm[0] = s;
+            in[s].idxs[0].assign(cells_in + at, cells_in + at + counts_in[s]);
+            at += counts_in[s];
+        }
+    }
+    io_read_buf io(buf, size);
+    try {
+        r->kv->state_read_sinfo(io, seq, 0, &out, counts_in ? &in : nullptr);
+    } catch (...) {
+        io.discard();
+        return 0;
+    }
+    size_t at = 0;
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        const bool has = s < out.size() && !out[s].empty();
+        counts_out[s] = has ? (uint32_t) out[s].idxs[0].size() : 0;
+        for (uint32_t i = 0; i < counts_out[s]; ++i) {
+            cells_out[at++] = out[s].idxs[0][i];
+        }
+    }
+    return io.n_bytes();
+}
+
 // ---------------------------------------------------------------------------------------------
 // kvref_ctx: a stock llama_context, public llama.h API only
 

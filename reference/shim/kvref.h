@@ -179,6 +179,13 @@ bool kvref_tensor_set(kvref *r, bool v, int32_t il, size_t offset, const void *s
 size_t kvref_state_write(const kvref *r, int32_t seq, uint32_t flags, uint8_t *buf, size_t cap);
 /* state_read(io, seq, flags) from buf. Returns bytes consumed, 0 on failure (exception caught). */
 size_t kvref_state_read(kvref *r, int32_t seq, uint32_t flags, const uint8_t *buf, size_t size);
+
+/* llama_kv_cache::state_read_sinfo: a restore that reports where each stream's cells went
+ * (counts_out: n_stream entries, cells_out: their cells stream after stream, size * n_stream
+ * room) and, with counts_in (NULL: none) and cells_in, goes to the given cells (a mirrored
+ * cache). The bytes read, 0 on a failure (the exception caught). */
+size_t kvref_state_read_sinfo(kvref *r, int32_t seq, const uint8_t *buf, size_t size, const uint32_t *counts_in,
+                              const uint32_t *cells_in, uint32_t *counts_out, uint32_t *cells_out);
 /* state_clear(seq): what a failed restore leaves (-1: clear(true); else seq_rm(seq) and zero the
  * K/V rows of the cells seq held alone). */
 void kvref_state_clear(kvref *r, int32_t seq);

@@ -70,6 +70,16 @@ pub(crate) struct KvApi {
     tensor_set: unsafe extern "C" fn(KvPtr, bool, i32, usize, *const c_void, usize) -> bool,
     state_write: unsafe extern "C" fn(KvPtr, i32, u32, *mut u8, usize) -> usize,
     state_read: unsafe extern "C" fn(KvPtr, i32, u32, *const u8, usize) -> usize,
+    state_read_sinfo: unsafe extern "C" fn(
+        KvPtr,
+        i32,
+        *const u8,
+        usize,
+        *const u32,
+        *const u32,
+        *mut u32,
+        *mut u32,
+    ) -> usize,
     state_clear: unsafe extern "C" fn(KvPtr, i32),
     write_model_ex: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
 }
@@ -119,6 +129,7 @@ impl KvApi {
                 tensor_set,
                 state_write,
                 state_read,
+                state_read_sinfo,
                 state_clear,
                 write_model_ex,
             }
@@ -829,6 +840,59 @@ impl RefKv {
         // SAFETY: `out` holds n_tokens * n entries, what the shim writes.
         unsafe { (kv().get_prev_tokens)(self.ptr, &ub.raw, n, out.as_mut_ptr()) };
         out
+    }
+
+    /// `state_read_sinfo(seq)`: restores `buf`, into the cells of `slots_in` per stream when
+    /// given (a mirrored cache), and returns where each stream's cells went, or `None` when
+    /// the restore failed (stock's exception caught; its effect stays).
+    pub fn state_read_sinfo(
+        &mut self,
+        seq: i32,
+        buf: &[u8],
+        slots_in: Option<&[Vec<u32>]>,
+    ) -> Option<Vec<Vec<u32>>> {
+        let n_stream = self.n_stream() as usize;
+        let counts: Vec<u32> = slots_in
+            .map(|v| v.iter().map(|c| c.len() as u32).collect())
+            .unwrap_or_default();
+        let cells: Vec<u32> = slots_in.map(|v| v.concat()).unwrap_or_default();
+        if slots_in.is_some_and(|v| v.len() != n_stream) {
+            return None;
+        }
+        let mut counts_out = vec![0u32; n_stream];
+        let mut cells_out = vec![0u32; self.size() as usize * n_stream];
+        // SAFETY: buf is valid for its length; counts/cells hold what counts says (n_stream
+        // counts); the outputs hold n_stream counts and size * n_stream cells.
+        let n = unsafe {
+            (kv().state_read_sinfo)(
+                self.ptr,
+                seq,
+                buf.as_ptr(),
+                buf.len(),
+                if slots_in.is_some() {
+                    counts.as_ptr()
+                } else {
+                    std::ptr::null()
+                },
+                cells.as_ptr(),
+                counts_out.as_mut_ptr(),
+                cells_out.as_mut_ptr(),
+            )
+        };
+        if n == 0 {
+            return None;
+        }
+        let mut at = 0;
+        Some(
+            counts_out
+                .iter()
+                .map(|&c| {
+                    let v = cells_out[at..at + c as usize].to_vec();
+                    at += c as usize;
+                    v
+                })
+                .collect(),
+        )
     }
 
     /// Size in bytes of `state_write(seq, flags)` (`seq = -1`: whole cache).

@@ -566,9 +566,30 @@ impl KvMemory {
     /// [`KvMemory::state_read`]).
     pub fn state_read_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.stage.set(ReadStage::Header);
-        let r = self.read_io(seq, io, false);
+        let r = self.read_io(seq, io, false, None, &mut Vec::new());
         self.stock_failure(seq, &r);
         r
+    }
+
+    /// [`KvMemory::state_read_io`] for a cache that mirrors another one cell for cell
+    /// (llama.cpp's `state_read_sinfo`, hybrid-idx's indexer cache): with `slots_in` (one
+    /// entry per stream, the cells each stream of the state goes to, empty for a stream
+    /// without cells) a sequence's cells go to exactly those cells instead of a slot search,
+    /// which must be free once the destination's old cells are removed; a whole restore only
+    /// checks the counts (its cells go from 0 either way). Returns the cells each stream's
+    /// cells went to (what the mirror is then given). A layout that does not fit fails with
+    /// llama.cpp's error line, as a failed slot search does.
+    pub fn state_read_io_slots(
+        &mut self,
+        seq: i32,
+        io: &mut dyn IoRead,
+        slots_in: Option<&[Vec<u32>]>,
+    ) -> Result<Vec<Vec<u32>>> {
+        self.stage.set(ReadStage::Header);
+        let mut out = Vec::new();
+        let r = self.read_io(seq, io, false, slots_in, &mut out);
+        self.stock_failure(seq, &r);
+        r.map(|()| out)
     }
 
     /// Reads and validates a state from `io` exactly as [`KvMemory::state_read_io`] does
@@ -578,22 +599,67 @@ impl KvMemory {
     /// log is logged (the caller may hold it back). `read_stage` then says how far it got.
     pub fn state_check_io(&mut self, seq: i32, io: &mut dyn IoRead) -> Result<()> {
         self.stage.set(ReadStage::Header);
-        self.read_io(seq, io, true)
+        self.read_io(seq, io, true, None, &mut Vec::new())
     }
 
-    fn read_io(&mut self, seq: i32, io: &mut dyn IoRead, check: bool) -> Result<()> {
+    /// llama.cpp's error when a mirrored layout does not match what a stream restores.
+    fn mirror_mismatch(&self, given: usize, n: u32) -> crate::error::Error {
+        self.log_error(&format!(
+            "state_read_meta: mirrored slot layout holds {given} cells, this cache restores {n}"
+        ));
+        err!(
+            NoSlot,
+            "the mirrored slot layout holds {given} cells, the state {n}"
+        )
+    }
+
+    fn read_io(
+        &mut self,
+        seq: i32,
+        io: &mut dyn IoRead,
+        check: bool,
+        slots_in: Option<&[Vec<u32>]>,
+        slots_out: &mut Vec<Vec<u32>>,
+    ) -> Result<()> {
         self.check_dest(seq)?;
-        self.parse_n_stream(io)?;
         let n_stream = self.cache.n_stream();
+        if slots_in.is_some_and(|v| v.len() != n_stream as usize) {
+            return Err(err!(
+                InvalidArgument,
+                "failed to restore kv cache: mirrored slot layout has the wrong stream count"
+            ));
+        }
+        // the layout given for stream s, when there is one
+        let given = |s: u32| slots_in.map(|v| &v[s as usize]);
+        let no_cells_here = |s: u32| -> Result<()> {
+            if given(s).is_some_and(|v| !v.is_empty()) {
+                return Err(err!(
+                    NoSlot,
+                    "failed to restore kv cache: mirrored cache holds cells this one does not"
+                ));
+            }
+            Ok(())
+        };
+        slots_out.clear();
+        slots_out.resize(n_stream as usize, Vec::new());
+        self.parse_n_stream(io)?;
         if seq == -1 {
             let mut plans = Vec::new();
             let mut counts = vec![0u32; n_stream as usize];
             for s in 0..n_stream {
                 let n = self.parse_cell_count(s, seq, false, io)?;
                 if n == 0 {
+                    no_cells_here(s)?;
                     continue;
                 }
                 let cells = self.parse_meta(s, seq, n, io)?;
+                // a whole restore's cells go from 0: a mirror takes the same ones if the
+                // counts agree
+                if let Some(g) = given(s) {
+                    if g.len() != n as usize {
+                        return Err(self.mirror_mismatch(g.len(), n));
+                    }
+                }
                 let runs = [(0, n)];
                 self.check_ranges(s, &runs)?;
                 self.read_data_io(s, s, &runs, io)?;
@@ -606,15 +672,19 @@ impl KvMemory {
             }
             self.zero_outside(&counts)?;
             self.set_whole_cells(plans.iter().map(|(s, c)| (*s, c)));
+            for (s, &n) in counts.iter().enumerate() {
+                slots_out[s] = (0..n).collect();
+            }
             return Ok(());
         }
         for s in 0..n_stream {
             let n = self.parse_cell_count(s, seq, false, io)?;
             if n == 0 {
+                no_cells_here(s)?;
                 continue;
             }
             let cells = self.parse_meta(s, seq, n, io)?;
-            let placed = self.begin_seq(seq, &cells)?;
+            let placed = self.begin_seq_at(seq, &cells, given(s).map(Vec::as_slice))?;
             self.log_meta(n, seq);
             let rest = self
                 .check_ranges(placed.strm, &placed.runs)
@@ -623,6 +693,7 @@ impl KvMemory {
                     // the streams after this one must be empty
                     for s2 in s + 1..n_stream {
                         self.parse_cell_count(s2, seq, true, io)?;
+                        no_cells_here(s2)?;
                     }
                     failpoint::hit("state_read_io: before the first change")
                 });
@@ -635,6 +706,7 @@ impl KvMemory {
                 return Ok(());
             }
             self.commit_seq(&placed, &cells);
+            slots_out[s as usize] = placed.slot.idxs[0].clone();
             return Ok(());
         }
         // llama.cpp leaves the destination alone when the state has no cells.
@@ -763,6 +835,22 @@ impl KvMemory {
     /// search). The removal is undone if no slot is found; otherwise the caller ends with
     /// [`Self::commit_seq`] or [`Self::abort_seq`].
     fn begin_seq(&mut self, dest: i32, cells: &CellPlan) -> Result<Placement> {
+        self.begin_seq_at(dest, cells, None)
+    }
+
+    /// [`Self::begin_seq`], into the cells `at` when given (a mirrored layout, see
+    /// [`KvMemory::state_read_io_slots`]) instead of a slot search.
+    fn begin_seq_at(
+        &mut self,
+        dest: i32,
+        cells: &CellPlan,
+        at: Option<&[u32]>,
+    ) -> Result<Placement> {
+        if let Some(at) = at {
+            if at.len() != cells.pos.len() {
+                return Err(self.mirror_mismatch(at.len(), cells.pos.len() as u32));
+            }
+        }
         let strm = self.cache.stream_of(dest);
         let n = cells.pos.len();
         let has_ext = self.cache.has_cell_ext();
@@ -802,7 +890,37 @@ impl KvMemory {
             }
         }
         self.cache.seq_rm(dest, -1, -1)?;
-        let Some(slot) = self.cache.find_slot(&ub.view(), false) else {
+        if let Some(at) = at {
+            // the old cells are gone: anything else in the way is a cache that drifted
+            let size = self.cache.params().size;
+            let c = self.cache.cells(strm);
+            let mut sorted = at.to_vec();
+            sorted.sort_unstable();
+            // a cell listed twice would take two tokens (llama.cpp aborts on it)
+            let twice = sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+            if let Some(bad) =
+                twice.or_else(|| at.iter().copied().find(|&i| i >= size || !c.is_empty(i)))
+            {
+                self.undo_rm(dest, strm, head, &undo);
+                self.log_error(&format!(
+                    "state_read_meta: cell {bad} of the mirrored slot layout is not free"
+                ));
+                return Err(err!(
+                    NoSlot,
+                    "cell {bad} of the mirrored slot layout is not free (the memory is unchanged)"
+                ));
+            }
+        }
+        let found = match at {
+            Some(at) => Some(SlotInfo {
+                s0: strm,
+                s1: strm,
+                strm: vec![strm],
+                idxs: vec![at.to_vec()],
+            }),
+            None => self.cache.find_slot(&ub.view(), false),
+        };
+        let Some(slot) = found else {
             self.undo_rm(dest, strm, head, &undo);
             self.log_error(&format!(
                 "state_read_meta: failed to find {n} available cells in kv cache"
@@ -1278,6 +1396,51 @@ mod tests {
             st.set(t, off, &bytes[at..at + n])?;
         }
         Ok(r.pos)
+    }
+
+    #[test]
+    fn a_mirrored_layout_that_does_not_fit_changes_nothing() {
+        // (kv_differential compares layouts that fit, and the refusals stock shares, with
+        // stock; these are the ones stock aborts on or half-applies)
+        let mut m = memory(true, true);
+        let mut blob = vec![0u8; state::seq_get_size(&m, 0, 0).unwrap()];
+        state::seq_get_data(&m, &mut blob, 0, 0, &mut state::Stash::new()).unwrap();
+        let raw = &blob[8..];
+        let before = snapshot(&m);
+        let restore = |m: &mut KvMemory, given: Vec<Vec<u32>>| {
+            let mut r = Deferred {
+                bytes: raw,
+                pos: 0,
+                pending: Vec::new(),
+            };
+            m.state_read_io_slots(1, &mut r, Some(&given))
+        };
+        let n = m.cache.seq_pos_max(0).unwrap() as usize + 1;
+        // a cell listed twice (stock places two tokens there and aborts)
+        let mut twice: Vec<u32> = (40..40 + n as u32).collect();
+        twice[1] = twice[0];
+        let e = restore(&mut m, vec![twice]).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NoSlot);
+        assert!(snapshot(&m) == before);
+        // a cell of another sequence (stock zeroes its rows)
+        let taken: Vec<u32> = (0..n as u32).collect();
+        assert!(restore(&mut m, vec![taken]).is_err());
+        assert!(snapshot(&m) == before);
+        // another count, another stream count, a cell past the end
+        assert!(restore(&mut m, vec![(40..41).collect()]).is_err());
+        assert!(restore(&mut m, vec![Vec::new(), Vec::new()]).is_err());
+        let mut past: Vec<u32> = (40..40 + n as u32).collect();
+        past[0] = m.cache.params().size;
+        assert!(restore(&mut m, vec![past]).is_err());
+        assert!(snapshot(&m) == before);
+        // and one that fits: exactly those cells
+        let free: Vec<u32> = (40..40 + n as u32).rev().collect();
+        let placed = restore(&mut m, vec![free.clone()]).unwrap();
+        assert_eq!(placed, vec![free.clone()]);
+        let c = m.cache.cells(0);
+        for (i, &cell) in free.iter().enumerate() {
+            assert!(c.seq_has(cell, 1) && c.pos_get(cell) == i as i32);
+        }
     }
 
     #[test]

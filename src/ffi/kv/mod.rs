@@ -512,3 +512,93 @@ pub mod inputs;
 pub mod graph;
 // and the update steps.
 pub mod update;
+
+/// `llama_memory_state_read_io` for a KV cache that mirrors another one cell for cell
+/// (llama.cpp's `llama_kv_cache::state_read_sinfo`, which hybrid-idx's restore uses: the
+/// attention cache reports where each stream's cells went, the indexer cache is given that
+/// layout). `counts_in` (NULL: search a slot as usual) holds one count per stream and
+/// `cells_in` their cells, stream after stream: a sequence's cells of stream `s` then go to
+/// exactly those cells, which must be free once the destination's old cells are removed (a
+/// whole restore's go from cell 0 and only the counts are checked); a layout that does not fit
+/// fails with llama.cpp's error line, the failure having a failed slot search's effect.
+/// `counts_out` (NULL: not wanted; else one entry per stream) and `cells_out` (`cap_out`
+/// entries, at least `size * n_stream`) receive where the cells went, stream after stream.
+/// Fails before reading anything when `cells_out` is smaller than that.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_state_read_io_slots(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    io: *const crate::ffi::io::llama_memory_io_read,
+    counts_in: *const u32,
+    cells_in: *const u32,
+    counts_out: *mut u32,
+    cells_out: *mut u32,
+    cap_out: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        let mut r = try_slice!(io, 1, "io")[0];
+        let kv = try_or!(find_mut::<KvMemory>(&mut *m.inner));
+        let n_stream = kv.cache.n_stream() as usize;
+        let slots_in: Option<Vec<Vec<u32>>> = if counts_in.is_null() {
+            None
+        } else {
+            let counts = try_slice!(counts_in, n_stream, "counts_in");
+            let total = counts
+                .iter()
+                .try_fold(0usize, |a, &c| a.checked_add(c as usize));
+            let total = try_or!(total.ok_or_else(|| err!(InvalidArgument, "counts_in overflow")));
+            let cells = try_slice!(cells_in, total, "cells_in");
+            let mut at = 0;
+            Some(
+                counts
+                    .iter()
+                    .map(|&c| {
+                        let v = cells[at..at + c as usize].to_vec();
+                        at += c as usize;
+                        v
+                    })
+                    .collect(),
+            )
+        };
+        // every cell of every stream: what a whole restore may report
+        let all = kv.cache.size() as usize * n_stream;
+        let out = if counts_out.is_null() {
+            None
+        } else {
+            if cap_out < all {
+                bail!(err!(
+                    InvalidArgument,
+                    "cells_out holds {cap_out} entries, a restore may report {all}"
+                ));
+            }
+            // SAFETY: the header requires counts_out to hold n_stream and cells_out cap_out
+            // writable entries that nothing else accesses during the call.
+            Some(unsafe {
+                (
+                    try_or!(crate::ffi::boundary::buf_mut(
+                        counts_out,
+                        n_stream,
+                        "counts_out"
+                    )),
+                    try_or!(crate::ffi::boundary::buf_mut(
+                        cells_out,
+                        cap_out,
+                        "cells_out"
+                    )),
+                )
+            })
+        };
+        let placed = try_or!(kv.state_read_io_slots(seq_id, &mut r, slots_in.as_deref()));
+        if let Some((counts, cells)) = out {
+            let mut at = 0;
+            for (s, v) in placed.iter().enumerate() {
+                // (at most size cells per stream: the capacity was checked first)
+                counts[s] = v.len() as u32;
+                cells[at..at + v.len()].copy_from_slice(v);
+                at += v.len();
+            }
+        }
+        llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
