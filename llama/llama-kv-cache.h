@@ -243,7 +243,7 @@ public:
 
     bool has_cell_ext() const;
 
-    // not supported by the drop-in yet (n-gram inputs of qwen4exp): throws
+    // the n-gram inputs of qwen4exp: the n tokens before each token, from the cells
     void get_prev_tokens(const llama_ubatch & ubatch, uint32_t n, std::vector<llama_token> & res) const;
 
 private:
