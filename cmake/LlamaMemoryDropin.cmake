@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -627,23 +627,30 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # llama_get_memory_breakdown) on each library, byte for byte: the memory's log lines and
     # breakdown in both phases; each run also checks that its no_alloc phase reports the real
     # context's bytes without allocating them.
-    foreach(_variant dropin stock)
-        if(_variant STREQUAL "dropin")
-            set(_lib llama)
-        else()
-            set(_lib llama_stock)
-        endif()
-        add_executable(dropin_fit_${_variant} "${_src}/tests/dropin/fit.cpp")
-        set_target_properties(dropin_fit_${_variant} PROPERTIES
-            OUTPUT_NAME fit
-            RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
-            CXX_STANDARD 17
-            CXX_STANDARD_REQUIRED ON)
-        target_include_directories(dropin_fit_${_variant} PRIVATE "${_dropin_tree}/src")
-        target_compile_options(dropin_fit_${_variant} PRIVATE
-            $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
-        target_link_libraries(dropin_fit_${_variant} PRIVATE ${_lib})
-    endforeach()
+    # _llama_memory_dropin_cxx_program(<name>): tests/dropin/<name>.cpp, C++17 against llama.h
+    # and upstream's src/llama-ext.h (its C++ API), built against each library as
+    # dropin_<name>_{dropin,stock} in <build>/dropin-tests/<variant>/.
+    function(_llama_memory_dropin_cxx_program name)
+        foreach(_variant dropin stock)
+            if(_variant STREQUAL "dropin")
+                set(_lib llama)
+            else()
+                set(_lib llama_stock)
+            endif()
+            set(_t dropin_${name}_${_variant})
+            add_executable(${_t} "${_src}/tests/dropin/${name}.cpp")
+            set_target_properties(${_t} PROPERTIES
+                OUTPUT_NAME ${name}
+                RUNTIME_OUTPUT_DIRECTORY "${_bin}/dropin-tests/${_variant}"
+                CXX_STANDARD 17
+                CXX_STANDARD_REQUIRED ON)
+            target_include_directories(${_t} PRIVATE "${_dropin_tree}/src")
+            target_compile_options(${_t} PRIVATE
+                $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Werror>)
+            target_link_libraries(${_t} PRIVATE ${_lib})
+        endforeach()
+    endfunction()
+    _llama_memory_dropin_cxx_program(fit)
     foreach(_config "llama|llama|--n-ctx 131072" "llama_streams|llama|--n-ctx 65536 --n-seq 4 --kv-unified 0 --flash-attn 0"
                     "gemma3|gemma3|--n-ctx 65536 --n-seq 2" "jamba|jamba|--n-ctx 131072" "mamba|mamba|--n-seq 4")
         string(REPLACE "|" ";" _parts "${_config}")
@@ -660,6 +667,27 @@ if(LLAMA_MEMORY_BUILD_TESTS)
                     "-DOUT=${_bin}/dropin-tests/out/fit_${_name}"
                     -P "${_src}/tests/dropin/compare.cmake")
         set_tests_properties(dropin_fit_${_name} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 600)
+    endforeach()
+
+    # An MTP context (LLAMA_CONTEXT_TYPE_MTP: a KV cache over the NextN layer only) next to its
+    # target, driven as llama.cpp's MTP speculative decoding drives them, with the memory
+    # functions and states on it (tests/dropin/mtp.cpp), byte for byte.
+    _llama_memory_dropin_cxx_program(mtp)
+    foreach(_config "mtp|--flash-attn,0" "mtp_fa_on_streams|--flash-attn,1,--kv-unified,0")
+        string(REPLACE "|" ";" _parts "${_config}")
+        list(GET _parts 0 _name)
+        list(GET _parts 1 _args)
+        add_test(NAME dropin_${_name}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_mtp_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_mtp_dropin>"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/hy_v3.gguf"
+                    "-DARGS=${_args}"
+                    "-DOUT=${_bin}/dropin-tests/out/${_name}"
+                    -DMEMORY=llama_kv_cache
+                    -P "${_src}/tests/dropin/compare.cmake")
+        set_tests_properties(dropin_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
 

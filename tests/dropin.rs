@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 9] = [
+    let models: [(&str, Writer); 10] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -66,6 +66,8 @@ fn write_models_into(dir: &Path) {
         ("gemma4", |p| {
             llama_memory_reference::write_gemma4_model(p, 2)
         }),
+        // a NextN (MTP) block: LLAMA_CONTEXT_TYPE_MTP contexts (tests/dropin/mtp.cpp)
+        ("hy_v3", llama_memory_reference::write_hy_v3_model),
         // M-RoPE (4 positions per token): no K-shift
         ("qwen2vl", |p| {
             llama_memory_reference::write_qwen2vl_model(

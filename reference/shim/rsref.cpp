@@ -449,6 +449,45 @@ bool rsref_write_gemma4(const char * path, uint32_t n_shared_kv) {
     }, specs);
 }
 
+bool rsref_write_hy_v3(const char * path) {
+    init_once();
+
+    // 2 decoder blocks and 1 NextN (MTP) block, all dense (no expert tensors: the dense FFN
+    // path), plain attention: an MTP context's KV cache holds the NextN layer only
+    const int64_t n_layer = 3, n_embd = 64, n_head = 4, n_head_kv = 2, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head, n_embd_kv = n_head_kv*head_dim;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        push_qkv(specs, b, n_embd, n_embd_kv);
+        specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+        specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        if (il == n_layer - 1) {
+            specs.push_back(rnd(b + "nextn.eh_proj.weight", 2*n_embd, n_embd));
+            specs.push_back(ones(b + "nextn.enorm.weight", n_embd));
+            specs.push_back(ones(b + "nextn.hnorm.weight", n_embd));
+        }
+    }
+
+    return write_gguf(path, "hy_v3", [&](gguf_context * g) {
+        set_shape_kv(g, "hy_v3", n_embd, n_layer);
+        gguf_set_val_u32(g, "hy_v3.nextn_predict_layers", 1);
+        gguf_set_val_u32(g, "hy_v3.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "hy_v3.expert_feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "hy_v3.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "hy_v3.attention.head_count_kv", (uint32_t) n_head_kv);
+        gguf_set_val_f32(g, "hy_v3.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "hy_v3.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

@@ -61,6 +61,11 @@ bool rsref_write_gemma3(const char *path, uint32_t n_layer, uint32_t n_embd, uin
  * reuse callback. */
 bool rsref_write_gemma4(const char *path, uint32_t n_shared_kv);
 
+/* A `hy_v3` GGUF with one NextN (MTP) block: 2 dense decoder blocks and the NextN block 2 (width
+ * 64, 4 query heads, 2 KV heads). Loaded with load_mtp, an LLAMA_CONTEXT_TYPE_MTP context gets a
+ * KV cache over layer 2 only (create_memory's filter il >= n_layer()). */
+bool rsref_write_hy_v3(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

@@ -35,6 +35,7 @@ pub(crate) struct RsApi {
     write_jamba: unsafe extern "C" fn(*const c_char, u32, u32, *const u32) -> bool,
     write_gemma3: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
     write_gemma4: unsafe extern "C" fn(*const c_char, u32) -> bool,
+    write_hy_v3: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -96,6 +97,7 @@ impl RsApi {
                 write_jamba,
                 write_gemma3,
                 write_gemma4,
+                write_hy_v3,
                 write_qwen2vl,
                 new,
                 free,
@@ -342,6 +344,16 @@ pub fn write_gemma4_model(path: &Path, n_shared_kv: u32) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_gemma4)(p.as_ptr(), n_shared_kv) }
+}
+
+/// Writes a tiny random-weight `hy_v3` GGUF with one NextN (MTP) block to `path`: 2 dense
+/// decoder blocks of width 64 (4 query heads, 2 KV heads) and the NextN block 2, F32 weights
+/// from a fixed seed. An `LLAMA_CONTEXT_TYPE_MTP` context of it (model loaded with `load_mtp`)
+/// has a KV cache over layer 2 alone. `false` for a failed write.
+pub fn write_hy_v3_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_hy_v3)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
