@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -466,6 +466,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_lfm2_swa llama_memory_hybrid_iswa)
     set(_memory_gemma3 llama_kv_cache_iswa)
     set(_memory_gemma4 llama_kv_cache_iswa)
+    set(_memory_deepseek32 llama_kv_cache_dsa)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -496,6 +497,9 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # caches of the iSWA memory
         "gemma4|gemma4|--flash-attn 0 --n-ctx 512"
         "gemma4_fa_on_streams|gemma4|--flash-attn 1 --kv-unified 0"
+        # deepseek32: MLA (a K-only cache) beside the lightning indexer's rotated key cache
+        "deepseek32|deepseek32|--flash-attn 0"
+        "deepseek32_fa_on_streams|deepseek32|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 10] = [
+    let models: [(&str, Writer); 11] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -68,6 +68,8 @@ fn write_models_into(dir: &Path) {
         }),
         // a NextN (MTP) block: LLAMA_CONTEXT_TYPE_MTP contexts (tests/dropin/mtp.cpp)
         ("hy_v3", llama_memory_reference::write_hy_v3_model),
+        // MLA and a lightning indexer: llama_kv_cache_dsa
+        ("deepseek32", llama_memory_reference::write_deepseek32_model),
         // M-RoPE (4 positions per token): no K-shift
         ("qwen2vl", |p| {
             llama_memory_reference::write_qwen2vl_model(

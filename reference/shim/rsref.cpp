@@ -61,7 +61,16 @@ struct wspec {
     int64_t ne0, ne1; // ne1 == 0: 1-D
     float offset;     // value = offset + scale * w, w uniform in [-0.1, 0.1)
     float scale;
+    int64_t ne2 = 0;  // > 0: 3-D [ne0, ne1, ne2]
 };
+
+wspec rnd3(std::string name, int64_t ne0, int64_t ne1, int64_t ne2) {
+    return {std::move(name), ne0, ne1, 0.0f, 1.0f, ne2};
+}
+
+wspec zeros(std::string name, int64_t ne0) {
+    return {std::move(name), ne0, 0, 0.0f, 0.0f};
+}
 
 wspec rnd(std::string name, int64_t ne0, int64_t ne1 = 0) {
     return {std::move(name), ne0, ne1, 0.0f, 1.0f};
@@ -77,7 +86,7 @@ bool write_gguf(const char * path, const char * arch, const std::function<void(g
                 const std::vector<wspec> & specs) {
     size_t n_floats = 0;
     for (const auto & s : specs) {
-        n_floats += (size_t) s.ne0*(s.ne1 ? s.ne1 : 1);
+        n_floats += (size_t) s.ne0*(s.ne1 ? s.ne1 : 1)*(s.ne2 ? s.ne2 : 1);
     }
 
     ggml_init_params ip = {
@@ -104,7 +113,8 @@ bool write_gguf(const char * path, const char * arch, const std::function<void(g
     };
 
     for (const auto & s : specs) {
-        ggml_tensor * t = s.ne1 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, s.ne0, s.ne1)
+        ggml_tensor * t = s.ne2 ? ggml_new_tensor_3d(ctx, GGML_TYPE_F32, s.ne0, s.ne1, s.ne2)
+                        : s.ne1 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, s.ne0, s.ne1)
                                 : ggml_new_tensor_1d(ctx, GGML_TYPE_F32, s.ne0);
         ggml_set_name(t, s.name.c_str());
         float * d = (float *) t->data;
@@ -485,6 +495,64 @@ bool rsref_write_hy_v3(const char * path) {
         gguf_set_val_u32(g, "hy_v3.attention.head_count_kv", (uint32_t) n_head_kv);
         gguf_set_val_f32(g, "hy_v3.attention.layer_norm_rms_epsilon", 1e-6f);
         gguf_set_val_u32(g, "hy_v3.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_deepseek32(const char * path) {
+    init_once();
+
+    // 2 dense layers (leading_dense_block_count = 2), MLA (one K head of kv_lora + rope = 48,
+    // no V cache) and a lightning indexer of 2 heads of 64 on every layer: the memory is a
+    // llama_kv_cache_dsa, an MLA cache beside the indexer's key cache (rotated: its head size
+    // is the indexer's)
+    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t q_lora = 32, kv_lora = 32, n_rot = 16, k_mla = 32, v_mla = 16;
+    const int64_t idx_heads = 2, idx_dim = 64;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
+        specs.push_back(ones(b + "attn_kv_a_norm.weight", kv_lora));
+        specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
+        specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*k_mla));
+        specs.push_back(rnd(b + "attn_kv_a_mqa.weight", n_embd, kv_lora + n_rot));
+        specs.push_back(rnd3(b + "attn_k_b.weight", k_mla - n_rot, kv_lora, n_head));
+        specs.push_back(rnd3(b + "attn_v_b.weight", kv_lora, v_mla, n_head));
+        specs.push_back(rnd(b + "attn_output.weight", n_head*v_mla, n_embd));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
+        specs.push_back(zeros(b + "indexer.k_norm.bias", idx_dim));
+        specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
+        specs.push_back(rnd(b + "indexer.attn_k.weight", n_embd, idx_dim));
+        specs.push_back(rnd(b + "indexer.attn_q_b.weight", q_lora, idx_heads*idx_dim));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+    }
+
+    return write_gguf(path, "deepseek32", [&](gguf_context * g) {
+        set_shape_kv(g, "deepseek32", n_embd, n_layer);
+        gguf_set_val_u32(g, "deepseek32.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "deepseek32.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "deepseek32.attention.head_count_kv", 1);
+        gguf_set_val_u32(g, "deepseek32.attention.key_length", (uint32_t) (kv_lora + n_rot));
+        gguf_set_val_u32(g, "deepseek32.attention.value_length", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "deepseek32.attention.key_length_mla", (uint32_t) k_mla);
+        gguf_set_val_u32(g, "deepseek32.attention.value_length_mla", (uint32_t) v_mla);
+        gguf_set_val_u32(g, "deepseek32.attention.q_lora_rank", (uint32_t) q_lora);
+        gguf_set_val_u32(g, "deepseek32.attention.kv_lora_rank", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "deepseek32.rope.dimension_count", (uint32_t) n_rot);
+        gguf_set_val_f32(g, "deepseek32.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "deepseek32.expert_feed_forward_length", 0);
+        gguf_set_val_u32(g, "deepseek32.expert_shared_count", 0);
+        gguf_set_val_u32(g, "deepseek32.leading_dense_block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "deepseek32.expert_gating_func", 2);
+        gguf_set_val_u32(g, "deepseek32.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "deepseek32.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "deepseek32.attention.indexer.top_k", 4);
+        gguf_set_val_u32(g, "deepseek32.vocab_size", (uint32_t) n_vocab);
     }, specs);
 }
 

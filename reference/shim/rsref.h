@@ -66,6 +66,11 @@ bool rsref_write_gemma4(const char *path, uint32_t n_shared_kv);
  * KV cache over layer 2 only (create_memory's filter il >= n_layer()). */
 bool rsref_write_hy_v3(const char *path);
 
+/* A `deepseek32` GGUF: 2 dense layers of width 64, MLA attention (4 heads, one 48-wide K head:
+ * kv_lora 32 + rope 16) with a lightning indexer (2 heads of 64, top-k 4) on every layer. Memory:
+ * llama_kv_cache_dsa (an MLA K-only cache and the indexer's key cache). */
+bool rsref_write_deepseek32(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

@@ -36,6 +36,7 @@ pub(crate) struct RsApi {
     write_gemma3: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
     write_gemma4: unsafe extern "C" fn(*const c_char, u32) -> bool,
     write_hy_v3: unsafe extern "C" fn(*const c_char) -> bool,
+    write_deepseek32: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -98,6 +99,7 @@ impl RsApi {
                 write_gemma3,
                 write_gemma4,
                 write_hy_v3,
+                write_deepseek32,
                 write_qwen2vl,
                 new,
                 free,
@@ -354,6 +356,15 @@ pub fn write_hy_v3_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_hy_v3)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `deepseek32` GGUF to `path`: 2 dense layers of width 64, MLA
+/// attention (4 heads over one 48-wide K head) and a lightning indexer (2 heads of 64, top-k 4),
+/// so the memory is a `llama_kv_cache_dsa`. `false` for a failed write.
+pub fn write_deepseek32_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_deepseek32)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
