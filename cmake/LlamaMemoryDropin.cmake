@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -467,6 +467,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_gemma3 llama_kv_cache_iswa)
     set(_memory_gemma4 llama_kv_cache_iswa)
     set(_memory_deepseek32 llama_kv_cache_dsa)
+    set(_memory_dots3note llama_kv_cache_dsa_iswa)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -500,6 +501,9 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # deepseek32: MLA (a K-only cache) beside the lightning indexer's rotated key cache
         "deepseek32|deepseek32|--flash-attn 0"
         "deepseek32_fa_on_streams|deepseek32|--flash-attn 1 --kv-unified 0"
+        # dots3note: a DSA cache for the full layer, a K-only window cache for the other
+        "dots3note|dots3note|--flash-attn 0 --n-ctx 512"
+        "dots3note_fa_on_streams|dots3note|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

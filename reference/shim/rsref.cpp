@@ -556,6 +556,77 @@ bool rsref_write_deepseek32(const char * path) {
     }, specs);
 }
 
+bool rsref_write_dots3note(const char * path) {
+    init_once();
+
+    // 2 dense MLA layers (as deepseek32's, with a head-wise output gate and a norm on the rope
+    // key): layer 0 full attention with a lightning indexer, layer 1 a 16-token sliding window.
+    // The memory is a llama_kv_cache_dsa_iswa: a DSA cache (MLA + indexer keys) for layer 0 and
+    // a K-only window cache for layer 1
+    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t q_lora = 32, kv_lora = 32, n_rot = 16, k_mla = 32, v_mla = 16;
+    const int64_t idx_heads = 2, idx_dim = 64;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
+        specs.push_back(ones(b + "attn_kv_a_norm.weight", kv_lora));
+        specs.push_back(ones(b + "attn_k_norm.weight", n_rot));
+        specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
+        specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*k_mla));
+        specs.push_back(rnd(b + "attn_kv_a_mqa.weight", n_embd, kv_lora + n_rot));
+        specs.push_back(rnd3(b + "attn_k_b.weight", k_mla - n_rot, kv_lora, n_head));
+        specs.push_back(rnd3(b + "attn_v_b.weight", kv_lora, v_mla, n_head));
+        specs.push_back(rnd(b + "attn_output.weight", n_head*v_mla, n_embd));
+        specs.push_back(rnd(b + "attn_gate.weight", n_embd, n_head));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        if (il == 0) {
+            specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
+            specs.push_back(zeros(b + "indexer.k_norm.bias", idx_dim));
+            specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
+            specs.push_back(rnd(b + "indexer.attn_k.weight", n_embd, idx_dim));
+            specs.push_back(rnd(b + "indexer.attn_q_b.weight", q_lora, idx_heads*idx_dim));
+        }
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+    }
+
+    return write_gguf(path, "dots3note", [&](gguf_context * g) {
+        set_shape_kv(g, "dots3note", n_embd, n_layer);
+        gguf_set_val_u32(g, "dots3note.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "dots3note.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "dots3note.attention.head_count_kv", 1);
+        gguf_set_val_u32(g, "dots3note.attention.key_length", (uint32_t) (kv_lora + n_rot));
+        gguf_set_val_u32(g, "dots3note.attention.value_length", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "dots3note.rope.dimension_count", (uint32_t) n_rot);
+        gguf_set_val_f32(g, "dots3note.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "dots3note.expert_shared_count", 0);
+        gguf_set_val_u32(g, "dots3note.expert_feed_forward_length", 0);
+        gguf_set_val_u32(g, "dots3note.leading_dense_block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "dots3note.expert_gating_func", 2);
+        gguf_set_val_u32(g, "dots3note.attention.q_lora_rank", (uint32_t) q_lora);
+        gguf_set_val_u32(g, "dots3note.attention.kv_lora_rank", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "dots3note.attention.key_length_mla", (uint32_t) k_mla);
+        gguf_set_val_u32(g, "dots3note.attention.value_length_mla", (uint32_t) v_mla);
+        gguf_set_val_u32(g, "dots3note.attention.kv_lora_rank_swa", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "dots3note.attention.key_length_mla_swa", (uint32_t) k_mla);
+        gguf_set_val_u32(g, "dots3note.attention.value_length_mla_swa", (uint32_t) v_mla);
+        gguf_set_val_u32(g, "dots3note.attention.sliding_window", 16);
+        gguf_set_val_f32(g, "dots3note.rope.freq_base_swa", 10000.0f);
+        const bool swa[2] = {false, true};
+        gguf_set_arr_data(g, "dots3note.attention.sliding_window_pattern", GGUF_TYPE_BOOL, swa, 2);
+        gguf_set_val_u32(g, "dots3note.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "dots3note.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "dots3note.attention.indexer.top_k", 4);
+        const bool full[2] = {true, false};
+        gguf_set_arr_data(g, "dots3note.attention.indexer.types", GGUF_TYPE_BOOL, full, 2);
+        gguf_set_val_u32(g, "dots3note.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

@@ -71,6 +71,11 @@ bool rsref_write_hy_v3(const char *path);
  * llama_kv_cache_dsa (an MLA K-only cache and the indexer's key cache). */
 bool rsref_write_deepseek32(const char *path);
 
+/* A `dots3note` GGUF: 2 dense MLA layers of width 64 (as deepseek32's, with an output gate),
+ * layer 0 full attention with a lightning indexer, layer 1 a 16-token sliding window. Memory:
+ * llama_kv_cache_dsa_iswa. */
+bool rsref_write_dots3note(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

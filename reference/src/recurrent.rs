@@ -37,6 +37,7 @@ pub(crate) struct RsApi {
     write_gemma4: unsafe extern "C" fn(*const c_char, u32) -> bool,
     write_hy_v3: unsafe extern "C" fn(*const c_char) -> bool,
     write_deepseek32: unsafe extern "C" fn(*const c_char) -> bool,
+    write_dots3note: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -100,6 +101,7 @@ impl RsApi {
                 write_gemma4,
                 write_hy_v3,
                 write_deepseek32,
+                write_dots3note,
                 write_qwen2vl,
                 new,
                 free,
@@ -365,6 +367,15 @@ pub fn write_deepseek32_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_deepseek32)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `dots3note` GGUF to `path`: 2 dense MLA layers of width 64,
+/// layer 0 full attention with a lightning indexer, layer 1 a 16-token sliding window, so the
+/// memory is a `llama_kv_cache_dsa_iswa`. `false` for a failed write.
+pub fn write_dots3note_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_dots3note)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
