@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,minimax_m3,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -468,6 +468,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_gemma4 llama_kv_cache_iswa)
     set(_memory_deepseek32 llama_kv_cache_dsa)
     set(_memory_dots3note llama_kv_cache_dsa_iswa)
+    set(_memory_minimax_m3 llama_kv_cache_msa)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -504,6 +505,10 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # dots3note: a DSA cache for the full layer, a K-only window cache for the other
         "dots3note|dots3note|--flash-attn 0 --n-ctx 512"
         "dots3note_fa_on_streams|dots3note|--flash-attn 1 --kv-unified 0"
+        # minimax-m3: its sparse path (flash attention, one stream per sequence) reads the
+        # cells through get_cells
+        "minimax_m3|minimax_m3|--flash-attn 0"
+        "minimax_m3_fa_on_streams|minimax_m3|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

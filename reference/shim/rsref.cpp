@@ -627,6 +627,68 @@ bool rsref_write_dots3note(const char * path) {
     }, specs);
 }
 
+bool rsref_write_minimax_m3(const char * path) {
+    init_once();
+
+    // 2 layers of width 64 (4 query heads, 2 KV heads of 16, partial RoPE over 8): layer 0
+    // dense, layer 1 MoE (2 experts, 1 used, 1 shared) with the sparse-attention indexer (2
+    // heads of 16, blocks of 4). The memory is a llama_kv_cache_msa: the attention cache and
+    // the indexer's key cache over layer 1
+    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_head_kv = 2, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t head_dim = n_embd/n_head, n_embd_kv = n_head_kv*head_dim;
+    const int64_t n_expert = 2, n_ff_exp = 32, idx_heads = 2, idx_dim = 16;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        push_qkv(specs, b, n_embd, n_embd_kv);
+        specs.push_back(rnd(b + "attn_output.weight", n_embd, n_embd));
+        specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+        specs.push_back(ones(b + "attn_k_norm.weight", head_dim));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        if (il == 0) {
+            specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+            specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+            specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        } else {
+            specs.push_back(rnd(b + "ffn_gate_inp.weight", n_embd, n_expert));
+            specs.push_back(zeros(b + "exp_probs_b.bias", n_expert));
+            specs.push_back(rnd3(b + "ffn_gate_exps.weight", n_embd, n_ff_exp, n_expert));
+            specs.push_back(rnd3(b + "ffn_down_exps.weight", n_ff_exp, n_embd, n_expert));
+            specs.push_back(rnd3(b + "ffn_up_exps.weight", n_embd, n_ff_exp, n_expert));
+            specs.push_back(rnd(b + "ffn_gate_shexp.weight", n_embd, n_ff_exp));
+            specs.push_back(rnd(b + "ffn_down_shexp.weight", n_ff_exp, n_embd));
+            specs.push_back(rnd(b + "ffn_up_shexp.weight", n_embd, n_ff_exp));
+            specs.push_back(rnd(b + "indexer.q_proj.weight", n_embd, idx_heads*idx_dim));
+            specs.push_back(rnd(b + "indexer.k_proj.weight", n_embd, idx_dim));
+            specs.push_back(ones(b + "indexer.q_norm.weight", idx_dim));
+            specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
+        }
+    }
+
+    return write_gguf(path, "minimax-m3", [&](gguf_context * g) {
+        set_shape_kv(g, "minimax-m3", n_embd, n_layer);
+        gguf_set_val_u32(g, "minimax-m3.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "minimax-m3.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "minimax-m3.attention.head_count_kv", (uint32_t) n_head_kv);
+        gguf_set_val_u32(g, "minimax-m3.rope.dimension_count", 8);
+        gguf_set_val_f32(g, "minimax-m3.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "minimax-m3.leading_dense_block_count", 1);
+        gguf_set_val_u32(g, "minimax-m3.expert_count", (uint32_t) n_expert);
+        gguf_set_val_u32(g, "minimax-m3.expert_used_count", 1);
+        gguf_set_val_u32(g, "minimax-m3.expert_feed_forward_length", (uint32_t) n_ff_exp);
+        gguf_set_val_u32(g, "minimax-m3.expert_shared_count", 1);
+        gguf_set_val_u32(g, "minimax-m3.expert_gating_func", 2);
+        gguf_set_val_u32(g, "minimax-m3.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "minimax-m3.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "minimax-m3.attention.indexer.top_k", 2);
+        gguf_set_val_u32(g, "minimax-m3.attention.indexer.block_size", 4);
+        gguf_set_val_u32(g, "minimax-m3.attention.indexer.local_blocks", 1);
+        gguf_set_val_u32(g, "minimax-m3.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

@@ -76,6 +76,11 @@ bool rsref_write_deepseek32(const char *path);
  * llama_kv_cache_dsa_iswa. */
 bool rsref_write_dots3note(const char *path);
 
+/* A `minimax-m3` GGUF: 2 layers of width 64, layer 0 dense, layer 1 MoE with the sparse
+ * attention's indexer. Memory: llama_kv_cache_msa (its sparse path runs with flash attention
+ * and one sequence or several streams). */
+bool rsref_write_minimax_m3(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

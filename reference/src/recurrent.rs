@@ -38,6 +38,7 @@ pub(crate) struct RsApi {
     write_hy_v3: unsafe extern "C" fn(*const c_char) -> bool,
     write_deepseek32: unsafe extern "C" fn(*const c_char) -> bool,
     write_dots3note: unsafe extern "C" fn(*const c_char) -> bool,
+    write_minimax_m3: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -102,6 +103,7 @@ impl RsApi {
                 write_hy_v3,
                 write_deepseek32,
                 write_dots3note,
+                write_minimax_m3,
                 write_qwen2vl,
                 new,
                 free,
@@ -376,6 +378,15 @@ pub fn write_dots3note_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_dots3note)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `minimax-m3` GGUF to `path`: 2 layers of width 64, layer 0
+/// dense, layer 1 MoE with the sparse attention's indexer, so the memory is a
+/// `llama_kv_cache_msa`. `false` for a failed write.
+pub fn write_minimax_m3_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_minimax_m3)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
