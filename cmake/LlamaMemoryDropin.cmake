@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,minimax_m3,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,minimax_m3,glm5_next,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -469,6 +469,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_deepseek32 llama_kv_cache_dsa)
     set(_memory_dots3note llama_kv_cache_dsa_iswa)
     set(_memory_minimax_m3 llama_kv_cache_msa)
+    set(_memory_glm5_next llama_memory_hybrid_idx)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -509,6 +510,10 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # cells through get_cells
         "minimax_m3|minimax_m3|--flash-attn 0"
         "minimax_m3_fa_on_streams|minimax_m3|--flash-attn 1 --kv-unified 0"
+        # glm5-next: hybrid-idx (KDA recurrent, nope MLA, the k-pool indexer's cache restored
+        # into the MLA cache's layout)
+        "glm5_next|glm5_next|--flash-attn 0"
+        "glm5_next_fa_on_streams|glm5_next|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

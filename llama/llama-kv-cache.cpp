@@ -410,6 +410,7 @@ void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & 
     const slot_view sv(sinfo);
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
     check(llama_memory_kv_apply_ubatch(mem, &sv.c, &ub), "apply_ubatch");
+    changed();
 }
 
 bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info, bool do_defrag) {
@@ -470,6 +471,7 @@ bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_co
         }
     }
 
+    changed();
     return updated;
 }
 
@@ -512,6 +514,13 @@ ggml_tensor * llama_kv_cache::get_k_storage(int32_t il) const {
 const llama_kv_cells & llama_kv_cache::get_cells(llama_seq_id seq_id) const {
     const uint32_t strm = get_stream(seq_id);
     cells_mirror.resize(n_stream);
+    mirror_out.resize(n_stream, false);
+    fill_mirror(strm);
+    mirror_out[strm] = true;
+    return cells_mirror[strm];
+}
+
+void llama_kv_cache::fill_mirror(uint32_t strm) const {
     auto & cells = cells_mirror[strm];
     cells.reset();
     cells.resize(kv_size);
@@ -529,7 +538,14 @@ const llama_kv_cells & llama_kv_cache::get_cells(llama_seq_id seq_id) const {
             }
         }
     }
-    return cells;
+}
+
+void llama_kv_cache::changed() const {
+    for (uint32_t s = 0; s < (uint32_t) mirror_out.size(); ++s) {
+        if (mirror_out[s]) {
+            fill_mirror(s);
+        }
+    }
 }
 
 uint32_t llama_kv_cache::get_stream(llama_seq_id seq_id) const {
@@ -665,7 +681,9 @@ const slot_info_vec_t *   sinfos_in) {
     llama_memory_dropin_reader r{ io };
     const llama_memory_io_read cb = r.callbacks();
     if (!sinfos_out && !sinfos_in) {
-        if (llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK) {
+        const bool ok = llama_memory_state_read_io(mem, seq_id, flags, &cb) == LLAMA_MEMORY_OK;
+        changed(); // (a failure may have erased the destination, as stock's)
+        if (ok) {
             return;
         }
         llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
@@ -695,9 +713,11 @@ const slot_info_vec_t *   sinfos_in) {
         }
     }
     std::vector<uint32_t> counts_out(n_stream), cells_out((size_t) kv_size*n_stream);
-    if (llama_memory_kv_state_read_io_slots(mem, seq_id, &cb,
+    const bool ok = llama_memory_kv_state_read_io_slots(mem, seq_id, &cb,
                 sinfos_in ? counts_in.data() : nullptr, sinfos_in ? cells_in.data() : nullptr,
-                counts_out.data(), cells_out.data(), cells_out.size()) != LLAMA_MEMORY_OK) {
+                counts_out.data(), cells_out.data(), cells_out.size()) == LLAMA_MEMORY_OK;
+    changed();
+    if (!ok) {
         llama_memory_dropin_read_failed(mem, r.error, /* kv = */ true);
     }
     if (sinfos_out) {
@@ -722,6 +742,7 @@ const slot_info_vec_t *   sinfos_in) {
 
 void llama_kv_cache::state_clear(llama_seq_id seq_id) {
     check(llama_memory_kv_state_clear(mem, seq_id), "state_clear");
+    changed();
 }
 
 //

@@ -272,9 +272,16 @@ private:
     uint32_t n_rot_v = 0;
     std::unordered_map<int64_t, std::vector<float>> attn_rot_hadamard;
 
+    // get_cells hands out references to mirrors of the library's cells; upstream's callers
+    // (hybrid-idx's k-pool layout, msa) keep them, as references to live cells, across
+    // apply_ubatch and the other changes: every change rebuilds the mirrors handed out
     mutable std::vector<llama_kv_cells> cells_mirror;
+    mutable std::vector<bool>           mirror_out;
     mutable std::vector<llama_pos>      cells_pos;  // get_cells' buffers, kept between calls
     mutable std::vector<uint64_t>       cells_bits;
+
+    void fill_mirror(uint32_t strm) const;
+    void changed() const;
 
     ggml_cgraph * build_graph_shift(llm_graph_result * res, llama_context * lctx) const;
 };

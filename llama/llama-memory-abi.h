@@ -51,19 +51,30 @@ inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdow
 // `mem`: clear, the sequence functions, seq_pos_min/max and memory_breakdown (the library
 // gives each its llama.h semantics).
 #define LLAMA_MEMORY_DROPIN_FORWARDERS(cls)                                                         \
-    void cls::clear(bool data) { llama_memory_dropin_clear(mem, data); }                           \
+    void cls::clear(bool data) {                                                                    \
+        llama_memory_dropin_clear(mem, data);                                                       \
+        changed();                                                                                  \
+    }                                                                                               \
     bool cls::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {                            \
-        return llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);                                     \
+        const bool ok = llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);                            \
+        changed();                                                                                  \
+        return ok;                                                                                  \
     }                                                                                               \
     void cls::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) { \
         llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);                            \
+        changed();                                                                                  \
     }                                                                                               \
-    void cls::seq_keep(llama_seq_id seq_id) { llama_memory_dropin_seq_keep(mem, seq_id); }          \
+    void cls::seq_keep(llama_seq_id seq_id) {                                                       \
+        llama_memory_dropin_seq_keep(mem, seq_id);                                                  \
+        changed();                                                                                  \
+    }                                                                                               \
     void cls::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {           \
         llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);                                    \
+        changed();                                                                                  \
     }                                                                                               \
     void cls::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {                     \
         llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);                                        \
+        changed();                                                                                  \
     }                                                                                               \
     llama_pos cls::seq_pos_min(llama_seq_id seq_id) const {                                         \
         return llama_memory_dropin_seq_pos_min(mem, seq_id);                                        \

@@ -95,6 +95,9 @@ public:
     int32_t s_copy(int i) const;
 
 private:
+    // (the forwarders call it after every change; the recurrent memory hands out no mirror)
+    void changed() const {}
+
     // the library's counters (size, head, n, rs_z) in one call
     struct llama_memory_rs_info info() const;
 

@@ -21,9 +21,13 @@
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-io.h"
+#include "llama-kv-cache-dsa-iswa.h"
+#include "llama-kv-cache-dsa.h"
 #include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache-msa.h"
 #include "llama-kv-cache.h"
 #include "llama-memory-abi.h"
+#include "llama-memory-hybrid-idx.h"
 #include "llama-memory-hybrid-iswa.h"
 #include "llama-memory-hybrid.h"
 #include "llama-memory-recurrent.h"
@@ -70,6 +74,24 @@ bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector
     }
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(memory)) {
         return (partial || leaves_of(iswa->get_base(), flags, out)) && leaves_of(iswa->get_swa(), flags, out);
+    }
+    // the composites over KV caches that read every part whatever the flags (a KV cache
+    // ignores PARTIAL_ONLY), in their state's order
+    if (auto * dsa = dynamic_cast<llama_kv_cache_dsa *>(memory)) {
+        return leaves_of(dsa->get_mla(), flags, out) && leaves_of(dsa->get_lid(), flags, out);
+    }
+    if (auto * di = dynamic_cast<llama_kv_cache_dsa_iswa *>(memory)) {
+        return (partial || leaves_of(di->get_dsa(), flags, out)) && leaves_of(di->get_swa(), flags, out);
+    }
+    if (auto * msa = dynamic_cast<llama_kv_cache_msa *>(memory)) {
+        return leaves_of(msa->get_base(), flags, out) && leaves_of(msa->get_idx(), flags, out);
+    }
+    // (before llama_memory_hybrid, which it derives from) attention, recurrent, then the
+    // indexer cache, which restores into the attention cache's layout: its dry run searches a
+    // slot of its own, which finds room where the attention cache, whose cells it mirrors, does
+    if (auto * hx = dynamic_cast<llama_memory_hybrid_idx *>(memory)) {
+        return (partial || leaves_of(hx->get_mem_attn(), flags, out)) && leaves_of(hx->get_mem_recr(), flags, out) &&
+               (partial || leaves_of(hx->get_mem_idx(), flags, out));
     }
     if (auto * hy = dynamic_cast<llama_memory_hybrid *>(memory)) {
         return (partial || leaves_of(hy->get_mem_attn(), flags, out)) && leaves_of(hy->get_mem_recr(), flags, out);
@@ -246,6 +268,18 @@ void erase_everywhere(llama_memory_i * memory, llama_seq_id seq_id) {
         } else {
             llama_memory_dropin_seq_rm(l.mem, seq_id, -1, -1);
         }
+    }
+    // then the same through the composite, on parts already empty there: its own bookkeeping
+    // of what changed behind it (hybrid-idx's k-pool layout, which a restore's failure
+    // re-derives in upstream's state_drop) and the adapters' cell mirrors follow
+    try {
+        if (seq_id == -1) {
+            memory->clear(true);
+        } else {
+            memory->seq_rm(seq_id, -1, -1);
+        }
+    } catch (...) {
+        // (nothing left to remove: a part that refuses has nothing to refuse)
     }
 }
 

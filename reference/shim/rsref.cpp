@@ -689,6 +689,96 @@ bool rsref_write_minimax_m3(const char * path) {
     }, specs);
 }
 
+bool rsref_write_glm5_next(const char * path) {
+    init_once();
+
+    // 2 dense layers of width 64 with mHC residuals (4 streams): layer 0 Kimi delta attention
+    // (recurrent: head_count_kv 0; 4 heads of 16, conv kernel 4), layer 1 nope MLA (kv_lora
+    // 32, no RoPE) with a k-pool lightning indexer (2 heads of 16, top-k 4, pool 2). The memory
+    // is a llama_memory_hybrid_idx: the MLA cache, the recurrent state and the indexer's cache
+    // (name tag "idx_"), whose restore mirrors the MLA cache's layout (state_read_sinfo)
+    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+    const int64_t hc = 4, hc_mix = (2 + hc)*hc, hd = 16, d_conv = 4, d_inner = hd*n_head;
+    const int64_t q_lora = 32, kv_lora = 32, k_mla = 16, v_mla = 16, idx_heads = 2, idx_dim = 16, kpool = 2;
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "hc_attn_fn.weight", hc*n_embd, hc_mix));
+        specs.push_back(rnd(b + "hc_attn_base.weight", hc_mix));
+        specs.push_back(ones(b + "hc_attn_scale.weight", 3));
+        specs.push_back(rnd(b + "hc_ffn_fn.weight", hc*n_embd, hc_mix));
+        specs.push_back(rnd(b + "hc_ffn_base.weight", hc_mix));
+        specs.push_back(ones(b + "hc_ffn_scale.weight", 3));
+        if (il == 0) {
+            for (const char * c : {"ssm_conv1d_q.weight", "ssm_conv1d_k.weight", "ssm_conv1d_v.weight"}) {
+                specs.push_back(rnd3(b + c, d_conv, 1, d_inner));
+            }
+            specs.push_back(rnd(b + "attn_q.weight", n_embd, d_inner));
+            specs.push_back(rnd(b + "attn_k.weight", n_embd, d_inner));
+            specs.push_back(rnd(b + "attn_v.weight", n_embd, d_inner));
+            specs.push_back(rnd(b + "ssm_f_a.weight", n_embd, hd));
+            specs.push_back(rnd(b + "ssm_f_b.weight", hd, d_inner));
+            specs.push_back(rnd(b + "ssm_beta.weight", n_embd, n_head));
+            specs.push_back({b + "ssm_a", n_head, 0, -1.0f, 1.0f}); // -exp(A_log): negative
+            specs.push_back(rnd(b + "ssm_dt.bias", d_inner));
+            specs.push_back(rnd(b + "ssm_g_a.weight", n_embd, hd));
+            specs.push_back(rnd(b + "ssm_g_b.weight", hd, d_inner));
+            specs.push_back(ones(b + "ssm_norm.weight", hd));
+            specs.push_back(rnd(b + "attn_output.weight", d_inner, n_embd));
+        } else {
+            specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
+            specs.push_back(ones(b + "attn_kv_a_norm.weight", kv_lora));
+            specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
+            specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*k_mla));
+            specs.push_back(rnd(b + "attn_kv_a_mqa.weight", n_embd, kv_lora));
+            specs.push_back(rnd3(b + "attn_k_b.weight", k_mla, kv_lora, n_head));
+            specs.push_back(rnd3(b + "attn_v_b.weight", kv_lora, v_mla, n_head));
+            specs.push_back(rnd(b + "attn_output.weight", n_head*v_mla, n_embd));
+            specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
+            specs.push_back(zeros(b + "indexer.k_norm.bias", idx_dim));
+            specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
+            specs.push_back(rnd(b + "indexer.attn_k.weight", n_embd, idx_dim));
+            specs.push_back(rnd(b + "indexer.attn_q_b.weight", q_lora, idx_heads*idx_dim));
+            specs.push_back(rnd(b + "indexer_compressor_gate.weight", n_embd, idx_dim));
+            specs.push_back(rnd(b + "indexer_compressor_ape.weight", idx_dim, kpool));
+        }
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+    }
+
+    return write_gguf(path, "glm5-next", [&](gguf_context * g) {
+        set_shape_kv(g, "glm5-next", n_embd, n_layer);
+        gguf_set_val_u32(g, "glm5-next.feed_forward_length", (uint32_t) n_ff);
+        gguf_set_val_u32(g, "glm5-next.attention.head_count", (uint32_t) n_head);
+        const uint32_t head_kv[2] = {0, 1};
+        gguf_set_arr_data(g, "glm5-next.attention.head_count_kv", GGUF_TYPE_UINT32, head_kv, 2);
+        gguf_set_val_u32(g, "glm5-next.attention.key_length", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "glm5-next.rope.dimension_count", 0);
+        gguf_set_val_f32(g, "glm5-next.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "glm5-next.attention.key_length_mla", (uint32_t) k_mla);
+        gguf_set_val_u32(g, "glm5-next.attention.value_length_mla", (uint32_t) v_mla);
+        gguf_set_val_u32(g, "glm5-next.attention.q_lora_rank", (uint32_t) q_lora);
+        gguf_set_val_u32(g, "glm5-next.attention.kv_lora_rank", (uint32_t) kv_lora);
+        gguf_set_val_u32(g, "glm5-next.ssm.conv_kernel", (uint32_t) d_conv);
+        gguf_set_val_u32(g, "glm5-next.kda.head_dim", (uint32_t) hd);
+        gguf_set_val_u32(g, "glm5-next.expert_feed_forward_length", 0);
+        gguf_set_val_u32(g, "glm5-next.expert_shared_count", 0);
+        gguf_set_val_u32(g, "glm5-next.leading_dense_block_count", (uint32_t) n_layer);
+        gguf_set_val_u32(g, "glm5-next.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "glm5-next.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "glm5-next.attention.indexer.top_k", 4);
+        gguf_set_val_u32(g, "glm5-next.attention.indexer.kpool", (uint32_t) kpool);
+        gguf_set_val_u32(g, "glm5-next.hyper_connection.count", (uint32_t) hc);
+        gguf_set_val_u32(g, "glm5-next.hyper_connection.sinkhorn_iterations", 2);
+        gguf_set_val_f32(g, "glm5-next.hyper_connection.epsilon", 1e-6f);
+        gguf_set_val_u32(g, "glm5-next.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

@@ -81,6 +81,11 @@ bool rsref_write_dots3note(const char *path);
  * and one sequence or several streams). */
 bool rsref_write_minimax_m3(const char *path);
 
+/* A `glm5-next` GGUF: 2 dense layers of width 64 with mHC residuals, layer 0 Kimi delta attention
+ * (recurrent), layer 1 nope MLA with a k-pool lightning indexer. Memory: llama_memory_hybrid_idx
+ * (its indexer cache is named `cache_idx_*` and restores into the MLA cache's layout). */
+bool rsref_write_glm5_next(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

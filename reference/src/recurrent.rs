@@ -39,6 +39,7 @@ pub(crate) struct RsApi {
     write_deepseek32: unsafe extern "C" fn(*const c_char) -> bool,
     write_dots3note: unsafe extern "C" fn(*const c_char) -> bool,
     write_minimax_m3: unsafe extern "C" fn(*const c_char) -> bool,
+    write_glm5_next: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -104,6 +105,7 @@ impl RsApi {
                 write_deepseek32,
                 write_dots3note,
                 write_minimax_m3,
+                write_glm5_next,
                 write_qwen2vl,
                 new,
                 free,
@@ -387,6 +389,15 @@ pub fn write_minimax_m3_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_minimax_m3)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `glm5-next` GGUF to `path`: 2 dense layers of width 64 with mHC
+/// residuals, a Kimi-delta-attention (recurrent) layer and a nope-MLA layer with a k-pool
+/// lightning indexer, so the memory is a `llama_memory_hybrid_idx`. `false` for a failed write.
+pub fn write_glm5_next_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_glm5_next)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
