@@ -498,91 +498,32 @@ bool rsref_write_hy_v3(const char * path) {
     }, specs);
 }
 
-bool rsref_write_deepseek32(const char * path) {
-    init_once();
+// The MLA + lightning-indexer layers of deepseek32 and dots3note: 4 heads, one 48-wide K head
+// (kv_lora 32 + rope 16), nope/rope key 32, value 16, an indexer of 2 heads of 64 (top-k 4).
+struct mla_dsa {
+    static constexpr int64_t n_embd = 64, n_head = 4, n_ff = 2*64;
+    static constexpr int64_t q_lora = 32, kv_lora = 32, n_rot = 16, k_mla = 32, v_mla = 16;
+    static constexpr int64_t idx_heads = 2, idx_dim = 64;
 
-    // 2 dense layers (leading_dense_block_count = 2), MLA (one K head of kv_lora + rope = 48,
-    // no V cache) and a lightning indexer of 2 heads of 64 on every layer: the memory is a
-    // llama_kv_cache_dsa, an MLA cache beside the indexer's key cache (rotated: its head size
-    // is the indexer's)
-    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
-    const int64_t q_lora = 32, kv_lora = 32, n_rot = 16, k_mla = 32, v_mla = 16;
-    const int64_t idx_heads = 2, idx_dim = 64;
-
-    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
-    for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = blk(il);
+    // one dense layer's tensors; dots3note's add a norm on the rope key and an output gate
+    static void push_layer(std::vector<wspec> & specs, const std::string & b, bool gated, bool indexer) {
         specs.push_back(ones(b + "attn_norm.weight", n_embd));
         specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
         specs.push_back(ones(b + "attn_kv_a_norm.weight", kv_lora));
+        if (gated) {
+            specs.push_back(ones(b + "attn_k_norm.weight", n_rot));
+        }
         specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
         specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*k_mla));
         specs.push_back(rnd(b + "attn_kv_a_mqa.weight", n_embd, kv_lora + n_rot));
         specs.push_back(rnd3(b + "attn_k_b.weight", k_mla - n_rot, kv_lora, n_head));
         specs.push_back(rnd3(b + "attn_v_b.weight", kv_lora, v_mla, n_head));
         specs.push_back(rnd(b + "attn_output.weight", n_head*v_mla, n_embd));
+        if (gated) {
+            specs.push_back(rnd(b + "attn_gate.weight", n_embd, n_head));
+        }
         specs.push_back(ones(b + "ffn_norm.weight", n_embd));
-        specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
-        specs.push_back(zeros(b + "indexer.k_norm.bias", idx_dim));
-        specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
-        specs.push_back(rnd(b + "indexer.attn_k.weight", n_embd, idx_dim));
-        specs.push_back(rnd(b + "indexer.attn_q_b.weight", q_lora, idx_heads*idx_dim));
-        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
-        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
-        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
-    }
-
-    return write_gguf(path, "deepseek32", [&](gguf_context * g) {
-        set_shape_kv(g, "deepseek32", n_embd, n_layer);
-        gguf_set_val_u32(g, "deepseek32.feed_forward_length", (uint32_t) n_ff);
-        gguf_set_val_u32(g, "deepseek32.attention.head_count", (uint32_t) n_head);
-        gguf_set_val_u32(g, "deepseek32.attention.head_count_kv", 1);
-        gguf_set_val_u32(g, "deepseek32.attention.key_length", (uint32_t) (kv_lora + n_rot));
-        gguf_set_val_u32(g, "deepseek32.attention.value_length", (uint32_t) kv_lora);
-        gguf_set_val_u32(g, "deepseek32.attention.key_length_mla", (uint32_t) k_mla);
-        gguf_set_val_u32(g, "deepseek32.attention.value_length_mla", (uint32_t) v_mla);
-        gguf_set_val_u32(g, "deepseek32.attention.q_lora_rank", (uint32_t) q_lora);
-        gguf_set_val_u32(g, "deepseek32.attention.kv_lora_rank", (uint32_t) kv_lora);
-        gguf_set_val_u32(g, "deepseek32.rope.dimension_count", (uint32_t) n_rot);
-        gguf_set_val_f32(g, "deepseek32.attention.layer_norm_rms_epsilon", 1e-6f);
-        gguf_set_val_u32(g, "deepseek32.expert_feed_forward_length", 0);
-        gguf_set_val_u32(g, "deepseek32.expert_shared_count", 0);
-        gguf_set_val_u32(g, "deepseek32.leading_dense_block_count", (uint32_t) n_layer);
-        gguf_set_val_u32(g, "deepseek32.expert_gating_func", 2);
-        gguf_set_val_u32(g, "deepseek32.attention.indexer.head_count", (uint32_t) idx_heads);
-        gguf_set_val_u32(g, "deepseek32.attention.indexer.key_length", (uint32_t) idx_dim);
-        gguf_set_val_u32(g, "deepseek32.attention.indexer.top_k", 4);
-        gguf_set_val_u32(g, "deepseek32.vocab_size", (uint32_t) n_vocab);
-    }, specs);
-}
-
-bool rsref_write_dots3note(const char * path) {
-    init_once();
-
-    // 2 dense MLA layers (as deepseek32's, with a head-wise output gate and a norm on the rope
-    // key): layer 0 full attention with a lightning indexer, layer 1 a 16-token sliding window.
-    // The memory is a llama_kv_cache_dsa_iswa: a DSA cache (MLA + indexer keys) for layer 0 and
-    // a K-only window cache for layer 1
-    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
-    const int64_t q_lora = 32, kv_lora = 32, n_rot = 16, k_mla = 32, v_mla = 16;
-    const int64_t idx_heads = 2, idx_dim = 64;
-
-    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
-    for (int64_t il = 0; il < n_layer; ++il) {
-        const std::string b = blk(il);
-        specs.push_back(ones(b + "attn_norm.weight", n_embd));
-        specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
-        specs.push_back(ones(b + "attn_kv_a_norm.weight", kv_lora));
-        specs.push_back(ones(b + "attn_k_norm.weight", n_rot));
-        specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
-        specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*k_mla));
-        specs.push_back(rnd(b + "attn_kv_a_mqa.weight", n_embd, kv_lora + n_rot));
-        specs.push_back(rnd3(b + "attn_k_b.weight", k_mla - n_rot, kv_lora, n_head));
-        specs.push_back(rnd3(b + "attn_v_b.weight", kv_lora, v_mla, n_head));
-        specs.push_back(rnd(b + "attn_output.weight", n_head*v_mla, n_embd));
-        specs.push_back(rnd(b + "attn_gate.weight", n_embd, n_head));
-        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
-        if (il == 0) {
+        if (indexer) {
             specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
             specs.push_back(zeros(b + "indexer.k_norm.bias", idx_dim));
             specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
@@ -594,36 +535,70 @@ bool rsref_write_dots3note(const char * path) {
         specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
     }
 
+    // the keys both read, for n_layer dense layers
+    static void set_kv(gguf_context * g, const std::string & arch, int64_t n_layer) {
+        auto key = [&](const char * k) { return arch + "." + k; };
+        set_shape_kv(g, arch, n_embd, n_layer);
+        gguf_set_val_u32(g, key("feed_forward_length").c_str(), (uint32_t) n_ff);
+        gguf_set_val_u32(g, key("attention.head_count").c_str(), (uint32_t) n_head);
+        gguf_set_val_u32(g, key("attention.head_count_kv").c_str(), 1);
+        gguf_set_val_u32(g, key("attention.key_length").c_str(), (uint32_t) (kv_lora + n_rot));
+        gguf_set_val_u32(g, key("attention.value_length").c_str(), (uint32_t) kv_lora);
+        gguf_set_val_u32(g, key("attention.key_length_mla").c_str(), (uint32_t) k_mla);
+        gguf_set_val_u32(g, key("attention.value_length_mla").c_str(), (uint32_t) v_mla);
+        gguf_set_val_u32(g, key("attention.q_lora_rank").c_str(), (uint32_t) q_lora);
+        gguf_set_val_u32(g, key("attention.kv_lora_rank").c_str(), (uint32_t) kv_lora);
+        gguf_set_val_u32(g, key("rope.dimension_count").c_str(), (uint32_t) n_rot);
+        gguf_set_val_f32(g, key("attention.layer_norm_rms_epsilon").c_str(), 1e-6f);
+        gguf_set_val_u32(g, key("expert_feed_forward_length").c_str(), 0);
+        gguf_set_val_u32(g, key("expert_shared_count").c_str(), 0);
+        gguf_set_val_u32(g, key("leading_dense_block_count").c_str(), (uint32_t) n_layer);
+        gguf_set_val_u32(g, key("expert_gating_func").c_str(), 2);
+        gguf_set_val_u32(g, key("attention.indexer.head_count").c_str(), (uint32_t) idx_heads);
+        gguf_set_val_u32(g, key("attention.indexer.key_length").c_str(), (uint32_t) idx_dim);
+        gguf_set_val_u32(g, key("attention.indexer.top_k").c_str(), 4);
+        gguf_set_val_u32(g, key("vocab_size").c_str(), TINY_VOCAB);
+    }
+};
+
+bool rsref_write_deepseek32(const char * path) {
+    init_once();
+
+    // 2 dense layers with MLA and a lightning indexer on each: the memory is a
+    // llama_kv_cache_dsa, an MLA cache beside the indexer's key cache (rotated: its head size
+    // is the indexer's)
+    const int64_t n_layer = 2;
+    std::vector<wspec> specs = head_specs(mla_dsa::n_embd, TINY_VOCAB);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        mla_dsa::push_layer(specs, blk(il), /*gated =*/ false, /*indexer =*/ true);
+    }
+    return write_gguf(path, "deepseek32", [&](gguf_context * g) { mla_dsa::set_kv(g, "deepseek32", n_layer); }, specs);
+}
+
+bool rsref_write_dots3note(const char * path) {
+    init_once();
+
+    // 2 dense MLA layers (with an output gate and a norm on the rope key): layer 0 full
+    // attention with a lightning indexer, layer 1 a 16-token sliding window. The memory is a
+    // llama_kv_cache_dsa_iswa: a DSA cache (MLA + indexer keys) for layer 0 and a K-only window
+    // cache for layer 1
+    const int64_t n_layer = 2;
+    std::vector<wspec> specs = head_specs(mla_dsa::n_embd, TINY_VOCAB);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        mla_dsa::push_layer(specs, blk(il), /*gated =*/ true, /*indexer =*/ il == 0);
+    }
     return write_gguf(path, "dots3note", [&](gguf_context * g) {
-        set_shape_kv(g, "dots3note", n_embd, n_layer);
-        gguf_set_val_u32(g, "dots3note.feed_forward_length", (uint32_t) n_ff);
-        gguf_set_val_u32(g, "dots3note.attention.head_count", (uint32_t) n_head);
-        gguf_set_val_u32(g, "dots3note.attention.head_count_kv", 1);
-        gguf_set_val_u32(g, "dots3note.attention.key_length", (uint32_t) (kv_lora + n_rot));
-        gguf_set_val_u32(g, "dots3note.attention.value_length", (uint32_t) kv_lora);
-        gguf_set_val_u32(g, "dots3note.rope.dimension_count", (uint32_t) n_rot);
-        gguf_set_val_f32(g, "dots3note.attention.layer_norm_rms_epsilon", 1e-6f);
-        gguf_set_val_u32(g, "dots3note.expert_shared_count", 0);
-        gguf_set_val_u32(g, "dots3note.expert_feed_forward_length", 0);
-        gguf_set_val_u32(g, "dots3note.leading_dense_block_count", (uint32_t) n_layer);
-        gguf_set_val_u32(g, "dots3note.expert_gating_func", 2);
-        gguf_set_val_u32(g, "dots3note.attention.q_lora_rank", (uint32_t) q_lora);
-        gguf_set_val_u32(g, "dots3note.attention.kv_lora_rank", (uint32_t) kv_lora);
-        gguf_set_val_u32(g, "dots3note.attention.key_length_mla", (uint32_t) k_mla);
-        gguf_set_val_u32(g, "dots3note.attention.value_length_mla", (uint32_t) v_mla);
-        gguf_set_val_u32(g, "dots3note.attention.kv_lora_rank_swa", (uint32_t) kv_lora);
-        gguf_set_val_u32(g, "dots3note.attention.key_length_mla_swa", (uint32_t) k_mla);
-        gguf_set_val_u32(g, "dots3note.attention.value_length_mla_swa", (uint32_t) v_mla);
+        mla_dsa::set_kv(g, "dots3note", n_layer);
+        // the window layers' MLA, as the full ones'
+        gguf_set_val_u32(g, "dots3note.attention.kv_lora_rank_swa", (uint32_t) mla_dsa::kv_lora);
+        gguf_set_val_u32(g, "dots3note.attention.key_length_mla_swa", (uint32_t) mla_dsa::k_mla);
+        gguf_set_val_u32(g, "dots3note.attention.value_length_mla_swa", (uint32_t) mla_dsa::v_mla);
         gguf_set_val_u32(g, "dots3note.attention.sliding_window", 16);
         gguf_set_val_f32(g, "dots3note.rope.freq_base_swa", 10000.0f);
         const bool swa[2] = {false, true};
         gguf_set_arr_data(g, "dots3note.attention.sliding_window_pattern", GGUF_TYPE_BOOL, swa, 2);
-        gguf_set_val_u32(g, "dots3note.attention.indexer.head_count", (uint32_t) idx_heads);
-        gguf_set_val_u32(g, "dots3note.attention.indexer.key_length", (uint32_t) idx_dim);
-        gguf_set_val_u32(g, "dots3note.attention.indexer.top_k", 4);
         const bool full[2] = {true, false};
         gguf_set_arr_data(g, "dots3note.attention.indexer.types", GGUF_TYPE_BOOL, full, 2);
-        gguf_set_val_u32(g, "dots3note.vocab_size", (uint32_t) n_vocab);
     }, specs);
 }
 

@@ -15,6 +15,7 @@
 // Exit 0 when both hold, 1 otherwise.
 #include "llama.h"
 #include "llama-ext.h"
+#include "log_lines.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -27,24 +28,12 @@ namespace {
 std::vector<std::string> g_log;
 
 void log_cb(ggml_log_level level, const char * text, void * /*user*/) {
-    static std::string pending;
-    pending += text;
-    if (pending.empty() || pending.back() != '\n') {
-        return;
-    }
-    const std::string line = pending;
-    pending.clear();
-    if (level == GGML_LOG_LEVEL_DEBUG) {
-        return;
-    }
-    // the memory's lines and the sizes a fit reads; not the loader's (paths, timings)
-    static const char * keep[] = {"llama_kv_cache", "llama_memory_recurrent", "iswa", "hybrid", "buffer size",
-                                  "graph", "n_ctx", "n_seq"};
-    for (const char * k : keep) {
-        if (line.find(k) != std::string::npos) {
-            g_log.push_back(line);
-            return;
-        }
+    std::string line;
+    // the memory's lines and the sizes a fit reads
+    if (whole_log_line(text, line) && level != GGML_LOG_LEVEL_DEBUG &&
+        mentions_any(line, {"llama_kv_cache", "llama_memory_recurrent", "iswa", "hybrid", "buffer size", "graph",
+                            "n_ctx", "n_seq"})) {
+        g_log.push_back(line);
     }
 }
 

@@ -12,6 +12,7 @@
 // position ranges and the state blobs (hex) in order.
 #include "llama.h"
 #include "llama-ext.h"
+#include "log_lines.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -24,24 +25,15 @@ namespace {
 FILE * g_out = nullptr;
 
 void log_cb(ggml_log_level level, const char * text, void * /*user*/) {
-    static std::string pending;
-    pending += text;
-    if (pending.empty() || pending.back() != '\n') {
-        return;
-    }
-    const std::string line = pending;
-    pending.clear();
-    // the memory's lines, the graph sizes; not the loader's (paths, timings)
-    static const char * keep[] = {"llama_kv_cache", "llama_memory", "state_", "KV buffer", "graph:", "n_ctx"};
-    for (const char * k : keep) {
-        if (line.find(k) != std::string::npos) {
-            std::string esc;
-            for (char c : line) {
-                esc += c == '\n' ? std::string("\\n") : std::string(1, c);
-            }
-            fprintf(g_out, "log %d %s\n", (int) level, esc.c_str());
-            return;
+    std::string line;
+    // the memory's lines, the graph sizes
+    if (whole_log_line(text, line) &&
+        mentions_any(line, {"llama_kv_cache", "llama_memory", "state_", "KV buffer", "graph:", "n_ctx"})) {
+        std::string esc;
+        for (char c : line) {
+            esc += c == '\n' ? std::string("\\n") : std::string(1, c);
         }
+        fprintf(g_out, "log %d %s\n", (int) level, esc.c_str());
     }
 }
 
