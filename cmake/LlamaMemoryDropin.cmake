@@ -731,6 +731,23 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             FIXTURES_REQUIRED dropin_models TIMEOUT 1800 RUN_SERIAL ON)
     endforeach()
 
+    # The composite classes stock aborts on or half-applies more than it runs (DSA, DSA-iSWA,
+    # MSA, hybrid-idx): the drop-in alone, a fixed 150-case slice each (stock's counts are not
+    # needed to judge: the drop-in must have no bad outcome)
+    foreach(_model deepseek32 dots3note minimax_m3 glm5_next)
+        add_test(NAME dropin_hostile_${_model}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK="
+                    "-DDROPIN=$<TARGET_FILE:dropin_hostile_dropin>"
+                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
+                    "-DWORK=${_bin}/dropin-tests/hostile/${_model}"
+                    -DSAMPLE=150
+                    "-DARGS=--timeout,10,--jobs,2"
+                    -P "${_src}/tests/dropin/hostile.cmake")
+        set_tests_properties(dropin_hostile_${_model} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 1800 RUN_SERIAL ON)
+    endforeach()
+
     # An existing consumer switches by prefix alone (tests/dropin/consumer.cmake): the whole
     # install into <build>/dropin-tests/consumer/prefix, tests/dropin/equivalence.c built
     # unchanged against it with find_package(llama) (tests/dropin/consumer/) and with

@@ -34,6 +34,15 @@
 #define llama_state_seq_get_size_ext  llama_upstream_state_seq_get_size_ext
 #define llama_state_seq_get_data_ext  llama_upstream_state_seq_get_data_ext
 #define llama_state_seq_set_data_ext  llama_upstream_state_seq_set_data_ext
+// the sequence functions: ours refuse ids no memory has before a composite indexes its own
+// per-sequence tables with them (llama-memory-api.cpp)
+#define llama_memory_seq_rm           llama_upstream_memory_seq_rm
+#define llama_memory_seq_cp           llama_upstream_memory_seq_cp
+#define llama_memory_seq_keep         llama_upstream_memory_seq_keep
+#define llama_memory_seq_add          llama_upstream_memory_seq_add
+#define llama_memory_seq_div          llama_upstream_memory_seq_div
+#define llama_memory_seq_pos_min      llama_upstream_memory_seq_pos_min
+#define llama_memory_seq_pos_max      llama_upstream_memory_seq_pos_max
 #endif
 
 LLAMA_DROPIN_HIDDEN size_t llama_upstream_state_get_size(llama_context * ctx);
@@ -65,3 +74,13 @@ LLAMA_DROPIN_HIDDEN size_t llama_upstream_state_seq_get_data_ext(
         llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id, llama_state_seq_flags flags);
 LLAMA_DROPIN_HIDDEN size_t llama_upstream_state_seq_set_data_ext(
         llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id, llama_state_seq_flags flags);
+LLAMA_DROPIN_HIDDEN bool llama_upstream_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+LLAMA_DROPIN_HIDDEN void llama_upstream_memory_seq_cp(
+        llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1);
+LLAMA_DROPIN_HIDDEN void llama_upstream_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id);
+LLAMA_DROPIN_HIDDEN void llama_upstream_memory_seq_add(
+        llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta);
+LLAMA_DROPIN_HIDDEN void llama_upstream_memory_seq_div(
+        llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d);
+LLAMA_DROPIN_HIDDEN llama_pos llama_upstream_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+LLAMA_DROPIN_HIDDEN llama_pos llama_upstream_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);

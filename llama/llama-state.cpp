@@ -272,10 +272,11 @@ void erase_everywhere(llama_memory_i * memory, llama_seq_id seq_id) {
     // then the same through the composite, on parts already empty there: its own bookkeeping
     // of what changed behind it (hybrid-idx's k-pool layout, which a restore's failure
     // re-derives in upstream's state_drop) and the adapters' cell mirrors follow
+    // (a negative id other than -1 is no sequence: seq_rm would take it for "every sequence")
     try {
         if (seq_id == -1) {
             memory->clear(true);
-        } else {
+        } else if (seq_id >= 0 && seq_id < LLAMA_MAX_SEQ) {
             memory->seq_rm(seq_id, -1, -1);
         }
     } catch (...) {
@@ -379,6 +380,17 @@ uint32_t u32_at(const uint8_t * p) {
 
 // A friend of llama_context: reads its ON_DEVICE stash, calls its private state readers.
 struct llama_memory_dropin_state {
+    // A destination no memory can have (stock aborts on it): refused before anything runs,
+    // upstream's restore included (a composite's failure path would take a negative id for
+    // "every sequence": hybrid-idx's state_drop empties every recurrent state with it).
+    static bool dest_exists(llama_seq_id seq_id, const char * prefix) {
+        if (seq_id >= -1 && seq_id < LLAMA_MAX_SEQ) {
+            return true;
+        }
+        LLAMA_LOG_ERROR("%sinvalid destination sequence %d\n", prefix, seq_id);
+        return false;
+    }
+
     // After a dry run found the input invalid: stock's failure value, with the effect the file
     // header describes. `stock` runs upstream's restore on the input (for an invalid first
     // part: it fails there, and what it returns is returned); `prefix` is the entry point's
@@ -419,6 +431,9 @@ struct llama_memory_dropin_state {
                                llama_state_seq_flags flags) {
         const bool device = (flags & LLAMA_STATE_SEQ_FLAGS_ON_DEVICE) != 0;
         const char * prefix = "state_seq_set_data: error loading state: ";
+        if (!dest_exists(seq_id, prefix)) {
+            return 0;
+        }
         if (src == nullptr || size < 8 || u32_at(src) != seq_blob_magic) {
             if (!device && src != nullptr) {
                 // upstream fails on its first fields, inside its try, changing nothing
@@ -555,6 +570,9 @@ struct llama_memory_dropin_state {
     static size_t seq_load_file(llama_context * ctx, const char * path, llama_seq_id seq_id, llama_token * tokens_out,
                                 size_t n_token_capacity, size_t * n_token_count_out) {
         const char * prefix = "llama_state_seq_load_file: error loading sequence state file: ";
+        if (!dest_exists(seq_id, prefix)) {
+            return 0;
+        }
         ctx->synchronize();
         std::vector<uint8_t> buf;
         std::string err;
