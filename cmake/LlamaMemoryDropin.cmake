@@ -508,8 +508,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         "dots3note_fa_on_streams|dots3note|--flash-attn 1 --kv-unified 0"
         # minimax-m3: its sparse path (flash attention, one stream per sequence) reads the
         # cells through get_cells
-        "minimax_m3|minimax_m3|--flash-attn 0"
-        "minimax_m3_fa_on_streams|minimax_m3|--flash-attn 1 --kv-unified 0"
+        "minimax_m3|minimax_m3|--flash-attn 0 --composite 1"
+        "minimax_m3_fa_on_streams|minimax_m3|--flash-attn 1 --kv-unified 0 --composite 1"
         # glm5-next: hybrid-idx (KDA recurrent, nope MLA, the k-pool indexer's cache restored
         # into the MLA cache's layout)
         "glm5_next|glm5_next|--flash-attn 0"

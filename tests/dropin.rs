@@ -276,6 +276,10 @@ fn dropin_libllama_symbols_and_equivalence() {
             "dropin_hostile_stock",
             "dropin_kshift",
             "dropin_nonfinite",
+            "dropin_fit_dropin",
+            "dropin_fit_stock",
+            "dropin_mtp_dropin",
+            "dropin_mtp_stock",
         ][..],
     ] {
         let mut build_cmd = Command::new(&cmake);

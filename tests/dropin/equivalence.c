@@ -239,13 +239,17 @@ static uint32_t get_u32(const uint8_t *b, size_t at) {
     return v;
 }
 
+/* --composite 1: the model's memory is a composite llama.h cannot tell (MSA: a main cache and
+ * an indexer cache, whose restore stock does not undo when the first part fails) */
+static int composite;
+
 /* After a failed sequence restore into `dest`. On a composite memory (hybrid, iSWA) stock may
  * leave its parts disagreeing (one part's destination erased or restored, the other's not),
  * where the drop-in erases the destination from every part (README, "Invalid input"): the
  * harness erases it on both libraries before comparing further. The drop-in's effect itself is
  * checked by the hostile tier (tests/dropin/hostile.c), against a clean context. */
 static void failed_restore_effect(llama_seq_id dest) {
-    if (llama_model_is_hybrid(model) || llama_model_n_swa(model) > 0) {
+    if (composite || llama_model_is_hybrid(model) || llama_model_n_swa(model) > 0) {
         rec("composite: seq_rm %d after the failed restore: %d", dest, llama_memory_seq_rm(mem, dest, -1, -1));
     }
 }
@@ -571,7 +575,7 @@ int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s <model.gguf> <out.txt> [--flash-attn 0|1] [--kv-unified 0|1] "
                         "[--type-k T] [--type-v T] [--n-ctx N] [--threads N] [--n-rs-seq N] [--swa-full 0|1] "
-                        "[--on-device 0|1] [--kv-debug N] [--rpc 0|1]\n", argv[0]);
+                        "[--on-device 0|1] [--kv-debug N] [--rpc 0|1] [--gpu 0|1] [--composite 0|1]\n", argv[0]);
         return 1;
     }
     const char *model_path = argv[1];
@@ -595,6 +599,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i - 1], "--kv-debug") == 0) setenv("LLAMA_KV_CACHE_DEBUG", v, 1);
         else if (strcmp(argv[i - 1], "--rpc") == 0) rpc = atoi(v);
         else if (strcmp(argv[i - 1], "--gpu") == 0) gpu = atoi(v);
+        else if (strcmp(argv[i - 1], "--composite") == 0) composite = atoi(v);
         else die("unknown option");
     }
     verbose = getenv("EQUIVALENCE_VERBOSE") != NULL;
