@@ -456,6 +456,25 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set_tests_properties(dropin_models PROPERTIES LABELS dropin FIXTURES_SETUP dropin_models
         TIMEOUT 3600 RUN_SERIAL ON)
 
+    # _llama_memory_dropin_compare(<test> <harness> <gguf> <args a,b,...> <out> [<memory class>]):
+    # tests/dropin/compare.cmake on dropin_<harness>_{stock,dropin}, its outputs in
+    # <build>/dropin-tests/out/<out>.*, the context's memory class checked when given.
+    function(_llama_memory_dropin_compare test harness model args out)
+        set(_memory "")
+        if(ARGC GREATER 5)
+            set(_memory "-DMEMORY=${ARGV5}")
+        endif()
+        add_test(NAME ${test}
+            COMMAND "${CMAKE_COMMAND}"
+                    "-DSTOCK=$<TARGET_FILE:dropin_${harness}_stock>"
+                    "-DDROPIN=$<TARGET_FILE:dropin_${harness}_dropin>"
+                    "-DMODEL=${model}"
+                    "-DARGS=${args}"
+                    "-DOUT=${_bin}/dropin-tests/out/${out}"
+                    ${_memory}
+                    -P "${_src}/tests/dropin/compare.cmake")
+    endfunction()
+
     # The memory class each model gives (checked by compare.cmake in every configuration).
     set(_memory_llama llama_kv_cache)
     set(_memory_llama_h64 llama_kv_cache)
@@ -536,15 +555,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         endif()
         string(REPLACE " " ";" _args "${_args}")
         string(REPLACE ";" "," _args_joined "${_args}")
-        add_test(NAME dropin_equivalence_${_name}
-            COMMAND "${CMAKE_COMMAND}"
-                    "-DSTOCK=$<TARGET_FILE:dropin_equivalence_stock>"
-                    "-DDROPIN=$<TARGET_FILE:dropin_equivalence_dropin>"
-                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
-                    "-DARGS=${_args_joined}"
-                    "-DOUT=${_bin}/dropin-tests/out/${_name}"
-                    "-DMEMORY=${_memory_${_model}}"
-                    -P "${_src}/tests/dropin/compare.cmake")
+        _llama_memory_dropin_compare(dropin_equivalence_${_name} equivalence
+            "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf" "${_args_joined}" ${_name} "${_memory_${_model}}")
         set_tests_properties(dropin_equivalence_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
@@ -574,15 +586,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             list(GET _parts 2 _args)
             string(REPLACE " " "," _args "${_args} --rpc 1")
             string(REGEX REPLACE "^," "" _args "${_args}")
-            add_test(NAME dropin_rpc_${_name}
-                COMMAND "${CMAKE_COMMAND}"
-                        "-DSTOCK=$<TARGET_FILE:dropin_equivalence_stock>"
-                        "-DDROPIN=$<TARGET_FILE:dropin_equivalence_dropin>"
-                        "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
-                        "-DARGS=${_args}"
-                        "-DOUT=${_bin}/dropin-tests/out/rpc_${_name}"
-                        "-DMEMORY=${_memory_${_model}}"
-                        -P "${_src}/tests/dropin/compare.cmake")
+            _llama_memory_dropin_compare(dropin_rpc_${_name} equivalence
+                "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf" "${_args}" rpc_${_name} "${_memory_${_model}}")
             # RUN_SERIAL: a server and a client process, each with its threads
             set_tests_properties(dropin_rpc_${_name} PROPERTIES LABELS dropin
                 FIXTURES_REQUIRED dropin_models TIMEOUT 900 RUN_SERIAL ON)
@@ -676,14 +681,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         list(GET _parts 1 _model)
         list(GET _parts 2 _args)
         string(REPLACE " " "," _args "${_args}")
-        add_test(NAME dropin_fit_${_name}
-            COMMAND "${CMAKE_COMMAND}"
-                    "-DSTOCK=$<TARGET_FILE:dropin_fit_stock>"
-                    "-DDROPIN=$<TARGET_FILE:dropin_fit_dropin>"
-                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf"
-                    "-DARGS=${_args}"
-                    "-DOUT=${_bin}/dropin-tests/out/fit_${_name}"
-                    -P "${_src}/tests/dropin/compare.cmake")
+        _llama_memory_dropin_compare(dropin_fit_${_name} fit
+            "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/${_model}.gguf" "${_args}" fit_${_name})
         set_tests_properties(dropin_fit_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
@@ -696,15 +695,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         string(REPLACE "|" ";" _parts "${_config}")
         list(GET _parts 0 _name)
         list(GET _parts 1 _args)
-        add_test(NAME dropin_${_name}
-            COMMAND "${CMAKE_COMMAND}"
-                    "-DSTOCK=$<TARGET_FILE:dropin_mtp_stock>"
-                    "-DDROPIN=$<TARGET_FILE:dropin_mtp_dropin>"
-                    "-DMODEL=${LLAMA_MEMORY_DROPIN_MODELS_DIR}/hy_v3.gguf"
-                    "-DARGS=${_args}"
-                    "-DOUT=${_bin}/dropin-tests/out/${_name}"
-                    -DMEMORY=llama_kv_cache
-                    -P "${_src}/tests/dropin/compare.cmake")
+        _llama_memory_dropin_compare(dropin_${_name} mtp
+            "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/hy_v3.gguf" "${_args}" ${_name} llama_kv_cache)
         set_tests_properties(dropin_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()
@@ -815,14 +807,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
             list(GET _parts 0 _name)
             list(GET _parts 1 _args)
             string(REPLACE " " "," _args "${_args}")
-            add_test(NAME dropin_generate_${_name}
-                COMMAND "${CMAKE_COMMAND}"
-                        "-DSTOCK=$<TARGET_FILE:dropin_generate_stock>"
-                        "-DDROPIN=$<TARGET_FILE:dropin_generate_dropin>"
-                        "-DMODEL=${_gemma270m}"
-                        "-DARGS=${_args}"
-                        "-DOUT=${_bin}/dropin-tests/out/generate_${_name}"
-                        -P "${_src}/tests/dropin/compare.cmake")
+            _llama_memory_dropin_compare(dropin_generate_${_name} generate "${_gemma270m}" "${_args}"
+                generate_${_name})
             set_tests_properties(dropin_generate_${_name} PROPERTIES LABELS dropin_slow
                 FIXTURES_REQUIRED dropin_gemma270m TIMEOUT 1800 RUN_SERIAL ON)
         endforeach()
