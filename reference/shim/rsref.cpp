@@ -754,6 +754,103 @@ bool rsref_write_glm5_next(const char * path) {
     }, specs);
 }
 
+bool rsref_write_deepseek4(const char * path) {
+    init_once();
+
+    // 3 layers of width 64 with mHC residuals (4 streams), all with a 8-token raw window: layer
+    // 0 window only (compress ratio 0), layer 1 CSA (ratio 4: compressed keys picked by a
+    // lightning indexer of 2 heads of 64, top-k 4), layer 2 HCA (ratio 128). Attention: 4 heads
+    // of 32 (rope 16) over one shared K=V head, grouped low-rank output (2 groups, rank 16);
+    // every layer MoE (2 experts, 1 used, sqrt-softplus gating) plus a shared expert. The memory
+    // is a llama_kv_cache_dsv4: the raw window cache (an iSWA whose full cache is empty), the
+    // CSA, HCA and indexer key caches and the three compressor states (csa, hca, lid)
+    const int64_t n_layer = 3, n_embd = 64, n_head = 4, n_vocab = TINY_VOCAB;
+    const int64_t hd = 32, n_rot = 16, q_lora = 32, o_groups = 2, o_lora = 16;
+    const int64_t hc = 4, hc_mix = (2 + hc)*hc, n_expert = 2, n_ff_exp = 32;
+    const int64_t idx_heads = 2, idx_dim = 64;
+    const uint32_t ratios[3] = {0, 4, 128};
+
+    std::vector<wspec> specs = head_specs(n_embd, n_vocab);
+    specs.push_back(rnd("output_hc_fn.weight", hc*n_embd, hc));
+    specs.push_back(rnd("output_hc_base.weight", hc));
+    specs.push_back(ones("output_hc_scale.weight", 1));
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "attn_sinks.weight", n_head));
+        specs.push_back(rnd(b + "attn_q_a.weight", n_embd, q_lora));
+        specs.push_back(ones(b + "attn_q_a_norm.weight", q_lora));
+        specs.push_back(rnd(b + "attn_q_b.weight", q_lora, n_head*hd));
+        specs.push_back(rnd(b + "attn_kv.weight", n_embd, hd));
+        specs.push_back(ones(b + "attn_kv_a_norm.weight", hd));
+        specs.push_back(rnd3(b + "attn_output_a.weight", n_head*hd/o_groups, o_lora, o_groups));
+        specs.push_back(rnd(b + "attn_output_b.weight", o_groups*o_lora, n_embd));
+        specs.push_back(rnd(b + "hc_attn_fn.weight", hc*n_embd, hc_mix));
+        specs.push_back(rnd(b + "hc_attn_base.weight", hc_mix));
+        specs.push_back(ones(b + "hc_attn_scale.weight", 3));
+        specs.push_back(rnd(b + "hc_ffn_fn.weight", hc*n_embd, hc_mix));
+        specs.push_back(rnd(b + "hc_ffn_base.weight", hc_mix));
+        specs.push_back(ones(b + "hc_ffn_scale.weight", 3));
+        if (ratios[il] != 0) {
+            const int64_t coff = ratios[il] == 4 ? 2 : 1;
+            specs.push_back(rnd(b + "attn_compressor_kv.weight", n_embd, coff*hd));
+            specs.push_back(rnd(b + "attn_compressor_gate.weight", n_embd, coff*hd));
+            specs.push_back(rnd(b + "attn_compressor_ape.weight", coff*hd, ratios[il]));
+            specs.push_back(ones(b + "attn_compressor_norm.weight", hd));
+        }
+        if (ratios[il] == 4) {
+            specs.push_back(rnd(b + "indexer.proj.weight", n_embd, idx_heads));
+            specs.push_back(rnd(b + "indexer.attn_q_b.weight", q_lora, idx_heads*idx_dim));
+            specs.push_back(rnd(b + "indexer_compressor_kv.weight", n_embd, 2*idx_dim));
+            specs.push_back(rnd(b + "indexer_compressor_gate.weight", n_embd, 2*idx_dim));
+            specs.push_back(rnd(b + "indexer_compressor_ape.weight", 2*idx_dim, 4));
+            specs.push_back(ones(b + "indexer_compressor_norm.weight", idx_dim));
+        }
+        specs.push_back(rnd(b + "ffn_gate_inp.weight", n_embd, n_expert));
+        specs.push_back(zeros(b + "exp_probs_b.bias", n_expert));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd3(b + "ffn_gate_exps.weight", n_embd, n_ff_exp, n_expert));
+        specs.push_back(rnd3(b + "ffn_down_exps.weight", n_ff_exp, n_embd, n_expert));
+        specs.push_back(rnd3(b + "ffn_up_exps.weight", n_embd, n_ff_exp, n_expert));
+        specs.push_back(rnd(b + "ffn_gate_shexp.weight", n_embd, n_ff_exp));
+        specs.push_back(rnd(b + "ffn_down_shexp.weight", n_ff_exp, n_embd));
+        specs.push_back(rnd(b + "ffn_up_shexp.weight", n_embd, n_ff_exp));
+    }
+
+    return write_gguf(path, "deepseek4", [&](gguf_context * g) {
+        set_shape_kv(g, "deepseek4", n_embd, n_layer);
+        gguf_set_val_u32(g, "deepseek4.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "deepseek4.attention.head_count_kv", 1);
+        // != the indexer's key length: only the indexer's key cache gets the Hadamard rotation
+        gguf_set_val_u32(g, "deepseek4.attention.key_length", (uint32_t) hd);
+        gguf_set_val_u32(g, "deepseek4.attention.value_length", (uint32_t) hd);
+        gguf_set_val_u32(g, "deepseek4.rope.dimension_count", (uint32_t) n_rot);
+        gguf_set_val_f32(g, "deepseek4.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "deepseek4.attention.q_lora_rank", (uint32_t) q_lora);
+        gguf_set_val_u32(g, "deepseek4.attention.sliding_window", 8);
+        gguf_set_val_u32(g, "deepseek4.expert_count", (uint32_t) n_expert);
+        gguf_set_val_u32(g, "deepseek4.expert_used_count", 1);
+        gguf_set_val_u32(g, "deepseek4.expert_feed_forward_length", (uint32_t) n_ff_exp);
+        gguf_set_val_u32(g, "deepseek4.expert_shared_count", 1);
+        gguf_set_val_f32(g, "deepseek4.expert_weights_scale", 1.0f);
+        gguf_set_val_bool(g, "deepseek4.expert_weights_norm", true);
+        gguf_set_val_f32(g, "deepseek4.swiglu_clamp_exp", 0.0f);
+        gguf_set_val_u32(g, "deepseek4.expert_gating_func", 4); // sqrt(softplus), the only one it takes
+        gguf_set_val_u32(g, "deepseek4.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "deepseek4.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "deepseek4.attention.indexer.top_k", 4);
+        gguf_set_val_u32(g, "deepseek4.attention.output_group_count", (uint32_t) o_groups);
+        gguf_set_val_u32(g, "deepseek4.attention.output_lora_rank", (uint32_t) o_lora);
+        gguf_set_val_f32(g, "deepseek4.attention.compress_rope_freq_base", 10000.0f);
+        gguf_set_arr_data(g, "deepseek4.attention.compress_ratios", GGUF_TYPE_UINT32, ratios, 3);
+        gguf_set_val_u32(g, "deepseek4.hyper_connection.count", (uint32_t) hc);
+        gguf_set_val_u32(g, "deepseek4.hyper_connection.sinkhorn_iterations", 2);
+        gguf_set_val_f32(g, "deepseek4.hyper_connection.epsilon", 1e-6f);
+        gguf_set_val_u32(g, "deepseek4.hash_layer_count", 0);
+        gguf_set_val_u32(g, "deepseek4.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
 bool rsref_write_qwen2vl(const char * path, uint32_t n_layer_u, uint32_t n_embd_u, const int32_t * sections) {
     init_once();
 

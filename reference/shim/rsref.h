@@ -86,6 +86,12 @@ bool rsref_write_minimax_m3(const char *path);
  * (its indexer cache is named `cache_idx_*` and restores into the MLA cache's layout). */
 bool rsref_write_glm5_next(const char *path);
 
+/* A `deepseek4` GGUF: 3 MoE layers of width 64 with mHC residuals, every layer an 8-token raw
+ * window, layer 1 also CSA (compress ratio 4, with a lightning indexer of 2 heads of 64) and
+ * layer 2 HCA (ratio 128). Memory: llama_kv_cache_dsv4 (the raw window iSWA, the CSA, HCA and
+ * indexer key caches, the csa/hca/lid compressor states). */
+bool rsref_write_deepseek4(const char *path);
+
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections
  * sections[0..4) (non-negative, summing to head_dim/2 = n_embd/8). Token batches get the text

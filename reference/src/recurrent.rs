@@ -40,6 +40,7 @@ pub(crate) struct RsApi {
     write_dots3note: unsafe extern "C" fn(*const c_char) -> bool,
     write_minimax_m3: unsafe extern "C" fn(*const c_char) -> bool,
     write_glm5_next: unsafe extern "C" fn(*const c_char) -> bool,
+    write_deepseek4: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -106,6 +107,7 @@ impl RsApi {
                 write_dots3note,
                 write_minimax_m3,
                 write_glm5_next,
+                write_deepseek4,
                 write_qwen2vl,
                 new,
                 free,
@@ -398,6 +400,18 @@ pub fn write_glm5_next_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_glm5_next)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `deepseek4` GGUF to `path`: 3 MoE layers of width 64 with mHC
+/// residuals, each with an 8-token raw attention window; layer 0 window only (compress ratio
+/// 0), layer 1 CSA (ratio 4, compressed keys picked by a lightning indexer of 2 heads of 64),
+/// layer 2 HCA (ratio 128). The memory is a `llama_kv_cache_dsv4`: the raw window cache, the
+/// CSA, HCA and indexer key caches and the three compressor states. `false` for a failed
+/// write.
+pub fn write_deepseek4_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_deepseek4)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
