@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 15] = [
+    let models: [(&str, Writer); 16] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -78,6 +78,9 @@ fn write_models_into(dir: &Path) {
         ("glm5_next", llama_memory_reference::write_glm5_next_model),
         // a raw window, CSA (with an indexer) and HCA layers: llama_kv_cache_dsv4
         ("deepseek4", llama_memory_reference::write_deepseek4_model),
+        // a gated delta net with PLE n-gram embeddings beside QSA attention:
+        // llama_memory_hybrid_idx, whose cells' tokens get_prev_tokens reads
+        ("qwen4exp", llama_memory_reference::write_qwen4exp_model),
         // M-RoPE (4 positions per token): no K-shift
         ("qwen2vl", |p| {
             llama_memory_reference::write_qwen2vl_model(

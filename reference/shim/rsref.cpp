@@ -76,8 +76,8 @@ wspec rnd(std::string name, int64_t ne0, int64_t ne1 = 0) {
     return {std::move(name), ne0, ne1, 0.0f, 1.0f};
 }
 
-wspec ones(std::string name, int64_t ne0) {
-    return {std::move(name), ne0, 0, 1.0f, 0.0f};
+wspec ones(std::string name, int64_t ne0, int64_t ne1 = 0) {
+    return {std::move(name), ne0, ne1, 1.0f, 0.0f};
 }
 
 // Writes the tensors of specs (F32, in order, values from the same fixed-seed xorshift as
@@ -456,6 +456,62 @@ bool rsref_write_gemma4(const char * path, uint32_t n_shared_kv) {
         gguf_set_val_u32(g, "gemma4.attention.key_length_swa", (uint32_t) head_dim);
         gguf_set_val_u32(g, "gemma4.attention.value_length_swa", (uint32_t) head_dim);
         gguf_set_val_u32(g, "gemma4.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_gemma4_assistant(const char * path) {
+    init_once();
+
+    // the draft model of a `gemma4` target (rsref_write_gemma4): 2 layers of width 32 over the
+    // target's cells (its last window layer's and last full layer's K/V, so the same head
+    // sizes, KV heads and window), queries only; its input is the target's token embedding
+    // (width 64) beside the target's hidden state
+    const int64_t n_layer = 2, n_embd = 32, n_embd_target = 64, n_head = 4, n_head_kv = 2, head_dim = 16;
+    const int64_t n_vocab = TINY_VOCAB, n_ff = 2*n_embd;
+
+    std::vector<wspec> specs;
+    // no output.weight: the head is the token embedding
+    specs.push_back(rnd("token_embd.weight", n_embd, n_vocab));
+    specs.push_back(ones("output_norm.weight", n_embd));
+    specs.push_back(rnd("nextn.pre_projection.weight", 2*n_embd_target, n_embd));
+    specs.push_back(rnd("nextn.post_projection.weight", n_embd, n_embd_target));
+    specs.push_back(ones("rope_freqs.weight", head_dim/2));
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        specs.push_back(ones(b + "attn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "attn_q.weight", n_embd, n_head*head_dim));
+        specs.push_back(rnd(b + "attn_output.weight", n_head*head_dim, n_embd));
+        specs.push_back(ones(b + "attn_q_norm.weight", head_dim));
+        specs.push_back(ones(b + "post_attention_norm.weight", n_embd));
+        specs.push_back(ones(b + "layer_output_scale.weight", 1));
+        specs.push_back(ones(b + "ffn_norm.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_up.weight", n_embd, n_ff));
+        specs.push_back(rnd(b + "ffn_down.weight", n_ff, n_embd));
+        specs.push_back(ones(b + "post_ffw_norm.weight", n_embd));
+    }
+
+    const char * a = "gemma4-assistant";
+    return write_gguf(path, a, [&](gguf_context * g) {
+        set_shape_kv(g, a, n_embd, n_layer);
+        const std::string k = a;
+        // every layer is a draft layer
+        gguf_set_val_u32(g, (k + ".nextn_predict_layers").c_str(), (uint32_t) n_layer);
+        gguf_set_val_u32(g, (k + ".embedding_length_out").c_str(), (uint32_t) n_embd_target);
+        gguf_set_val_u32(g, (k + ".feed_forward_length").c_str(), (uint32_t) n_ff);
+        gguf_set_val_u32(g, (k + ".attention.head_count").c_str(), (uint32_t) n_head);
+        gguf_set_val_u32(g, (k + ".attention.head_count_kv").c_str(), (uint32_t) n_head_kv);
+        gguf_set_val_u32(g, (k + ".attention.key_length").c_str(), (uint32_t) head_dim);
+        gguf_set_val_u32(g, (k + ".attention.value_length").c_str(), (uint32_t) head_dim);
+        gguf_set_val_u32(g, (k + ".attention.key_length_swa").c_str(), (uint32_t) head_dim);
+        gguf_set_val_u32(g, (k + ".attention.value_length_swa").c_str(), (uint32_t) head_dim);
+        gguf_set_val_f32(g, (k + ".attention.layer_norm_rms_epsilon").c_str(), 1e-6f);
+        gguf_set_val_f32(g, (k + ".rope.freq_base").c_str(), 1000000.0f);
+        gguf_set_val_f32(g, (k + ".rope.freq_base_swa").c_str(), 10000.0f);
+        const bool pattern[2] = {true, false};
+        gguf_set_arr_data(g, (k + ".attention.sliding_window_pattern").c_str(), GGUF_TYPE_BOOL, pattern, 2);
+        gguf_set_val_u32(g, (k + ".attention.sliding_window").c_str(), 16);
+        gguf_set_val_u32(g, (k + ".vocab_size").c_str(), (uint32_t) n_vocab);
     }, specs);
 }
 
@@ -848,6 +904,122 @@ bool rsref_write_deepseek4(const char * path) {
         gguf_set_val_f32(g, "deepseek4.hyper_connection.epsilon", 1e-6f);
         gguf_set_val_u32(g, "deepseek4.hash_layer_count", 0);
         gguf_set_val_u32(g, "deepseek4.vocab_size", (uint32_t) n_vocab);
+    }, specs);
+}
+
+bool rsref_write_qwen4exp(const char * path) {
+    init_once();
+
+    // 2 MoE layers of width 64 (2 experts, 1 used, a gated shared expert) with low-rank
+    // hyper-connections (2 streams, rank 8) and IMRoPE (rope 8, sections 2/1/1/0): layer 0 a
+    // gated delta net (conv kernel 4, 2 key heads and 4 value heads of 16) carrying the PLE
+    // n-gram embedding (bigrams hashed into 2 heads of 32 rows of a 32-row table, a 2-tap conv
+    // dilated by 2), layer 1 gated full attention (4 heads of 16, 2 KV heads) with a QSA k-pool
+    // indexer (2 heads of 16, top-k 4, blocks of 2: compress ratio 2). The memory is a
+    // llama_memory_hybrid_idx: the attention cache (its cells keep the token ids, which the PLE
+    // input reads back through get_prev_tokens), the recurrent state (with the PLE conv history
+    // row cache_ple_r_l0) and the indexer's cache
+    const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_head_kv = 2, n_vocab = TINY_VOCAB;
+    const int64_t hd = 16, n_embd_kv = n_head_kv*hd, hc = 2, hc_lr = 8, hc_dim = hc*n_embd;
+    const int64_t d_conv = 4, d_state = 16, n_group = 2, dt_rank = 4;
+    const int64_t key_dim = d_state*n_group, value_dim = d_state*dt_rank, conv_dim = 2*key_dim + value_dim;
+    const int64_t n_expert = 2, n_ff_exp = 32, idx_heads = 2, idx_dim = 16;
+    const int64_t ple_head_dim = 32, ple_rows = 32, ple_kernel = 2;
+
+    std::vector<wspec> specs = {
+        rnd("token_embd.weight", n_embd, n_vocab),
+        rnd("output.weight", n_embd, n_vocab),
+        // no output_norm: the final hyper-connection mixer is the output norm
+        ones("output_hc_norm.weight", n_embd, hc),
+        rnd("output_hc_down.weight", hc_dim, hc_lr),
+        rnd("output_hc_up.weight", hc_lr, hc_dim),
+        rnd("per_layer_token_embd.weight", ple_head_dim, ple_rows),
+    };
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::string b = blk(il);
+        for (const char * m : {"hc_attn_", "hc_ffn_"}) {
+            specs.push_back(ones(b + m + "norm.weight", n_embd, hc));
+            specs.push_back(rnd(b + m + "down.weight", hc_dim, hc_lr));
+            specs.push_back(rnd(b + m + "up.weight", hc_lr, hc_dim));
+            specs.push_back(rnd(b + m + "inject.weight", hc_dim, hc));
+        }
+        if (il == 0) {
+            specs.push_back(rnd(b + "attn_qkv.weight", n_embd, conv_dim));
+            specs.push_back(rnd(b + "attn_gate.weight", n_embd, value_dim));
+            specs.push_back(rnd(b + "ssm_conv1d.weight", d_conv, conv_dim));
+            specs.push_back(rnd(b + "ssm_dt.bias", dt_rank));
+            specs.push_back({b + "ssm_a", dt_rank, 0, -1.0f, 1.0f}); // -exp(A_log): negative
+            specs.push_back(rnd(b + "ssm_beta.weight", n_embd, dt_rank));
+            specs.push_back(rnd(b + "ssm_alpha.weight", n_embd, dt_rank));
+            specs.push_back(ones(b + "ssm_norm.weight", d_state));
+            specs.push_back(rnd(b + "ssm_out.weight", value_dim, n_embd));
+            specs.push_back(rnd(b + "ple_key.weight", n_embd, hc_dim));
+            specs.push_back(rnd(b + "ple_value.weight", n_embd, n_embd));
+            specs.push_back(ones(b + "ple_norm_key.weight", n_embd, hc));
+            specs.push_back(ones(b + "ple_norm_query.weight", n_embd, hc));
+            specs.push_back(ones(b + "ple_norm_conv.weight", n_embd, hc));
+            specs.push_back(rnd(b + "ple_conv1d.weight", ple_kernel, hc_dim));
+        } else {
+            specs.push_back(rnd(b + "attn_q.weight", n_embd, 2*n_head*hd)); // query | gate per head
+            specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
+            specs.push_back(rnd(b + "attn_output.weight", n_head*hd, n_embd));
+            specs.push_back(ones(b + "attn_q_norm.weight", hd));
+            specs.push_back(ones(b + "attn_k_norm.weight", hd));
+            specs.push_back(rnd(b + "indexer.q_proj.weight", n_embd, idx_heads*idx_dim));
+            specs.push_back(rnd(b + "indexer.k_proj.weight", n_embd, idx_dim));
+            specs.push_back(ones(b + "indexer.q_norm.weight", idx_dim));
+            specs.push_back(ones(b + "indexer.k_norm.weight", idx_dim));
+        }
+        specs.push_back(rnd(b + "ffn_gate_inp.weight", n_embd, n_expert));
+        specs.push_back(rnd3(b + "ffn_gate_exps.weight", n_embd, n_ff_exp, n_expert));
+        specs.push_back(rnd3(b + "ffn_down_exps.weight", n_ff_exp, n_embd, n_expert));
+        specs.push_back(rnd3(b + "ffn_up_exps.weight", n_embd, n_ff_exp, n_expert));
+        specs.push_back(rnd(b + "ffn_gate_inp_shexp.weight", n_embd));
+        specs.push_back(rnd(b + "ffn_gate_shexp.weight", n_embd, n_ff_exp));
+        specs.push_back(rnd(b + "ffn_down_shexp.weight", n_ff_exp, n_embd));
+        specs.push_back(rnd(b + "ffn_up_shexp.weight", n_embd, n_ff_exp));
+    }
+
+    return write_gguf(path, "qwen4exp", [&](gguf_context * g) {
+        set_shape_kv(g, "qwen4exp", n_embd, n_layer);
+        gguf_set_val_u32(g, "qwen4exp.attention.head_count", (uint32_t) n_head);
+        gguf_set_val_u32(g, "qwen4exp.attention.head_count_kv", (uint32_t) n_head_kv);
+        gguf_set_val_u32(g, "qwen4exp.rope.dimension_count", 8);
+        const int32_t sections[4] = {2, 1, 1, 0}; // summing to rope/2
+        gguf_set_arr_data(g, "qwen4exp.rope.dimension_sections", GGUF_TYPE_INT32, sections, 4);
+        gguf_set_val_f32(g, "qwen4exp.attention.layer_norm_rms_epsilon", 1e-6f);
+        gguf_set_val_u32(g, "qwen4exp.ssm.conv_kernel", (uint32_t) d_conv);
+        gguf_set_val_u32(g, "qwen4exp.ssm.state_size", (uint32_t) d_state);
+        gguf_set_val_u32(g, "qwen4exp.ssm.group_count", (uint32_t) n_group);
+        gguf_set_val_u32(g, "qwen4exp.ssm.time_step_rank", (uint32_t) dt_rank);
+        gguf_set_val_u32(g, "qwen4exp.ssm.inner_size", (uint32_t) value_dim);
+        gguf_set_val_u32(g, "qwen4exp.hyper_connection.count", (uint32_t) hc);
+        gguf_set_val_u32(g, "qwen4exp.hyper_connection.low_rank", (uint32_t) hc_lr);
+        gguf_set_val_u32(g, "qwen4exp.attention.indexer.head_count", (uint32_t) idx_heads);
+        gguf_set_val_u32(g, "qwen4exp.attention.indexer.key_length", (uint32_t) idx_dim);
+        gguf_set_val_u32(g, "qwen4exp.attention.indexer.top_k", 4);
+        const uint32_t ratios[2] = {0, 2}; // QSA (k-pool blocks of 2) on the attention layer
+        gguf_set_arr_data(g, "qwen4exp.attention.compress_ratios", GGUF_TYPE_UINT32, ratios, 2);
+        gguf_set_val_u32(g, "qwen4exp.full_attention_interval", 2); // layer 1 full, layer 0 linear
+        gguf_set_val_u32(g, "qwen4exp.expert_count", (uint32_t) n_expert);
+        gguf_set_val_u32(g, "qwen4exp.expert_used_count", 1);
+        gguf_set_val_u32(g, "qwen4exp.expert_feed_forward_length", (uint32_t) n_ff_exp);
+        gguf_set_val_u32(g, "qwen4exp.expert_shared_feed_forward_length", (uint32_t) n_ff_exp);
+        // PLE on the linear layer 0: bigrams ((ngram - 1) * 2 heads of 32 = n_embd)
+        const uint32_t ple_layers[1] = {0};
+        gguf_set_arr_data(g, "qwen4exp.ple.layers", GGUF_TYPE_UINT32, ple_layers, 1);
+        gguf_set_val_u32(g, "qwen4exp.ple.ngram_size", 2);
+        gguf_set_val_u32(g, "qwen4exp.ple.heads_per_ngram", 2);
+        gguf_set_val_u32(g, "qwen4exp.ple.conv_kernel", (uint32_t) ple_kernel);
+        gguf_set_val_u32(g, "qwen4exp.ple.eos_token_id", (uint32_t) n_vocab - 1);
+        gguf_set_val_u32(g, "qwen4exp.embedding_length_per_layer_input", (uint32_t) ple_head_dim);
+        const uint64_t multipliers[2] = {0x9e3779b97f4a7c15ull, 0xbf58476d1ce4e5b9ull};
+        gguf_set_arr_data(g, "qwen4exp.ple.layer_multipliers", GGUF_TYPE_UINT64, multipliers, 2);
+        const uint64_t offsets[2] = {0, 16}, vocab_sizes[2] = {16, 16};
+        gguf_set_arr_data(g, "qwen4exp.ple.head_offsets", GGUF_TYPE_UINT64, offsets, 2);
+        gguf_set_arr_data(g, "qwen4exp.ple.head_vocab_sizes", GGUF_TYPE_UINT64, vocab_sizes, 2);
+        gguf_set_val_u32(g, "qwen4exp.vocab_size", (uint32_t) n_vocab);
     }, specs);
 }
 

@@ -60,6 +60,9 @@ bool rsref_write_gemma3(const char *path, uint32_t n_layer, uint32_t n_embd, uin
  * (llama.cpp's shared_kv_layers, n_layer_kv_from_start). Memory: llama_kv_cache_iswa with a
  * reuse callback. */
 bool rsref_write_gemma4(const char *path, uint32_t n_shared_kv);
+/* A `gemma4-assistant` GGUF: the draft model of rsref_write_gemma4's, 2 query-only layers (window,
+ * full) of width 32 over the target context's cells. */
+bool rsref_write_gemma4_assistant(const char *path);
 
 /* A `hy_v3` GGUF with one NextN (MTP) block: 2 dense decoder blocks and the NextN block 2 (width
  * 64, 4 query heads, 2 KV heads). Loaded with load_mtp, an LLAMA_CONTEXT_TYPE_MTP context gets a
@@ -91,6 +94,13 @@ bool rsref_write_glm5_next(const char *path);
  * layer 2 HCA (ratio 128). Memory: llama_kv_cache_dsv4 (the raw window iSWA, the CSA, HCA and
  * indexer key caches, the csa/hca/lid compressor states). */
 bool rsref_write_deepseek4(const char *path);
+
+/* A `qwen4exp` GGUF: 2 MoE layers of width 64 with low-rank hyper-connections and IMRoPE, layer 0
+ * a gated delta net (recurrent) with the PLE n-gram (bigram) per-layer embedding, layer 1 gated
+ * full attention with a QSA k-pool indexer (compress ratio 2). Memory: llama_memory_hybrid_idx
+ * (the attention cache keeps each cell's token id, read back by get_prev_tokens for the n-gram
+ * hash; the recurrent state holds the PLE conv history too). */
+bool rsref_write_qwen4exp(const char *path);
 
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections

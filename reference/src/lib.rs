@@ -110,11 +110,11 @@ pub use recurrent::{
     gemma3_model_path, gemma3_model_path_ex, jamba_model_path, jamba_model_path_ex,
     lfm2_model_path, lfm2_model_path_ex, lfm2_swa_model_path, mamba_model_path,
     mamba_model_path_ex, qwen2vl_model_path, qwen2vl_model_path_ex, write_deepseek32_model,
-    write_deepseek4_model, write_dots3note_model, write_gemma3_model, write_gemma4_model,
-    write_glm5_next_model, write_hy_v3_model, write_jamba_model, write_lfm2_model,
-    write_lfm2_model_ex, write_mamba_model, write_minimax_m3_model, write_qwen2vl_model, RefRs,
-    RsCell, RsCtxInfo, RsParams, GEMMA3_SWA, JAMBA_HEAD_KV, LFM2_HEAD_KV, LFM2_SWA,
-    QWEN2VL_SECTIONS,
+    write_deepseek4_model, write_dots3note_model, write_gemma3_model, write_gemma4_assistant_model,
+    write_gemma4_model, write_glm5_next_model, write_hy_v3_model, write_jamba_model,
+    write_lfm2_model, write_lfm2_model_ex, write_mamba_model, write_minimax_m3_model,
+    write_qwen2vl_model, write_qwen4exp_model, RefRs, RsCell, RsCtxInfo, RsParams, GEMMA3_SWA,
+    JAMBA_HEAD_KV, LFM2_HEAD_KV, LFM2_SWA, QWEN2VL_SECTIONS,
 };
 
 /// Highest number of sequences (and so of streams) of the stock cache (`LLAMA_MAX_SEQ`).

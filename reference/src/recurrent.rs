@@ -35,12 +35,14 @@ pub(crate) struct RsApi {
     write_jamba: unsafe extern "C" fn(*const c_char, u32, u32, *const u32) -> bool,
     write_gemma3: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32) -> bool,
     write_gemma4: unsafe extern "C" fn(*const c_char, u32) -> bool,
+    write_gemma4_assistant: unsafe extern "C" fn(*const c_char) -> bool,
     write_hy_v3: unsafe extern "C" fn(*const c_char) -> bool,
     write_deepseek32: unsafe extern "C" fn(*const c_char) -> bool,
     write_dots3note: unsafe extern "C" fn(*const c_char) -> bool,
     write_minimax_m3: unsafe extern "C" fn(*const c_char) -> bool,
     write_glm5_next: unsafe extern "C" fn(*const c_char) -> bool,
     write_deepseek4: unsafe extern "C" fn(*const c_char) -> bool,
+    write_qwen4exp: unsafe extern "C" fn(*const c_char) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -102,12 +104,14 @@ impl RsApi {
                 write_jamba,
                 write_gemma3,
                 write_gemma4,
+                write_gemma4_assistant,
                 write_hy_v3,
                 write_deepseek32,
                 write_dots3note,
                 write_minimax_m3,
                 write_glm5_next,
                 write_deepseek4,
+                write_qwen4exp,
                 write_qwen2vl,
                 new,
                 free,
@@ -356,6 +360,17 @@ pub fn write_gemma4_model(path: &Path, n_shared_kv: u32) -> bool {
     unsafe { (rs().write_gemma4)(p.as_ptr(), n_shared_kv) }
 }
 
+/// Writes a tiny random-weight `gemma4-assistant` GGUF to `path`: the draft model of
+/// [`write_gemma4_model`]'s, 2 query-only layers (a sliding-window one, then a full one) of
+/// width 32 that attend over the target context's cells. A context of it takes the target's
+/// (`llama_context_params::ctx_other`), and its memory is a `llama_kv_cache_iswa` over the
+/// target's (upstream's shared cells). `false` for a failed write.
+pub fn write_gemma4_assistant_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_gemma4_assistant)(p.as_ptr()) }
+}
+
 /// Writes a tiny random-weight `hy_v3` GGUF with one NextN (MTP) block to `path`: 2 dense
 /// decoder blocks of width 64 (4 query heads, 2 KV heads) and the NextN block 2, F32 weights
 /// from a fixed seed. An `LLAMA_CONTEXT_TYPE_MTP` context of it (model loaded with `load_mtp`)
@@ -412,6 +427,18 @@ pub fn write_deepseek4_model(path: &Path) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
     unsafe { (rs().write_deepseek4)(p.as_ptr()) }
+}
+
+/// Writes a tiny random-weight `qwen4exp` GGUF to `path`: 2 MoE layers of width 64 with
+/// low-rank hyper-connections and IMRoPE; layer 0 a gated delta net (recurrent) carrying the
+/// PLE n-gram (bigram) per-layer embedding, layer 1 gated full attention with a QSA k-pool
+/// indexer (compress ratio 2). The memory is a `llama_memory_hybrid_idx`; its attention cache
+/// keeps each cell's token id, which every decode reads back through
+/// `llama_kv_cache::get_prev_tokens` for the n-gram hash. `false` for a failed write.
+pub fn write_qwen4exp_model(path: &Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: `p` is a NUL-terminated path that outlives the call.
+    unsafe { (rs().write_qwen4exp)(p.as_ptr()) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.
