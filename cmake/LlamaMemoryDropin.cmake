@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,hy_v3,deepseek32,dots3note,minimax_m3,glm5_next,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,gemma4_assistant,hy_v3,deepseek32,dots3note,minimax_m3,glm5_next,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -697,6 +697,21 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         list(GET _parts 1 _args)
         _llama_memory_dropin_compare(dropin_${_name} mtp
             "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/hy_v3.gguf" "${_args}" ${_name} llama_kv_cache)
+        set_tests_properties(dropin_${_name} PROPERTIES LABELS dropin
+            FIXTURES_REQUIRED dropin_models TIMEOUT 600)
+    endforeach()
+
+    # A gemma4-assistant draft context over its gemma4 target's cells (ctx_other: an iSWA cache
+    # sharing the target's cells and tensors, upstream's [TAG_KV_CACHE_SHARE_CELLS]), driven as
+    # llama.cpp's speculative decoding drives the pair, with the assistant's memory functions,
+    # states and clear (tests/dropin/assistant.cpp), byte for byte.
+    _llama_memory_dropin_cxx_program(assistant)
+    foreach(_config "assistant|--flash-attn,0" "assistant_fa_on_streams|--flash-attn,1,--kv-unified,0")
+        string(REPLACE "|" ";" _parts "${_config}")
+        list(GET _parts 0 _name)
+        list(GET _parts 1 _args)
+        _llama_memory_dropin_compare(dropin_${_name} assistant "${LLAMA_MEMORY_DROPIN_MODELS_DIR}/gemma4.gguf"
+            "--assistant,${LLAMA_MEMORY_DROPIN_MODELS_DIR}/gemma4_assistant.gguf,${_args}" ${_name} llama_kv_cache_iswa)
         set_tests_properties(dropin_${_name} PROPERTIES LABELS dropin
             FIXTURES_REQUIRED dropin_models TIMEOUT 600)
     endforeach()

@@ -874,6 +874,11 @@ llama_memory_result llama_memory_kv_set_debug(llama_memory_t mem, int32_t level)
 // (cells shared with another sequence keep their bytes). KV caches only.
 llama_memory_result llama_memory_kv_state_clear(llama_memory_t mem, llama_seq_id seq_id);
 
+// Empties every cell of every stream and keeps the slot-search heads: llama.cpp's `clear` of
+// a cache over another cache's cells (gemma4-assistant's), which resets those shared cells
+// but not the other cache's heads, nor its tensors. KV caches only.
+llama_memory_result llama_memory_kv_reset_cells(llama_memory_t mem);
+
 // `llama_memory_state_read_io` for a KV cache that mirrors another one cell for cell
 // (llama.cpp's `llama_kv_cache::state_read_sinfo`, which hybrid-idx's restore uses: the
 // attention cache reports where each stream's cells went, the indexer cache is given that

@@ -107,19 +107,20 @@ llama_kv_cache::llama_kv_cache(
     const  layer_reuse_cb & reuse,
     const  layer_share_cb & share,
              const char *   name_tag) :
-    model(model), hparams(hparams), v_trans(v_trans),
-    n_seq_max(n_seq_max), n_stream(unified ? 1 : n_seq_max), kv_size(kv_size), t_k(type_k), t_v(type_v) {
-    GGML_UNUSED(share);
-
-    if (mem_other) {
-        throw std::runtime_error("llama-memory drop-in: a KV cache sharing another cache's cells is not supported");
+    model(model), hparams(hparams), other(static_cast<const llama_kv_cache *>(mem_other)), v_trans(v_trans),
+    n_seq_max(n_seq_max), n_stream(unified ? 1 : n_seq_max),
+    // shared cells view the other cache's tensors: the cell count follows its allocation
+    kv_size(other ? other->get_size() : kv_size), t_k(type_k), t_v(type_v), n_swa(n_swa), swa_type(swa_type) {
+    if (other) {
+        if (kv_size != this->kv_size) {
+            LLAMA_LOG_WARN("%s: kv_size = %u overridden to %u to match the shared source cache\n", __func__, kv_size, this->kv_size);
+        }
+        init_shared(filter, reuse, share);
+        return;
     }
 
     const uint32_t n_layer = hparams.n_layer_all;
     const bool is_mla = hparams.is_mla();
-
-    int32_t n_embd_head_k_all = 0;
-    int32_t n_embd_head_v_all = 0;
 
     // stock's log lines, at stock's levels and in stock's order (creation, layers, reuse,
     // buffers, size, rotation)
@@ -296,6 +297,101 @@ llama_kv_cache::llama_kv_cache(
     LLAMA_LOG_INFO("%s: n_rot_v = %u, n_embd_head_k_all = %d\n", __func__, n_rot_v, n_embd_head_v_all);
 }
 
+void llama_kv_cache::init_shared(const layer_filter_cb & filter, const layer_reuse_cb & reuse, const layer_share_cb & share) {
+    // (stock's lines come from its constructor)
+    const char * func = "llama_kv_cache";
+    // The other cache's cells are read with this cache's masks and slot searches, which the
+    // library computes with the other's parameters: where they would differ (upstream would
+    // mask with its own window, or resize the other's streams), a clear failure.
+    if (other->n_stream != n_stream || other->v_trans != v_trans || other->n_swa != n_swa || other->swa_type != swa_type) {
+        throw std::runtime_error(format(
+            "llama-memory drop-in: a KV cache over another cache's cells needs that cache's streams, V layout and "
+            "sliding window (this: %u streams, v_trans %d, n_swa %u, swa_type %d; other: %u, %d, %u, %d)",
+            n_stream, v_trans, n_swa, (int) swa_type, other->n_stream, other->v_trans, other->n_swa, (int) other->swa_type));
+    }
+
+    if (v_trans && hparams.is_n_embd_v_gqa_variable()) {
+        LLAMA_LOG_WARN("%s: the V embeddings have different sizes across layers and FA is not enabled - padding V cache to %d\n",
+                func, hparams.n_embd_v_gqa_max());
+    }
+
+    size_t memory_size_k = 0;
+    size_t memory_size_v = 0;
+    for (uint32_t il = 0; il < hparams.n_layer_all; il++) {
+        if (!hparams.has_kv(il)) {
+            LLAMA_LOG_DEBUG("%s: layer %3d: does not have KV cache\n", func, il);
+            continue;
+        }
+        if (filter && !filter(il)) {
+            LLAMA_LOG_DEBUG("%s: layer %3d: filtered\n", func, il);
+            continue;
+        }
+        const int32_t il_share = share ? share(il) : -1;
+        if (il_share < 0) {
+            // (the pinned tree shares every layer of the one cache it builds over another's)
+            throw std::runtime_error("llama-memory drop-in: a KV cache over another cache's cells with tensors of its own is not supported");
+        }
+        // upstream indexes the other's layers with operator[]: a layer it lacks is its first one
+        const auto it = other->map_layer_ids.find(il_share);
+        if (it == other->map_layer_ids.end() && other->layer_ids.empty()) {
+            throw std::runtime_error("llama-memory drop-in: the shared source cache has no layer");
+        }
+        const int32_t il_lib = it != other->map_layer_ids.end() ? it->second : (int32_t) other->layer_ids[0];
+        const ggml_tensor * k = llama_memory_kv_get_k_tensor(other->mem, (uint32_t) il_lib);
+        const ggml_tensor * v = hparams.is_mla() ? nullptr : llama_memory_kv_get_v_tensor(other->mem, (uint32_t) il_lib);
+        llama_memory_clear_last_error();
+        LLAMA_LOG_WARN("%s: layer %3d: sharing with layer %d. k = %p, v = %p\n", func, il, il_share,
+                k ? k->data : nullptr, v ? v->data : nullptr);
+        memory_size_k += k ? ggml_nbytes(k) : 0;
+        memory_size_v += v ? ggml_nbytes(v) : 0;
+        layer_ids.push_back(il);
+        map_layer_ids[il] = il_lib;
+    }
+
+    if (reuse) {
+        LLAMA_LOG_DEBUG("%s: reusing layers:\n", func);
+        for (uint32_t il = 0; il < hparams.n_layer_all; il++) {
+            const int32_t il_reuse = reuse(il);
+            if (il_reuse < 0) {
+                LLAMA_LOG_DEBUG("%s: - layer %3d: no reuse\n", func, il);
+                continue;
+            }
+            if (filter && !filter(il)) {
+                LLAMA_LOG_DEBUG("%s: - layer %3d: filtered\n", func, il);
+                continue;
+            }
+            if (map_layer_ids.find(il_reuse) == map_layer_ids.end()) {
+                throw std::runtime_error("llama-memory drop-in: a layer reuses a layer without KV tensors");
+            }
+            map_layer_ids[il] = map_layer_ids[il_reuse];
+            LLAMA_LOG_DEBUG("%s: - layer %3d: reuse layer %d, is_swa = %d\n", func, il, il_reuse, hparams.is_swa(il));
+        }
+    }
+
+    // no buffer of its own; the size line counts the shared tensors, as upstream's
+    LLAMA_LOG_INFO("%s: size = %7.2f MiB (%6u cells, %3d layers, %2u/%u seqs), K (%s): %7.2f MiB, V (%s): %7.2f MiB\n", func,
+            (float)(memory_size_k + memory_size_v) / (1024.0f * 1024.0f), kv_size, (int) layer_ids.size(), n_seq_max, n_stream,
+            ggml_type_name(t_k), (float)memory_size_k / (1024.0f * 1024.0f),
+            ggml_type_name(t_v), (float)memory_size_v / (1024.0f * 1024.0f));
+
+    // the rotation is the other cache's
+    n_rot_k = other->n_rot_k;
+    n_rot_v = other->n_rot_v;
+    attn_rot_hadamard = other->attn_rot_hadamard;
+    LLAMA_LOG_INFO("%s: n_rot_k = %u, n_embd_head_k_all = %d\n", func, n_rot_k, other->n_embd_head_k_all);
+    LLAMA_LOG_INFO("%s: n_rot_v = %u, n_embd_head_k_all = %d\n", func, n_rot_v, other->n_embd_head_v_all);
+
+    slots = llama_memory_slots_init();
+    if (!slots) {
+        llama_memory_dropin_throw("failed to create the KV cache");
+    }
+}
+
+void llama_kv_cache::shared_clear() {
+    check(llama_memory_kv_reset_cells(other->mem), "clear");
+    other->changed();
+}
+
 llama_kv_cache::~llama_kv_cache() {
     llama_memory_slots_free(slots);
     llama_memory_free(mem);
@@ -340,6 +436,11 @@ llama_memory_context_ptr llama_kv_cache::init_full() {
 llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool optimize) {
     const bool do_shift = get_has_shift();
 
+    if (shared()) {
+        // (the other cache's pending shift: this cache's update is upstream's no-op)
+        return std::make_unique<llama_kv_cache_context>(this, lctx, do_shift, stream_copy_info(), false);
+    }
+
     // Defragmentation, opt-in by llama_context_params.defrag_thold (deprecated and ignored by
     // the pinned llama.cpp, so the default, -1, keeps the drop-in identical to stock): as the
     // llama.cpp that still had it, forced by `optimize` (decode's retry after a failed slot
@@ -376,6 +477,19 @@ llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool 
 }
 
 llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_ubatch> & ubatches) {
+    if (shared()) {
+        // placing a ubatch changes no shared cell (upstream's apply_ubatch is a no-op there), so
+        // each ubatch's slot is searched on the cells as they are
+        slot_info_vec_t res;
+        for (const auto & ub : ubatches) {
+            res.push_back(find_slot(ub, false));
+            if (res.back().empty()) {
+                return {};
+            }
+        }
+        return res;
+    }
+
     std::vector<llama_memory_ubatch> ubs;
     ubs.reserve(ubatches.size());
     for (const auto & ub : ubatches) {
@@ -395,7 +509,7 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_
 
 llama_kv_cache::slot_info llama_kv_cache::find_slot(const llama_ubatch & ubatch, bool cont) const {
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
-    const llama_memory_result rc = llama_memory_kv_find_slot(mem, &ub, cont, slots);
+    const llama_memory_result rc = llama_memory_kv_find_slot(cells_mem(), &ub, cont, slots);
     if (rc != LLAMA_MEMORY_OK) {
         if (rc != LLAMA_MEMORY_ERR_NO_SLOT) {
             LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_memory_last_error());
@@ -407,6 +521,9 @@ llama_kv_cache::slot_info llama_kv_cache::find_slot(const llama_ubatch & ubatch,
 }
 
 void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & ubatch) {
+    if (shared()) {
+        return;
+    }
     const slot_view sv(sinfo);
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
     check(llama_memory_kv_apply_ubatch(mem, &sv.c, &ub), "apply_ubatch");
@@ -414,6 +531,11 @@ void llama_kv_cache::apply_ubatch(const slot_info & sinfo, const llama_ubatch & 
 }
 
 bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_copy_info & sc_info, bool do_defrag) {
+    if (shared()) {
+        // (the other cache shifts its cells, as upstream's)
+        return true;
+    }
+
     bool updated = false;
 
     if (!sc_info.empty()) {
@@ -476,6 +598,10 @@ bool llama_kv_cache::update(llama_context * lctx, bool do_shift, const stream_co
 }
 
 bool llama_kv_cache::get_can_shift() const {
+    if (shared()) {
+        // upstream's rule for any cache of this model, shared or not
+        return model.arch != LLM_ARCH_STEP35 && hparams.n_pos_per_embd() == 1;
+    }
     return llama_memory_dropin_can_shift(mem);
 }
 
@@ -492,7 +618,7 @@ uint32_t llama_kv_cache::get_n_stream() const {
 }
 
 bool llama_kv_cache::get_has_shift() const {
-    return llama_memory_kv_get_has_shift(mem);
+    return llama_memory_kv_get_has_shift(cells_mem());
 }
 
 ggml_type llama_kv_cache::type_k() const {
@@ -508,10 +634,13 @@ std::vector<uint32_t> llama_kv_cache::get_layer_ids() const {
 }
 
 ggml_tensor * llama_kv_cache::get_k_storage(int32_t il) const {
-    return llama_memory_kv_get_k_tensor(mem, (uint32_t) map_layer_ids.at(il));
+    return llama_memory_kv_get_k_tensor(cells_mem(), (uint32_t) map_layer_ids.at(il));
 }
 
 const llama_kv_cells & llama_kv_cache::get_cells(llama_seq_id seq_id) const {
+    if (shared()) {
+        return other->get_cells(seq_id);
+    }
     const uint32_t strm = get_stream(seq_id);
     cells_mirror.resize(n_stream);
     mirror_out.resize(n_stream, false);
@@ -555,25 +684,25 @@ uint32_t llama_kv_cache::get_stream(llama_seq_id seq_id) const {
 
 uint32_t llama_kv_cache::get_n_kv(const slot_info & sinfo) const {
     const slot_view sv(sinfo);
-    return llama_memory_kv_get_n_kv(mem, &sv.c);
+    return llama_memory_kv_get_n_kv(cells_mem(), &sv.c);
 }
 
 ggml_tensor * llama_kv_cache::get_k(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
-    return llama_memory_kv_view_k(mem, ctx, (uint32_t) il, n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_k(il));
+    return llama_memory_kv_view_k(cells_mem(), ctx, lib_layer(il), n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_k(il));
 }
 
 ggml_tensor * llama_kv_cache::get_v(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
-    return llama_memory_kv_view_v(mem, ctx, (uint32_t) il, n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_v(il));
+    return llama_memory_kv_view_v(cells_mem(), ctx, lib_layer(il), n_kv, sinfo.s0, sinfo.s1, hparams.n_embd_head_v(il));
 }
 
 ggml_tensor * llama_kv_cache::cpy_k(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il, const slot_info & sinfo) const {
     GGML_UNUSED(sinfo);
-    return llama_memory_kv_cpy_k(mem, ctx, (uint32_t) il, k_cur, k_idxs);
+    return llama_memory_kv_cpy_k(cells_mem(), ctx, lib_layer(il), k_cur, k_idxs);
 }
 
 ggml_tensor * llama_kv_cache::cpy_v(ggml_context * ctx, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t il, const slot_info & sinfo) const {
     GGML_UNUSED(sinfo);
-    return llama_memory_kv_cpy_v(mem, ctx, (uint32_t) il, v_cur, v_idxs);
+    return llama_memory_kv_cpy_v(cells_mem(), ctx, lib_layer(il), v_cur, v_idxs);
 }
 
 ggml_tensor * llama_kv_cache::build_input_k_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
@@ -615,27 +744,27 @@ ggml_tensor * llama_kv_cache::build_input_v_rot(ggml_context * ctx) const {
 void llama_kv_cache::set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch, const slot_info & sinfo) const {
     const slot_view sv(sinfo);
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
-    check(llama_memory_kv_set_input_k_idxs_tensor(mem, dst, &ub, &sv.c), "set_input_k_idxs");
+    check(llama_memory_kv_set_input_k_idxs_tensor(cells_mem(), dst, &ub, &sv.c), "set_input_k_idxs");
 }
 
 void llama_kv_cache::set_input_v_idxs(ggml_tensor * dst, const llama_ubatch * ubatch, const slot_info & sinfo) const {
     const slot_view sv(sinfo);
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
-    check(llama_memory_kv_set_input_v_idxs_tensor(mem, dst, &ub, &sv.c), "set_input_v_idxs");
+    check(llama_memory_kv_set_input_v_idxs_tensor(cells_mem(), dst, &ub, &sv.c), "set_input_v_idxs");
 }
 
 void llama_kv_cache::set_input_k_shift(ggml_tensor * dst) const {
-    check(llama_memory_kv_set_input_k_shift_tensor(mem, dst), "set_input_k_shift");
+    check(llama_memory_kv_set_input_k_shift_tensor(cells_mem(), dst), "set_input_k_shift");
 }
 
 void llama_kv_cache::set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, bool causal_attn) const {
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
-    check(llama_memory_kv_set_input_kq_mask_tensor(mem, dst, &ub, causal_attn), "set_input_kq_mask");
+    check(llama_memory_kv_set_input_kq_mask_tensor(cells_mem(), dst, &ub, causal_attn), "set_input_kq_mask");
 }
 
 void llama_kv_cache::set_input_pos_bucket(ggml_tensor * dst, const llama_ubatch * ubatch) const {
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(*ubatch);
-    check(llama_memory_kv_set_input_pos_bucket_tensor(mem, dst, &ub), "set_input_pos_bucket");
+    check(llama_memory_kv_set_input_pos_bucket_tensor(cells_mem(), dst, &ub), "set_input_pos_bucket");
 }
 
 void llama_kv_cache::set_input_k_rot(ggml_tensor * dst) const {
@@ -657,10 +786,14 @@ bool llama_kv_cache::has_cell_ext() const {
 void llama_kv_cache::get_prev_tokens(const llama_ubatch & ubatch, uint32_t n, std::vector<llama_token> & res) const {
     res.assign((size_t) ubatch.n_tokens*n, LLAMA_TOKEN_NULL);
     const llama_memory_ubatch ub = llama_memory_dropin_ubatch(ubatch);
-    check(llama_memory_kv_get_prev_tokens(mem, &ub, n, res.data(), res.size()), "get_prev_tokens");
+    check(llama_memory_kv_get_prev_tokens(cells_mem(), &ub, n, res.data(), res.size()), "get_prev_tokens");
 }
 
 void llama_kv_cache::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    if (shared()) {
+        // (the cells are the other cache's, which writes them: upstream writes nothing here)
+        return;
+    }
     llama_memory_dropin_writer w{ io };
     const llama_memory_io_write cb = w.callbacks();
     if (llama_memory_state_write_io(mem, seq_id, flags, &cb) != LLAMA_MEMORY_OK) {
@@ -678,6 +811,11 @@ void llama_kv_cache::state_read_sinfo(
   llama_state_seq_flags   flags,
       slot_info_vec_t *   sinfos_out,
 const slot_info_vec_t *   sinfos_in) {
+    if (shared()) {
+        // (nothing was written: upstream reads nothing)
+        return;
+    }
+
     llama_memory_dropin_reader r{ io };
     const llama_memory_io_read cb = r.callbacks();
     if (!sinfos_out && !sinfos_in) {
@@ -741,6 +879,13 @@ const slot_info_vec_t *   sinfos_in) {
 }
 
 void llama_kv_cache::state_clear(llama_seq_id seq_id) {
+    if (shared()) {
+        // (a shared cache reads no state, so no restore of it fails; -1 is a clear)
+        if (seq_id == -1) {
+            shared_clear();
+        }
+        return;
+    }
     check(llama_memory_kv_state_clear(mem, seq_id), "state_clear");
     changed();
 }

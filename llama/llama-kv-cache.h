@@ -161,6 +161,11 @@ public:
     // the library's handle (llama-state.cpp checks a state with it before any restore)
     llama_memory_dropin_obj * handle() const { return mem; }
 
+    // the cells and tensors are another cache's (mem_other, the gemma4-assistant's cache over
+    // its main model's): no state, no handle of its own, every change a no-op, as upstream's
+    // [TAG_KV_CACHE_SHARE_CELLS]. That cache must outlive this one, as upstream's must.
+    bool shared() const { return other != nullptr; }
+
     //
     // llama_kv_cache specific API
     //
@@ -252,6 +257,21 @@ private:
 
     llama_memory_dropin_obj * mem = nullptr;
 
+    // the cache whose cells and tensors this one uses, or nullptr (see shared())
+    const llama_kv_cache * other = nullptr;
+
+    // the library handle holding the cells: the other cache's for a shared one
+    llama_memory_dropin_obj * cells_mem() const { return other ? other->mem : mem; }
+
+    // a shared cache's clear: upstream resets the shared cells (the other cache's tensors and
+    // its slot-search heads stay as they are)
+    void shared_clear();
+    // a model layer's layer in the library handle: the other cache's for a shared one (an
+    // own cache's handle maps reused layers itself)
+    uint32_t lib_layer(int32_t il) const { return other ? (uint32_t) map_layer_ids.at(il) : (uint32_t) il; }
+
+    void init_shared(const layer_filter_cb & filter, const layer_reuse_cb & reuse, const layer_share_cb & share);
+
     // reused by prepare()
     llama_memory_slots * slots = nullptr;
 
@@ -263,9 +283,17 @@ private:
     ggml_type t_k;
     ggml_type t_v;
 
-    // model layers with their own tensors, in order; model layer -> the layer whose tensors it uses
+    // model layers with their own tensors, in order; model layer -> the layer whose tensors it
+    // uses (for a shared cache: the other cache's layer, in that cache's library handle)
     std::vector<uint32_t> layer_ids;
     std::unordered_map<int32_t, int32_t> map_layer_ids;
+
+    const uint32_t       n_swa;
+    const llama_swa_type swa_type;
+
+    // the head sizes of every layer (-1: they differ), for the rotation
+    int32_t n_embd_head_k_all = 0;
+    int32_t n_embd_head_v_all = 0;
 
     // attention rotation (quantized caches): the Hadamard sizes and matrices
     uint32_t n_rot_k = 0;

@@ -49,40 +49,61 @@ inline std::map<ggml_backend_buffer_type_t, size_t> llama_memory_dropin_breakdow
 
 // The part of llama_memory_i every adapter implements the same way, over its library handle
 // `mem`: clear, the sequence functions, seq_pos_min/max and memory_breakdown (the library
-// gives each its llama.h semantics).
+// gives each its llama.h semantics). An adapter whose cells are another cache's (`shared()`,
+// upstream's [TAG_KV_CACHE_SHARE_CELLS]) changes none of them: its sequence functions are
+// upstream's no-ops, its positions the other cache's, its clear `shared_clear()`, and it has
+// no buffer of its own.
 #define LLAMA_MEMORY_DROPIN_FORWARDERS(cls)                                                         \
     void cls::clear(bool data) {                                                                    \
+        if (shared()) {                                                                             \
+            shared_clear();                                                                         \
+            return;                                                                                 \
+        }                                                                                           \
         llama_memory_dropin_clear(mem, data);                                                       \
         changed();                                                                                  \
     }                                                                                               \
     bool cls::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {                            \
+        if (shared()) {                                                                             \
+            return true;                                                                            \
+        }                                                                                           \
         const bool ok = llama_memory_dropin_seq_rm(mem, seq_id, p0, p1);                            \
         changed();                                                                                  \
         return ok;                                                                                  \
     }                                                                                               \
     void cls::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) { \
-        llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);                            \
-        changed();                                                                                  \
+        if (!shared()) {                                                                            \
+            llama_memory_dropin_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);                        \
+            changed();                                                                              \
+        }                                                                                           \
     }                                                                                               \
     void cls::seq_keep(llama_seq_id seq_id) {                                                       \
-        llama_memory_dropin_seq_keep(mem, seq_id);                                                  \
-        changed();                                                                                  \
+        if (!shared()) {                                                                            \
+            llama_memory_dropin_seq_keep(mem, seq_id);                                              \
+            changed();                                                                              \
+        }                                                                                           \
     }                                                                                               \
     void cls::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {           \
-        llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);                                    \
-        changed();                                                                                  \
+        if (!shared()) {                                                                            \
+            llama_memory_dropin_seq_add(mem, seq_id, p0, p1, shift);                                \
+            changed();                                                                              \
+        }                                                                                           \
     }                                                                                               \
     void cls::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {                     \
-        llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);                                        \
-        changed();                                                                                  \
+        if (!shared()) {                                                                            \
+            llama_memory_dropin_seq_div(mem, seq_id, p0, p1, d);                                    \
+            changed();                                                                              \
+        }                                                                                           \
     }                                                                                               \
     llama_pos cls::seq_pos_min(llama_seq_id seq_id) const {                                         \
-        return llama_memory_dropin_seq_pos_min(mem, seq_id);                                        \
+        return llama_memory_dropin_seq_pos_min(cells_mem(), seq_id);                                \
     }                                                                                               \
     llama_pos cls::seq_pos_max(llama_seq_id seq_id) const {                                         \
-        return llama_memory_dropin_seq_pos_max(mem, seq_id);                                        \
+        return llama_memory_dropin_seq_pos_max(cells_mem(), seq_id);                                \
     }                                                                                               \
     std::map<ggml_backend_buffer_type_t, size_t> cls::memory_breakdown() const {                    \
+        if (shared()) {                                                                             \
+            return {};                                                                              \
+        }                                                                                           \
         return llama_memory_dropin_breakdown(mem);                                                  \
     }
 

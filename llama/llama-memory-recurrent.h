@@ -98,6 +98,11 @@ private:
     // (the forwarders call it after every change; the recurrent memory hands out no mirror)
     void changed() const {}
 
+    // (a recurrent memory never shares another's cells)
+    bool shared() const { return false; }
+    void shared_clear() {}
+    llama_memory_dropin_obj * cells_mem() const { return mem; }
+
     // the library's counters (size, head, n, rs_z) in one call
     struct llama_memory_rs_info info() const;
 

@@ -65,7 +65,10 @@ bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector
         return true;
     }
     if (auto * kv = dynamic_cast<llama_kv_cache *>(memory)) {
-        out.push_back({ kv->handle(), true });
+        // (a cache over another's cells reads and writes no state)
+        if (!kv->shared()) {
+            out.push_back({ kv->handle(), true });
+        }
         return true;
     }
     if (auto * rs = dynamic_cast<llama_memory_recurrent *>(memory)) {

@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 16] = [
+    let models: [(&str, Writer); 17] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -66,6 +66,8 @@ fn write_models_into(dir: &Path) {
         ("gemma4", |p| {
             llama_memory_reference::write_gemma4_model(p, 2)
         }),
+        // gemma4's draft model, over a gemma4 context's cells (tests/dropin/assistant.cpp)
+        ("gemma4_assistant", llama_memory_reference::write_gemma4_assistant_model),
         // a NextN (MTP) block: LLAMA_CONTEXT_TYPE_MTP contexts (tests/dropin/mtp.cpp)
         ("hy_v3", llama_memory_reference::write_hy_v3_model),
         // MLA and a lightning indexer: llama_kv_cache_dsa
@@ -283,6 +285,8 @@ fn dropin_libllama_symbols_and_equivalence() {
             "dropin_nonfinite",
             "dropin_fit_dropin",
             "dropin_fit_stock",
+            "dropin_assistant_dropin",
+            "dropin_assistant_stock",
             "dropin_mtp_dropin",
             "dropin_mtp_stock",
         ][..],

@@ -426,6 +426,14 @@ impl KvCache {
         }
     }
 
+    /// Empties every cell and keeps the heads (llama.cpp's `clear` through a cache that shares
+    /// these cells: it resets its own heads, not this cache's).
+    pub fn reset_cells(&mut self) {
+        for c in &mut self.cells {
+            c.reset();
+        }
+    }
+
     /// Removes the cells of `seq_id` (or of every sequence when `seq_id == -1`) with position in
     /// `[p0, p1)`; negative bounds mean "from 0" and "to infinity". Never fails for valid ids.
     pub fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {

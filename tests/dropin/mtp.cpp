@@ -12,73 +12,14 @@
 // position ranges and the state blobs (hex) in order.
 #include "llama.h"
 #include "llama-ext.h"
-#include "log_lines.h"
+#include "out_lines.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 namespace {
-
-FILE * g_out = nullptr;
-
-void log_cb(ggml_log_level level, const char * text, void * /*user*/) {
-    std::string line;
-    // the memory's lines, the graph sizes
-    if (whole_log_line(text, line) &&
-        mentions_any(line, {"llama_kv_cache", "llama_memory", "state_", "KV buffer", "graph:", "n_ctx"})) {
-        std::string esc;
-        for (char c : line) {
-            esc += c == '\n' ? std::string("\\n") : std::string(1, c);
-        }
-        fprintf(g_out, "log %d %s\n", (int) level, esc.c_str());
-    }
-}
-
-void put_floats(const char * what, const float * v, size_t n) {
-    fprintf(g_out, "%s", what);
-    for (size_t i = 0; i < n; ++i) {
-        uint32_t u;
-        memcpy(&u, &v[i], 4);
-        fprintf(g_out, " %08x", u);
-    }
-    fprintf(g_out, "\n");
-}
-
-void put_blob(const char * what, const std::vector<uint8_t> & b) {
-    fprintf(g_out, "blob %s %zu", what, b.size());
-    for (uint8_t x : b) {
-        fprintf(g_out, "%02x", x);
-    }
-    fprintf(g_out, "\n");
-}
-
-void put_ranges(llama_context * ctx, const char * what) {
-    llama_memory_t mem = llama_get_memory(ctx);
-    fprintf(g_out, "ranges %s", what);
-    for (llama_seq_id s = 0; s < 2; ++s) {
-        fprintf(g_out, " %d:[%d,%d]", s, llama_memory_seq_pos_min(mem, s), llama_memory_seq_pos_max(mem, s));
-    }
-    fprintf(g_out, "\n");
-}
-
-// decodes tokens at p0.. of seq in the target, every output on
-int decode_target(llama_context * ctx, llama_seq_id seq, llama_pos p0, const std::vector<llama_token> & toks) {
-    llama_batch b = llama_batch_init((int32_t) toks.size(), 0, 1);
-    for (size_t i = 0; i < toks.size(); ++i) {
-        b.token[i]     = toks[i];
-        b.pos[i]       = p0 + (llama_pos) i;
-        b.n_seq_id[i]  = 1;
-        b.seq_id[i][0] = seq;
-        b.logits[i]    = 1;
-    }
-    b.n_tokens = (int32_t) toks.size();
-    const int rc = llama_decode(ctx, b);
-    llama_batch_free(b);
-    return rc;
-}
 
 // the MTP step: token i of toks at p0 + i paired with the hidden state h[i] (one n_embd row each)
 int decode_mtp(llama_context * ctx, llama_seq_id seq, llama_pos p0, const std::vector<llama_token> & toks,

@@ -504,6 +504,20 @@ pub extern "C" fn llama_memory_kv_state_clear(
     })
 }
 
+/// Empties every cell of every stream and keeps the slot-search heads: llama.cpp's `clear` of
+/// a cache over another cache's cells (gemma4-assistant's), which resets those shared cells
+/// but not the other cache's heads, nor its tensors. KV caches only.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_reset_cells(mem: llama_memory_t) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_mut!(mem, "mem");
+        try_or!(find_mut::<KvMemory>(&mut *m.inner))
+            .cache
+            .reset_cells();
+        llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
 // In header order (the comments keep rustfmt from sorting these lines): the slot-level API,
 pub mod slot;
 // the graph inputs,
