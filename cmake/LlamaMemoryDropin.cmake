@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,gemma4_assistant,hy_v3,deepseek32,dots3note,minimax_m3,glm5_next,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,gemma4_assistant,hy_v3,deepseek32,deepseek4,dots3note,minimax_m3,glm5_next,qwen4exp,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -489,6 +489,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_dots3note llama_kv_cache_dsa_iswa)
     set(_memory_minimax_m3 llama_kv_cache_msa)
     set(_memory_glm5_next llama_memory_hybrid_idx)
+    set(_memory_qwen4exp llama_memory_hybrid_idx)
+    set(_memory_deepseek4 llama_kv_cache_dsv4)
 
     # <name> <model> <equivalence arguments...>
     set(_configs
@@ -533,6 +535,16 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # into the MLA cache's layout)
         "glm5_next|glm5_next|--flash-attn 0"
         "glm5_next_fa_on_streams|glm5_next|--flash-attn 1 --kv-unified 0"
+        # qwen4exp: hybrid-idx over M-RoPE positions (its indexer cache keeps the 2-D positions
+        # its pooled keys rotate to) and PLE n-grams (get_prev_tokens), the k-pool by order
+        "qwen4exp|qwen4exp|--flash-attn 0"
+        "qwen4exp_fa_on_streams|qwen4exp|--flash-attn 1 --kv-unified 0"
+        # deepseek4: llama_kv_cache_dsv4 (raw window cache, CSA and HCA compressed caches, the
+        # indexer's, three compressor states). Its raw cache has a stream per sequence whatever
+        # kv_unified says, and stock aborts on an id of [n_seq_max, 256) in a unified cache
+        # (the drop-in refuses it), so a stream per sequence
+        "deepseek4_streams|deepseek4|--flash-attn 0 --kv-unified 0"
+        "deepseek4_fa_on_streams|deepseek4|--flash-attn 1 --kv-unified 0"
         # M-RoPE: 4 positions per token, no seq_add/seq_div (can_shift 0)
         "qwen2vl|qwen2vl|--flash-attn 0"
         "qwen2vl_fa_on_streams|qwen2vl|--flash-attn 1 --kv-unified 0"

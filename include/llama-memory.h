@@ -862,6 +862,16 @@ llama_memory_result llama_memory_kv_get_cells(llama_memory_t mem,
                                               uint64_t *seq_bits,
                                               size_t n);
 
+// Reads the extra data of every cell of stream `stream` in one call (llama.cpp's
+// `llama_kv_cell_ext`, what `get_cells` callers read with `ext_get`): `ext[3 * i .. 3 * i + 3]`
+// gets cell `i`'s 2-D position x, y and its token id (-1 when none), all 0/0/-1 for an
+// empty cell or a cache that keeps none. `n` is the number of cells `ext` has room for (3
+// entries each): at least `llama_memory_kv_size`. Nothing is written on error.
+llama_memory_result llama_memory_kv_get_cells_ext(llama_memory_t mem,
+                                                  uint32_t stream,
+                                                  int32_t *ext,
+                                                  size_t n);
+
 // The detail of the slot search's debug log lines, llama.cpp's `LLAMA_KV_CACHE_DEBUG`: 0
 // none (the default), 1 each searched stream's extent and each sequence's range, 2 also maps
 // of the cells when the cache has a sliding window, 3 always. The lines go where

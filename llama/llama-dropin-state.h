@@ -45,6 +45,11 @@
 #define llama_memory_seq_pos_max      llama_upstream_memory_seq_pos_max
 #endif
 
+// The sequence ids a memory has: [0, LLAMA_MAX_SEQ), or [0, n_seq_max) for a memory with a
+// stream per sequence whatever kv_unified says (deepseek4's, whose composite indexes its
+// streams with the id unchecked: stock aborts there). llama-memory-api.cpp.
+LLAMA_DROPIN_HIDDEN int32_t llama_dropin_seq_limit(llama_memory_t mem);
+
 LLAMA_DROPIN_HIDDEN size_t llama_upstream_state_get_size(llama_context * ctx);
 LLAMA_DROPIN_HIDDEN size_t llama_upstream_get_state_size(llama_context * ctx);
 LLAMA_DROPIN_HIDDEN size_t llama_upstream_state_get_data(llama_context * ctx, uint8_t * dst, size_t size);

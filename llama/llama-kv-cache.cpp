@@ -224,7 +224,10 @@ llama_kv_cache::llama_kv_cache(
     p.n_pad            = n_pad;
     p.n_swa            = n_swa;
     p.swa_type         = (int32_t) swa_type;
-    p.n_pos_per_embd   = hparams.n_pos_per_embd();
+    // the ubatches carry the model's position sections, also into a cache whose own hparams
+    // have no RoPE (hybrid-idx's indexer cache of an M-RoPE model), which keeps their 2-D
+    // positions in its cells as upstream's does
+    p.n_pos_per_embd   = std::max(hparams.n_pos_per_embd(), model.hparams.n_pos_per_embd());
     p.model_can_shift  = model.arch != LLM_ARCH_STEP35;
     p.use_alibi        = hparams.use_alibi;
     p.non_causal_type  = (int32_t) hparams.non_causal_type;
@@ -655,12 +658,20 @@ void llama_kv_cache::fill_mirror(uint32_t strm) const {
     cells.resize(kv_size);
     cells_pos.resize(kv_size);
     cells_bits.resize((size_t) kv_size * 4);
+    cells_ext.resize((size_t) kv_size * 3);
     check(llama_memory_kv_get_cells(mem, strm, cells_pos.data(), cells_bits.data(), kv_size), "get_cells");
+    check(llama_memory_kv_get_cells_ext(mem, strm, cells_ext.data(), kv_size), "get_cells");
     for (uint32_t i = 0; i < kv_size; ++i) {
         if (cells_pos[i] < 0) {
             continue;
         }
         cells.pos_set(i, cells_pos[i]);
+        // (the 2-D positions hybrid-idx rotates a pooled key to, the n-gram token)
+        llama_kv_cell_ext e;
+        e.x   = cells_ext[(size_t) i*3 + 0];
+        e.y   = cells_ext[(size_t) i*3 + 1];
+        e.tok = cells_ext[(size_t) i*3 + 2];
+        cells.ext_set(i, e);
         for (int w = 0; w < 4; ++w) {
             for (uint64_t bits = cells_bits[(size_t) i*4 + w]; bits; bits &= bits - 1) {
                 cells.seq_add(i, w*64 + __builtin_ctzll(bits));

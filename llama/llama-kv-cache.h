@@ -307,6 +307,7 @@ private:
     mutable std::vector<bool>           mirror_out;
     mutable std::vector<llama_pos>      cells_pos;  // get_cells' buffers, kept between calls
     mutable std::vector<uint64_t>       cells_bits;
+    mutable std::vector<int32_t>        cells_ext;
 
     void fill_mirror(uint32_t strm) const;
     void changed() const;

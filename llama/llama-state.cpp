@@ -386,8 +386,9 @@ struct llama_memory_dropin_state {
     // A destination no memory can have (stock aborts on it): refused before anything runs,
     // upstream's restore included (a composite's failure path would take a negative id for
     // "every sequence": hybrid-idx's state_drop empties every recurrent state with it).
-    static bool dest_exists(llama_seq_id seq_id, const char * prefix) {
-        if (seq_id >= -1 && seq_id < LLAMA_MAX_SEQ) {
+    static bool dest_exists(llama_context * ctx, llama_seq_id seq_id, const char * prefix) {
+        llama_memory_i * memory = ctx->get_memory();
+        if (seq_id >= -1 && seq_id < (memory ? llama_dropin_seq_limit(memory) : LLAMA_MAX_SEQ)) {
             return true;
         }
         LLAMA_LOG_ERROR("%sinvalid destination sequence %d\n", prefix, seq_id);
@@ -434,7 +435,7 @@ struct llama_memory_dropin_state {
                                llama_state_seq_flags flags) {
         const bool device = (flags & LLAMA_STATE_SEQ_FLAGS_ON_DEVICE) != 0;
         const char * prefix = "state_seq_set_data: error loading state: ";
-        if (!dest_exists(seq_id, prefix)) {
+        if (!dest_exists(ctx, seq_id, prefix)) {
             return 0;
         }
         if (src == nullptr || size < 8 || u32_at(src) != seq_blob_magic) {
@@ -573,7 +574,7 @@ struct llama_memory_dropin_state {
     static size_t seq_load_file(llama_context * ctx, const char * path, llama_seq_id seq_id, llama_token * tokens_out,
                                 size_t n_token_capacity, size_t * n_token_count_out) {
         const char * prefix = "llama_state_seq_load_file: error loading sequence state file: ";
-        if (!dest_exists(seq_id, prefix)) {
+        if (!dest_exists(ctx, seq_id, prefix)) {
             return 0;
         }
         ctx->synchronize();

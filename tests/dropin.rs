@@ -67,7 +67,10 @@ fn write_models_into(dir: &Path) {
             llama_memory_reference::write_gemma4_model(p, 2)
         }),
         // gemma4's draft model, over a gemma4 context's cells (tests/dropin/assistant.cpp)
-        ("gemma4_assistant", llama_memory_reference::write_gemma4_assistant_model),
+        (
+            "gemma4_assistant",
+            llama_memory_reference::write_gemma4_assistant_model,
+        ),
         // a NextN (MTP) block: LLAMA_CONTEXT_TYPE_MTP contexts (tests/dropin/mtp.cpp)
         ("hy_v3", llama_memory_reference::write_hy_v3_model),
         // MLA and a lightning indexer: llama_kv_cache_dsa

@@ -471,6 +471,38 @@ pub extern "C" fn llama_memory_kv_get_cells(
     })
 }
 
+/// Reads the extra data of every cell of stream `stream` in one call (llama.cpp's
+/// `llama_kv_cell_ext`, what `get_cells` callers read with `ext_get`): `ext[3 * i .. 3 * i + 3]`
+/// gets cell `i`'s 2-D position x, y and its token id (-1 when none), all 0/0/-1 for an
+/// empty cell or a cache that keeps none. `n` is the number of cells `ext` has room for (3
+/// entries each): at least `llama_memory_kv_size`. Nothing is written on error.
+#[no_mangle]
+pub extern "C" fn llama_memory_kv_get_cells_ext(
+    mem: llama_memory_t,
+    stream: u32,
+    ext: *mut i32,
+    n: usize,
+) -> llama_memory_result {
+    ffi_boundary!({
+        let m = try_ref!(mem, "mem");
+        let kv = try_or!(kv_of(m).and_then(|kv| stream_of(kv, stream)));
+        let size = kv.size() as usize;
+        if n < size {
+            bail!(err!(
+                InvalidArgument,
+                "room for {n} cells, the cache has {size}"
+            ));
+        }
+        let out = try_slice_mut!(ext, 3 * size, "ext");
+        let c = kv.cells(stream);
+        for (i, o) in out.chunks_exact_mut(3).enumerate() {
+            let e = c.ext_get(i as u32);
+            o.copy_from_slice(&[e.x, e.y, e.tok]);
+        }
+        llama_memory_result::LLAMA_MEMORY_OK
+    })
+}
+
 /// The detail of the slot search's debug log lines, llama.cpp's `LLAMA_KV_CACHE_DEBUG`: 0
 /// none (the default), 1 each searched stream's extent and each sequence's range, 2 also maps
 /// of the cells when the cache has a sliding window, 3 always. The lines go where
