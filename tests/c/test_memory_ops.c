@@ -66,6 +66,19 @@ int main(void) {
         CHECK(llama_memory_kv_get_cells(NULL, 0, all_pos, all_bits, 256) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
     }
 
+    /* every cell's ext in one call: no 2-D position, the token each placed cell took (the
+     * harness's tokens are 100 + i), none for the empty ones */
+    {
+        static int32_t ext[256 * 3];
+        CHECK(llama_memory_kv_get_cells_ext(mem, 0, ext, 256) == LLAMA_MEMORY_OK);
+        CHECK(ext[0] == 0 && ext[1] == 0 && ext[2] == 100 && ext[3 * 3 + 2] == 103);
+        CHECK(ext[3 * 4 + 2] == 100 && ext[3 * 5 + 2] == 101);
+        CHECK(ext[3 * 6 + 0] == 0 && ext[3 * 6 + 1] == 0 && ext[3 * 6 + 2] == -1);
+        CHECK(llama_memory_kv_get_cells_ext(mem, 0, ext, 255) == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+        CHECK(llama_memory_kv_get_cells_ext(mem, 1, ext, 256) == LLAMA_MEMORY_ERR_INVALID_ARGUMENT);
+        CHECK(llama_memory_kv_get_cells_ext(mem, 0, NULL, 256) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
+    }
+
     /* shifting seq 1 moves the cells it shares with seq 0 */
     llama_memory_seq_add(mem, 1, 0, -1, 10);
     CHECK(llama_memory_seq_pos_min(mem, 0) == 10 && llama_memory_seq_pos_max(mem, 0) == 13);
@@ -109,6 +122,16 @@ int main(void) {
     CHECK(n_zero == 3 && mask[0] == 0.0f && mask[4] == 0.0f && mask[5] == 0.0f);
     CHECK(!llama_memory_ctx_next(ctx));
     llama_memory_ctx_free(ctx);
+
+    /* emptying the cells keeps the slot search where it was (after cell 0, the last placed):
+     * the next two tokens go to cells 1 and 2, where a clear would put them at 0 and 1 */
+    CHECK(llama_memory_kv_reset_cells(mem) == LLAMA_MEMORY_OK);
+    CHECK(llama_memory_seq_pos_max(mem, 2) == -1 && llama_memory_kv_n_used(mem, 0) == 0);
+    CHECK(test_place(mem, 3, 0, 2) == 0);
+    CHECK(llama_memory_kv_get_cell(mem, 0, 0, &pos, NULL, NULL) == LLAMA_MEMORY_OK && pos == -1);
+    CHECK(llama_memory_kv_get_cell(mem, 0, 1, &pos, NULL, seqs) == LLAMA_MEMORY_OK && pos == 0 && seqs[0] == (1u << 3));
+    CHECK(llama_memory_kv_get_cell(mem, 0, 2, &pos, NULL, NULL) == LLAMA_MEMORY_OK && pos == 1);
+    CHECK(llama_memory_kv_reset_cells(NULL) == LLAMA_MEMORY_ERR_NULL_ARGUMENT);
 
     llama_memory_clear(mem, true);
     CHECK(llama_memory_seq_pos_max(mem, 2) == -1 && llama_memory_kv_n_used(mem, 0) == 0);
