@@ -91,13 +91,9 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "assistant: no --assistant model\n");
         return 2;
     }
-    g_out = fopen(argv[2], "w");
-    if (!g_out) {
-        fprintf(stderr, "assistant: cannot write %s\n", argv[2]);
+    if (!open_out(argv[2], "assistant")) {
         return 2;
     }
-    llama_log_set(log_cb, nullptr);
-    llama_backend_init();
 
     llama_model_params mp = llama_model_default_params();
     llama_model * model_tgt = llama_model_load_from_file(argv[1], mp);

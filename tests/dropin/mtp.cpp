@@ -66,13 +66,9 @@ int main(int argc, char ** argv) {
             return 2;
         }
     }
-    g_out = fopen(argv[2], "w");
-    if (!g_out) {
-        fprintf(stderr, "mtp: cannot write %s\n", argv[2]);
+    if (!open_out(argv[2], "mtp")) {
         return 2;
     }
-    llama_log_set(log_cb, nullptr);
-    llama_backend_init();
 
     llama_model_params mp = llama_model_default_params();
     mp.load_mtp = true;

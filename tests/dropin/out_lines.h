@@ -37,6 +37,19 @@ inline void log_cb(ggml_log_level level, const char * text, void * /*user*/) {
     }
 }
 
+// Opens the output file and sends llama.cpp's log to log_cb; false (with a message naming
+// `prog`) when the file cannot be written.
+inline bool open_out(const char * path, const char * prog) {
+    g_out = fopen(path, "w");
+    if (!g_out) {
+        fprintf(stderr, "%s: cannot write %s\n", prog, path);
+        return false;
+    }
+    llama_log_set(log_cb, nullptr);
+    llama_backend_init();
+    return true;
+}
+
 inline void put_floats(const char * what, const float * v, size_t n) {
     fprintf(g_out, "%s", what);
     for (size_t i = 0; i < n; ++i) {

@@ -374,6 +374,20 @@ pub extern "C" fn llama_memory_kv_n_stream(mem: llama_memory_t) -> u32 {
 }
 
 /// `kv` when it has stream `stream`.
+/// The KV cache of `m`, when it has stream `stream` and a caller's arrays of `n` cells hold
+/// every cell of it, with its size.
+fn stream_with_room(m: &MemoryHandle, stream: u32, n: usize) -> Result<(&KvCache, usize)> {
+    let kv = kv_of(m).and_then(|kv| stream_of(kv, stream))?;
+    let size = kv.size() as usize;
+    if n < size {
+        return Err(err!(
+            InvalidArgument,
+            "room for {n} cells, the cache has {size}"
+        ));
+    }
+    Ok((kv, size))
+}
+
 fn stream_of(kv: &KvCache, stream: u32) -> Result<&KvCache> {
     if stream >= kv.n_stream() {
         return Err(err!(
@@ -448,14 +462,7 @@ pub extern "C" fn llama_memory_kv_get_cells(
 ) -> llama_memory_result {
     ffi_boundary!({
         let m = try_ref!(mem, "mem");
-        let kv = try_or!(kv_of(m).and_then(|kv| stream_of(kv, stream)));
-        let size = kv.size() as usize;
-        if n < size {
-            bail!(err!(
-                InvalidArgument,
-                "room for {n} cells, the cache has {size}"
-            ));
-        }
+        let (kv, size) = try_or!(stream_with_room(m, stream, n));
         let out_pos = try_slice_mut!(pos, size, "pos");
         let c = kv.cells(stream);
         if !seq_bits.is_null() {
@@ -485,14 +492,7 @@ pub extern "C" fn llama_memory_kv_get_cells_ext(
 ) -> llama_memory_result {
     ffi_boundary!({
         let m = try_ref!(mem, "mem");
-        let kv = try_or!(kv_of(m).and_then(|kv| stream_of(kv, stream)));
-        let size = kv.size() as usize;
-        if n < size {
-            bail!(err!(
-                InvalidArgument,
-                "room for {n} cells, the cache has {size}"
-            ));
-        }
+        let (kv, size) = try_or!(stream_with_room(m, stream, n));
         let out = try_slice_mut!(ext, 3 * size, "ext");
         let c = kv.cells(stream);
         for (i, o) in out.chunks_exact_mut(3).enumerate() {
