@@ -660,7 +660,8 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # The start-up of llama.cpp's common programs (its fit: a no_alloc model and context to
     # measure, then the real ones; tests/dropin/fit.cpp, C++ for llama-ext.h's
     # llama_get_memory_breakdown) on each library, byte for byte: the memory's log lines and
-    # breakdown in both phases; each run also checks that its no_alloc phase reports the real
+    # breakdown in both phases, then common's fit itself (common_fit_params) and the
+    # parameters it fits; each run also checks that its no_alloc phase reports the real
     # context's bytes without allocating them.
     # _llama_memory_dropin_cxx_program(<name>): tests/dropin/<name>.cpp, C++17 against llama.h
     # and upstream's src/llama-ext.h (its C++ API), built against each library as
@@ -686,8 +687,27 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         endforeach()
     endfunction()
     _llama_memory_dropin_cxx_program(fit)
-    foreach(_config "llama|llama|--n-ctx 131072" "llama_streams|llama|--n-ctx 65536 --n-seq 4 --kv-unified 0 --flash-attn 0"
-                    "gemma3|gemma3|--n-ctx 65536 --n-seq 2" "jamba|jamba|--n-ctx 131072" "mamba|mamba|--n-seq 4")
+    # common's fit itself (common/fit.cpp and the log and JSON code it uses, from the pinned
+    # tree), compiled once and linked into both fit harnesses (log.cpp runs a thread)
+    find_package(Threads REQUIRED)
+    add_library(dropin_common_fit OBJECT
+        "${_dropin_tree}/common/fit.cpp" "${_dropin_tree}/common/log.cpp" "${_dropin_tree}/common/json.cpp")
+    set_target_properties(dropin_common_fit PROPERTIES CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON
+        POSITION_INDEPENDENT_CODE ON)
+    target_include_directories(dropin_common_fit PRIVATE "${_dropin_tree}/common" "${_dropin_tree}/vendor"
+        "${_dropin_tree}/src" "${_dropin_tree}/include" "${_dropin_tree}/ggml/include")
+    foreach(_variant dropin stock)
+        target_sources(dropin_fit_${_variant} PRIVATE $<TARGET_OBJECTS:dropin_common_fit>)
+        target_include_directories(dropin_fit_${_variant} PRIVATE "${_dropin_tree}/common")
+        target_link_libraries(dropin_fit_${_variant} PRIVATE Threads::Threads)
+    endforeach()
+    # The targets (host KiB fit may use) put the fitted context strictly inside fit's range on
+    # these tiny models (the harness fails otherwise); mamba's memory does not grow with the
+    # context, so fit has nothing to reduce there.
+    foreach(_config "llama|llama|--n-ctx 131072 --fit-target-kib 1200"
+                    "llama_streams|llama|--n-ctx 65536 --n-seq 4 --kv-unified 0 --flash-attn 0 --fit-target-kib 4000"
+                    "gemma3|gemma3|--n-ctx 65536 --n-seq 2 --fit-target-kib 3000"
+                    "jamba|jamba|--n-ctx 131072 --fit-target-kib 2000" "mamba|mamba|--n-seq 4")
         string(REPLACE "|" ";" _parts "${_config}")
         list(GET _parts 0 _name)
         list(GET _parts 1 _model)

@@ -3,6 +3,7 @@
 // stock libllama and against the drop-in; compare.cmake compares the outputs byte for byte.
 //
 //   fit <model.gguf> <out.txt> [--n-ctx N] [--n-seq N] [--flash-attn 0|1] [--kv-unified 0|1]
+//       [--fit-target-kib K]
 //
 // Writes, for each phase (no_alloc, then allocated): the memory's log lines (creation, buffer
 // sizes, the compute buffers the context reserves) and llama_get_memory_breakdown per buffer
@@ -12,7 +13,15 @@
 //   - the no_alloc phase does not allocate the memory: its peak resident size grows by less
 //     than half of the memory's bytes (checked when those are at least 16 MiB; the peak is
 //     reset through /proc/self/clear_refs first). The growth goes to stderr.
-// Exit 0 when both hold, 1 otherwise.
+// With --fit-target-kib, then common's fit itself (common_fit_params, compiled from the pinned
+// tree's common/fit.cpp): the context size left unset, the host margin set so that K KiB may be
+// used, fit measures the model at its full and minimum context sizes (no_alloc models and
+// contexts) and interpolates; writes the fitted parameters (status, n_ctx, n_gpu_layers). The
+// target must make fit reduce the context to a size strictly between the two, or the run
+// fails: a fitted size that is one of the bounds would not show that both libraries measured
+// the same bytes.
+// Exit 0 when all hold, 1 otherwise.
+#include "fit.h"
 #include "llama.h"
 #include "llama-ext.h"
 #include "log_lines.h"
@@ -22,6 +31,15 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+// common's log (log.cpp, linked for fit.cpp) asks common.cpp, which is not linked, whether the
+// terminal takes colours: it does not, the harness's output is a file
+bool tty_can_use_colors() {
+    return false;
+}
+bool tty_enable_ansi() {
+    return false;
+}
 
 namespace {
 
@@ -111,6 +129,50 @@ bool run_phase(FILE * out, const char * path, bool no_alloc, const llama_context
     return true;
 }
 
+// the model's training context (a model without weights)
+uint32_t n_ctx_train_of(const char * path) {
+    llama_model_params mp = llama_model_default_params();
+    mp.no_alloc  = true;
+    mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    llama_model * model = llama_model_load_from_file(path, mp);
+    const uint32_t n = model ? (uint32_t) llama_model_n_ctx_train(model) : 0;
+    llama_model_free(model);
+    return n;
+}
+
+// common's fit with the context size unset and `target_kib` of host memory to use; false
+// when it fails or leaves the context at a bound
+bool run_fit(FILE * out, const char * path, const llama_context_params & cp, size_t target_kib) {
+    const uint32_t n_ctx_min = 256;
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    size_t free_host = 0, total_host = 0;
+    ggml_backend_dev_memory(cpu, &free_host, &total_host);
+    const size_t target = target_kib * 1024;
+    if (total_host <= target) {
+        fprintf(stderr, "fit: the target exceeds the host memory\n");
+        return false;
+    }
+    std::vector<size_t> margins(llama_max_devices(), total_host - target);
+    std::vector<float> split(llama_max_devices(), 0.0f);
+    std::vector<llama_model_tensor_buft_override> overrides(llama_max_tensor_buft_overrides());
+    llama_model_params mp = llama_model_default_params();
+    llama_context_params fcp = cp;
+    fcp.n_ctx = 0;
+    const common_params_fit_status st = common_fit_params(path, &mp, &fcp, split.data(), overrides.data(),
+            margins.data(), n_ctx_min, nullptr, GGML_LOG_LEVEL_ERROR);
+    // (fit sets its own logger while it measures)
+    llama_log_set(log_cb, nullptr);
+    fprintf(out, "fit status %d n_ctx %u n_gpu_layers %d\n", (int) st, fcp.n_ctx, mp.n_gpu_layers);
+    const uint32_t n_streams = cp.kv_unified ? 1 : cp.n_seq_max;
+    const uint32_t n_ctx_max = n_ctx_train_of(path) * n_streams;
+    if (st != COMMON_PARAMS_FIT_STATUS_SUCCESS || fcp.n_ctx <= n_ctx_min * n_streams || fcp.n_ctx >= n_ctx_max) {
+        fprintf(stderr, "fit: status %d, n_ctx %u: not a reduced context strictly between %u and %u (choose another target)\n",
+                (int) st, fcp.n_ctx, n_ctx_min * n_streams, n_ctx_max);
+        return false;
+    }
+    return true;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -125,6 +187,7 @@ int main(int argc, char ** argv) {
     cp.n_ubatch  = 64;
     cp.n_seq_max = 1;
     cp.n_threads = cp.n_threads_batch = 1;
+    size_t fit_target_kib = 0;
     for (int i = 3; i + 1 < argc; i += 2) {
         const long v = strtol(argv[i + 1], nullptr, 10);
         if (!strcmp(argv[i], "--n-ctx")) {
@@ -135,6 +198,8 @@ int main(int argc, char ** argv) {
             cp.flash_attn_type = v ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         } else if (!strcmp(argv[i], "--kv-unified")) {
             cp.kv_unified = v != 0;
+        } else if (!strcmp(argv[i], "--fit-target-kib")) {
+            fit_target_kib = (size_t) v;
         } else {
             fprintf(stderr, "fit: unknown option %s\n", argv[i]);
             return 2;
@@ -167,6 +232,9 @@ int main(int argc, char ** argv) {
             ok = false;
         }
         fprintf(out, "no_alloc phase allocates less than half the memory's bytes: %s\n", ok ? "yes" : "no");
+    }
+    if (ok && fit_target_kib > 0) {
+        ok = run_fit(out, argv[1], cp, fit_target_kib);
     }
     fprintf(stderr, "peak resident growth: no_alloc phase %ld KiB, allocated phase %ld KiB; memory %zu KiB\n",
             growth_measured, growth_real, measured.context_total / 1024);
