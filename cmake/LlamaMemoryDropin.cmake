@@ -773,7 +773,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # The composite classes stock aborts on or half-applies more than it runs (DSA, DSA-iSWA,
     # MSA, hybrid-idx): the drop-in alone, a fixed 150-case slice each (stock's counts are not
     # needed to judge: the drop-in must have no bad outcome)
-    foreach(_model deepseek32 dots3note minimax_m3 glm5_next qwen4exp)
+    foreach(_model deepseek32 deepseek4 dots3note minimax_m3 glm5_next qwen4exp)
         add_test(NAME dropin_hostile_${_model}
             COMMAND "${CMAKE_COMMAND}"
                     "-DSTOCK="

@@ -41,9 +41,15 @@ bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, 
 
 void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0,
                          llama_pos p1) {
-    if (valid(mem, seq_id_src, __func__) && valid(mem, seq_id_dst, __func__)) {
-        llama_upstream_memory_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);
+    if (!valid(mem, seq_id_src, __func__) || !valid(mem, seq_id_dst, __func__)) {
+        return;
     }
+    // (deepseek4's memory asserts on a part of a sequence: stock aborts)
+    if (mem && dynamic_cast<const llama_kv_cache_dsv4 *>(mem) && !(p0 <= 0 && p1 < 0)) {
+        LLAMA_LOG_ERROR("%s: this memory copies whole sequences only (p0 <= 0, p1 < 0; got [%d, %d))\n", __func__, p0, p1);
+        return;
+    }
+    llama_upstream_memory_seq_cp(mem, seq_id_src, seq_id_dst, p0, p1);
 }
 
 void llama_memory_seq_keep(llama_memory_t mem, llama_seq_id seq_id) {

@@ -7,8 +7,13 @@
 //  - nothing changed when stock changes nothing either (a bad magic, version, arch, token
 //    count, stream count, or a sequence's first cell count);
 //  - otherwise the destination sequence erased from every part of the memory (a sequence
-//    state), or the whole memory cleared (a whole state). Stock instead leaves a composite's
-//    earlier parts restored, or restores a session file and then reports its trailing bytes.
+//    state), or the whole memory cleared (a whole state); a sequence state given destination
+//    -1 ("every sequence") that a later part refuses changes nothing. Stock instead leaves a
+//    composite's earlier parts restored, or restores a session file and then reports its
+//    trailing bytes.
+// deepseek4's memory (llama_kv_cache_dsv4) has its own sections between and after its leaf
+// caches (a header, the compressed caches' K rows, the compressor states): they are read here
+// as its state_read reads them, with its errors.
 // Where the first part of the memory is the invalid one, upstream's code runs on the input as
 // it is (it fails there, before any other part changes: same log lines, same effect), and the
 // other parts of a composite lose the destination too. Files are read whole into memory, from
@@ -23,6 +28,7 @@
 #include "llama-io.h"
 #include "llama-kv-cache-dsa-iswa.h"
 #include "llama-kv-cache-dsa.h"
+#include "llama-kv-cache-dsv4.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache-msa.h"
 #include "llama-kv-cache.h"
@@ -37,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -51,15 +58,214 @@ namespace {
 
 constexpr uint32_t seq_blob_magic = 0xaf143cd8; // llama_context's io_magic
 
-// One leaf memory (a library handle) of the memory a restore reads, in reading order.
+// One part of the memory a restore reads, in reading order: a leaf memory (a library handle,
+// which checks its own state), or a part of a composite's own format that this file reads
+// itself (`own`: throws stock's error for what stock's restore refuses).
 struct leaf {
-    llama_memory_dropin_obj * mem;
-    bool kv;
+    llama_memory_dropin_obj * mem = nullptr;
+    bool kv = false;
+    std::function<void(llama_io_read_i &)> own;
 };
 
-// The leaves `memory->state_read(io, seq, flags)` reads, in order (the composites' own
-// order and PARTIAL_ONLY rule). False for a memory kind this file does not know.
-bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector<leaf> & out) {
+// deepseek4's own state sections (llama_kv_cache_dsv4's format, the pinned tree's constants)
+namespace dsv4 {
+
+constexpr uint32_t state_magic     = 0x34565344; // "DSV4"
+constexpr uint32_t state_version   = 1;
+constexpr uint32_t mode_full       = 0;
+constexpr uint32_t mode_partial    = 1;
+constexpr uint32_t k_cache_ver     = 2;          // (1, the older, is read too)
+constexpr uint32_t comp_state_ver  = 1;
+
+[[noreturn]] void refuse(const char * what) {
+    throw std::runtime_error(what);
+}
+
+template <typename T> T get(llama_io_read_i & io) {
+    T v;
+    io.read(&v, sizeof(v));
+    return v;
+}
+
+// where a restore of seq_id puts `ns` streams, as upstream's (its errors)
+uint32_t dst_stream(uint32_t n_stream, llama_seq_id seq_id, uint32_t ns) {
+    if (seq_id >= 0) {
+        if (ns != 1) {
+            refuse("DSV4 sequence state stream count mismatch");
+        }
+        if (n_stream > 1 && (uint32_t) seq_id >= n_stream) {
+            refuse("DSV4 state sequence id out of stream range");
+        }
+        return n_stream > 1 ? (uint32_t) seq_id : 0;
+    }
+    if (ns != n_stream) {
+        refuse("DSV4 full state stream count mismatch");
+    }
+    return 0;
+}
+
+// one tensor's rows of `ns` streams from s0: its metadata, then the rows
+void tensor_rows(llama_io_read_i & io, ggml_tensor * t, uint32_t tensor_rows, uint32_t n_rows, uint32_t s0, uint32_t ns) {
+    const int32_t  type     = get<int32_t>(io);
+    const uint64_t ne0      = get<uint64_t>(io);
+    const uint64_t rows     = get<uint64_t>(io);
+    const uint64_t row_size = get<uint64_t>(io);
+    const uint64_t row_size_t = ggml_row_size(t->type, t->ne[0]);
+    if (type != (int32_t) t->type || ne0 != (uint64_t) t->ne[0] || rows != n_rows || row_size != row_size_t) {
+        refuse("DSV4 state tensor metadata mismatch");
+    }
+    if (n_rows > tensor_rows) {
+        refuse("DSV4 state tensor row count exceeds storage");
+    }
+    const size_t size = (size_t) n_rows*row_size;
+    for (uint32_t s = 0; size > 0 && s < ns; ++s) {
+        io.read_tensor(t, (size_t) (s0 + s)*tensor_rows*row_size, size);
+    }
+}
+
+leaf header(bool partial) {
+    leaf l;
+    l.own = [partial](llama_io_read_i & io) {
+        const uint32_t magic   = get<uint32_t>(io);
+        const uint32_t version = get<uint32_t>(io);
+        if (magic != state_magic) {
+            refuse("DSV4 state magic mismatch");
+        }
+        if (version != state_version) {
+            refuse("DSV4 state version mismatch");
+        }
+        const uint32_t mode = get<uint32_t>(io);
+        if (mode != mode_full && mode != mode_partial) {
+            refuse("DSV4 state mode mismatch");
+        }
+        if ((mode == mode_partial) != partial) {
+            refuse("DSV4 state flags mismatch");
+        }
+    };
+    return l;
+}
+
+// a compressed cache's K rows
+leaf k_cache(llama_kv_cache * kv, llama_seq_id seq_id) {
+    leaf l;
+    l.own = [kv, seq_id](llama_io_read_i & io) {
+        const uint32_t version = get<uint32_t>(io);
+        const uint32_t n_rows  = get<uint32_t>(io);
+        const uint32_t ns      = get<uint32_t>(io);
+        const uint32_t n_layer = get<uint32_t>(io);
+        if (version != 1 && version != k_cache_ver) {
+            refuse("DSV4 K-cache state version mismatch");
+        }
+        const uint32_t kv_size = kv->get_size();
+        if ((version == 1 && n_rows != kv_size) || n_rows > kv_size) {
+            LLAMA_LOG_INFO("kv %s ref %d kv %d\n", version == 1 && n_rows != kv_size ? "size" : "rows", n_rows, kv_size);
+            refuse("DSV4 K-cache state size mismatch");
+        }
+        const uint32_t s0 = dst_stream(kv->get_n_stream(), seq_id, ns);
+        const auto layer_ids = kv->get_layer_ids();
+        if (n_layer != layer_ids.size()) {
+            refuse("DSV4 K-cache layer count mismatch");
+        }
+        for (uint32_t il : layer_ids) {
+            if (get<uint32_t>(io) != il) {
+                refuse("DSV4 K-cache layer id mismatch");
+            }
+            tensor_rows(io, kv->get_k_storage(il), kv_size, n_rows, s0, ns);
+        }
+    };
+    return l;
+}
+
+// What a compressor state's write gives for a sequence: its fields, and the tensors in order
+// (the layers' ids, sizes and tensors are private to upstream's class).
+class capture : public llama_io_write_i {
+public:
+    void write(const void * src, size_t size) override {
+        bytes.insert(bytes.end(), (const uint8_t *) src, (const uint8_t *) src + size);
+    }
+    void write_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
+        GGML_UNUSED(offset);
+        GGML_UNUSED(size);
+        tensors.push_back(tensor);
+    }
+    size_t n_bytes() override { return bytes.size(); }
+
+    uint32_t u32(size_t at) const {
+        uint32_t v = 0;
+        if (at + sizeof(v) <= bytes.size()) {
+            memcpy(&v, bytes.data() + at, sizeof(v));
+        }
+        return v;
+    }
+
+    std::vector<uint8_t> bytes;
+    std::vector<ggml_tensor *> tensors;
+};
+
+// a compressor state; false (the part unknown) when its own write refuses the sequence
+bool comp_state(llama_dsv4_comp_state * cs, const llama_kv_cache_dsv4 * d4, llama_seq_id seq_id,
+                llama_state_seq_flags flags, leaf & out) {
+    auto cap = std::make_shared<capture>();
+    try {
+        cs->state_write(*cap, seq_id, flags, d4->get_rs_idx());
+    } catch (const std::exception &) {
+        return false;
+    }
+    // version, ratio, state size, state width, streams, layers; per layer its id and two
+    // tensors' metadata (i32 + 3 u64), each tensor's rows once per stream
+    const uint32_t ns      = cap->u32(16);
+    const uint32_t n_layer = cap->u32(20);
+    const size_t per_layer = sizeof(uint32_t) + 2*(sizeof(int32_t) + 3*sizeof(uint64_t));
+    const uint32_t state_size = cap->u32(8);
+    if (cap->bytes.size() != 24 + n_layer*per_layer ||
+        (state_size > 0 && cap->tensors.size() != (size_t) 2*n_layer*ns) || ns == 0) {
+        return false;
+    }
+    out.own = [cs, cap, seq_id, n_layer, per_layer, ns_w = ns](llama_io_read_i & io) {
+        const uint32_t version      = get<uint32_t>(io);
+        const uint32_t ratio        = get<uint32_t>(io);
+        const uint32_t state_size   = get<uint32_t>(io);
+        const uint32_t n_embd_state = get<uint32_t>(io);
+        const uint32_t ns           = get<uint32_t>(io);
+        const uint32_t n_layer_ref  = get<uint32_t>(io);
+        if (version != comp_state_ver) {
+            refuse("DSV4 compressor state version mismatch");
+        }
+        if (ratio != cap->u32(4) || state_size != cap->u32(8) || n_embd_state != cap->u32(12)) {
+            refuse("DSV4 compressor state metadata mismatch");
+        }
+        if (n_layer_ref != n_layer) {
+            refuse("DSV4 compressor state layer count mismatch");
+        }
+        const uint32_t s0 = dst_stream(cs->get_n_stream(), seq_id, ns);
+        for (uint32_t i = 0; i < n_layer; ++i) {
+            if (get<uint32_t>(io) != cap->u32(24 + i*per_layer)) {
+                refuse("DSV4 compressor state layer id mismatch");
+            }
+            for (uint32_t j = 0; j < 2; ++j) {
+                ggml_tensor * t = state_size > 0 ? cap->tensors[(size_t) (2*i + j)*ns_w] : nullptr;
+                if (t == nullptr) {
+                    // (no rows: only the metadata, which must say so)
+                    get<int32_t>(io);
+                    get<uint64_t>(io);
+                    if (get<uint64_t>(io) != 0) {
+                        refuse("DSV4 state tensor metadata mismatch");
+                    }
+                    get<uint64_t>(io);
+                    continue;
+                }
+                tensor_rows(io, t, state_size, state_size, s0, ns);
+            }
+        }
+    };
+    return true;
+}
+
+} // namespace dsv4
+
+// The parts `memory->state_read(io, seq, flags)` reads, in order (the composites' own order
+// and PARTIAL_ONLY rule). False for a memory kind this file does not know.
+bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector<leaf> & out, llama_seq_id seq_id = -1) {
     const bool partial = (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != 0;
     if (memory == nullptr) {
         return true;
@@ -67,16 +273,37 @@ bool leaves_of(llama_memory_i * memory, llama_state_seq_flags flags, std::vector
     if (auto * kv = dynamic_cast<llama_kv_cache *>(memory)) {
         // (a cache over another's cells reads and writes no state)
         if (!kv->shared()) {
-            out.push_back({ kv->handle(), true });
+            out.push_back({ kv->handle(), true, {} });
         }
         return true;
     }
     if (auto * rs = dynamic_cast<llama_memory_recurrent *>(memory)) {
-        out.push_back({ rs->handle(), false });
+        out.push_back({ rs->handle(), false, {} });
+        return true;
+    }
+    // deepseek4: its header, the raw cache's parts, the compressed caches' K rows (not with
+    // PARTIAL_ONLY), then the three compressor states
+    if (auto * d4 = dynamic_cast<llama_kv_cache_dsv4 *>(memory)) {
+        out.push_back(dsv4::header(partial));
+        if (!leaves_of(d4->get_raw(), flags, out, seq_id)) {
+            return false;
+        }
+        if (!partial) {
+            for (llama_kv_cache * kv : { d4->get_csa(), d4->get_hca(), d4->get_lid() }) {
+                out.push_back(dsv4::k_cache(kv, seq_id));
+            }
+        }
+        for (llama_dsv4_comp_state * cs : { d4->get_csa_state(), d4->get_hca_state(), d4->get_lid_state() }) {
+            leaf l;
+            if (!dsv4::comp_state(cs, d4, seq_id, flags, l)) {
+                return false;
+            }
+            out.push_back(std::move(l));
+        }
         return true;
     }
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(memory)) {
-        return (partial || leaves_of(iswa->get_base(), flags, out)) && leaves_of(iswa->get_swa(), flags, out);
+        return (partial || leaves_of(iswa->get_base(), flags, out, seq_id)) && leaves_of(iswa->get_swa(), flags, out, seq_id);
     }
     // the composites over KV caches that read every part whatever the flags (a KV cache
     // ignores PARTIAL_ONLY), in their state's order
@@ -213,7 +440,7 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
                      llama_state_seq_flags flags) {
     verdict v;
     std::vector<leaf> leaves;
-    if (!leaves_of(memory, flags, leaves)) {
+    if (!leaves_of(memory, flags, leaves, seq_id)) {
         v.known = false;
         return v;
     }
@@ -223,8 +450,31 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
     io.check_finite = env != nullptr && *env != '\0' && strcmp(env, "0") != 0;
     // stock's restore logs each part's lines as it goes: they are printed if a later part fails
     std::vector<llama_memory_dropin_log_line> lines;
+    // a composite's own header before its first leaf changes nothing when stock's restore
+    // fails there: up to that leaf, a failure is the first part's
+    size_t first_leaf = 0;
+    while (first_leaf < leaves.size() && leaves[first_leaf].mem == nullptr) {
+        ++first_leaf;
+    }
     for (size_t i = 0; i < leaves.size(); ++i) {
         const leaf & l = leaves[i];
+        if (l.own) {
+            try {
+                l.own(io);
+                continue;
+            } catch (const std::exception & e) {
+                v.ok = false;
+                v.part = i < first_leaf ? 0 : i;
+                v.unchanged = i < first_leaf;
+                v.what = e.what();
+            }
+            if (!io.non_finite.empty()) {
+                v.own = true;
+                v.unchanged = false;
+            }
+            v.lines = std::move(lines);
+            return v;
+        }
         llama_memory_dropin_reader r{ io };
         const llama_memory_io_read cb = r.callbacks();
         llama_memory_dropin_log_capture = &lines;
@@ -235,8 +485,8 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
         }
         const int32_t stage = llama_memory_state_read_stage(l.mem);
         v.ok = false;
-        v.part = i;
-        v.unchanged = i == 0 &&
+        v.part = i == first_leaf ? 0 : i;
+        v.unchanged = i == first_leaf &&
             (stage == LLAMA_MEMORY_READ_HEADER || (seq_id != -1 && l.kv && stage == LLAMA_MEMORY_READ_COUNT));
         try {
             std::rethrow_exception(llama_memory_dropin_read_error(l.mem, r.error, l.kv));
@@ -264,6 +514,10 @@ void erase_everywhere(llama_memory_i * memory, llama_seq_id seq_id) {
     std::vector<leaf> all;
     leaves_of(memory, 0, all);
     for (const leaf & l : all) {
+        if (l.mem == nullptr) {
+            // (a composite's own part: its seq_rm/clear below erases it)
+            continue;
+        }
         if (seq_id == -1) {
             llama_memory_dropin_clear(l.mem, true);
         } else if (l.kv) {
@@ -290,7 +544,11 @@ void erase_everywhere(llama_memory_i * memory, llama_seq_id seq_id) {
 size_t n_leaves(llama_memory_i * memory) {
     std::vector<leaf> all;
     leaves_of(memory, 0, all);
-    return all.size();
+    size_t n = 0;
+    for (const leaf & l : all) {
+        n += l.mem != nullptr;
+    }
+    return n;
 }
 
 // Reads the arch string of a whole state (llama_context::state_read_data's first field)
@@ -400,7 +658,8 @@ struct llama_memory_dropin_state {
     // part: it fails there, and what it returns is returned); `prefix` is the entry point's
     // error line.
     template <typename R, typename F>
-    static R fail(llama_context * ctx, const verdict & v, llama_seq_id seq_id, F && stock, const char * prefix) {
+    static R fail(llama_context * ctx, const verdict & v, llama_seq_id seq_id, F && stock, const char * prefix,
+                  bool seq_entry = false) {
         llama_memory_i * memory = ctx->get_memory();
         if (v.part == 0 && !v.own) {
             const R r = stock();
@@ -413,7 +672,11 @@ struct llama_memory_dropin_state {
             llama_log_internal((ggml_log_level) line.level, "%s", line.text.c_str());
         }
         LLAMA_LOG_ERROR("%s%s\n", prefix, v.what.c_str());
-        erase_everywhere(memory, seq_id);
+        // (a sequence state restored "into every sequence" names no destination to erase: the
+        // dry run refused it before any change, and nothing changes)
+        if (!(seq_entry && seq_id == -1)) {
+            erase_everywhere(memory, seq_id);
+        }
         return R();
     }
 
@@ -467,7 +730,7 @@ struct llama_memory_dropin_state {
         if (!v.ok) {
             return fail<size_t>(ctx, v, seq_id,
                                 [&] { return llama_upstream_state_seq_set_data_ext(ctx, src, size, seq_id, flags); },
-                                prefix);
+                                prefix, true);
         }
         if (device) {
             // llama_io_read_device's own checks, which abort: the blob read to its end, and
@@ -636,7 +899,7 @@ struct llama_memory_dropin_state {
             }
         };
         const verdict v = check_memory(ctx->get_memory(), state, n_state, seq_id, 0);
-        if (v.known && !v.ok ? !fail<bool>(ctx, v, seq_id, restore, prefix) : !restore()) {
+        if (v.known && !v.ok ? !fail<bool>(ctx, v, seq_id, restore, prefix, true) : !restore()) {
             return 0;
         }
         if (nread == 0) {
