@@ -443,7 +443,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     endforeach()
 
     # The models the configurations below use: file names and how the fixture writes them.
-    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,gemma4_assistant,hy_v3,deepseek32,deepseek4,dots3note,minimax_m3,glm5_next,qwen4exp,qwen2vl)
+    set(_models llama,llama_h64,mamba,lfm2,lfm2_swa,jamba,gemma3,gemma4,gemma4_assistant,hy_v3,deepseek32,deepseek4,dots3note,minimax_m3,glm5_next,qwen4exp,qwen4exp_nople,qwen2vl)
     add_test(NAME dropin_models
         COMMAND "${CMAKE_COMMAND}"
                 "-DCARGO=${LLAMA_MEMORY_CARGO}"
@@ -490,6 +490,7 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     set(_memory_minimax_m3 llama_kv_cache_msa)
     set(_memory_glm5_next llama_memory_hybrid_idx)
     set(_memory_qwen4exp llama_memory_hybrid_idx)
+    set(_memory_qwen4exp_nople llama_memory_hybrid_idx)
     set(_memory_deepseek4 llama_kv_cache_dsv4)
 
     # <name> <model> <equivalence arguments...>
@@ -539,6 +540,9 @@ if(LLAMA_MEMORY_BUILD_TESTS)
         # its pooled keys rotate to) and PLE n-grams (get_prev_tokens), the k-pool by order
         "qwen4exp|qwen4exp|--flash-attn 0"
         "qwen4exp_fa_on_streams|qwen4exp|--flash-attn 1 --kv-unified 0"
+        # without the n-gram embedding: the indexer cache keeps the 2-D positions but its state
+        # no cell ext (stock's has_cell_ext is its own hparams')
+        "qwen4exp_nople|qwen4exp_nople|--flash-attn 0"
         # deepseek4: llama_kv_cache_dsv4 (raw window cache, CSA and HCA compressed caches, the
         # indexer's, three compressor states). Its raw cache has a stream per sequence whatever
         # kv_unified says, and stock aborts on an id of [n_seq_max, 256) in a unified cache
@@ -738,7 +742,10 @@ if(LLAMA_MEMORY_BUILD_TESTS)
     # llama.cpp's speculative decoding drives the pair, with the assistant's memory functions,
     # states and clear (tests/dropin/assistant.cpp), byte for byte.
     _llama_memory_dropin_cxx_program(assistant)
-    foreach(_config "assistant|--flash-attn,0" "assistant_fa_on_streams|--flash-attn,1,--kv-unified,0")
+    # (unified: a clear through the assistant that also reset the target's slot search would
+    # put the next prompts elsewhere, which the whole state then shows)
+    foreach(_config "assistant|--flash-attn,0,--kv-unified,1" "assistant_streams|--flash-attn,0,--kv-unified,0"
+                    "assistant_fa_on_streams|--flash-attn,1,--kv-unified,0")
         string(REPLACE "|" ";" _parts "${_config}")
         list(GET _parts 0 _name)
         list(GET _parts 1 _args)

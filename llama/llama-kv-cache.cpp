@@ -224,10 +224,10 @@ llama_kv_cache::llama_kv_cache(
     p.n_pad            = n_pad;
     p.n_swa            = n_swa;
     p.swa_type         = (int32_t) swa_type;
-    // the ubatches carry the model's position sections, also into a cache whose own hparams
-    // have no RoPE (hybrid-idx's indexer cache of an M-RoPE model), which keeps their 2-D
-    // positions in its cells as upstream's does
-    p.n_pos_per_embd   = std::max(hparams.n_pos_per_embd(), model.hparams.n_pos_per_embd());
+    // (the library takes an M-RoPE model's 4-section ubatches into a cache whose own hparams
+    // have no RoPE, hybrid-idx's indexer cache: their 2-D positions kept in the cells, its
+    // state and can_shift its own, as upstream's)
+    p.n_pos_per_embd   = hparams.n_pos_per_embd();
     p.model_can_shift  = model.arch != LLM_ARCH_STEP35;
     p.use_alibi        = hparams.use_alibi;
     p.non_causal_type  = (int32_t) hparams.non_causal_type;
@@ -482,7 +482,11 @@ llama_memory_context_ptr llama_kv_cache::init_update(llama_context * lctx, bool 
 llama_kv_cache::slot_info_vec_t llama_kv_cache::prepare(const std::vector<llama_ubatch> & ubatches) {
     if (shared()) {
         // placing a ubatch changes no shared cell (upstream's apply_ubatch is a no-op there), so
-        // each ubatch's slot is searched on the cells as they are
+        // each ubatch's slot is searched on the cells as they are. The search starts at the
+        // other cache's head where upstream's starts at its own (always 0): whether a slot is
+        // found is the same, only its cells may differ, and they only address K/V writes,
+        // which a cache over another's cells never makes (gemma4-assistant's layers are
+        // query-only)
         slot_info_vec_t res;
         for (const auto & ub : ubatches) {
             res.push_back(find_slot(ub, false));

@@ -158,7 +158,13 @@ leaf k_cache(llama_kv_cache * kv, llama_seq_id seq_id) {
         }
         const uint32_t kv_size = kv->get_size();
         if ((version == 1 && n_rows != kv_size) || n_rows > kv_size) {
-            LLAMA_LOG_INFO("kv %s ref %d kv %d\n", version == 1 && n_rows != kv_size ? "size" : "rows", n_rows, kv_size);
+            // (stock's line, held with the earlier parts' lines until the restore fails)
+            const std::string line = format("kv %s ref %d kv %d\n", version == 1 && n_rows != kv_size ? "size" : "rows", n_rows, kv_size);
+            if (llama_memory_dropin_log_capture) {
+                llama_memory_dropin_log_capture->push_back({ GGML_LOG_LEVEL_INFO, line });
+            } else {
+                LLAMA_LOG_INFO("%s", line.c_str());
+            }
             refuse("DSV4 K-cache state size mismatch");
         }
         const uint32_t s0 = dst_stream(kv->get_n_stream(), seq_id, ns);
@@ -460,9 +466,12 @@ verdict check_memory(llama_memory_i * memory, const uint8_t * p, size_t len, lla
         const leaf & l = leaves[i];
         if (l.own) {
             try {
+                llama_memory_dropin_log_capture = &lines;
                 l.own(io);
+                llama_memory_dropin_log_capture = nullptr;
                 continue;
             } catch (const std::exception & e) {
+                llama_memory_dropin_log_capture = nullptr;
                 v.ok = false;
                 v.part = i < first_leaf ? 0 : i;
                 v.unchanged = i < first_leaf;

@@ -26,7 +26,7 @@ use std::time::Instant;
 fn write_models_into(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     type Writer = fn(&Path) -> bool;
-    let models: [(&str, Writer); 17] = [
+    let models: [(&str, Writer); 18] = [
         ("llama", llama_memory_reference::write_model),
         // head size 64: quantized K gets the Hadamard rotation (k_rot)
         ("llama_h64", |p| {
@@ -85,7 +85,14 @@ fn write_models_into(dir: &Path) {
         ("deepseek4", llama_memory_reference::write_deepseek4_model),
         // a gated delta net with PLE n-gram embeddings beside QSA attention:
         // llama_memory_hybrid_idx, whose cells' tokens get_prev_tokens reads
-        ("qwen4exp", llama_memory_reference::write_qwen4exp_model),
+        ("qwen4exp", |p| {
+            llama_memory_reference::write_qwen4exp_model(p, true)
+        }),
+        // without the n-gram embedding: no token ids in the cells, no cell ext in the indexer
+        // cache's state (it still keeps the 2-D positions its pooled keys rotate to)
+        ("qwen4exp_nople", |p| {
+            llama_memory_reference::write_qwen4exp_model(p, false)
+        }),
         // M-RoPE (4 positions per token): no K-shift
         ("qwen2vl", |p| {
             llama_memory_reference::write_qwen2vl_model(

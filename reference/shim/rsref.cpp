@@ -907,7 +907,7 @@ bool rsref_write_deepseek4(const char * path) {
     }, specs);
 }
 
-bool rsref_write_qwen4exp(const char * path) {
+bool rsref_write_qwen4exp(const char * path, bool ple) {
     init_once();
 
     // 2 MoE layers of width 64 (2 experts, 1 used, a gated shared expert) with low-rank
@@ -918,7 +918,8 @@ bool rsref_write_qwen4exp(const char * path) {
     // indexer (2 heads of 16, top-k 4, blocks of 2: compress ratio 2). The memory is a
     // llama_memory_hybrid_idx: the attention cache (its cells keep the token ids, which the PLE
     // input reads back through get_prev_tokens), the recurrent state (with the PLE conv history
-    // row cache_ple_r_l0) and the indexer's cache
+    // row cache_ple_r_l0) and the indexer's cache. Without `ple`, no n-gram embedding: the
+    // attention cache keeps no token ids, the indexer cache's state no cell ext
     const int64_t n_layer = 2, n_embd = 64, n_head = 4, n_head_kv = 2, n_vocab = TINY_VOCAB;
     const int64_t hd = 16, n_embd_kv = n_head_kv*hd, hc = 2, hc_lr = 8, hc_dim = hc*n_embd;
     const int64_t d_conv = 4, d_state = 16, n_group = 2, dt_rank = 4;
@@ -933,8 +934,10 @@ bool rsref_write_qwen4exp(const char * path) {
         ones("output_hc_norm.weight", n_embd, hc),
         rnd("output_hc_down.weight", hc_dim, hc_lr),
         rnd("output_hc_up.weight", hc_lr, hc_dim),
-        rnd("per_layer_token_embd.weight", ple_head_dim, ple_rows),
     };
+    if (ple) {
+        specs.push_back(rnd("per_layer_token_embd.weight", ple_head_dim, ple_rows));
+    }
     for (int64_t il = 0; il < n_layer; ++il) {
         const std::string b = blk(il);
         for (const char * m : {"hc_attn_", "hc_ffn_"}) {
@@ -953,13 +956,16 @@ bool rsref_write_qwen4exp(const char * path) {
             specs.push_back(rnd(b + "ssm_alpha.weight", n_embd, dt_rank));
             specs.push_back(ones(b + "ssm_norm.weight", d_state));
             specs.push_back(rnd(b + "ssm_out.weight", value_dim, n_embd));
+        }
+        if (il == 0 && ple) {
             specs.push_back(rnd(b + "ple_key.weight", n_embd, hc_dim));
             specs.push_back(rnd(b + "ple_value.weight", n_embd, n_embd));
             specs.push_back(ones(b + "ple_norm_key.weight", n_embd, hc));
             specs.push_back(ones(b + "ple_norm_query.weight", n_embd, hc));
             specs.push_back(ones(b + "ple_norm_conv.weight", n_embd, hc));
             specs.push_back(rnd(b + "ple_conv1d.weight", ple_kernel, hc_dim));
-        } else {
+        }
+        if (il != 0) {
             specs.push_back(rnd(b + "attn_q.weight", n_embd, 2*n_head*hd)); // query | gate per head
             specs.push_back(rnd(b + "attn_k.weight", n_embd, n_embd_kv));
             specs.push_back(rnd(b + "attn_v.weight", n_embd, n_embd_kv));
@@ -1006,6 +1012,10 @@ bool rsref_write_qwen4exp(const char * path) {
         gguf_set_val_u32(g, "qwen4exp.expert_used_count", 1);
         gguf_set_val_u32(g, "qwen4exp.expert_feed_forward_length", (uint32_t) n_ff_exp);
         gguf_set_val_u32(g, "qwen4exp.expert_shared_feed_forward_length", (uint32_t) n_ff_exp);
+        gguf_set_val_u32(g, "qwen4exp.vocab_size", (uint32_t) n_vocab);
+        if (!ple) {
+            return;
+        }
         // PLE on the linear layer 0: bigrams ((ngram - 1) * 2 heads of 32 = n_embd)
         const uint32_t ple_layers[1] = {0};
         gguf_set_arr_data(g, "qwen4exp.ple.layers", GGUF_TYPE_UINT32, ple_layers, 1);
@@ -1019,7 +1029,6 @@ bool rsref_write_qwen4exp(const char * path) {
         const uint64_t offsets[2] = {0, 16}, vocab_sizes[2] = {16, 16};
         gguf_set_arr_data(g, "qwen4exp.ple.head_offsets", GGUF_TYPE_UINT64, offsets, 2);
         gguf_set_arr_data(g, "qwen4exp.ple.head_vocab_sizes", GGUF_TYPE_UINT64, vocab_sizes, 2);
-        gguf_set_val_u32(g, "qwen4exp.vocab_size", (uint32_t) n_vocab);
     }, specs);
 }
 

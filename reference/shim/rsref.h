@@ -99,8 +99,8 @@ bool rsref_write_deepseek4(const char *path);
  * a gated delta net (recurrent) with the PLE n-gram (bigram) per-layer embedding, layer 1 gated
  * full attention with a QSA k-pool indexer (compress ratio 2). Memory: llama_memory_hybrid_idx
  * (the attention cache keeps each cell's token id, read back by get_prev_tokens for the n-gram
- * hash; the recurrent state holds the PLE conv history too). */
-bool rsref_write_qwen4exp(const char *path);
+ * hash; the recurrent state holds the PLE conv history too). Without `ple`: no n-gram embedding. */
+bool rsref_write_qwen4exp(const char *path, bool ple);
 
 /* A `qwen2vl` GGUF (M-RoPE, n_pos_per_embd 4): n_layer layers of width n_embd (a multiple of 8),
  * 4 query heads, 2 KV heads, Q/K/V biases, feed-forward width 2*n_embd, rope.dimension_sections

@@ -42,7 +42,7 @@ pub(crate) struct RsApi {
     write_minimax_m3: unsafe extern "C" fn(*const c_char) -> bool,
     write_glm5_next: unsafe extern "C" fn(*const c_char) -> bool,
     write_deepseek4: unsafe extern "C" fn(*const c_char) -> bool,
-    write_qwen4exp: unsafe extern "C" fn(*const c_char) -> bool,
+    write_qwen4exp: unsafe extern "C" fn(*const c_char, bool) -> bool,
     write_qwen2vl: unsafe extern "C" fn(*const c_char, u32, u32, *const i32) -> bool,
     new: unsafe extern "C" fn(*const c_char, *const RawRsParams) -> RsPtr,
     free: unsafe extern "C" fn(RsPtr),
@@ -434,11 +434,13 @@ pub fn write_deepseek4_model(path: &Path) -> bool {
 /// PLE n-gram (bigram) per-layer embedding, layer 1 gated full attention with a QSA k-pool
 /// indexer (compress ratio 2). The memory is a `llama_memory_hybrid_idx`; its attention cache
 /// keeps each cell's token id, which every decode reads back through
-/// `llama_kv_cache::get_prev_tokens` for the n-gram hash. `false` for a failed write.
-pub fn write_qwen4exp_model(path: &Path) -> bool {
+/// `llama_kv_cache::get_prev_tokens` for the n-gram hash. Without `ple`, no n-gram embedding
+/// (the cells keep no token ids; the indexer cache still keeps the 2-D positions its pooled
+/// keys rotate to, and its state has no cell ext). `false` for a failed write.
+pub fn write_qwen4exp_model(path: &Path, ple: bool) -> bool {
     let p = c_path(path);
     // SAFETY: `p` is a NUL-terminated path that outlives the call.
-    unsafe { (rs().write_qwen4exp)(p.as_ptr()) }
+    unsafe { (rs().write_qwen4exp)(p.as_ptr(), ple) }
 }
 
 /// Path of the tiny `gemma3` model: [`GEMMA3_SWA`], `n_embd` 64, written once per process.

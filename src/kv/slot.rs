@@ -75,12 +75,15 @@ impl KvCache {
     /// Checks that a ubatch can be placed in this cache (ids, stream layout, size).
     pub fn validate_ubatch(&self, ub: &Ubatch<'_>) -> Result<()> {
         ub.validate(self.p.n_seq_max)?;
-        if ub.n_pos != 1 && ub.n_pos != self.p.n_pos_per_embd {
+        // M-RoPE ubatches (4 sections) go into any cache, as llama.cpp's: a cache whose own
+        // positions have one section (hybrid-idx's indexer cache of an M-RoPE model) keeps
+        // their 2-D positions in its cells and masks with them, and its state has no cell ext
+        // unless its own settings keep one
+        if ub.n_pos != 1 && ub.n_pos != 4 {
             return Err(err!(
                 InvalidUbatch,
-                "ubatch has {} position sections, the cache expects {}",
-                ub.n_pos,
-                self.p.n_pos_per_embd
+                "ubatch has {} position sections (expected 1 or 4)",
+                ub.n_pos
             ));
         }
         if self.n_stream > 1 {

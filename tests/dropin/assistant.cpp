@@ -223,9 +223,10 @@ int main(int argc, char ** argv) {
     put_blob("target seq1", tgt_seq);
 
     // a clear through the assistant empties the target's cells and keeps the target's slot
-    // search where it was: in one stream, the next 12-token prompt starts after the old cells
-    // (stock's head) and the one after it wraps to cell 0, so the whole state lists sequence 0
-    // first; a clear that also reset the target's search would list sequence 1 first
+    // search where it was: with one stream (--kv-unified 1), the next 12-token prompt starts
+    // after the old cells (stock's head) and the one after it wraps to cell 0, so the whole
+    // state lists sequence 0 first; a clear that also reset the target's search would list
+    // sequence 1 first
     llama_memory_clear(mem, true);
     ranges("after the assistant's clear");
     prompt(1, 0, 12, 3);

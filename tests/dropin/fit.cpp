@@ -143,6 +143,12 @@ uint32_t n_ctx_train_of(const char * path) {
 // common's fit with the context size unset and `target_kib` of host memory to use; false
 // when it fails or leaves the context at a bound
 bool run_fit(FILE * out, const char * path, const llama_context_params & cp, size_t target_kib) {
+    // (with a GPU, fit budgets against the device's free memory, which varies: the check is
+    // for the host-only fit of these machines)
+    if (ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) || ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU)) {
+        fprintf(out, "fit skipped: a GPU device is present\n");
+        return true;
+    }
     const uint32_t n_ctx_min = 256;
     ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     size_t free_host = 0, total_host = 0;
