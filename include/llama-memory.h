@@ -577,6 +577,14 @@ llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
 llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
 #endif
 
+// What `llama_memory_seq_rm(mem, seq_id, p0, p1)` would return now, without changing anything:
+// false only where the removal cannot be made (a recurrent memory asked to drop the end of a
+// sequence's state that no rollback plane can undo), so that a caller can choose between
+// trimming a sequence and processing it again before it changes anything. True for NULL (as
+// `llama_memory_seq_rm`); false with the last error set for an id `llama_memory_seq_rm`
+// refuses.
+bool llama_memory_can_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
 #if !defined(LLAMA_MEMORY_DROPIN)
 // Whether the memory supports position shifts; false for NULL.
 bool llama_memory_can_shift(llama_memory_t mem);

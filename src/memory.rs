@@ -147,6 +147,10 @@ pub trait Memory: Any + Send {
     fn clear(&mut self, data: bool);
     /// `llama_memory_seq_rm`: `seq_id == -1` matches every sequence.
     fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool>;
+    /// What `seq_rm(seq_id, p0, p1)` would return now, changing nothing (the same error for
+    /// the ids it refuses): a server chooses with it between trimming a sequence and
+    /// processing it again.
+    fn can_seq_rm(&self, seq_id: i32, p0: i32, p1: i32) -> Result<bool>;
     /// `llama_memory_seq_cp`.
     fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()>;
     /// `llama_memory_seq_keep`.
@@ -292,6 +296,9 @@ macro_rules! leaf_memory_ops {
         }
         fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> $crate::error::Result<bool> {
             self.cache.seq_rm(seq_id, p0, p1)
+        }
+        fn can_seq_rm(&self, seq_id: i32, p0: i32, p1: i32) -> $crate::error::Result<bool> {
+            self.cache.can_seq_rm(seq_id, p0, p1)
         }
         fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> $crate::error::Result<()> {
             self.cache.seq_cp(src, dst, p0, p1)

@@ -117,6 +117,25 @@ pub extern "C" fn llama_memory_seq_pos_max(mem: llama_memory_t, seq_id: llama_se
     seq_pos_max(mem, seq_id)
 }
 
+/// What `llama_memory_seq_rm(mem, seq_id, p0, p1)` would return now, without changing anything:
+/// false only where the removal cannot be made (a recurrent memory asked to drop the end of a
+/// sequence's state that no rollback plane can undo), so that a caller can choose between
+/// trimming a sequence and processing it again before it changes anything. True for NULL (as
+/// `llama_memory_seq_rm`); false with the last error set for an id `llama_memory_seq_rm`
+/// refuses.
+#[no_mangle]
+pub extern "C" fn llama_memory_can_seq_rm(
+    mem: llama_memory_t,
+    seq_id: llama_seq_id,
+    p0: llama_pos,
+    p1: llama_pos,
+) -> bool {
+    ffi_boundary!({
+        let m = try_ref!(true, mem, "mem");
+        try_or!(m.inner.can_seq_rm(seq_id, p0, p1))
+    })
+}
+
 /// Whether the memory supports position shifts; false for NULL.
 #[cfg(not(feature = "dropin"))]
 #[no_mangle]

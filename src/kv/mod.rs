@@ -434,6 +434,15 @@ impl KvCache {
         }
     }
 
+    /// What [`KvCache::seq_rm`] would return, changing nothing: true for every valid id (a KV
+    /// cache can drop any range), the same error otherwise.
+    pub fn can_seq_rm(&self, seq_id: i32, _p0: i32, _p1: i32) -> Result<bool> {
+        if seq_id != -1 {
+            self.check_seq(seq_id)?;
+        }
+        Ok(true)
+    }
+
     /// Removes the cells of `seq_id` (or of every sequence when `seq_id == -1`) with position in
     /// `[p0, p1)`; negative bounds mean "from 0" and "to infinity". Never fails for valid ids.
     pub fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {

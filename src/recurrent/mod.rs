@@ -255,6 +255,27 @@ impl RsCache {
         self.rs_idx.fill(0);
     }
 
+    /// What [`RsCache::seq_rm`] would return, changing nothing (the same error, unlogged, for an
+    /// invalid id): false only for a removal of the tail of the sequence's state that no
+    /// rollback plane can undo (none kept, one already pending, or further back than
+    /// `n_rs_seq` tokens).
+    pub fn can_seq_rm(&self, seq: i32, p0: i32, p1: i32) -> Result<bool> {
+        self.check_seq(seq)?;
+        let p0 = p0.max(0);
+        let p1 = if p1 < 0 { i32::MAX } else { p1 };
+        let s = seq as usize;
+        let t = self.cells[s].tail;
+        if t < 0 || !self.has_layers {
+            return Ok(true);
+        }
+        let cell = self.cells[t as usize];
+        if !(0 < p0 && p0 <= cell.pos && p1 > cell.pos) {
+            return Ok(true);
+        }
+        let rollback = cell.pos - (p0 - 1);
+        Ok(self.rs_idx[s] == 0 && rollback >= 1 && rollback <= self.p.n_rs_seq as i32)
+    }
+
     /// `seq_rm`. A recurrent state cannot lose positions before its last one, so only a range
     /// holding the last position changes anything: a range from 0 (or a negative `p0`) frees
     /// the state; a suffix from `p0 > 0` rolls back through a rollback plane when one is
