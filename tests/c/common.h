@@ -54,18 +54,22 @@ static inline void test_ubatch_init(struct test_ubatch *t, llama_seq_id seq, lla
 }
 
 /* Plans and applies one ubatch; returns 0 on success. */
-static inline int test_place(llama_memory_t mem, llama_seq_id seq, llama_pos p0, int n) {
-    struct test_ubatch t;
-    llama_memory_ctx_t ctx;
+static inline int test_apply(llama_memory_t mem, const llama_memory_ubatch *ub) {
+    llama_memory_ctx_t ctx = llama_memory_init_batch(mem, ub, 1);
     int rc = 1;
-    test_ubatch_init(&t, seq, p0, n);
-    ctx = llama_memory_init_batch(mem, &t.ub, 1);
     if (ctx && llama_memory_ctx_get_status(ctx) == LLAMA_MEMORY_CTX_SUCCESS &&
         llama_memory_ctx_apply(ctx) == LLAMA_MEMORY_OK) {
         rc = 0;
     }
     llama_memory_ctx_free(ctx);
     return rc;
+}
+
+/* Places n tokens of seq from p0 as one simple-split ubatch; returns 0 on success. */
+static inline int test_place(llama_memory_t mem, llama_seq_id seq, llama_pos p0, int n) {
+    struct test_ubatch t;
+    test_ubatch_init(&t, seq, p0, n);
+    return test_apply(mem, &t.ub);
 }
 
 /* Snapshot of every cell's position, shift and sequences, to show that a call changed nothing. */

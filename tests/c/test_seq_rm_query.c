@@ -23,19 +23,11 @@ static uint32_t next_u32(void) {
 /* n tokens of one sequence from p0, as one equal set (what a recurrent memory takes) */
 static int place(llama_memory_t mem, llama_seq_id seq, llama_pos p0, int n) {
     struct test_ubatch t;
-    llama_memory_ctx_t ctx;
-    int rc = 1;
     test_ubatch_init(&t, seq, p0, n);
     t.ub.n_seq_tokens = (uint32_t) n;
     t.ub.n_seqs = 1;
     t.ub.equal_seqs = 1;
-    ctx = llama_memory_init_batch(mem, &t.ub, 1);
-    if (ctx && llama_memory_ctx_get_status(ctx) == LLAMA_MEMORY_CTX_SUCCESS &&
-        llama_memory_ctx_apply(ctx) == LLAMA_MEMORY_OK) {
-        rc = 0;
-    }
-    llama_memory_ctx_free(ctx);
-    return rc;
+    return test_apply(mem, &t.ub);
 }
 
 /* everything a query could change: the state, and a recurrent memory's counters and each
