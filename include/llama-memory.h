@@ -47,6 +47,9 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
+// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`.
+#define PARTIAL_ONLY 1
+
 // Major version.
 #define LLAMA_MEMORY_VERSION_MAJOR 0
 
@@ -111,6 +114,18 @@ struct ggml_cgraph;
 
 // Non-causal, and the ubatch's own span escapes the window (`LLAMA_NON_CAUSAL_TYPE_SWA_FULL`).
 #define LLAMA_MEMORY_NON_CAUSAL_SWA_FULL 2
+
+// The full-attention half of a sliding-window pair (`get_base`).
+#define LLAMA_MEMORY_PART_BASE 0
+
+// The sliding-window half of a pair (`get_swa`).
+#define LLAMA_MEMORY_PART_SWA 1
+
+// The attention part of a hybrid (`get_attn`).
+#define LLAMA_MEMORY_PART_ATTN 2
+
+// The recurrent part of a hybrid (`get_recr`).
+#define LLAMA_MEMORY_PART_RECR 3
 
 // Result of the functions this library adds to llama.h's API. Values are stable and never
 // reused.
@@ -1309,6 +1324,53 @@ struct ggml_tensor *llama_memory_ctx_build_rs(llama_memory_ctx_t ctx,
                                               struct ggml_tensor *s_copy,
                                               uint32_t state_size,
                                               uint32_t n_seqs);
+
+// Cells llama.cpp gives the sliding-window half of a pair: `size` with `swa_full`, else
+// `n_swa * (unified ? n_seq_max : 1) + n_ubatch`, at most `size`, padded up to 256.
+uint32_t llama_memory_iswa_swa_size(uint32_t size,
+                                    uint32_t n_swa,
+                                    bool unified,
+                                    uint32_t n_seq_max,
+                                    uint32_t n_ubatch,
+                                    bool swa_full);
+
+// Makes a sliding-window pair (llama.cpp's `llama_kv_cache_iswa`) of two KV caches: `base`
+// for the model's full-attention layers (no window) and `swa` for its sliding-window layers
+// (the model's `n_swa`/`swa_type`, `llama_memory_iswa_swa_size` cells). Both must hold the
+// same sequences in the same streams. On success the pair owns both: their handles are
+// freed and must not be used again (free the pair with `llama_memory_free`). On failure
+// (NULL, last error set) both handles stay the caller's, unchanged.
+//
+// Differences from llama.cpp: a sequence operation changes both halves or neither, and a
+// restore checks the whole state before it changes the first half.
+llama_memory_t llama_memory_iswa_init(llama_memory_t base, llama_memory_t swa);
+
+// Makes a hybrid memory of an attention memory and a recurrent memory (`llama_memory_rs_init`)
+// holding the same sequences: with a KV cache as `attn`, llama.cpp's `llama_memory_hybrid`;
+// with a sliding-window pair (`llama_memory_iswa_init`), `llama_memory_hybrid_iswa`. On
+// success the hybrid owns both parts (their handles are freed); on failure (NULL, last error
+// set) both stay the caller's, unchanged.
+//
+// Differences from llama.cpp: `llama_memory_seq_rm` checks both parts before it changes
+// either (llama.cpp asks the recurrent part first too, so the results agree), every other
+// sequence operation checks its ids on both parts first, and a restore checks the whole
+// state (both parts) before it changes the attention part: a state whose recurrent part is
+// damaged leaves the memory as it was, where llama.cpp restores the attention part and then
+// erases the destination from it.
+llama_memory_t llama_memory_hybrid_init(llama_memory_t attn, llama_memory_t recr);
+
+// The sub-context of a composite's context for one part (`LLAMA_MEMORY_PART_*`): llama.cpp's
+// `get_base()`/`get_swa()` of a pair's context and `get_attn()`/`get_recr()` of a hybrid's
+// (for a hybrid with a pair, ask the attention part's context for its base or SWA half). The
+// inputs of that part come from it (`llama_memory_ctx_get_n_kv`,
+// `llama_memory_ctx_set_input_kq_mask`, `llama_memory_ctx_get_n_rs`, ...), for the current
+// ubatch of `ctx`.
+//
+// Borrowed: it belongs to `ctx` and ends with it; `llama_memory_ctx_free`,
+// `llama_memory_ctx_next` and `llama_memory_ctx_apply` refuse it (the composite's context
+// moves and applies its parts together). NULL with the last error set when the context has
+// no such part.
+llama_memory_ctx_t llama_memory_ctx_get_part(llama_memory_ctx_t ctx, int32_t part);
 
 #if defined(LLAMA_MEMORY_DROPIN)
 // `llama_memory_clear`.

@@ -22,10 +22,13 @@
 #![warn(missing_docs)]
 
 pub mod cells;
+pub mod composite;
 pub mod error;
 mod failpoint;
 pub mod finite;
+pub mod hybrid;
 pub mod io;
+pub mod iswa;
 pub mod kv;
 pub mod memory;
 pub mod recurrent;

@@ -28,12 +28,10 @@ fn new_ctx(
         Some(mut h) => {
             h.mem = mem;
             h.inner = Some(inner);
+            h.views.clear();
             Box::into_raw(h).cast()
         }
-        None => handle::to_boxed_mut_ptr(ContextHandle {
-            mem,
-            inner: Some(inner),
-        }),
+        None => handle::to_boxed_mut_ptr(ContextHandle::new(mem, inner)),
     }
 }
 
@@ -117,11 +115,19 @@ pub extern "C" fn llama_memory_init_update(
 #[no_mangle]
 pub extern "C" fn llama_memory_ctx_free(ctx: llama_memory_ctx_t) {
     ffi_boundary!({
+        // SAFETY: as in try_ref!; read only, before the handle is taken.
+        if unsafe { handle::try_from(ctx) }.is_some_and(ContextHandle::is_view) {
+            bail!(err!(
+                InvalidArgument,
+                "ctx is a part's view (llama_memory_ctx_get_part): it ends with its context"
+            ));
+        }
         // SAFETY: a non-NULL context comes from new_ctx and is not used after this call, as
         // the header requires.
-        let Some(h) = (unsafe { handle::take_box(ctx) }) else {
+        let Some(mut h) = (unsafe { handle::take_box(ctx) }) else {
             return;
         };
+        h.views.clear();
         // SAFETY: the header requires the memory to outlive its contexts; no other reference
         // to it is live during this call.
         if let Some(m) = unsafe { handle::try_from_mut(h.mem) } {
@@ -145,6 +151,12 @@ pub extern "C" fn llama_memory_ctx_get_status(ctx: llama_memory_ctx_t) -> i32 {
 pub extern "C" fn llama_memory_ctx_next(ctx: llama_memory_ctx_t) -> bool {
     ffi_boundary!({
         let c = try_mut!(ctx, "ctx");
+        if c.is_view() {
+            bail!(err!(
+                InvalidArgument,
+                "ctx is a part's view: move its composite's context instead"
+            ));
+        }
         match c.inner.as_mut() {
             Some(i) => i.next(),
             None => false,
@@ -159,6 +171,12 @@ pub extern "C" fn llama_memory_ctx_next(ctx: llama_memory_ctx_t) -> bool {
 pub extern "C" fn llama_memory_ctx_apply(ctx: llama_memory_ctx_t) -> llama_memory_result {
     ffi_boundary!({
         let c = try_mut!(ctx, "ctx");
+        if c.is_view() {
+            bail!(err!(
+                InvalidArgument,
+                "ctx is a part's view: apply its composite's context instead"
+            ));
+        }
         // SAFETY: the context's memory outlives it (header rule); the context handle and the
         // memory handle are distinct allocations, so the two borrows do not alias.
         let m = try_or!(unsafe { handle::try_from_mut(c.mem) }

@@ -121,16 +121,80 @@ pub type llama_memory_ctx_t = *mut llama_memory_ctx;
 /// What a context handle holds: the plan of any memory kind, and the memory it belongs to.
 pub(crate) struct ContextHandle {
     pub(crate) mem: llama_memory_t,
-    /// Always `Some` in a live handle; taken out while the allocation waits for reuse.
+    /// Always `Some` in a live handle; taken out while the allocation waits for reuse. `None`
+    /// in a part's view.
     pub(crate) inner: Option<Box<dyn MemoryContext>>,
+    /// A part's view (`llama_memory_ctx_get_part`): the context it belongs to, and the part.
+    pub(crate) view: Option<(*const ContextHandle, usize)>,
+    /// The views of this context's parts, made on demand, ending with it.
+    pub(crate) views: Vec<Option<Box<ContextHandle>>>,
 }
 
 impl ContextHandle {
-    /// The context itself.
+    /// A handle over `inner`.
+    pub(crate) fn new(mem: llama_memory_t, inner: Box<dyn MemoryContext>) -> Self {
+        ContextHandle {
+            mem,
+            inner: Some(inner),
+            view: None,
+            views: Vec::new(),
+        }
+    }
+
+    /// The parent of a part's view.
+    fn parent(&self) -> Option<(&ContextHandle, usize)> {
+        // SAFETY: a view lives in its parent's `views` and ends with it, so the parent is
+        // alive while the view is used; only shared access is made through it.
+        self.view.map(|(p, i)| (unsafe { &*p }, i))
+    }
+
+    /// Whether this is a part's view (borrowed from its composite's context).
+    pub(crate) fn is_view(&self) -> bool {
+        self.view.is_some()
+    }
+
+    /// The view of part `i` of this context, made on first use (owned by this context).
+    pub(crate) fn view_of(&mut self, i: usize) -> *mut llama_memory_ctx {
+        let parent: *const ContextHandle = self;
+        if self.views.len() <= i {
+            self.views.resize_with(i + 1, || None);
+        }
+        let v = self.views[i].get_or_insert_with(|| {
+            Box::new(ContextHandle {
+                mem: self.mem,
+                inner: None,
+                view: Some((parent, i)),
+                views: Vec::new(),
+            })
+        });
+        let p: *mut ContextHandle = &mut **v;
+        p.cast()
+    }
+
+    /// The context itself (a view: its part of the parent's context).
     pub(crate) fn ctx(&self) -> Result<&dyn MemoryContext> {
+        if let Some((p, i)) = self.parent() {
+            return p
+                .ctx()?
+                .part(i)
+                .map(|(_, c)| c)
+                .ok_or_else(|| err!(InvalidArgument, "the context no longer has part {i}"));
+        }
         self.inner
             .as_deref()
             .ok_or_else(|| err!(InvalidArgument, "the context was freed"))
+    }
+
+    /// The memory the context works on: the whole memory, or a view's part of it.
+    pub(crate) fn part_memory(&self) -> Result<&dyn Memory> {
+        if let Some((p, i)) = self.parent() {
+            return p
+                .part_memory()?
+                .part(i)
+                .map(|(_, m)| m)
+                .ok_or_else(|| err!(InvalidArgument, "the memory has no part {i}"));
+        }
+        Ok(&*self.memory()?.inner)
     }
 
     /// The context of kind `T`: this one, or its only sub-context of that kind.

@@ -34,11 +34,14 @@ pub mod io;
 pub mod kv;
 // The recurrent memory:
 pub mod recurrent;
+// The composites (sliding-window pair, hybrids) and their parts:
+pub mod composite;
 // The drop-in build's names for llama.h's nine:
 #[cfg(feature = "dropin")]
 pub mod dropin;
 
 // One flat path for Rust callers (`llama_memory::ffi::*`), as C sees one header.
+pub use composite::*;
 pub use context::*;
 pub use error::*;
 pub use handle::{

@@ -346,7 +346,7 @@ pub extern "C" fn llama_memory_rs_s_copy(mem: llama_memory_t, i: u32) -> i32 {
 
 fn rs_of(c: &ContextHandle) -> Result<(&RsContext, &RecurrentMemory)> {
     let ctx = c.find::<RsContext>()?;
-    let mem = find::<RecurrentMemory>(&*c.memory()?.inner)?;
+    let mem = find::<RecurrentMemory>(c.part_memory()?)?;
     Ok((ctx, mem))
 }
 

@@ -184,6 +184,13 @@ fn is_kv_type(t: GgmlType) -> bool {
     KV_TYPES.contains(&t)
 }
 
+/// The type of a tensor of this library (a composite's dry run checks the bytes meant for it).
+pub(crate) fn tensor_type(t: *mut g::ggml_tensor) -> Option<GgmlType> {
+    // SAFETY: callers pass NULL or a tensor of a live storage of this library; only its type
+    // field is read.
+    unsafe { t.as_ref() }.map(|t| t.type_)
+}
+
 pub(crate) fn type_name(t: GgmlType) -> String {
     if (t as usize) < g::GGML_TYPE_COUNT as usize {
         // SAFETY: ggml_type_name returns a static NUL-terminated string for every valid type.

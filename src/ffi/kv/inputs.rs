@@ -46,7 +46,7 @@ impl Source {
                 // SAFETY: as in try_ref!: a non-NULL handle from this library, not used from
                 // another thread during the call (header rules).
                 let c = unsafe { handle::try_from(ctx) }.ok_or_else(|| null_arg("ctx"))?;
-                let kv = c.memory().and_then(kv_of)?;
+                let kv = c.part_memory().and_then(super::kv_in)?;
                 let slot = c.find::<KvContext>()?.slot().ok_or_else(no_ubatch)?;
                 f(kv, slot)
             }
@@ -74,7 +74,7 @@ impl Source {
             Source::Ctx(ctx) => {
                 // SAFETY: as in with_slot.
                 let c = unsafe { handle::try_from(ctx) }.ok_or_else(|| null_arg("ctx"))?;
-                let kv = c.memory().and_then(kv_of)?;
+                let kv = c.part_memory().and_then(super::kv_in)?;
                 let ub = c.find::<KvContext>()?.ubatch().ok_or_else(no_ubatch)?;
                 f(kv, &ub)
             }

@@ -352,7 +352,12 @@ pub extern "C" fn llama_memory_kv_get_v_tensor(
 
 /// The KV cache of a memory: the memory itself or its only KV part.
 pub(crate) fn kv_of(m: &MemoryHandle) -> crate::error::Result<&KvCache> {
-    find::<KvMemory>(&*m.inner).map(|k| &k.cache)
+    kv_in(&*m.inner)
+}
+
+/// The KV cache of a memory or of a part of one: itself or its only KV part.
+pub(crate) fn kv_in(m: &dyn crate::memory::Memory) -> crate::error::Result<&KvCache> {
+    find::<KvMemory>(m).map(|k| &k.cache)
 }
 
 /// Cells per stream of a KV cache, 0 on error.
