@@ -125,7 +125,8 @@ fn kv_ref(m: Option<&MemoryHandle>) -> Option<&KvMemory> {
 /// Makes a hybrid memory of an attention memory and a recurrent memory (`llama_memory_rs_init`)
 /// holding the same sequences: with a KV cache as `attn`, llama.cpp's `llama_memory_hybrid`;
 /// with a sliding-window pair (`llama_memory_iswa_init`), `llama_memory_hybrid_iswa`. On
-/// success the hybrid owns both parts (their handles are freed); on failure (NULL, last error
+/// success the hybrid owns both parts (their handles are freed; free the hybrid with
+/// `llama_memory_free`); on failure (NULL, last error
 /// set) both stay the caller's, unchanged.
 ///
 /// Differences from llama.cpp: `llama_memory_seq_rm` checks both parts before it changes
