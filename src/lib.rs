@@ -21,6 +21,7 @@
 // it can only live in `ffi` and `storage`. The public-API documentation rule is this crate's.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod cells;
 pub mod composite;
 pub mod error;

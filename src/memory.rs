@@ -168,6 +168,10 @@ pub trait Memory: Any + Send {
     /// Number of sequences the memory holds.
     fn n_seq_max(&self) -> u32;
 
+    /// How llama.cpp's `init_batch` of this memory splits a whole batch
+    /// ([`crate::batch::init_batch_whole`]).
+    fn split_rule(&self) -> crate::batch::SplitRule;
+
     /// Plans a batch already split into ubatches (`init_batch`). Invalid ubatches are an
     /// error; ubatches that do not fit give a context whose status is `FailedPrepare`.
     /// `spare` is a context of this memory that is no longer used: its buffers may be reused,

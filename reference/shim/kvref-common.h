@@ -1,5 +1,6 @@
-// Helpers shared by the shim's translation units (kvref.cpp, rsref.cpp): process-wide setup,
-// the model cache, the ubatch view and the host byte-buffer IO. Internal to libkvref.so.
+// Helpers shared by the shim's translation units (kvref.cpp, rsref.cpp, cmpref.cpp): process-wide
+// setup, the model cache, the ubatch view, the host byte-buffer IO and the borrowed part views.
+// Internal to libkvref.so.
 #ifndef KVREF_COMMON_H
 #define KVREF_COMMON_H
 
@@ -22,8 +23,23 @@
 #include "llama-model.h"
 
 #include "kvref.h"
+#include "rsref.h"
+
+class llama_kv_cache;
+class llama_memory_recurrent;
 
 namespace kvref_shim {
+
+// ---------------------------------------------------------------------------------------------
+// borrowed views (cmpref.cpp): a kvref / rsref over a cache or recurrent memory that something
+// else owns (a part of a stock composite memory). Every kvref_* / rsref_* function accepts them;
+// they are destroyed with the view_free functions below, never with kvref_free / rsref_free.
+// Defined in kvref.cpp and rsref.cpp, which know the structs.
+
+kvref * kv_view_new(llama_model * model, llama_kv_cache * kv);
+void    kv_view_free(kvref * r);
+rsref * rs_view_new(llama_model * model, llama_memory_recurrent * mem);
+void    rs_view_free(rsref * r);
 
 
 // ---------------------------------------------------------------------------------------------

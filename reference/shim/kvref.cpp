@@ -140,20 +140,37 @@ bool from_slot_info(const slot_info & si, kvref_slot * out) {
 
 struct kvref {
     llama_model * model = nullptr;
-    // the cache keeps a reference to its hparams, so they live (at a fixed address) as long as it
-    std::unique_ptr<llama_hparams> hparams;
-    std::unique_ptr<llama_kv_cache> kv;
+    // the cache keeps a reference to its hparams, so they live (at a fixed address) as long as it;
+    // hparams_owned is set for the caches of kvref_new, whose hparams the params override
+    std::unique_ptr<llama_hparams> hparams_owned;
+    const llama_hparams * hparams = nullptr;
+    // the cache every function works on: owned (kvref_new) or borrowed (a view, kv_view_new, of a
+    // part of a composite memory that its cmpref owns)
+    std::unique_ptr<llama_kv_cache> owned;
+    llama_kv_cache * kv = nullptr;
     // only needed by update(): stream copies synchronize it and the K-shift graph runs on its
     // scheduler. Created on first use because most caches never shift.
     llama_context * lctx = nullptr;
 
     ~kvref() {
-        kv.reset();
+        owned.reset();
         if (lctx) {
             llama_free(lctx);
         }
     }
 };
+
+kvref * kvref_shim::kv_view_new(llama_model * model, llama_kv_cache * kv) {
+    auto r = std::make_unique<kvref>();
+    r->model = model;
+    r->hparams = &kv->hparams;
+    r->kv = kv;
+    return r.release();
+}
+
+void kvref_shim::kv_view_free(kvref * r) {
+    delete r;
+}
 
 extern "C" {
 
@@ -337,9 +354,10 @@ kvref * kvref_new(const char * model_path, const kvref_params * p) {
 
         auto r = std::make_unique<kvref>();
         r->model = model;
-        r->hparams = std::make_unique<llama_hparams>(model->hparams);
+        r->hparams_owned = std::make_unique<llama_hparams>(model->hparams);
+        r->hparams = r->hparams_owned.get();
 
-        llama_hparams & hp = *r->hparams;
+        llama_hparams & hp = *r->hparams_owned;
         hp.n_swa     = p->n_swa;
         hp.swa_type  = (llama_swa_type) p->swa_type;
         hp.use_alibi = p->use_alibi;
@@ -359,7 +377,7 @@ kvref * kvref_new(const char * model_path, const kvref_params * p) {
             hp.ple_image_token_id = p->ple_image_token_id;
         }
 
-        r->kv = std::make_unique<llama_kv_cache>(
+        r->owned = std::make_unique<llama_kv_cache>(
                 *model, hp,
                 (ggml_type) p->type_k, (ggml_type) p->type_v,
                 p->v_trans, /*offload =*/ false, p->unified,
@@ -369,6 +387,7 @@ kvref * kvref_new(const char * model_path, const kvref_params * p) {
                 /*filter    =*/ nullptr,
                 /*reuse     =*/ nullptr,
                 /*share     =*/ nullptr);
+        r->kv = r->owned.get();
 
         return r.release();
     } catch (const std::exception & e) {

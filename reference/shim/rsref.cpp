@@ -170,8 +170,22 @@ void set_shape_kv(gguf_context * g, const std::string & arch, int64_t n_embd, in
 
 struct rsref {
     llama_model * model = nullptr; // owned by the model cache
-    std::unique_ptr<llama_memory_recurrent> mem;
+    // the memory every function works on: owned (rsref_new) or borrowed (a view, rs_view_new, of
+    // the recurrent part of a hybrid memory that its cmpref owns)
+    std::unique_ptr<llama_memory_recurrent> owned;
+    llama_memory_recurrent * mem = nullptr;
 };
+
+rsref * kvref_shim::rs_view_new(llama_model * model, llama_memory_recurrent * mem) {
+    auto r = std::make_unique<rsref>();
+    r->model = model;
+    r->mem = mem;
+    return r.release();
+}
+
+void kvref_shim::rs_view_free(rsref * r) {
+    delete r;
+}
 
 namespace {
 
@@ -1106,9 +1120,10 @@ rsref * rsref_new(const char * model_path, const rsref_params * p) {
 
         auto r = std::make_unique<rsref>();
         r->model = model;
-        r->mem = std::make_unique<llama_memory_recurrent>(
+        r->owned = std::make_unique<llama_memory_recurrent>(
                 *model, (ggml_type) p->type_r, (ggml_type) p->type_s, /*offload =*/ false,
                 p->mem_size, p->n_seq_max, p->n_rs_seq, filter);
+        r->mem = r->owned.get();
         return r.release();
     } catch (const std::exception & e) {
         log_error("rsref_new", e.what());
@@ -1221,7 +1236,7 @@ uint32_t rsref_rs_idx(const rsref * r, uint32_t * out, uint32_t cap) {
 }
 
 void rsref_ctx_info(const rsref * r, bool full, uint32_t * n_rs, uint32_t * head, int32_t * rs_z) {
-    auto * mem = r->mem.get();
+    auto * mem = r->mem;
     // init_full() for the full context; the batch constructor with no ubatches for the other
     // (init_batch would also split a batch and run prepare(), which does not change these)
     const auto ctx = full ? std::make_unique<llama_memory_recurrent_context>(mem)
@@ -1232,7 +1247,7 @@ void rsref_ctx_info(const rsref * r, bool full, uint32_t * n_rs, uint32_t * head
 }
 
 int32_t rsref_s_copy(rsref * r, uint32_t i) {
-    auto * mem = r->mem.get();
+    auto * mem = r->mem;
     if ((size_t) mem->head + i >= mem->size) {
         return INT32_MIN;
     }

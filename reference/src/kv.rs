@@ -13,7 +13,7 @@ use crate::{api, c_path, RawUbatch, UbatchRef, MAX_SEQ};
 #[cfg(doc)]
 use crate::{RefCtx, Ubatch};
 
-type KvPtr = *mut c_void;
+pub(crate) type KvPtr = *mut c_void;
 
 /// The resolved `kvref_*` functions of the standalone cache and the tiny `llama` model (part of
 /// the crate's `Api`).
@@ -260,7 +260,7 @@ pub enum MemoryStatus {
 }
 
 impl MemoryStatus {
-    fn from_raw(v: i32) -> MemoryStatus {
+    pub(crate) fn from_raw(v: i32) -> MemoryStatus {
         match v {
             0 => MemoryStatus::Success,
             1 => MemoryStatus::NoUpdate,
@@ -284,7 +284,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn from_raw(raw: &RawSlot, flat: &[u32]) -> Slot {
+    pub(crate) fn from_raw(raw: &RawSlot, flat: &[u32]) -> Slot {
         let ns = raw.n_stream as usize;
         let n = raw.n_per_stream as usize;
         Slot {
@@ -321,7 +321,7 @@ impl Slot {
     }
 }
 
-fn empty_raw_slot(idxs: &mut [u32]) -> RawSlot {
+pub(crate) fn empty_raw_slot(idxs: &mut [u32]) -> RawSlot {
     RawSlot {
         s0: 0,
         s1: 0,
@@ -474,10 +474,16 @@ pub fn sanity_decode(model: &Path, n_tokens: u32) -> i32 {
 
 /// A stock `llama_kv_cache` (with its own copy of the model's hparams, overridden by
 /// [`Params`]). Freed on drop.
+///
+/// A `RefKv` can also be a borrowed view of a part of a stock composite memory (see
+/// [`crate::RefComposite::part_kv`]): then it never frees the shim object, which its composite
+/// owns, and it is only handed out behind a guard that borrows the composite.
 #[derive(Debug)]
 pub struct RefKv {
     ptr: KvPtr,
     params: Params,
+    /// Whether `ptr` came from `kvref_new` (freed on drop) rather than a composite's view.
+    owned: bool,
 }
 
 // SAFETY: the cache is a plain heap object with no thread affinity; &mut self methods are the
@@ -486,8 +492,10 @@ unsafe impl Send for RefKv {}
 
 impl Drop for RefKv {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from kvref_new and is freed exactly once.
-        unsafe { (kv().free)(self.ptr) }
+        if self.owned {
+            // SAFETY: `ptr` came from kvref_new and is freed exactly once.
+            unsafe { (kv().free)(self.ptr) }
+        }
     }
 }
 
@@ -501,7 +509,23 @@ impl RefKv {
         (!ptr.is_null()).then_some(RefKv {
             ptr,
             params: *params,
+            owned: true,
         })
+    }
+
+    /// A non-owning `RefKv` over a view that a composite owns (`cmpref_kv_part`).
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be a live kvref view that outlives the returned value, and the value must not
+    /// be handed out in a way that lets it escape that lifetime (the composite wrappers keep it
+    /// behind guards that borrow the composite and never give out `&mut RefKv`).
+    pub(crate) unsafe fn borrowed(ptr: KvPtr, params: Params) -> RefKv {
+        RefKv {
+            ptr,
+            params,
+            owned: false,
+        }
     }
 
     /// The parameters the cache was created with.

@@ -12,11 +12,13 @@
 //! Every method forwards to the stock code as it is. Stock assertions abort the process, so
 //! callers must pass input the stock cache accepts (valid sequence ids, `n_kv <= size`, …).
 //!
-//! Three objects are wrapped: [`RefKv`], a standalone stock `llama_kv_cache` driven operation by
+//! Four objects are wrapped: [`RefKv`], a standalone stock `llama_kv_cache` driven operation by
 //! operation, [`RefRs`], a standalone stock `llama_memory_recurrent` (shim `shim/rsref.cpp`),
-//! and [`RefCtx`], a stock `llama_context` used only through the public `llama.h` API (decode,
-//! logits, sequence and whole-state save/restore), for compatibility tests and benchmarks of
-//! state blobs and files. Besides the tiny `llama` model of [`model_path`], tiny `mamba`
+//! [`RefComposite`], a stock composite memory (`llama_kv_cache_iswa`, `llama_memory_hybrid`,
+//! `llama_memory_hybrid_iswa`; shim `shim/cmpref.cpp`) whose parts are seen as [`RefKv`] /
+//! [`RefRs`] views, and [`RefCtx`], a stock `llama_context` used only through the public
+//! `llama.h` API (decode, logits, sequence and whole-state save/restore), for compatibility
+//! tests and benchmarks of state blobs and files. Besides the tiny `llama` model of [`model_path`], tiny `mamba`
 //! ([`mamba_model_path`]), `lfm2` ([`lfm2_model_path`], [`lfm2_swa_model_path`]), `jamba`
 //! ([`jamba_model_path`]), `gemma3` ([`gemma3_model_path`]) and `qwen2vl`
 //! ([`qwen2vl_model_path`]) models are written on demand.
@@ -33,7 +35,7 @@
 //!
 //! Modules: `kv` ([`RefKv`], its parameters and the tiny `llama` model writers), `ctx`
 //! ([`RefCtx`]), `recurrent` ([`RefRs`], the recurrent, hybrid and iSWA model writers and the
-//! multi-sequence [`RefCtx`] additions). This file keeps what they share: the library loader,
+//! multi-sequence [`RefCtx`] additions), `composite` ([`RefComposite`] and its part views). This file keeps what they share: the library loader,
 //! the ubatch types and the forwarding macros; every public item is re-exported here.
 
 use std::ffi::CString;
@@ -63,7 +65,8 @@ macro_rules! resolve {
 
 /// Safe methods that pass `self.ptr` and their arguments unchanged to the shim function of the
 /// same name in the function table `$api`, for the wrappers whose `ptr` is the shim object they
-/// own ([`RefKv`], [`RefRs`], [`RefCtx`]). Each item reads `/// doc` `fn name(&self|&mut self,
+/// own ([`RefKv`], [`RefRs`], [`RefCtx`], [`RefComposite`]) or, for part views of a composite,
+/// borrow for no longer than the composite lives. Each item reads `/// doc` `fn name(&self|&mut self,
 /// arg: Type, …) -> Ret;`; the arguments must be plain values (integers, bools).
 macro_rules! forward {
     ($api:expr;) => {};
@@ -75,7 +78,8 @@ macro_rules! forward {
         $(#[$attr])*
         pub fn $name(&mut self $(, $arg: $ty)*) $(-> $ret)? {
             // SAFETY: `self.ptr` is the live shim object this wrapper owns (freed only by its
-            // Drop), and every other argument is a plain value passed by copy.
+            // Drop) or borrows from a composite that outlives it, and every other argument is a
+            // plain value passed by copy.
             unsafe { ($api.$name)(self.ptr $(, $arg)*) }
         }
         forward!($api; $($rest)*);
@@ -88,18 +92,24 @@ macro_rules! forward {
         $(#[$attr])*
         pub fn $name(&self $(, $arg: $ty)*) $(-> $ret)? {
             // SAFETY: `self.ptr` is the live shim object this wrapper owns (freed only by its
-            // Drop), and every other argument is a plain value passed by copy.
+            // Drop) or borrows from a composite that outlives it, and every other argument is a
+            // plain value passed by copy.
             unsafe { ($api.$name)(self.ptr $(, $arg)*) }
         }
         forward!($api; $($rest)*);
     };
 }
 
+mod composite;
 mod ctx;
 mod defrag;
 mod kv;
 mod recurrent;
 
+pub use composite::{
+    CmpParams, CompositeKind, RefComposite, RefKvPart, RefKvPartMut, RefRsPart, RefRsPartMut,
+    Split, TokenBatch,
+};
 pub use ctx::{CtxParams, RefCtx};
 pub use defrag::{DfCell, RefDefrag, DFREF_LIB};
 pub use kv::{
@@ -319,6 +329,7 @@ struct Api {
     kv: kv::KvApi,
     ctx: ctx::CtxApi,
     rs: recurrent::RsApi,
+    cmp: composite::CmpApi,
 }
 
 fn api() -> &'static Api {
@@ -341,6 +352,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         kv: kv::KvApi::load(&lib)?,
         ctx: ctx::CtxApi::load(&lib)?,
         rs: recurrent::RsApi::load(&lib)?,
+        cmp: composite::CmpApi::load(&lib)?,
         _lib: lib,
     };
 
@@ -360,6 +372,7 @@ fn load(path: &str) -> Result<Api, libloading::Error> {
         );
     }
     api.rs.check_sizes();
+    api.cmp.check_sizes();
     Ok(api)
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use crate::ctx::CtxPtr;
 use crate::{api, c_path, ggml_type, RawUbatch, RefCtx, UbatchRef};
 
-type RsPtr = *mut c_void;
+pub(crate) type RsPtr = *mut c_void;
 
 /// Mirror of `rsref_params`.
 #[repr(C)]
@@ -578,10 +578,16 @@ pub struct RsCtxInfo {
 /// Stock assertions still abort the process except where the shim guards them (see
 /// `shim/rsref.h`): in particular [`RefRs::find_slot`] needs an empty cell for every sequence
 /// set whose sequence owns no cell, which holds when `mem_size >= n_seq_max`.
+///
+/// A `RefRs` can also be a borrowed view of the recurrent part of a stock hybrid memory (see
+/// [`crate::RefComposite::part_rs`]): then it never frees the shim object, which its composite
+/// owns, and it is only handed out behind a guard that borrows the composite.
 #[derive(Debug)]
 pub struct RefRs {
     ptr: RsPtr,
     params: RsParams,
+    /// Whether `ptr` came from `rsref_new` (freed on drop) rather than a composite's view.
+    owned: bool,
 }
 
 // SAFETY: the memory is a plain heap object (CPU buffers) with no thread affinity; &mut self
@@ -590,8 +596,10 @@ unsafe impl Send for RefRs {}
 
 impl Drop for RefRs {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from rsref_new and is freed exactly once.
-        unsafe { (rs().free)(self.ptr) }
+        if self.owned {
+            // SAFETY: `ptr` came from rsref_new and is freed exactly once.
+            unsafe { (rs().free)(self.ptr) }
+        }
     }
 }
 
@@ -629,7 +637,32 @@ impl RefRs {
         (!ptr.is_null()).then(|| RefRs {
             ptr,
             params: params.clone(),
+            owned: true,
         })
+    }
+
+    /// A non-owning `RefRs` over a view that a composite owns (`cmpref_rs_part`); its
+    /// [`RefRs::params`] are read from the memory (`size`, `n_seq_max`, `n_rs_seq`; F32 states,
+    /// no filter: the hybrid default).
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be a live rsref view that outlives the returned value, and the value must not
+    /// be handed out in a way that lets it escape that lifetime (the composite wrappers keep it
+    /// behind guards that borrow the composite and never give out `&mut RefRs`).
+    pub(crate) unsafe fn borrowed(ptr: RsPtr) -> RefRs {
+        let mut r = RefRs {
+            ptr,
+            params: RsParams::default(),
+            owned: false,
+        };
+        r.params = RsParams {
+            mem_size: r.size(),
+            n_seq_max: r.n_seq_max(),
+            n_rs_seq: r.n_rs_seq(),
+            ..RsParams::default()
+        };
+        r
     }
 
     /// The parameters the memory was created with.

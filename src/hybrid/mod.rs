@@ -200,6 +200,12 @@ impl<A: Attention> Memory for HybridMemory<A> {
     fn n_seq_max(&self) -> u32 {
         self.attn.n_seq_max()
     }
+    fn split_rule(&self) -> crate::batch::SplitRule {
+        crate::batch::SplitRule::Recurrent {
+            sequential: self.attn.n_stream() != 1,
+            n_rs_seq: self.recr.cache.n_rs_seq(),
+        }
+    }
     fn init_batch(
         &mut self,
         ubatches: &[Ubatch<'_>],

@@ -244,6 +244,11 @@ impl Memory for IswaMemory {
     fn n_seq_max(&self) -> u32 {
         self.base.n_seq_max()
     }
+    fn split_rule(&self) -> crate::batch::SplitRule {
+        crate::batch::SplitRule::Iswa {
+            unified: self.base.cache.n_stream() == 1,
+        }
+    }
     fn init_batch(
         &mut self,
         ubatches: &[Ubatch<'_>],

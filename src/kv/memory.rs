@@ -119,6 +119,11 @@ impl Memory for KvMemory {
     fn n_seq_max(&self) -> u32 {
         self.cache.n_seq_max()
     }
+    fn split_rule(&self) -> crate::batch::SplitRule {
+        crate::batch::SplitRule::Kv {
+            unified: self.cache.n_stream() == 1,
+        }
+    }
     fn init_batch(
         &mut self,
         ubatches: &[Ubatch<'_>],

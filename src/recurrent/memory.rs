@@ -84,6 +84,12 @@ impl Memory for RecurrentMemory {
     fn n_seq_max(&self) -> u32 {
         self.cache.n_seq_max()
     }
+    fn split_rule(&self) -> crate::batch::SplitRule {
+        crate::batch::SplitRule::Recurrent {
+            sequential: true,
+            n_rs_seq: self.cache.n_rs_seq(),
+        }
+    }
     fn init_batch(
         &mut self,
         ubatches: &[Ubatch<'_>],
