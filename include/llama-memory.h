@@ -274,6 +274,26 @@ typedef struct llama_memory_ubatch {
   const int8_t *type_;
 } llama_memory_ubatch;
 
+// A batch as llama.h's `llama_batch` describes its tokens (no embeddings): token `i` has id
+// `token[i]`, positions `pos[j * n_tokens + i]` for each of the `n_pos` sections, and the
+// `n_seq_id[i]` sequences `seq_id[i][0..n_seq_id[i]]`.
+typedef struct llama_memory_batch {
+  // Tokens in the batch.
+  uint32_t n_tokens;
+  // Position sections per token: 1, or 4 for M-RoPE.
+  uint32_t n_pos;
+  // `[n_tokens]` token ids, or NULL.
+  const llama_token *token;
+  // `[n_tokens * n_pos]` positions, section-major.
+  const llama_pos *pos;
+  // `[n_tokens]` number of sequence ids of each token (>= 1).
+  const int32_t *n_seq_id;
+  // `[n_tokens]` pointers to each token's sequence ids.
+  const llama_seq_id *const *seq_id;
+  // `[n_tokens]` output flags, or NULL.
+  const int8_t *logits;
+} llama_memory_batch;
+
 // `llama_state_seq_flags` of llama.h, the first type of the state family.
 //
 // The family: `llama_memory_state_*` save and restore any memory in llama.cpp's byte layouts
@@ -533,6 +553,8 @@ const char *llama_memory_version(void);
 // Frees a memory made by any constructor (`llama_memory_kv_init`,
 // `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
 // made from it must be freed first; its tensors end with it.
+// A handle that became a view of a composite's part (`llama_memory_iswa_init`,
+// `llama_memory_hybrid_init`) is refused (last error set): it ends with the composite.
 void llama_memory_free(llama_memory_t mem);
 
 #if !defined(LLAMA_MEMORY_DROPIN)
@@ -724,6 +746,31 @@ llama_memory_result llama_memory_ctx_apply(llama_memory_ctx_t ctx);
 
 // Number of tokens of the current ubatch, 0 if none.
 uint32_t llama_memory_ctx_get_n_tokens(llama_memory_ctx_t ctx);
+
+// Splits a whole batch into ubatches of at most `n_ubatch` tokens as llama.cpp's
+// `init_batch` of this memory does, and plans them: a KV cache splits simply with one stream
+// and by equal sequential sets with several; a sliding-window pair tries the simple split
+// first when unified and falls back to an equal split when that split does not fit; a
+// recurrent memory and the hybrids split by sequence when `embd_all` (every token is an
+// output), else into equal sets that keep each sequence's last `n_rs_seq + 1` tokens
+// together. Returns a context as `llama_memory_init_batch` does (SUCCESS, or FAILED_PREPARE
+// when no split fits; NULL with the last error set for an invalid batch: NULL arrays, a
+// token without sequences, an id outside `[0, n_seq_max)`, `n_ubatch` 0). Its current
+// ubatch's tokens are `llama_memory_ctx_get_batch_idxs`. The caller owns the context and
+// frees it with `llama_memory_ctx_free`; `batch` is not kept.
+//
+// Unlike llama.cpp's allocator, positions are not checked against the memory (continuity is
+// the caller's).
+llama_memory_ctx_t llama_memory_init_batch_split(llama_memory_t mem,
+                                                 const struct llama_memory_batch *batch,
+                                                 uint32_t n_ubatch,
+                                                 bool embd_all);
+
+// The batch indices of the current ubatch of a context made by
+// `llama_memory_init_batch_split`, in ubatch order: copies `min(count, cap)` of them into
+// `out` (NULL with `cap` 0 to ask the count) and returns the count; 0 for a context without
+// a split (or NULL, last error set).
+size_t llama_memory_ctx_get_batch_idxs(llama_memory_ctx_t ctx, int32_t *out, size_t cap);
 
 // Size of the memory's whole state (`llama_state_get_size` without the architecture name),
 // 0 on error.
@@ -1337,9 +1384,12 @@ uint32_t llama_memory_iswa_swa_size(uint32_t size,
 // Makes a sliding-window pair (llama.cpp's `llama_kv_cache_iswa`) of two KV caches: `base`
 // for the model's full-attention layers (no window) and `swa` for its sliding-window layers
 // (the model's `n_swa`/`swa_type`, `llama_memory_iswa_swa_size` cells). Both must hold the
-// same sequences in the same streams. On success the pair owns both: their handles are
-// freed and must not be used again (free the pair with `llama_memory_free`). On failure
-// (NULL, last error set) both handles stay the caller's, unchanged.
+// same sequences in the same streams. On success the pair owns both (free the pair with
+// `llama_memory_free`), and their handles become views of its halves: borrowed, valid until
+// the pair is freed (`llama_memory_free` refuses them), for the KV functions of one half
+// (`llama_memory_kv_get_cell`, `llama_memory_kv_size`, ...); an operation through a view
+// changes that half alone, as llama.cpp's `get_base()`/`get_swa()`. On failure (NULL, last
+// error set) both handles stay the caller's, unchanged.
 //
 // Differences from llama.cpp: a sequence operation changes both halves or neither, and a
 // restore checks the whole state before it changes the first half.

@@ -24,7 +24,7 @@ mkdir -p target
 summary="$root/target/fuzz-summary.txt"
 : > "$summary"
 status=0
-for t in seq_set_data set_data load_file on_device ops_after_restore c_abi recurrent_state; do
+for t in seq_set_data set_data load_file on_device ops_after_restore c_abi recurrent_state composite_state; do
     log="$root/target/fuzz-$t.log"
     (cd fuzz && cargo fuzz build --sanitizer address "$t" >/dev/null 2>"$log.build") || {
         cat "$log.build"; exit 1; }

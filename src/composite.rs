@@ -26,6 +26,18 @@ pub fn combine(a: Status, b: Status) -> Status {
     }
 }
 
+/// Checks that no model layer has tensors in two parts (`find_for_layer` must find one part
+/// for each layer): the layers below 4096 are asked.
+pub(crate) fn check_disjoint(a: &dyn Memory, b: &dyn Memory) -> Result<()> {
+    if let Some(il) = (0..4096).find(|&il| a.has_layer(il) && b.has_layer(il)) {
+        return Err(err!(
+            InvalidArgument,
+            "layer {il} has tensors in both parts"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a context failed.
 pub(crate) fn failed(c: &dyn MemoryContext) -> bool {
     matches!(c.status(), Status::FailedPrepare | Status::FailedCompute)

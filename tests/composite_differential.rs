@@ -558,17 +558,27 @@ impl Pair {
                         tc.pos[i]
                     ));
                 }
-                for i in 0..c.size() {
+                let same_seqs = oc
+                    .seq_words()
+                    .iter()
+                    .zip(&tc.seq)
+                    .all(|(a, b)| a.data == *b);
+                let same_shifts = (0..c.size()).all(|i| oc.get_shift(i) == tc.shift[i as usize]);
+                if !same_seqs || !same_shifts {
+                    let i = (0..c.size())
+                        .find(|&i| {
+                            oc.seq_words()[i as usize].data != tc.seq[i as usize]
+                                || oc.get_shift(i) != tc.shift[i as usize]
+                        })
+                        .unwrap();
                     let iu = i as usize;
-                    let bits = oc.seq_get_all(i).as_raw_slice();
-                    if oc.get_shift(i) != tc.shift[iu] || bits != tc.seq[iu] {
-                        self.fail(format!(
-                            "part {k} stream {s} cell {i}: (shift, seqs) ({}, {bits:x?}) vs stock ({}, {:x?})",
-                            oc.get_shift(i),
-                            tc.shift[iu],
-                            tc.seq[iu]
-                        ));
-                    }
+                    self.fail(format!(
+                        "part {k} stream {s} cell {i}: (shift, seqs) ({}, {:x?}) vs stock ({}, {:x?})",
+                        oc.get_shift(i),
+                        oc.seq_words()[iu].data,
+                        tc.shift[iu],
+                        tc.seq[iu]
+                    ));
                 }
                 let ti = t.stream_info(s);
                 let oi = (
@@ -776,7 +786,13 @@ impl Pair {
                 let n_ub = splits.len();
                 self.staging_stale = false;
                 for k in 0..n_ub {
-                    ctx.apply(self.ours.mem_mut()).unwrap();
+                    if let Err(e) = ctx.apply(self.ours.mem_mut()) {
+                        let ubs: Vec<Vec<i32>> = splits
+                            .iter()
+                            .map(|s| s.idxs.iter().map(|&i| pos[i as usize]).collect())
+                            .collect();
+                        self.fail(format!("applying ubatch {k} of {ubs:?}: {e}"));
+                    }
                     if k + 1 < n_ub {
                         ctx.next();
                     }
@@ -1123,7 +1139,11 @@ fn composite_memories_match_stock_llama_cpp() {
     let mut cov: BTreeMap<&'static str, u64> = COUNTERS.iter().map(|&c| (c, 0)).collect();
     let mut steps: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut report = String::new();
+    let only = std::env::var("CMP_DIFF_CONFIG").ok();
     for cfg in CONFIGS {
+        if only.as_deref().is_some_and(|o| !cfg.name.contains(o)) {
+            continue;
+        }
         let ops = per_config.unwrap_or(cfg.ops);
         let mut p = Pair::new(*cfg, seed);
         p.run(ops);
@@ -1144,7 +1164,7 @@ fn composite_memories_match_stock_llama_cpp() {
     }
     diff::report_coverage(&mut report, "composite_differential", &cov, 40, 7);
     diff::write_summary("composite_differential.txt", &report);
-    if per_config.is_none() {
+    if per_config.is_none() && only.is_none() {
         for n in steps.values() {
             assert!(*n >= 100_000, "fewer than 1e5 steps for a kind: {steps:?}");
         }

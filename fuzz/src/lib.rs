@@ -2,6 +2,7 @@
 //! fragmented sequences and nonzero K/V bytes, and the oracle every target checks: a failed
 //! read leaves the memory exactly as it was; a successful one leaves it consistent.
 
+pub mod composite;
 pub mod recurrent;
 
 use llama_memory::state::{self, Stash};

@@ -11,7 +11,7 @@
 //! it; the inputs of each part of a batch come from the part's context
 //! (`llama_memory_ctx_get_part`).
 
-use super::handle::{self, llama_memory_ctx_t, llama_memory_t, MemoryHandle};
+use super::handle::{self, llama_memory_ctx_t, llama_memory_t, MemRef, MemoryHandle};
 use crate::error::{err, Result};
 use crate::hybrid::{Hybrid, HybridIswa};
 use crate::iswa::{swa_size, IswaMemory};
@@ -52,11 +52,18 @@ pub extern "C" fn llama_memory_iswa_swa_size(
     swa_size(size, n_swa, unified, n_seq_max, n_ubatch, swa_full)
 }
 
-/// Whether `mem` is a live handle holding a memory of kind `T` (NULL: an error naming `what`).
+/// Whether `mem` is a live handle of its own memory (not a part's view) of kind `T` (NULL: an
+/// error naming `what`).
 fn is_kind<T: Memory>(mem: llama_memory_t, what: &str) -> Result<()> {
     // SAFETY: as in try_ref!: a non-NULL handle from this library, not used from another
     // thread during the call (header rules).
     let m = unsafe { handle::try_from(mem) }.ok_or_else(|| super::boundary::null_arg(what))?;
+    if m.inner.is_part() {
+        return Err(err!(
+            InvalidArgument,
+            "{what} is already a part of a composite memory"
+        ));
+    }
     if m.inner.as_any().is::<T>() {
         Ok(())
     } else {
@@ -67,25 +74,55 @@ fn is_kind<T: Memory>(mem: llama_memory_t, what: &str) -> Result<()> {
     }
 }
 
-/// Takes the memory of kind `T` out of a handle and frees the handle.
+/// Takes the memory of kind `T` out of a handle, which stays allocated (it becomes a view of
+/// the composite, [`adopt`]).
 ///
 /// # Safety
-/// `mem` must be a live handle holding a `T` (checked by [`is_kind`]), not used afterwards.
+/// `mem` must be a live handle owning a `T` (checked by [`is_kind`]), with no other reference
+/// to it live.
 unsafe fn take_kind<T: Memory>(mem: llama_memory_t) -> Result<T> {
     // SAFETY: the caller's contract.
-    let h = unsafe { handle::take_box(mem) }.ok_or_else(|| err!(NullArgument, "part is NULL"))?;
-    let any: Box<dyn std::any::Any> = h.inner;
+    let h =
+        unsafe { handle::try_from_mut(mem) }.ok_or_else(|| err!(NullArgument, "part is NULL"))?;
+    let placeholder = MemRef::Part {
+        root: std::ptr::null_mut(),
+        index: 0,
+    };
+    let MemRef::Own(b) = std::mem::replace(&mut h.inner, placeholder) else {
+        return Err(err!(InvalidArgument, "the part is a view"));
+    };
+    let any: Box<dyn std::any::Any> = b;
     any.downcast::<T>()
         .map(|b| *b)
         .map_err(|_| err!(InvalidArgument, "the part changed kind"))
 }
 
+/// A handle owning the composite `m`, whose parts' old handles `parts` (in part order)
+/// become views of its parts, owned by it.
+fn adopt(m: Box<dyn Memory>, parts: &[llama_memory_t]) -> llama_memory_t {
+    let root = MemoryHandle::boxed(m);
+    // SAFETY: `root` was just made; the part handles are live, distinct and no longer own a
+    // memory (take_kind); no other reference to any of them is live.
+    unsafe {
+        let r: *mut MemoryHandle = root.cast();
+        for (index, &p) in parts.iter().enumerate() {
+            let ph: *mut MemoryHandle = p.cast();
+            (*ph).inner = MemRef::Part { root: r, index };
+            (*r).part_views.push(ph);
+        }
+    }
+    root
+}
+
 /// Makes a sliding-window pair (llama.cpp's `llama_kv_cache_iswa`) of two KV caches: `base`
 /// for the model's full-attention layers (no window) and `swa` for its sliding-window layers
 /// (the model's `n_swa`/`swa_type`, `llama_memory_iswa_swa_size` cells). Both must hold the
-/// same sequences in the same streams. On success the pair owns both: their handles are
-/// freed and must not be used again (free the pair with `llama_memory_free`). On failure
-/// (NULL, last error set) both handles stay the caller's, unchanged.
+/// same sequences in the same streams. On success the pair owns both (free the pair with
+/// `llama_memory_free`), and their handles become views of its halves: borrowed, valid until
+/// the pair is freed (`llama_memory_free` refuses them), for the KV functions of one half
+/// (`llama_memory_kv_get_cell`, `llama_memory_kv_size`, ...); an operation through a view
+/// changes that half alone, as llama.cpp's `get_base()`/`get_swa()`. On failure (NULL, last
+/// error set) both handles stay the caller's, unchanged.
 ///
 /// Differences from llama.cpp: a sequence operation changes both halves or neither, and a
 /// restore checks the whole state before it changes the first half.
@@ -114,7 +151,7 @@ pub extern "C" fn llama_memory_iswa_init(
         // SAFETY: as above.
         let s = try_or!(unsafe { take_kind::<KvMemory>(swa) });
         let m = try_or!(IswaMemory::from_parts(b, s));
-        MemoryHandle::boxed(Box::new(m))
+        adopt(Box::new(m), &[base, swa])
     })
 }
 
@@ -172,7 +209,7 @@ pub extern "C" fn llama_memory_hybrid_init(
             let a = try_or!(unsafe { take_kind::<KvMemory>(attn) });
             Box::new(try_or!(Hybrid::new(a, r)))
         };
-        MemoryHandle::boxed(m)
+        adopt(m, &[attn, recr])
     })
 }
 

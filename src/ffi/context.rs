@@ -29,10 +29,23 @@ fn new_ctx(
             h.mem = mem;
             h.inner = Some(inner);
             h.views.clear();
+            h.splits.clear();
+            h.split_cur = 0;
             Box::into_raw(h).cast()
         }
         None => handle::to_boxed_mut_ptr(ContextHandle::new(mem, inner)),
     }
+}
+
+/// A new context over a split batch's plan, with each ubatch's batch indices.
+pub(crate) fn new_ctx_with_splits(
+    mem: llama_memory_t,
+    inner: Box<dyn MemoryContext>,
+    splits: Vec<crate::batch::Split>,
+) -> llama_memory_ctx_t {
+    let mut h = ContextHandle::new(mem, inner);
+    h.splits = splits;
+    handle::to_boxed_mut_ptr(h)
 }
 
 /// Plans a batch already split into `n_ubatches` ubatches (llama.cpp's `init_batch` after its
@@ -157,10 +170,14 @@ pub extern "C" fn llama_memory_ctx_next(ctx: llama_memory_ctx_t) -> bool {
                 "ctx is a part's view: move its composite's context instead"
             ));
         }
-        match c.inner.as_mut() {
+        let more = match c.inner.as_mut() {
             Some(i) => i.next(),
             None => false,
+        };
+        if more {
+            c.split_cur += 1;
         }
+        more
     })
 }
 
@@ -185,7 +202,7 @@ pub extern "C" fn llama_memory_ctx_apply(ctx: llama_memory_ctx_t) -> llama_memor
             .inner
             .as_mut()
             .ok_or_else(|| err!(InvalidArgument, "the context was freed")));
-        try_or!(inner.apply(m.inner.as_mut()));
+        try_or!(inner.apply(&mut *m.inner));
         LLAMA_MEMORY_OK
     })
 }

@@ -51,7 +51,10 @@ pub type llama_memory_t = *mut llama_memory_i;
 
 /// What a memory handle holds.
 pub(crate) struct MemoryHandle {
-    pub(crate) inner: Box<dyn Memory>,
+    pub(crate) inner: MemRef,
+    /// The handles of this memory's parts that became views of it when it took them over
+    /// (`llama_memory_iswa_init`, `llama_memory_hybrid_init`): owned here, freed with it.
+    pub(crate) part_views: Vec<*mut MemoryHandle>,
     /// Tensor bytes of `ON_DEVICE` sequence states, per source sequence.
     pub(crate) stash: crate::state::Stash,
     /// The last freed context, kept so the next `init_batch` reuses its allocations.
@@ -64,11 +67,78 @@ impl MemoryHandle {
     /// A new handle owning `inner`.
     pub(crate) fn boxed(inner: Box<dyn Memory>) -> llama_memory_t {
         to_boxed_mut_ptr(MemoryHandle {
-            inner,
+            inner: MemRef::Own(inner),
+            part_views: Vec::new(),
             stash: Default::default(),
             spare_ctx: None,
             scratch: Default::default(),
         })
+    }
+}
+
+impl Drop for MemoryHandle {
+    fn drop(&mut self) {
+        for &v in &self.part_views {
+            // SAFETY: each entry is a handle made by `to_boxed_mut_ptr` whose ownership went to
+            // this memory when it took its part over; nothing else frees it
+            // (`llama_memory_free` refuses a view).
+            drop(unsafe { Box::from_raw(v) });
+        }
+    }
+}
+
+/// The memory a handle stands for: its own, or (a view) part `index` of another handle's
+/// memory, the composite that took it over.
+pub(crate) enum MemRef {
+    /// The handle owns its memory.
+    Own(Box<dyn Memory>),
+    /// Part `index` of `root`'s memory.
+    Part {
+        root: *mut MemoryHandle,
+        index: usize,
+    },
+}
+
+impl MemRef {
+    /// Whether the handle is a view of a composite's part.
+    pub(crate) fn is_part(&self) -> bool {
+        matches!(self, MemRef::Part { .. })
+    }
+}
+
+impl std::ops::Deref for MemRef {
+    type Target = dyn Memory;
+    fn deref(&self) -> &(dyn Memory + 'static) {
+        match self {
+            MemRef::Own(b) => &**b,
+            MemRef::Part { root, index } => {
+                // SAFETY: a view lives in its root's `part_views` and is freed with it, so the
+                // root is alive while the view is used; calls on a memory and its views must
+                // not overlap (header rule).
+                let r = unsafe { &**root };
+                match r.inner.part(*index) {
+                    Some((_, m)) => m,
+                    None => unreachable!("a composite's parts are fixed"),
+                }
+            }
+        }
+    }
+}
+
+impl std::ops::DerefMut for MemRef {
+    fn deref_mut(&mut self) -> &mut (dyn Memory + 'static) {
+        match self {
+            MemRef::Own(b) => &mut **b,
+            MemRef::Part { root, index } => {
+                // SAFETY: as in `deref`, with exclusive access: no call on the root or another
+                // of its views overlaps this one (header rule).
+                let r = unsafe { &mut **root };
+                match r.inner.part_mut(*index) {
+                    Some((_, m)) => m,
+                    None => unreachable!("a composite's parts are fixed"),
+                }
+            }
+        }
     }
 }
 
@@ -128,6 +198,11 @@ pub(crate) struct ContextHandle {
     pub(crate) view: Option<(*const ContextHandle, usize)>,
     /// The views of this context's parts, made on demand, ending with it.
     pub(crate) views: Vec<Option<Box<ContextHandle>>>,
+    /// The ubatches of a split batch (`llama_memory_init_batch_split`): each one's batch
+    /// indices; empty otherwise.
+    pub(crate) splits: Vec<crate::batch::Split>,
+    /// The current ubatch's entry in `splits`.
+    pub(crate) split_cur: usize,
 }
 
 impl ContextHandle {
@@ -138,6 +213,8 @@ impl ContextHandle {
             inner: Some(inner),
             view: None,
             views: Vec::new(),
+            splits: Vec::new(),
+            split_cur: 0,
         }
     }
 
@@ -165,6 +242,8 @@ impl ContextHandle {
                 inner: None,
                 view: Some((parent, i)),
                 views: Vec::new(),
+                splits: Vec::new(),
+                split_cur: 0,
             })
         });
         let p: *mut ContextHandle = &mut **v;

@@ -24,9 +24,18 @@ pub extern "C" fn llama_memory_version() -> *const c_char {
 /// Frees a memory made by any constructor (`llama_memory_kv_init`,
 /// `llama_memory_kv_init_with_storage`, `llama_memory_rs_init`). NULL is accepted. Contexts
 /// made from it must be freed first; its tensors end with it.
+/// A handle that became a view of a composite's part (`llama_memory_iswa_init`,
+/// `llama_memory_hybrid_init`) is refused (last error set): it ends with the composite.
 #[no_mangle]
 pub extern "C" fn llama_memory_free(mem: llama_memory_t) {
     ffi_boundary!({
+        // SAFETY: as in try_ref!; read only, before the handle is freed.
+        if unsafe { super::handle::try_from(mem) }.is_some_and(|m| m.inner.is_part()) {
+            bail!(crate::error::err!(
+                InvalidArgument,
+                "mem is a part of a composite memory: it ends with the composite"
+            ));
+        }
         // SAFETY: a non-NULL handle comes from a constructor and the header forbids using it
         // after this call.
         unsafe { free_box(mem) }

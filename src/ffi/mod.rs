@@ -26,6 +26,8 @@ pub mod error;
 // Memory contexts, and the ubatches they plan:
 pub mod context;
 pub mod ubatch;
+// A whole batch, split as the memory's init_batch splits it:
+pub mod batch;
 // States (blobs, files) and the caller io callbacks:
 pub mod state;
 // (the io callbacks after the states they carry)
@@ -41,6 +43,7 @@ pub mod composite;
 pub mod dropin;
 
 // One flat path for Rust callers (`llama_memory::ffi::*`), as C sees one header.
+pub use batch::*;
 pub use composite::*;
 pub use context::*;
 pub use error::*;

@@ -85,7 +85,7 @@ pub type Hybrid = HybridMemory<KvMemory>;
 pub type HybridIswa = HybridMemory<IswaMemory>;
 
 impl<A: Attention> HybridMemory<A> {
-    /// A hybrid of two parts, which must hold the same sequences.
+    /// A hybrid of two parts, which must hold the same sequences and no common layer.
     pub fn new(attn: A, recr: RecurrentMemory) -> Result<Self> {
         if attn.n_seq_max() != recr.n_seq_max() {
             return Err(crate::error::err!(
@@ -95,6 +95,7 @@ impl<A: Attention> HybridMemory<A> {
                 recr.n_seq_max()
             ));
         }
+        crate::composite::check_disjoint(&attn, &recr)?;
         Ok(HybridMemory {
             attn,
             recr,

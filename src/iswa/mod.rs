@@ -171,7 +171,7 @@ impl IswaMemory {
                 "the halves differ in sequences or streams"
             ));
         }
-        Ok(())
+        composite::check_disjoint(base, swa)
     }
 
     /// Removes the destination's cells as llama.cpp's `state_clear` (a failed restore in

@@ -33,6 +33,9 @@ pub struct KvContext {
     /// An update's defragmentation (empty: none).
     defrag: DefragPlan,
     n_kv: u32,
+    /// The cache's [`KvCache::generation`] the next step expects: the plan's, then after each
+    /// applied ubatch the cache's.
+    generation: u64,
 }
 
 /// An empty context (nothing to apply), holding no buffers yet.
@@ -47,6 +50,7 @@ impl Default for KvContext {
             copies: Vec::new(),
             defrag: DefragPlan::default(),
             n_kv: 0,
+            generation: u64::MAX,
         }
     }
 }
@@ -61,6 +65,7 @@ impl KvContext {
         c.copies.clear();
         c.defrag = DefragPlan::default();
         c.n_kv = 0;
+        c.generation = u64::MAX;
         c
     }
 
@@ -138,10 +143,15 @@ impl KvContext {
                     ));
                 };
                 let ub = ub.view();
-                // The caller may have changed the cache since init_batch: never overwrite a
-                // cell the plan did not expect to be free.
-                kv.check_slot(slot, &ub)?;
+                // The caller may have changed the cache since init_batch: then never overwrite
+                // a cell the plan did not expect to be free. Unchanged, the plan is applied as
+                // planned, as llama.cpp does (its simulation may have left a purged sequence's
+                // older cell back in a planned cell, which the ubatch then overwrites).
+                if kv.generation() != self.generation {
+                    kv.check_slot(slot, &ub)?;
+                }
                 kv.apply_ubatch(slot, &ub);
+                self.generation = kv.generation();
                 self.n_kv = kv.get_n_kv(slot);
                 Ok(())
             }
@@ -223,6 +233,7 @@ impl KvCache {
             buf.assign(ub);
         }
         ctx.n_ubatches = ubatches.len();
+        ctx.generation = self.generation();
         Ok(ctx)
     }
 
@@ -264,6 +275,7 @@ impl KvCache {
 
     /// Clears every cell's pending shift (after the caller computed the K-shift).
     pub fn reset_shifts(&mut self) {
+        self.generation += 1;
         for c in &mut self.cells {
             c.reset_shift();
         }

@@ -169,6 +169,10 @@ pub struct KvCache {
     pub(crate) log: crate::memory::Log,
     /// llama.cpp's `LLAMA_KV_CACHE_DEBUG` level of the slot search's debug lines.
     pub(crate) debug: i32,
+    /// Counts the changes to the cells and heads (not `prepare`'s simulation, which leaves
+    /// llama.cpp's side effects), so that a context applies its plan as planned when nothing
+    /// else changed the cache since ([`KvCache::generation`]).
+    generation: u64,
 }
 
 /// What `prepare` saves before placing each ubatch: every stream's head, and the slot cells.
@@ -249,6 +253,7 @@ impl KvCache {
             seq_limit: p.n_seq_max,
             log: Default::default(),
             debug: 0,
+            generation: 0,
             p,
         })
     }
@@ -307,11 +312,22 @@ impl KvCache {
 
     /// The cells of stream `s`, for restoring a state (the caller keeps the cache consistent).
     pub(crate) fn cells_mut(&mut self, s: u32) -> &mut Cells {
+        self.generation += 1;
         &mut self.cells[s as usize]
+    }
+
+    /// A number that changes whenever the cells or the heads change, except through
+    /// `prepare`'s simulation: a batch context applies its slots as planned (as llama.cpp,
+    /// which overwrites the cells it planned even where the simulation's purges left a
+    /// sequence's older cell back in them) while the cache is as the plan left it, and checks
+    /// each slot first once anything else changed it.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Sets the slot-search head of stream `s` (undoing a failed restore).
     pub(crate) fn set_head(&mut self, s: u32, h: u32) {
+        self.generation += 1;
         self.heads[s as usize] = h;
     }
 
@@ -420,6 +436,7 @@ impl KvCache {
 
     /// Empties every stream and resets the heads. Pending stream copies are kept, as upstream.
     pub fn clear(&mut self) {
+        self.generation += 1;
         for (c, h) in self.cells.iter_mut().zip(&mut self.heads) {
             c.reset();
             *h = 0;
@@ -429,6 +446,7 @@ impl KvCache {
     /// Empties every cell and keeps the heads (llama.cpp's `clear` through a cache that shares
     /// these cells: it resets its own heads, not this cache's).
     pub fn reset_cells(&mut self) {
+        self.generation += 1;
         for c in &mut self.cells {
             c.reset();
         }
@@ -446,6 +464,7 @@ impl KvCache {
     /// Removes the cells of `seq_id` (or of every sequence when `seq_id == -1`) with position in
     /// `[p0, p1)`; negative bounds mean "from 0" and "to infinity". Never fails for valid ids.
     pub fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
+        self.generation += 1;
         if seq_id != -1 {
             self.check_seq(seq_id)?;
         }
@@ -479,6 +498,7 @@ impl KvCache {
     /// (non-unified caches) only whole sequences can be copied: the destination stream is reset
     /// and the data copy is queued for the next update.
     pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
+        self.generation += 1;
         self.check_seq(src)?;
         self.check_seq(dst)?;
         let s0 = self.stream_of(src);
@@ -517,6 +537,7 @@ impl KvCache {
 
     /// Removes every sequence but `seq_id` from its stream (other streams are untouched).
     pub fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
+        self.generation += 1;
         self.check_seq(seq_id)?;
         let s = self.stream_of(seq_id) as usize;
         let cells = &mut self.cells[s];
@@ -555,6 +576,7 @@ impl KvCache {
     /// Adds `delta` to the positions of `seq_id` in `[p0, p1)`; cells pushed below 0 are freed.
     /// Refused (nothing changes) when [`KvCache::can_shift`] is false.
     pub fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        self.generation += 1;
         self.check_seq(seq_id)?;
         self.check_can_shift("seq_add")?;
         if delta == 0 {
@@ -574,6 +596,7 @@ impl KvCache {
     /// Divides the positions of `seq_id` in `[p0, p1)` by `d` (truncating). `d` must be > 0.
     /// Refused (nothing changes) when [`KvCache::can_shift`] is false.
     pub fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
+        self.generation += 1;
         self.check_seq(seq_id)?;
         self.check_can_shift("seq_div")?;
         if !crate::memory::seq_div_changes(d)? {

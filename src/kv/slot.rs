@@ -359,6 +359,7 @@ impl KvCache {
     /// [`KvCache::apply_ubatch`], logging its purges or not (a restore logs them when it
     /// places its cells, as llama.cpp, and applies them later).
     pub(crate) fn apply_ubatch_logged(&mut self, slot: &SlotInfo, ub: &Ubatch<'_>, log: bool) {
+        self.generation += 1;
         let mut max_rm = [-1i32; MAX_SEQ];
         let per = slot.size();
         let write_ext = ub.is_pos_2d() || ub.token.is_some() || self.p.ngram_tokens;
@@ -500,6 +501,7 @@ impl KvCache {
         slots.truncate(ubatches.len());
         slots.resize_with(ubatches.len(), || SlotInfo::with_streams(0, 0));
         let ns = self.n_stream as usize;
+        let generation = self.generation;
         let mut prep = std::mem::take(&mut self.prep);
         prep.heads.clear();
         let mut n_snap = 0;
@@ -532,6 +534,7 @@ impl KvCache {
             }
         }
         self.prep = prep;
+        self.generation = generation;
         let ok = n_ok == ubatches.len();
         if !ok {
             slots.clear();

@@ -57,13 +57,13 @@ static llama_memory_t make_rs(void) {
     struct llama_memory_rs_params p = llama_memory_rs_default_params();
     struct llama_memory_rs_layer layers[2];
     memset(layers, 0, sizeof(layers));
-    layers[0].il = 0;
-    layers[1].il = 2;
+    layers[0].il = 4;
+    layers[1].il = 5;
     layers[0].n_embd_r = layers[1].n_embd_r = 8;
     layers[0].n_embd_s = layers[1].n_embd_s = 16;
     p.n_seq_max = N_SEQ;
     p.n_rs_seq = 1;
-    p.n_layer = 4;
+    p.n_layer = 6;
     p.layers = layers;
     p.n_layers = 2;
     return llama_memory_rs_init(p);
@@ -79,11 +79,32 @@ static llama_memory_t make_pair(void) {
     if (!base || !swa || swa_cells != 256) {
         return NULL;
     }
+    /* halves that share a layer are refused (a layer's tensors must be in one part) */
+    {
+        llama_memory_t dup = make_kv(swa_cells, base_il, 2, n_swa);
+        if (!dup || llama_memory_iswa_init(base, dup) != NULL) {
+            return NULL;
+        }
+        llama_memory_free(dup);
+    }
     /* the halves the wrong way round are refused, and stay the caller's */
     if (llama_memory_iswa_init(swa, base) != NULL || llama_memory_kv_size(base) != 512) {
         return NULL;
     }
     m = llama_memory_iswa_init(base, swa);
+    /* the halves' handles are now views of the pair's halves: borrowed, not freeable */
+    if (!m || llama_memory_kv_size(base) != 512 || llama_memory_kv_size(swa) != 256) {
+        return NULL;
+    }
+    llama_memory_clear_last_error();
+    llama_memory_free(base);
+    if (llama_memory_last_error() == NULL || llama_memory_kv_size(base) != 512) {
+        return NULL;
+    }
+    /* and cannot go into another composite */
+    if (llama_memory_iswa_init(base, swa) != NULL) {
+        return NULL;
+    }
     return m;
 }
 

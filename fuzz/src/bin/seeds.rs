@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use llama_memory::state::{self, Stash};
+use llama_memory_fuzz::composite::{cmp_memory, N_CMP_CONFIGS};
 use llama_memory_fuzz::recurrent::{rs_memory, N_RS_CONFIGS};
 use llama_memory_fuzz::{memory, N_CONFIGS};
 
@@ -77,6 +78,7 @@ fn main() {
     );
     n += 2;
     n += recurrent_seeds(root);
+    n += composite_seeds(root);
     println!("wrote {n} seeds under {}", root.display());
 }
 
@@ -149,6 +151,55 @@ fn recurrent_seeds(root: &Path) -> usize {
                     &seed(8 + cfg, 3, src as u8 + 16 * e, &dev),
                 );
                 n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Seeds of `composite_state`: `[select, dest, len_lo, len_hi]`, a real state of the
+/// configuration (sequence blobs with flags 0 and PARTIAL_ONLY, the whole state), then one
+/// operation of each kind.
+fn composite_seeds(root: &Path) -> usize {
+    let mut n = 0;
+    let ops: Vec<u8> = (0..12u8)
+        .flat_map(|k| [k, k % 3 + 1, 3, 5, 17 + k])
+        .collect();
+    let seed = |sel: u8, dest: u8, state: &[u8]| {
+        let mut s = vec![sel, dest];
+        s.extend((state.len() as u16).to_le_bytes());
+        s.extend(state);
+        s.extend(&ops);
+        s
+    };
+    for cfg in 0..N_CMP_CONFIGS {
+        let m = cmp_memory(cfg);
+        let size = state::get_size(&*m).expect("size");
+        let mut whole = vec![0u8; size];
+        state::get_data(&*m, &mut whole).expect("state");
+        let sel = |reader: u8| cfg + N_CMP_CONFIGS * reader;
+        write(
+            root,
+            "composite_state",
+            &format!("c{cfg}whole"),
+            &seed(sel(2), 0, &whole),
+        );
+        n += 1;
+        for (reader, flags) in [(0u8, 0u32), (1, state::FLAG_PARTIAL_ONLY)] {
+            for src in -1..m.n_seq_max() as i32 {
+                let size = state::seq_get_size(&*m, src, flags).expect("size");
+                let mut blob = vec![0u8; size];
+                state::seq_get_data(&*m, &mut blob, src, flags, &mut Stash::new()).expect("blob");
+                // dest selectors: -1, sequences 0..=4 (mod n_seq_max), n_seq_max, invalid
+                for d in [0u8, 1, 2, 4, 6, 7] {
+                    write(
+                        root,
+                        "composite_state",
+                        &format!("c{cfg}r{reader}s{src}d{d}"),
+                        &seed(sel(reader), d, &blob),
+                    );
+                    n += 1;
+                }
             }
         }
     }
