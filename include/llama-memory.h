@@ -47,9 +47,6 @@ struct ggml_context;
 /* ggml's compute graph (ggml.h): nodes that write memory rows are added to the caller's. */
 struct ggml_cgraph;
 
-// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`.
-#define PARTIAL_ONLY 1
-
 // Major version.
 #define LLAMA_MEMORY_VERSION_MAJOR 0
 

@@ -24,7 +24,7 @@ use crate::storage::{KvStorage, LayerSpec, StorageOptions, StorageSpec};
 use crate::ubatch::Ubatch;
 
 /// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`.
-pub const PARTIAL_ONLY: u32 = 1;
+const PARTIAL_ONLY: u32 = 1;
 
 /// Cells of the SWA cache, as llama.cpp sizes it: the window for each stream's sequences plus
 /// one ubatch, padded to 256 and at most `size`; `size` itself with `swa_full`.

@@ -148,8 +148,32 @@ static int unchanged(llama_memory_t mem, size_t n_before) {
 }
 
 struct counts {
-    int rm_true, rm_false, restores, bad_truncated, bad_second_part, cp;
+    int rm_true, rm_false, restores, bad_truncated, bad_second_part, cp, on_device;
 };
+
+static uint8_t od_blob[BLOB_MAX], after_od[BLOB_MAX], packed[BLOB_MAX];
+
+/* an ON_DEVICE save and restore (the tensor bytes stay with the handle, each part's its own)
+ * must leave what the host blob leaves: both from the same packed whole state */
+static int on_device_matches_host(llama_memory_t mem, llama_seq_id seq, llama_seq_id dst, size_t n_host) {
+    const size_t n_packed = whole(mem, packed);
+    size_t n_od, n_after;
+    CHECK(llama_memory_state_set_data(mem, packed, n_packed) == n_packed);
+    n_od = llama_memory_state_seq_get_data_ext(mem, od_blob, BLOB_MAX, seq, LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE);
+    CHECK(n_od > 8 && n_od <= n_host);
+    if (llama_memory_state_seq_set_data_ext(mem, od_blob, n_od, dst, LLAMA_MEMORY_STATE_SEQ_FLAGS_ON_DEVICE) != n_od) {
+        /* no room: then the host blob has none either */
+        CHECK(llama_memory_state_set_data(mem, packed, n_packed) == n_packed);
+        CHECK(llama_memory_state_seq_set_data(mem, seq_blob, n_host, dst) == 0);
+        CHECK(llama_memory_state_set_data(mem, packed, n_packed) == n_packed);
+        return 0;
+    }
+    n_after = whole(mem, after_od);
+    CHECK(llama_memory_state_set_data(mem, packed, n_packed) == n_packed);
+    CHECK(llama_memory_state_seq_set_data(mem, seq_blob, n_host, dst) == n_host);
+    CHECK(whole(mem, blob_b) == n_after && memcmp(blob_b, after_od, n_after) == 0);
+    return 0;
+}
 
 /* copies only on the pair: a recurrent cell shared by sequences with different pending
  * rollbacks is a state llama.cpp aborts on (the recurrent tests cover it) */
@@ -213,7 +237,10 @@ static int run(llama_memory_t mem, int n_steps, int copies, struct counts *c) {
                 CHECK(unchanged(mem, n0));
                 c->bad_second_part++;
             }
-            if (llama_memory_state_seq_set_data(mem, seq_blob, n, dst) == n) {
+            if (next_u32() % 4 == 0) {
+                CHECK(on_device_matches_host(mem, seq, dst, n) == 0);
+                c->on_device++;
+            } else if (llama_memory_state_seq_set_data(mem, seq_blob, n, dst) == n) {
                 c->restores++;
             }
         }
@@ -274,11 +301,11 @@ int main(void) {
         CHECK(mem != NULL);
         CHECK(run(mem, 2000, kind == 0, &c) == 0);
         CHECK(check_parts(mem, kind != 1, kind != 0) == 0);
-        printf("%s: %d removals (%d refused), %d copies, %d restores, %d truncated and %d "
-               "second-part-corrupt states refused unchanged\n",
-               names[kind], c.rm_true + c.rm_false, c.rm_false, c.cp, c.restores, c.bad_truncated,
-               c.bad_second_part);
-        CHECK(c.restores > 10 && c.bad_second_part > 10);
+        printf("%s: %d removals (%d refused), %d copies, %d restores, %d ON_DEVICE restores, %d "
+               "truncated and %d second-part-corrupt states refused unchanged\n",
+               names[kind], c.rm_true + c.rm_false, c.rm_false, c.cp, c.restores, c.on_device,
+               c.bad_truncated, c.bad_second_part);
+        CHECK(c.restores > 10 && c.bad_second_part > 10 && c.on_device > 10);
         if (kind != 0) {
             CHECK(c.rm_false > 10);
         }
