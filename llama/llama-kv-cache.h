@@ -158,8 +158,12 @@ public:
     void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
     void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
 
-    // the library's handle (llama-state.cpp checks a state with it before any restore)
+    // the library's handle (llama-state.cpp checks a state with it before any restore); a view
+    // of a half of the library's pair when a llama_kv_cache_iswa holds this cache
     llama_memory_dropin_obj * handle() const { return mem; }
+
+    // the cells changed through a composite holding this cache: the mirrors handed out follow
+    void cells_changed() const { changed(); }
 
     // the cells and tensors are another cache's (mem_other, the gemma4-assistant's cache over
     // its main model's): no state, no handle of its own, every change a no-op, as upstream's

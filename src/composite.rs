@@ -216,18 +216,26 @@ pub(crate) fn read_parts(
         return Ok(());
     }
     // The dry run: every part reads its fields and data as the restore will, and says where
-    // its stashed bytes end (each part's restore then gets exactly its own).
+    // its stashed bytes end (each part's restore then gets exactly its own). Its log lines are
+    // the restore's: held back, and let out only when it fails (the restore logs them again).
     let mut probe_in = inp.clone();
     let mut stash_ends = Vec::with_capacity(parts.len());
-    for (k, p) in parts.iter_mut().enumerate() {
-        *last = k;
-        let mut probe = Probe {
-            inp: &mut probe_in,
-            check_finite,
-        };
-        p.state_check_io(seq, flags, &mut probe)?;
-        stash_ends.push(probe_in.stash.as_ref().map_or(0, Reader::pos));
+    let (checked, lines) = crate::memory::hold_log(|| -> Result<()> {
+        for (k, p) in parts.iter_mut().enumerate() {
+            *last = k;
+            let mut probe = Probe {
+                inp: &mut probe_in,
+                check_finite,
+            };
+            p.state_check_io(seq, flags, &mut probe)?;
+            stash_ends.push(probe_in.stash.as_ref().map_or(0, Reader::pos));
+        }
+        Ok(())
+    });
+    if checked.is_err() {
+        crate::memory::release_log(lines);
     }
+    checked?;
     probe_in.check_stash_consumed()?;
     let mut at = 0;
     for (k, (p, end)) in parts.iter_mut().zip(stash_ends).enumerate() {
@@ -298,10 +306,18 @@ pub(crate) fn read_parts_io(
         io,
         bytes: Vec::new(),
     };
-    for (k, p) in parts.iter_mut().enumerate() {
-        *last = k;
-        p.state_check_io(seq, flags, &mut rec)?;
+    // (its lines held back as in read_parts: the restore from the copy logs them)
+    let (checked, lines) = crate::memory::hold_log(|| -> Result<()> {
+        for (k, p) in parts.iter_mut().enumerate() {
+            *last = k;
+            p.state_check_io(seq, flags, &mut rec)?;
+        }
+        Ok(())
+    });
+    if checked.is_err() {
+        crate::memory::release_log(lines);
     }
+    checked?;
     let bytes = rec.bytes;
     read_parts(
         parts,

@@ -109,11 +109,46 @@ impl Log {
         self.0.is_some()
     }
 
-    /// Emits the line `line()` builds, which is only built when someone listens.
+    /// Emits the line `line()` builds, which is only built when someone listens (held back
+    /// instead while the thread runs [`hold_log`]).
     pub fn emit(&self, level: LogLevel, line: impl FnOnce() -> String) {
         if let Some(f) = &self.0 {
-            f(level, &line());
+            let text = line();
+            let held = HELD.with(|h| match h.borrow_mut().as_mut() {
+                Some(v) => {
+                    v.push((level, text.clone(), f.clone()));
+                    true
+                }
+                None => false,
+            });
+            if !held {
+                f(level, &text);
+            }
         }
+    }
+}
+
+/// A held-back log line: its level, its text and where it goes.
+type HeldLine = (LogLevel, String, std::sync::Arc<LogFn>);
+
+thread_local! {
+    static HELD: std::cell::RefCell<Option<Vec<HeldLine>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the thread's log lines held back, and returns them with its result: a
+/// composite's dry run logs what its parts' restores would log, and those lines go out only
+/// once (the restore logs them again, or, when the dry run fails, [`release_log`] lets them out).
+pub(crate) fn hold_log<R>(f: impl FnOnce() -> R) -> (R, Vec<HeldLine>) {
+    let outer = HELD.with(|h| h.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let lines = HELD.with(|h| std::mem::replace(&mut *h.borrow_mut(), outer));
+    (r, lines.unwrap_or_default())
+}
+
+/// Lets held-back lines out (into an enclosing hold, if any).
+pub(crate) fn release_log(lines: Vec<HeldLine>) {
+    for (level, text, f) in lines {
+        Log(Some(f)).emit(level, || text);
     }
 }
 

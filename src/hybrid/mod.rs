@@ -111,8 +111,13 @@ impl<A: Attention> HybridMemory<A> {
     }
 
     /// Checks `ids` on both parts, so that an operation refused by the second part is refused
-    /// before the first changes.
+    /// before the first changes (not in stock-compatible mode, where each part takes the ids
+    /// llama.cpp's takes).
     fn check_ids(&self, ids: &[i32]) -> Result<()> {
+        if self.stock {
+            // llama.cpp's order instead: an id one part ignores still changes the other
+            return Ok(());
+        }
         for &s in ids {
             if s >= 0 {
                 self.attn.seq_pos_min(s)?;

@@ -10,8 +10,9 @@
 //! Beyond llama.cpp, an operation changes both halves or neither: ids are checked on both
 //! before either changes, and a restore reads and validates the whole input (both halves)
 //! before the first half changes ([`crate::composite`]). In stock-compatible mode
-//! ([`Memory::set_stock_compat`]) a restore is llama.cpp's instead: the base half restored
-//! before the SWA half is read, each half's failure with its own effect.
+//! ([`Memory::set_stock_compat`]) the operations are llama.cpp's instead: each half in turn,
+//! a restore's base half restored before the SWA half is read, each half's failure with its
+//! own effect.
 
 use std::any::Any;
 
@@ -203,7 +204,9 @@ impl Memory for IswaMemory {
     }
     fn seq_rm(&mut self, seq_id: i32, p0: i32, p1: i32) -> Result<bool> {
         // both refuse the same ids; ask first so that neither changes on an error
-        self.can_seq_rm(seq_id, p0, p1)?;
+        if !self.stock {
+            self.can_seq_rm(seq_id, p0, p1)?;
+        }
         let a = self.base.seq_rm(seq_id, p0, p1)?;
         let b = self.swa.seq_rm(seq_id, p0, p1)?;
         Ok(a & b)
