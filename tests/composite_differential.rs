@@ -1200,6 +1200,7 @@ fn hybrid_iswa_matches_stock_llama_memory_hybrid_iswa() {
         "llama_memory_hybrid_iswa",
         &[
             "batch: shared tokens",
+            "batch: rejected by stock's allocator",
             "seq_add",
             "seq_div",
             "update: applied",
