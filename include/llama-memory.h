@@ -1395,9 +1395,10 @@ llama_memory_t llama_memory_iswa_init(llama_memory_t base, llama_memory_t swa);
 // Makes a hybrid memory of an attention memory and a recurrent memory (`llama_memory_rs_init`)
 // holding the same sequences: with a KV cache as `attn`, llama.cpp's `llama_memory_hybrid`;
 // with a sliding-window pair (`llama_memory_iswa_init`), `llama_memory_hybrid_iswa`. On
-// success the hybrid owns both parts (their handles are freed; free the hybrid with
-// `llama_memory_free`); on failure (NULL, last error
-// set) both stay the caller's, unchanged.
+// success the hybrid owns both parts (free it with `llama_memory_free`) and their handles
+// become views of its parts, as in `llama_memory_iswa_init` (`get_attn()`/`get_recr()`); on
+// failure (NULL, last error set) both stay the caller's, unchanged (parts that share a layer
+// are refused).
 //
 // Differences from llama.cpp: `llama_memory_seq_rm` checks both parts before it changes
 // either (llama.cpp asks the recurrent part first too, so the results agree), every other

@@ -197,32 +197,26 @@ impl IoRead for Probe<'_, '_> {
 }
 
 /// Restores `parts` (in state order) from a blob: all or nothing, or llama.cpp's order with
-/// `stock`. `check_finite` is the memory's setting, for the dry run.
+/// `stock`. Each part's data is checked for finiteness in the dry run as its own restore
+/// checks it ([`Memory::check_finite`]).
 pub(crate) fn read_parts(
     parts: &mut [&mut dyn Memory],
     seq: i32,
     flags: u32,
     inp: &mut StateIn<'_>,
     stock: bool,
-    check_finite: bool,
     last: &mut usize,
 ) -> Result<()> {
     *last = 0;
-    if stock {
-        for (k, p) in parts.iter_mut().enumerate() {
-            *last = k;
-            p.state_read(seq, flags, inp)?;
-        }
-        return Ok(());
-    }
     // The dry run: every part reads its fields and data as the restore will, and says where
-    // its stashed bytes end (each part's restore then gets exactly its own). Its log lines are
-    // the restore's: held back, and let out only when it fails (the restore logs them again).
+    // its stashed bytes end (each part's restore then gets exactly its own, in both modes: a
+    // part's reader refuses a stash with bytes left over). Its log lines are the restore's:
+    // held back, and let out only when it fails and the restore is not run.
     let mut probe_in = inp.clone();
     let mut stash_ends = Vec::with_capacity(parts.len());
     let (checked, lines) = crate::memory::hold_log(|| -> Result<()> {
-        for (k, p) in parts.iter_mut().enumerate() {
-            *last = k;
+        for p in parts.iter_mut() {
+            let check_finite = p.check_finite();
             let mut probe = Probe {
                 inp: &mut probe_in,
                 check_finite,
@@ -232,25 +226,33 @@ pub(crate) fn read_parts(
         }
         Ok(())
     });
-    if checked.is_err() {
-        crate::memory::release_log(lines);
+    if !stock {
+        *last = stash_ends.len().min(parts.len().saturating_sub(1));
+        if checked.is_err() {
+            crate::memory::release_log(lines);
+        }
+        checked?;
+        probe_in.check_stash_consumed()?;
     }
-    checked?;
-    probe_in.check_stash_consumed()?;
+    // The restore: llama.cpp's order in stock mode (each part's failure with its own effect;
+    // a part the dry run refused gets the rest of the stash), after a passed dry run else.
     let mut at = 0;
-    for (k, (p, end)) in parts.iter_mut().zip(stash_ends).enumerate() {
+    for (k, p) in parts.iter_mut().enumerate() {
         *last = k;
         let stash = match &mut inp.stash {
-            Some(r) => Some(Reader::new(r.take(end - at, "stashed tensor data")?)),
+            Some(r) => {
+                let n = stash_ends.get(k).map_or(r.remaining(), |&end| end - at);
+                Some(Reader::new(r.take(n, "stashed tensor data")?))
+            }
             None => None,
         };
-        at = end;
+        at += stash.as_ref().map_or(0, Reader::remaining);
         let mut part_in = StateIn {
             meta: inp.meta.clone(),
             stash,
         };
-        // The dry run passed on the same bytes, and the other parts do not change this one:
-        // a failure here is a bug, reported as an error (the parts before it are restored).
+        // Out of stock mode the dry run passed on the same bytes and the other parts do not
+        // change this one: a failure here is a bug, reported as an error.
         p.state_read(seq, flags, &mut part_in)?;
         inp.meta = part_in.meta;
     }
@@ -283,19 +285,19 @@ impl IoRead for Recorder<'_> {
 }
 
 /// [`read_parts`] from a caller's reader: the input is read once, through every part's dry
-/// run, and then restored from the bytes read (all or nothing). With `stock`, each part reads
-/// from the reader in turn, as llama.cpp.
+/// run, and then restored from the bytes read (all or nothing). With `stock`, or for an
+/// `ON_DEVICE` state (whose tensor bytes only the reader's `read_tensor` reaches), each part
+/// reads from the reader in turn, as llama.cpp.
 pub(crate) fn read_parts_io(
     parts: &mut [&mut dyn Memory],
     seq: i32,
     flags: u32,
     io: &mut dyn IoRead,
     stock: bool,
-    check_finite: bool,
     last: &mut usize,
 ) -> Result<()> {
     *last = 0;
-    if stock {
+    if stock || flags & crate::io::FLAG_ON_DEVICE != 0 {
         for (k, p) in parts.iter_mut().enumerate() {
             *last = k;
             p.state_read_io(seq, flags, io)?;
@@ -319,13 +321,5 @@ pub(crate) fn read_parts_io(
     }
     checked?;
     let bytes = rec.bytes;
-    read_parts(
-        parts,
-        seq,
-        flags,
-        &mut StateIn::new(&bytes),
-        false,
-        check_finite,
-        last,
-    )
+    read_parts(parts, seq, flags, &mut StateIn::new(&bytes), false, last)
 }

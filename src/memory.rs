@@ -139,8 +139,19 @@ thread_local! {
 /// composite's dry run logs what its parts' restores would log, and those lines go out only
 /// once (the restore logs them again, or, when the dry run fails, [`release_log`] lets them out).
 pub(crate) fn hold_log<R>(f: impl FnOnce() -> R) -> (R, Vec<HeldLine>) {
-    let outer = HELD.with(|h| h.borrow_mut().replace(Vec::new()));
+    /// Puts the enclosing hold back, also when `f` panics (the C boundary catches panics:
+    /// the thread's later lines must not stay held).
+    struct Restore(Option<Option<Vec<HeldLine>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                HELD.with(|h| *h.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut guard = Restore(Some(HELD.with(|h| h.borrow_mut().replace(Vec::new()))));
     let r = f();
+    let outer = guard.0.take().unwrap_or_default();
     let lines = HELD.with(|h| std::mem::replace(&mut *h.borrow_mut(), outer));
     (r, lines.unwrap_or_default())
 }
@@ -268,6 +279,11 @@ pub trait Memory: Any + Send {
                 part.set_check_finite(on);
             }
         }
+    }
+    /// Whether a restore refuses non-finite tensor data ([`Memory::set_check_finite`]); a
+    /// composite's dry run checks each part's data as that part's restore will.
+    fn check_finite(&self) -> bool {
+        false
     }
     /// Where the memory's log lines go (llama.cpp's, where it logs); a composite passes it to
     /// its parts.

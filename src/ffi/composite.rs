@@ -162,9 +162,10 @@ fn kv_ref(m: Option<&MemoryHandle>) -> Option<&KvMemory> {
 /// Makes a hybrid memory of an attention memory and a recurrent memory (`llama_memory_rs_init`)
 /// holding the same sequences: with a KV cache as `attn`, llama.cpp's `llama_memory_hybrid`;
 /// with a sliding-window pair (`llama_memory_iswa_init`), `llama_memory_hybrid_iswa`. On
-/// success the hybrid owns both parts (their handles are freed; free the hybrid with
-/// `llama_memory_free`); on failure (NULL, last error
-/// set) both stay the caller's, unchanged.
+/// success the hybrid owns both parts (free it with `llama_memory_free`) and their handles
+/// become views of its parts, as in `llama_memory_iswa_init` (`get_attn()`/`get_recr()`); on
+/// failure (NULL, last error set) both stay the caller's, unchanged (parts that share a layer
+/// are refused).
 ///
 /// Differences from llama.cpp: `llama_memory_seq_rm` checks both parts before it changes
 /// either (llama.cpp asks the recurrent part first too, so the results agree), every other
@@ -187,6 +188,7 @@ pub extern "C" fn llama_memory_hybrid_init(
             // SAFETY: both are live handles (checked above); read only.
             let (a, r) = unsafe { (handle::try_from(attn), handle::try_from(recr)) };
             if let (Some(a), Some(r)) = (a, r) {
+                // everything the hybrid's constructor checks, before either part is taken
                 if a.inner.n_seq_max() != r.inner.n_seq_max() {
                     bail!(err!(
                         InvalidArgument,
@@ -195,6 +197,7 @@ pub extern "C" fn llama_memory_hybrid_init(
                         r.inner.n_seq_max()
                     ));
                 }
+                try_or!(crate::composite::check_disjoint(&*a.inner, &*r.inner));
             }
         }
         // SAFETY: recr holds a recurrent memory and attn a KV cache or a pair (checked); they

@@ -74,7 +74,6 @@ pub struct HybridMemory<A: Attention> {
     /// The recurrent part.
     pub recr: RecurrentMemory,
     stock: bool,
-    check_finite: bool,
     /// The part the last restore stopped in (0 attention, 1 recurrent).
     last_read: Cell<usize>,
 }
@@ -100,7 +99,6 @@ impl<A: Attention> HybridMemory<A> {
             attn,
             recr,
             stock: false,
-            check_finite: false,
             last_read: Cell::new(0),
         })
     }
@@ -131,15 +129,15 @@ impl<A: Attention> HybridMemory<A> {
         &mut self,
         seq: i32,
         flags: u32,
-        f: impl FnOnce(&mut [&mut dyn Memory], bool, bool, &mut usize) -> Result<()>,
+        f: impl FnOnce(&mut [&mut dyn Memory], bool, &mut usize) -> Result<()>,
     ) -> Result<()> {
         let read_attn = Self::reads_attn(flags);
-        let (stock, fin, mut last) = (self.stock, self.check_finite, 0);
+        let (stock, mut last) = (self.stock, 0);
         let r = if read_attn {
-            f(&mut [&mut self.attn, &mut self.recr], stock, fin, &mut last)
+            f(&mut [&mut self.attn, &mut self.recr], stock, &mut last)
         } else {
             last = 1;
-            f(&mut [&mut self.recr], stock, fin, &mut 0)
+            f(&mut [&mut self.recr], stock, &mut 0)
         };
         let last = if read_attn { last } else { 1 };
         self.last_read.set(last);
@@ -255,13 +253,13 @@ impl<A: Attention> Memory for HybridMemory<A> {
         Memory::state_write(&self.recr, seq, flags, out)
     }
     fn state_read(&mut self, seq: i32, flags: u32, inp: &mut StateIn<'_>) -> Result<()> {
-        self.read(seq, flags, |parts, stock, fin, last| {
-            composite::read_parts(parts, seq, flags, inp, stock, fin, last)
+        self.read(seq, flags, |parts, stock, last| {
+            composite::read_parts(parts, seq, flags, inp, stock, last)
         })
     }
     fn state_read_io(&mut self, seq: i32, flags: u32, io: &mut dyn IoRead) -> Result<()> {
-        self.read(seq, flags, |parts, stock, fin, last| {
-            composite::read_parts_io(parts, seq, flags, io, stock, fin, last)
+        self.read(seq, flags, |parts, stock, last| {
+            composite::read_parts_io(parts, seq, flags, io, stock, last)
         })
     }
     fn state_check_io(&mut self, seq: i32, flags: u32, io: &mut dyn IoRead) -> Result<()> {
@@ -278,9 +276,11 @@ impl<A: Attention> Memory for HybridMemory<A> {
         self.recr.set_stock_compat(on);
     }
     fn set_check_finite(&mut self, on: bool) {
-        self.check_finite = on;
         self.attn.set_check_finite(on);
         self.recr.set_check_finite(on);
+    }
+    fn check_finite(&self) -> bool {
+        self.attn.check_finite() || self.recr.check_finite()
     }
     fn read_stage(&self) -> ReadStage {
         if self.last_read.get() == 0 {

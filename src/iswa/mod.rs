@@ -78,7 +78,6 @@ pub struct IswaMemory {
     /// The sliding-window half.
     pub swa: KvMemory,
     stock: bool,
-    check_finite: bool,
     /// The half the last restore stopped in (0 base, 1 SWA), for `read_stage`.
     last_read: std::cell::Cell<usize>,
 }
@@ -132,7 +131,6 @@ impl IswaMemory {
             base: mk(pb, false)?,
             swa: mk(ps, true)?,
             stock: false,
-            check_finite: false,
             last_read: Default::default(),
         })
     }
@@ -144,7 +142,6 @@ impl IswaMemory {
             base,
             swa,
             stock: false,
-            check_finite: false,
             last_read: Default::default(),
         })
     }
@@ -182,6 +179,24 @@ impl IswaMemory {
         self.swa.state_clear(seq)
     }
 
+    /// Checks `ids` (and with `shift` the ability to shift) on both halves, so that an
+    /// operation one half refuses is refused before the other changes (not in stock-compatible
+    /// mode, where each half takes what llama.cpp's takes).
+    fn check_both(&self, ids: &[i32], shift: Option<&str>) -> Result<()> {
+        if self.stock {
+            return Ok(());
+        }
+        for h in [&self.base.cache, &self.swa.cache] {
+            for &s in ids {
+                h.check_seq(s)?;
+            }
+            if let Some(op) = shift {
+                h.check_can_shift(op)?;
+            }
+        }
+        Ok(())
+    }
+
     fn halves(&mut self) -> [&mut dyn Memory; 2] {
         [&mut self.base, &mut self.swa]
     }
@@ -215,20 +230,25 @@ impl Memory for IswaMemory {
         Ok(self.base.can_seq_rm(seq_id, p0, p1)? & self.swa.can_seq_rm(seq_id, p0, p1)?)
     }
     fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
-        // the halves have the same sequences and streams: what one refuses the other does, and
-        // the first refuses before it changes anything
+        // the halves have the same sequences and streams (a partial copy between streams is
+        // refused by both); the ids are checked on both first
+        self.check_both(&[src, dst], None)?;
         self.base.seq_cp(src, dst, p0, p1)?;
         self.swa.seq_cp(src, dst, p0, p1)
     }
     fn seq_keep(&mut self, seq_id: i32) -> Result<()> {
+        self.check_both(&[seq_id], None)?;
         self.base.seq_keep(seq_id)?;
         self.swa.seq_keep(seq_id)
     }
     fn seq_add(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        self.check_both(&[seq_id], Some("seq_add"))?;
         self.base.seq_add(seq_id, p0, p1, delta)?;
         self.swa.seq_add(seq_id, p0, p1, delta)
     }
     fn seq_div(&mut self, seq_id: i32, p0: i32, p1: i32, d: i32) -> Result<()> {
+        self.check_both(&[seq_id], Some("seq_div"))?;
+        crate::memory::seq_div_changes(d)?;
         self.base.seq_div(seq_id, p0, p1, d)?;
         self.swa.seq_div(seq_id, p0, p1, d)
     }
@@ -291,7 +311,7 @@ impl Memory for IswaMemory {
         Memory::state_write(&self.swa, seq, flags, out)
     }
     fn state_read(&mut self, seq: i32, flags: u32, inp: &mut StateIn<'_>) -> Result<()> {
-        let (stock, fin, mut last) = (self.stock, self.check_finite, 0);
+        let (stock, mut last) = (self.stock, 0);
         let off = usize::from(flags & PARTIAL_ONLY != 0);
         let r = composite::read_parts(
             &mut self.state_parts(flags),
@@ -299,14 +319,13 @@ impl Memory for IswaMemory {
             flags,
             inp,
             stock,
-            fin,
             &mut last,
         );
         self.last_read.set(last + off);
         r
     }
     fn state_read_io(&mut self, seq: i32, flags: u32, io: &mut dyn IoRead) -> Result<()> {
-        let (stock, fin, mut last) = (self.stock, self.check_finite, 0);
+        let (stock, mut last) = (self.stock, 0);
         let off = usize::from(flags & PARTIAL_ONLY != 0);
         let r = composite::read_parts_io(
             &mut self.state_parts(flags),
@@ -314,7 +333,6 @@ impl Memory for IswaMemory {
             flags,
             io,
             stock,
-            fin,
             &mut last,
         );
         self.last_read.set(last + off);
@@ -334,9 +352,12 @@ impl Memory for IswaMemory {
         self.swa.set_stock_compat(on);
     }
     fn set_check_finite(&mut self, on: bool) {
-        self.check_finite = on;
         self.base.set_check_finite(on);
         self.swa.set_check_finite(on);
+    }
+    fn check_finite(&self) -> bool {
+        // (a hybrid's dry run checks the pair's data as strictly as its stricter half)
+        self.base.check_finite() || self.swa.check_finite()
     }
     fn read_stage(&self) -> ReadStage {
         if self.last_read.get() == 0 {

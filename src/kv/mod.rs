@@ -418,7 +418,7 @@ impl KvCache {
         self.cells.iter().any(Cells::get_has_shift)
     }
 
-    fn check_seq(&self, seq_id: i32) -> Result<()> {
+    pub(crate) fn check_seq(&self, seq_id: i32) -> Result<()> {
         if seq_id < 0 || seq_id as u32 >= self.seq_limit {
             return Err(err!(
                 InvalidSeqId,
@@ -557,7 +557,7 @@ impl KvCache {
 
     /// Refuses a position shift on a cache that cannot apply one (llama.cpp accepts it, and
     /// then aborts in the next update: the pending shift could never be cleared).
-    fn check_can_shift(&self, op: &str) -> Result<()> {
+    pub(crate) fn check_can_shift(&self, op: &str) -> Result<()> {
         if self.p.n_pos_per_embd != 1 {
             return Err(err!(
                 Unsupported,

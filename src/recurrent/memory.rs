@@ -134,6 +134,9 @@ impl Memory for RecurrentMemory {
     fn set_check_finite(&mut self, on: bool) {
         self.check_finite = on;
     }
+    fn check_finite(&self) -> bool {
+        self.check_finite
+    }
     fn read_stage(&self) -> ReadStage {
         self.stage.get()
     }

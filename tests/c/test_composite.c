@@ -301,6 +301,15 @@ int main(void) {
         CHECK(mem != NULL);
         CHECK(run(mem, 2000, kind == 0, &c) == 0);
         CHECK(check_parts(mem, kind != 1, kind != 0) == 0);
+        /* in stock-compatible mode too (each part reads its own stashed bytes) */
+        CHECK(llama_memory_set_stock_compat(mem, true) == LLAMA_MEMORY_OK);
+        {
+            llama_seq_id s;
+            for (s = 0; s < N_SEQ; ++s) {
+                const size_t n = llama_memory_state_seq_get_data(mem, seq_blob, BLOB_MAX, s);
+                CHECK(n > 8 && on_device_matches_host(mem, s, (s + 1) % N_SEQ, n) == 0);
+            }
+        }
         printf("%s: %d removals (%d refused), %d copies, %d restores, %d ON_DEVICE restores, %d "
                "truncated and %d second-part-corrupt states refused unchanged\n",
                names[kind], c.rm_true + c.rm_false, c.rm_false, c.cp, c.restores, c.on_device,
