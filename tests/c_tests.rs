@@ -265,9 +265,15 @@ fn sanitized(exe: &Path) -> Command {
     let mut cmd = Command::new(exe);
     cmd.env("ASAN_OPTIONS", ASAN_OPTIONS)
         .env("UBSAN_OPTIONS", UBSAN_OPTIONS)
-        .env("LSAN_OPTIONS", "exitcode=1");
+        .env("LSAN_OPTIONS", "exitcode=1")
+        .env(QUICK, "1");
     cmd
 }
+
+/// Set for the sanitizer and valgrind runs: the C tests with long random traces run a short
+/// one there (the plain run covers the full trace; these runs look for memory errors, which
+/// the first steps of every operation reach).
+const QUICK: &str = "LLAMA_MEMORY_C_TEST_QUICK";
 
 #[test]
 fn c_tests_pass_under_asan_and_ubsan() {
@@ -329,7 +335,8 @@ fn valgrind(exe: &Path) -> Command {
         "--errors-for-leak-kinds=definite,indirect,possible",
         "--track-origins=yes",
     ])
-    .arg(exe);
+    .arg(exe)
+    .env(QUICK, "1");
     cmd
 }
 

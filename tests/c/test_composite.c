@@ -291,6 +291,10 @@ static int check_parts(llama_memory_t mem, int pair, int recurrent) {
 
 int main(void) {
     const char *names[3] = {"pair", "hybrid", "hybrid with a pair"};
+    /* the sanitizer and valgrind runs take a short trace (tests/c_tests.rs) */
+    const int quick = getenv("LLAMA_MEMORY_C_TEST_QUICK") != NULL;
+    const int steps = quick ? 120 : 2000;
+    const int at_least = quick ? 0 : 10;
     struct counts all;
     int kind;
     memset(&all, 0, sizeof(all));
@@ -299,7 +303,7 @@ int main(void) {
         llama_memory_t mem = kind == 0 ? make_pair() : make_hybrid(kind == 2);
         memset(&c, 0, sizeof(c));
         CHECK(mem != NULL);
-        CHECK(run(mem, 2000, kind == 0, &c) == 0);
+        CHECK(run(mem, steps, kind == 0, &c) == 0);
         CHECK(check_parts(mem, kind != 1, kind != 0) == 0);
         /* in stock-compatible mode too (each part reads its own stashed bytes) */
         CHECK(llama_memory_set_stock_compat(mem, true) == LLAMA_MEMORY_OK);
@@ -314,14 +318,14 @@ int main(void) {
                "truncated and %d second-part-corrupt states refused unchanged\n",
                names[kind], c.rm_true + c.rm_false, c.rm_false, c.cp, c.restores, c.on_device,
                c.bad_truncated, c.bad_second_part);
-        CHECK(c.restores > 10 && c.bad_second_part > 10 && c.on_device > 10);
+        CHECK(c.restores > at_least && c.bad_second_part > at_least && c.on_device > at_least);
         if (kind != 0) {
-            CHECK(c.rm_false > 10);
+            CHECK(c.rm_false > at_least);
         }
         all.rm_true += c.rm_true;
         all.rm_false += c.rm_false;
         llama_memory_free(mem);
     }
-    CHECK(all.rm_true + all.rm_false > 2000);
+    CHECK(quick || all.rm_true + all.rm_false > 2000);
     return 0;
 }
